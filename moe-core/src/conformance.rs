@@ -1,0 +1,1 @@
+//! The golden conformance suite (in progress).
