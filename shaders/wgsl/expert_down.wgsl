@@ -1,0 +1,89 @@
+// Grouped GEMM 2 with the routing weight fused:
+//   out[row, o] = w * (down_e[o] . hidden[row] + bd[e, o])
+// for each row of expert e = workgroup_id.z holding slot s; w = routing weight of s (or 1).
+// Padding rows are left untouched. Tiled as expert_up (16 x 16 tile, K tile 16, f32 accumulate
+// in ascending i, rounded once).
+
+struct Params {
+    i: u32,
+    d: u32,
+    oh: u32,
+    ow: u32,
+    ob: u32,
+    ooff: u32,
+    osort: u32,
+    otw: u32,
+    oo: u32,
+    has_w: u32,
+    has_b: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read_write> hidden: array<E>;
+@group(0) @binding(2) var<storage, read_write> wdown: array<E>;
+@group(0) @binding(3) var<storage, read_write> bdown: array<E>;
+@group(0) @binding(4) var<storage, read_write> offsets: array<i32>;
+@group(0) @binding(5) var<storage, read_write> sorted_slots: array<i32>;
+@group(0) @binding(6) var<storage, read_write> tw: array<f32>;
+@group(0) @binding(7) var<storage, read_write> out: array<E>;
+
+const TS: u32 = 16u;
+var<workgroup> ta: array<array<f32, 16>, 16>;
+var<workgroup> tb: array<array<f32, 16>, 16>;
+var<workgroup> wstart: u32;
+var<workgroup> wend: u32;
+
+@compute @workgroup_size(16, 16, 1)
+fn main(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_id) lid: vec3<u32>,
+) {
+    let e = wg.z;
+    if (lid.x == 0u && lid.y == 0u) {
+        wstart = u32(offsets[p.ooff + e]);
+        wend = u32(offsets[p.ooff + e + 1u]);
+    }
+    let start = workgroupUniformLoad(&wstart);
+    let end = workgroupUniformLoad(&wend);
+    let col = wg.x * TS + lid.x;
+    let bcol = wg.x * TS + lid.y;
+    let wbase = e * p.d * p.i;
+    let tiles = (p.i + TS - 1u) / TS;
+    for (var m0 = start + wg.y * TS; m0 < end; m0 += nwg.y * TS) {
+        let row = m0 + lid.y;
+        var slot = -1;
+        if (row < end) {
+            slot = sorted_slots[p.osort + row];
+        }
+        var acc = 0.0;
+        for (var kt = 0u; kt < tiles; kt++) {
+            let kk = kt * TS + lid.x;
+            var a = 0.0;
+            if (slot >= 0 && kk < p.i) {
+                a = f32(hidden[p.oh + row * p.i + kk]);
+            }
+            ta[lid.y][lid.x] = a;
+            var bv = 0.0;
+            if (bcol < p.d && kk < p.i) {
+                bv = f32(wdown[p.ow + wbase + bcol * p.i + kk]);
+            }
+            tb[lid.y][lid.x] = bv;
+            workgroupBarrier();
+            for (var k = 0u; k < TS; k++) {
+                acc += ta[lid.y][k] * tb[lid.x][k];
+            }
+            workgroupBarrier();
+        }
+        if (slot >= 0 && col < p.d) {
+            var v = acc;
+            if (p.has_b != 0u) {
+                v += f32(bdown[p.ob + e * p.d + col]);
+            }
+            if (p.has_w != 0u) {
+                v *= tw[p.otw + u32(slot)];
+            }
+            out[p.oo + row * p.d + col] = E(v);
+        }
+    }
+}

@@ -1,0 +1,183 @@
+// Grouped GEMM 1 with the activation fused (also the dense MLP's first half, `dense` = 1):
+//   hidden[row, n] = act(s * (gate_e[n] . x[t]) + bg[e, n], s * (up_e[n] . x[t]) + bu[e, n])
+// for each row of expert e = workgroup_id.z holding slot t * K + k; s is the routing weight
+// of the slot when it is applied on the input, else 1. Padding rows (slot -1) are skipped.
+// Tiled through workgroup memory: a 16-row x 16-column output tile, K tile 16; the workgroup
+// walks its expert's row tiles with a grid stride. Accumulation is f32 in ascending k.
+// Activations: 0 silu, 1 gelu (erf), 2 gelu_tanh, 3 relu2, 4 swiglu_oai (alpha, limit).
+
+struct Params {
+    d: u32,
+    n: u32,
+    topk: u32,
+    tokens: u32,
+    ox: u32,
+    og: u32,
+    ou: u32,
+    obg: u32,
+    obu: u32,
+    ooff: u32,
+    osort: u32,
+    otw: u32,
+    oh: u32,
+    gated: u32,
+    has_b: u32,
+    on_input: u32,
+    act: u32,
+    dense: u32,
+    alpha: f32,
+    limit: f32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read_write> x: array<E>;
+@group(0) @binding(2) var<storage, read_write> wgate: array<E>;
+@group(0) @binding(3) var<storage, read_write> wup: array<E>;
+@group(0) @binding(4) var<storage, read_write> bgate: array<E>;
+@group(0) @binding(5) var<storage, read_write> bup: array<E>;
+@group(0) @binding(6) var<storage, read_write> offsets: array<i32>;
+@group(0) @binding(7) var<storage, read_write> sorted_slots: array<i32>;
+@group(0) @binding(8) var<storage, read_write> tw: array<f32>;
+@group(0) @binding(9) var<storage, read_write> hidden: array<E>;
+
+const TS: u32 = 16u;
+var<workgroup> ta: array<array<f32, 16>, 16>;
+var<workgroup> tg: array<array<f32, 16>, 16>;
+var<workgroup> tu: array<array<f32, 16>, 16>;
+var<workgroup> wstart: u32;
+var<workgroup> wend: u32;
+
+fn sigm(v: f32) -> f32 {
+    return 1.0 / (1.0 + exp(-v));
+}
+
+// Abramowitz & Stegun 7.1.26 (absolute error < 1.5e-7).
+fn erf_(v: f32) -> f32 {
+    let a = abs(v);
+    let t = 1.0 / (1.0 + 0.3275911 * a);
+    let y = 1.0 - ((((1.061405429 * t - 1.453152027) * t + 1.421413741) * t - 0.284496736) * t
+        + 0.254829592) * t * exp(-a * a);
+    return select(y, -y, v < 0.0);
+}
+
+// tanh without overflow for large |v|.
+fn tanh_(v: f32) -> f32 {
+    let e = exp(-2.0 * abs(v));
+    let r = (1.0 - e) / (1.0 + e);
+    return select(r, -r, v < 0.0);
+}
+
+fn act1(v: f32) -> f32 {
+    switch p.act {
+        case 0u: {
+            return v * sigm(v);
+        }
+        case 1u: {
+            return 0.5 * v * (1.0 + erf_(v * 0.70710678118654752));
+        }
+        case 2u: {
+            return 0.5 * v * (1.0 + tanh_(0.7978845608028654 * (v + 0.044715 * v * v * v)));
+        }
+        case 3u: {
+            let r = max(v, 0.0);
+            return r * r;
+        }
+        default: {
+            return v;
+        }
+    }
+}
+
+fn hidden_of(g: f32, u: f32) -> f32 {
+    if (p.act == 4u) {
+        let gg = min(g, p.limit);
+        let uu = clamp(u, -p.limit, p.limit);
+        return (uu + 1.0) * gg * sigm(p.alpha * gg);
+    }
+    if (p.gated != 0u) {
+        return act1(g) * u;
+    }
+    return act1(u);
+}
+
+@compute @workgroup_size(16, 16, 1)
+fn main(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_id) lid: vec3<u32>,
+) {
+    let e = wg.z;
+    if (lid.x == 0u && lid.y == 0u) {
+        if (p.dense != 0u) {
+            wstart = 0u;
+            wend = p.tokens;
+        } else {
+            wstart = u32(offsets[p.ooff + e]);
+            wend = u32(offsets[p.ooff + e + 1u]);
+        }
+    }
+    let start = workgroupUniformLoad(&wstart);
+    let end = workgroupUniformLoad(&wend);
+    let col = wg.x * TS + lid.x;
+    let bcol = wg.x * TS + lid.y;
+    let wbase = e * p.n * p.d;
+    let tiles = (p.d + TS - 1u) / TS;
+    for (var m0 = start + wg.y * TS; m0 < end; m0 += nwg.y * TS) {
+        let row = m0 + lid.y;
+        var slot = -1;
+        if (row < end) {
+            if (p.dense != 0u) {
+                slot = i32(row);
+            } else {
+                slot = sorted_slots[p.osort + row];
+            }
+        }
+        var tok = 0u;
+        var s = 1.0;
+        if (slot >= 0) {
+            tok = u32(slot) / p.topk;
+            if (p.on_input != 0u) {
+                s = tw[p.otw + u32(slot)];
+            }
+        }
+        var accg = 0.0;
+        var accu = 0.0;
+        for (var kt = 0u; kt < tiles; kt++) {
+            let kk = kt * TS + lid.x;
+            var a = 0.0;
+            if (slot >= 0 && kk < p.d) {
+                a = f32(x[p.ox + tok * p.d + kk]);
+            }
+            ta[lid.y][lid.x] = a;
+            var gv = 0.0;
+            var uv = 0.0;
+            if (bcol < p.n && kk < p.d) {
+                let wi = wbase + bcol * p.d + kk;
+                uv = f32(wup[p.ou + wi]);
+                if (p.gated != 0u) {
+                    gv = f32(wgate[p.og + wi]);
+                }
+            }
+            tg[lid.y][lid.x] = gv;
+            tu[lid.y][lid.x] = uv;
+            workgroupBarrier();
+            for (var i = 0u; i < TS; i++) {
+                let av = ta[lid.y][i];
+                accg += av * tg[lid.x][i];
+                accu += av * tu[lid.x][i];
+            }
+            workgroupBarrier();
+        }
+        if (slot >= 0 && col < p.n) {
+            var g = s * accg;
+            var u = s * accu;
+            if (p.has_b != 0u) {
+                u += f32(bup[p.obu + e * p.n + col]);
+                if (p.gated != 0u) {
+                    g += f32(bgate[p.obg + e * p.n + col]);
+                }
+            }
+            hidden[p.oh + row * p.n + col] = E(hidden_of(g, u));
+        }
+    }
+}

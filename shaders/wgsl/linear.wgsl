@@ -1,0 +1,77 @@
+// Dense linear, tiled through workgroup memory (16 x 16 output tile, K tile 16):
+//   y[t, o] = epi(scale * rs[t] * (sum_i x[t, i] w[o, i] + b[o]))  (+ y[t, o] when accumulating)
+// Accumulated in f32 in ascending i; the result is rounded once to the output type `O`.
+// `epi` is the identity (0) or a sigmoid (1, the shared expert's gate).
+// Every binding is read_write: views of one buffer may be bound together in one dispatch.
+
+struct Params {
+    t: u32,
+    k: u32,
+    n: u32,
+    ox: u32,
+    ow: u32,
+    ob: u32,
+    ors: u32,
+    oy: u32,
+    has_b: u32,
+    has_rs: u32,
+    acc: u32,
+    epi: u32,
+    scale: f32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read_write> x: array<E>;
+@group(0) @binding(2) var<storage, read_write> w: array<E>;
+@group(0) @binding(3) var<storage, read_write> b: array<E>;
+@group(0) @binding(4) var<storage, read_write> rs: array<f32>;
+@group(0) @binding(5) var<storage, read_write> y: array<O>;
+
+const TS: u32 = 16u;
+var<workgroup> ta: array<array<f32, 16>, 16>;
+var<workgroup> tb: array<array<f32, 16>, 16>;
+
+@compute @workgroup_size(16, 16, 1)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let row = wg.y * TS + lid.y;
+    let col = wg.x * TS + lid.x;
+    let bcol = wg.x * TS + lid.y;
+    var acc = 0.0;
+    let tiles = (p.k + TS - 1u) / TS;
+    for (var kt = 0u; kt < tiles; kt++) {
+        let kk = kt * TS + lid.x;
+        var a = 0.0;
+        if (row < p.t && kk < p.k) {
+            a = f32(x[p.ox + row * p.k + kk]);
+        }
+        ta[lid.y][lid.x] = a;
+        var bv = 0.0;
+        if (bcol < p.n && kk < p.k) {
+            bv = f32(w[p.ow + bcol * p.k + kk]);
+        }
+        tb[lid.y][lid.x] = bv;
+        workgroupBarrier();
+        for (var i = 0u; i < TS; i++) {
+            acc += ta[lid.y][i] * tb[lid.x][i];
+        }
+        workgroupBarrier();
+    }
+    if (row < p.t && col < p.n) {
+        var v = acc;
+        if (p.has_b != 0u) {
+            v += f32(b[p.ob + col]);
+        }
+        if (p.has_rs != 0u) {
+            v *= rs[p.ors + row];
+        }
+        v *= p.scale;
+        if (p.epi == 1u) {
+            v = 1.0 / (1.0 + exp(-v));
+        }
+        let at = p.oy + row * p.n + col;
+        if (p.acc != 0u) {
+            v += f32(y[at]);
+        }
+        y[at] = O(v);
+    }
+}

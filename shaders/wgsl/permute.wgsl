@@ -1,0 +1,125 @@
+// Permute: group the [T, K] slots by local expert, deterministically.
+//   count   (one workgroup per local expert): counts[e] = slots routed to e; workgroup 0 also
+//           writes slot_rows = -1 for the slots with no local expert.
+//   offsets (one invocation): expert_offsets[e] = sum of the previous blocks, each padded to a
+//           multiple of row_align; expert_offsets[E_local] = total rows.
+//   scatter (one workgroup per local expert): a workgroup prefix sum over the slots in ascending
+//           order gives each slot its row, so rows within a block are in ascending slot order;
+//           sorted_slots[row] = slot, slot_rows[slot] = row, padding rows get slot -1.
+// The layout is the one of moe_core::plan: expert_offsets [E_local + 1], sorted_slots [rows],
+// slot_rows [T * K]; counts live in the plan's expert_cursor region [E_local].
+
+struct Params {
+    n: u32,
+    e_local: u32,
+    e_global: u32,
+    has_map: u32,
+    row_align: u32,
+    oid: u32,
+    omap: u32,
+    ooff: u32,
+    ocnt: u32,
+    osort: u32,
+    osr: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read_write> ids: array<i32>;
+@group(0) @binding(2) var<storage, read_write> emap: array<i32>;
+@group(0) @binding(3) var<storage, read_write> offsets: array<i32>;
+@group(0) @binding(4) var<storage, read_write> counts: array<i32>;
+@group(0) @binding(5) var<storage, read_write> sorted_slots: array<i32>;
+@group(0) @binding(6) var<storage, read_write> slot_rows: array<i32>;
+
+const WG: u32 = 256u;
+var<workgroup> sc: array<u32, 256>;
+
+// The local expert of a slot, or -1 (empty slot, expert not held here, out-of-range entry).
+fn local_of(s: u32) -> i32 {
+    let id = ids[p.oid + s];
+    if (id < 0 || u32(id) >= p.e_global) {
+        return -1;
+    }
+    var l = id;
+    if (p.has_map != 0u) {
+        l = emap[p.omap + u32(id)];
+    }
+    if (l < 0 || u32(l) >= p.e_local) {
+        return -1;
+    }
+    return l;
+}
+
+@compute @workgroup_size(256, 1, 1)
+fn count(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let e = i32(wg.x);
+    var c = 0u;
+    for (var s = lid.x; s < p.n; s += WG) {
+        let l = local_of(s);
+        if (l == e) {
+            c++;
+        }
+        if (wg.x == 0u && l < 0) {
+            slot_rows[p.osr + s] = -1;
+        }
+    }
+    sc[lid.x] = c;
+    workgroupBarrier();
+    for (var d = WG / 2u; d > 0u; d >>= 1u) {
+        if (lid.x < d) {
+            sc[lid.x] += sc[lid.x + d];
+        }
+        workgroupBarrier();
+    }
+    if (lid.x == 0u) {
+        counts[p.ocnt + wg.x] = i32(sc[0]);
+    }
+}
+
+@compute @workgroup_size(1, 1, 1)
+fn offsets_main() {
+    var run = 0u;
+    for (var e = 0u; e < p.e_local; e++) {
+        offsets[p.ooff + e] = i32(run);
+        let c = u32(counts[p.ocnt + e]);
+        run += (c + p.row_align - 1u) / p.row_align * p.row_align;
+    }
+    offsets[p.ooff + p.e_local] = i32(run);
+}
+
+@compute @workgroup_size(256, 1, 1)
+fn scatter(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let e = i32(wg.x);
+    let base = u32(offsets[p.ooff + wg.x]);
+    var run = 0u;
+    for (var c0 = 0u; c0 < p.n; c0 += WG) {
+        let s = c0 + lid.x;
+        var f = 0u;
+        if (s < p.n && local_of(s) == e) {
+            f = 1u;
+        }
+        sc[lid.x] = f;
+        workgroupBarrier();
+        for (var d = 1u; d < WG; d <<= 1u) {
+            var v = 0u;
+            if (lid.x >= d) {
+                v = sc[lid.x - d];
+            }
+            workgroupBarrier();
+            sc[lid.x] += v;
+            workgroupBarrier();
+        }
+        if (f == 1u) {
+            let row = base + run + sc[lid.x] - 1u;
+            sorted_slots[p.osort + row] = i32(s);
+            slot_rows[p.osr + s] = i32(row);
+        }
+        run += sc[WG - 1u];
+        workgroupBarrier();
+    }
+    let cnt = u32(counts[p.ocnt + wg.x]);
+    let padded = (cnt + p.row_align - 1u) / p.row_align * p.row_align;
+    for (var r = cnt + lid.x; r < padded; r += WG) {
+        sorted_slots[p.osort + base + r] = -1;
+    }
+}
