@@ -1,1 +1,1107 @@
-//! placeholder
+//! # moe-wgpu
+//!
+//! The wgpu backend of moe-kernels: [`moe_core::Backend`] and [`moe_core::MoeStages`] over
+//! views of the caller's `wgpu::Buffer`s, running the WGSL of [`moe_shaders`].
+//!
+//! * Views ([`WgpuView`], [`WgpuViewMut`]) are a buffer reference, a byte offset and a length.
+//!   Every storage buffer the backend sees needs `BufferUsages::STORAGE`.
+//! * Pipelines, bind-group layouts and the two buffers the backend owns (a uniform parameter
+//!   ring and a small placeholder for absent optional tensors) are created once per device; a
+//!   forward creates no buffers ([`WgpuBackend::buffers_created`] counts them).
+//! * Each stage writes its parameters with `Queue::write_buffer` and submits its dispatches in
+//!   one submission (queue order makes the next stage's parameter writes safe). A stage does
+//!   not wait: poll the device (or map a buffer) to see results.
+//! * Element types: `f32` always, `f16` when the device has `SHADER_F16`; `bf16` is
+//!   [`MoeError::Unsupported`]. A user-supplied top-k reduce ([`moe_core::TopkReduce::Custom`])
+//!   cannot run in a shader and is [`MoeError::Unsupported`] too.
+#![deny(missing_docs)]
+
+mod view;
+
+use bytemuck::Pod;
+use moe_core::{
+    Activation, Backend, DType, Element, ExpertRows, GroupScore, MlpConfig, MlpWeights, MoeConfig,
+    MoeError, MoePlan, MoeStages, PermuteBuffers, Result, Scoring, TopkReduce, WeightSource,
+};
+use moe_shaders::Storage;
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+pub use view::{WgpuView, WgpuViewMut};
+
+const NAME: &str = "wgpu";
+/// Bytes of one parameter slot (the uniform offset alignment WebGPU guarantees to accept).
+const SLOT: u64 = 256;
+/// Parameter slots of the ring (each dispatch of a forward takes the next one; when the ring
+/// wraps, the backend waits for the device before reusing a slot).
+const SLOTS: u64 = 256;
+/// Workgroups per grid dimension WebGPU guarantees.
+const MAX_GROUPS: u32 = 65535;
+
+fn unsupported(what: &'static str) -> MoeError {
+    MoeError::Unsupported { backend: NAME, what }
+}
+
+fn shape(what: &'static str, expected: usize, got: usize) -> Result<()> {
+    if expected != got { Err(MoeError::ShapeMismatch { what, expected, got }) } else { Ok(()) }
+}
+
+fn at_least(what: &'static str, expected: usize, got: usize) -> Result<()> {
+    if got < expected { Err(MoeError::ShapeMismatch { what, expected, got }) } else { Ok(()) }
+}
+
+fn u32_of(what: &'static str, v: usize) -> Result<u32> {
+    u32::try_from(v).map_err(|_| MoeError::InvalidParameter {
+        what,
+        value: v as f64,
+        rule: "fits in u32 (the shaders index with u32)",
+    })
+}
+
+/// Block on a wgpu future. Native wgpu resolves its futures on the calling thread, so this
+/// only spins if a backend defers.
+pub fn block_on<F: core::future::Future>(f: F) -> F::Output {
+    let mut f = core::pin::pin!(f);
+    let mut cx = core::task::Context::from_waker(core::task::Waker::noop());
+    loop {
+        if let core::task::Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+        std::thread::yield_now();
+    }
+}
+
+/// The shader modules of the backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Shader {
+    Linear,
+    Route,
+    Permute,
+    ExpertUp,
+    ExpertDown,
+    Combine,
+    Add,
+}
+
+impl Shader {
+    const ALL: [Shader; 7] = [
+        Shader::Linear,
+        Shader::Route,
+        Shader::Permute,
+        Shader::ExpertUp,
+        Shader::ExpertDown,
+        Shader::Combine,
+        Shader::Add,
+    ];
+
+    fn source(self) -> &'static str {
+        match self {
+            Shader::Linear => moe_shaders::LINEAR,
+            Shader::Route => moe_shaders::ROUTE,
+            Shader::Permute => moe_shaders::PERMUTE,
+            Shader::ExpertUp => moe_shaders::EXPERT_UP,
+            Shader::ExpertDown => moe_shaders::EXPERT_DOWN,
+            Shader::Combine => moe_shaders::COMBINE,
+            Shader::Add => moe_shaders::ADD,
+        }
+    }
+
+    /// Storage bindings after the uniform at binding 0.
+    fn storage_bindings(self) -> u32 {
+        match self {
+            Shader::Linear => 5,
+            Shader::Route => 4,
+            Shader::Permute => 6,
+            Shader::ExpertUp => 9,
+            Shader::ExpertDown => 7,
+            Shader::Combine => 3,
+            Shader::Add => 2,
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+type PipelineKey = (Shader, Storage, Storage, &'static str);
+
+/// One storage binding: the buffer range bound (aligned) and the view's element offset in it.
+struct Bind<'a> {
+    buffer: &'a wgpu::Buffer,
+    offset: u64,
+    size: u64,
+    base: u32,
+}
+
+/// One dispatch of a stage.
+struct Dispatch<'a> {
+    pipeline: wgpu::ComputePipeline,
+    shader: Shader,
+    params: Vec<u32>,
+    binds: Vec<Bind<'a>>,
+    groups: [u32; 3],
+}
+
+/// The wgpu backend: a device, its queue, and what is created once per device.
+pub struct WgpuBackend {
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    f16: bool,
+    params: wgpu::Buffer,
+    dummy: wgpu::Buffer,
+    layouts: Vec<wgpu::BindGroupLayout>,
+    pipeline_layouts: Vec<wgpu::PipelineLayout>,
+    modules: Mutex<HashMap<(Shader, Storage, Storage), wgpu::ShaderModule>>,
+    pipelines: Mutex<HashMap<PipelineKey, wgpu::ComputePipeline>>,
+    buffers_created: AtomicUsize,
+    next_slot: Mutex<u64>,
+    storage_align: u64,
+    max_binding: u64,
+}
+
+impl core::fmt::Debug for WgpuBackend {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("WgpuBackend")
+            .field("f16", &self.f16)
+            .field("buffers_created", &self.buffers_created())
+            .finish_non_exhaustive()
+    }
+}
+
+impl WgpuBackend {
+    /// Use `device` and `queue`. `f16` storage is enabled when the device has `SHADER_F16`.
+    pub fn new(device: wgpu::Device, queue: wgpu::Queue) -> Result<Self> {
+        let limits = device.limits();
+        let f16 = device.features().contains(wgpu::Features::SHADER_F16);
+        let mut layouts = Vec::new();
+        let mut pipeline_layouts = Vec::new();
+        for s in Shader::ALL {
+            let mut entries = vec![wgpu::BindGroupLayoutEntry {
+                binding: 0,
+                visibility: wgpu::ShaderStages::COMPUTE,
+                ty: wgpu::BindingType::Buffer {
+                    ty: wgpu::BufferBindingType::Uniform,
+                    has_dynamic_offset: false,
+                    min_binding_size: None,
+                },
+                count: None,
+            }];
+            for b in 1..=s.storage_bindings() {
+                entries.push(wgpu::BindGroupLayoutEntry {
+                    binding: b,
+                    visibility: wgpu::ShaderStages::COMPUTE,
+                    ty: wgpu::BindingType::Buffer {
+                        ty: wgpu::BufferBindingType::Storage { read_only: false },
+                        has_dynamic_offset: false,
+                        min_binding_size: None,
+                    },
+                    count: None,
+                });
+            }
+            let bgl = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                label: Some("moe-wgpu"),
+                entries: &entries,
+            });
+            let pl = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                label: Some("moe-wgpu"),
+                bind_group_layouts: &[Some(&bgl)],
+                immediate_size: 0,
+            });
+            layouts.push(bgl);
+            pipeline_layouts.push(pl);
+        }
+        let created = AtomicUsize::new(0);
+        let mk = |label, size, usage| {
+            created.fetch_add(1, Ordering::Relaxed);
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size,
+                usage,
+                mapped_at_creation: false,
+            })
+        };
+        let params = mk(
+            "moe-wgpu params",
+            SLOT * SLOTS,
+            wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+        );
+        let dummy = mk("moe-wgpu placeholder", 256, wgpu::BufferUsages::STORAGE);
+        Ok(WgpuBackend {
+            storage_align: u64::from(limits.min_storage_buffer_offset_alignment.max(4)),
+            max_binding: limits.max_storage_buffer_binding_size,
+            device,
+            queue,
+            f16,
+            params,
+            dummy,
+            layouts,
+            pipeline_layouts,
+            modules: Mutex::new(HashMap::new()),
+            pipelines: Mutex::new(HashMap::new()),
+            buffers_created: created,
+            next_slot: Mutex::new(0),
+        })
+    }
+
+    /// Request an adapter (any, fallback adapters included) and a device with `SHADER_F16`
+    /// where the adapter has it and the adapter's own limits. `Ok(None)` when no adapter
+    /// exists at all.
+    pub fn request() -> Result<Option<Self>> {
+        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle());
+        let adapter = match block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
+            power_preference: wgpu::PowerPreference::HighPerformance,
+            force_fallback_adapter: false,
+            compatible_surface: None,
+            apply_limit_buckets: false,
+        })) {
+            Ok(a) => a,
+            Err(_) => return Ok(None),
+        };
+        let features = adapter.features() & wgpu::Features::SHADER_F16;
+        let (device, queue) = block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("moe-wgpu"),
+            required_features: features,
+            required_limits: adapter.limits(),
+            ..Default::default()
+        }))
+        .map_err(|_| MoeError::Device {
+            backend: NAME,
+            what: "request_device",
+            code: -1,
+        })?;
+        Self::new(device, queue).map(Some)
+    }
+
+    /// The device.
+    pub fn device(&self) -> &wgpu::Device {
+        &self.device
+    }
+
+    /// The queue.
+    pub fn queue(&self) -> &wgpu::Queue {
+        &self.queue
+    }
+
+    /// Whether `f16` storage is available (the device has `SHADER_F16`).
+    pub fn supports_f16(&self) -> bool {
+        self.f16
+    }
+
+    /// Whether element type `dtype` is supported on this device.
+    pub fn supports(&self, dtype: DType) -> bool {
+        match dtype {
+            DType::F32 => true,
+            DType::F16 => self.f16,
+            DType::BF16 => false,
+        }
+    }
+
+    /// Buffers this backend has created since it was made (2, at construction). A forward
+    /// creates none.
+    pub fn buffers_created(&self) -> usize {
+        self.buffers_created.load(Ordering::Relaxed)
+    }
+
+    /// Wait until all submitted work is done.
+    pub fn synchronize(&self) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map(|_| ())
+            .map_err(|_| MoeError::Device { backend: NAME, what: "device poll", code: -1 })
+    }
+
+    fn storage<T: Element>(&self) -> Result<Storage> {
+        match T::DTYPE {
+            DType::F32 => Ok(Storage::F32),
+            DType::F16 if self.f16 => Ok(Storage::F16),
+            DType::F16 => Err(unsupported("f16 storage (the device lacks SHADER_F16)")),
+            DType::BF16 => Err(unsupported("bf16 storage")),
+        }
+    }
+
+    fn pipeline(
+        &self,
+        shader: Shader,
+        elem: Storage,
+        out: Storage,
+        entry: &'static str,
+    ) -> Result<wgpu::ComputePipeline> {
+        fn lock_err<E>(_: E) -> MoeError {
+            MoeError::Device { backend: NAME, what: "pipeline cache lock", code: -1 }
+        }
+        let key = (shader, elem, out, entry);
+        if let Some(p) = self.pipelines.lock().map_err(lock_err)?.get(&key) {
+            return Ok(p.clone());
+        }
+        let module = {
+            let mut modules = self.modules.lock().map_err(lock_err)?;
+            modules
+                .entry((shader, elem, out))
+                .or_insert_with(|| {
+                    let src = moe_shaders::compose(shader.source(), elem, out);
+                    self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                        label: Some("moe-wgpu"),
+                        source: wgpu::ShaderSource::Wgsl(src.into()),
+                    })
+                })
+                .clone()
+        };
+        let p = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(entry),
+            layout: Some(&self.pipeline_layouts[shader.index()]),
+            module: &module,
+            entry_point: Some(entry),
+            compilation_options: Default::default(),
+            cache: None,
+        });
+        self.pipelines.lock().map_err(lock_err)?.insert(key, p.clone());
+        Ok(p)
+    }
+
+    fn bind_raw<'a>(
+        &'a self,
+        buffer: &'a wgpu::Buffer,
+        offset: u64,
+        len: usize,
+        size: usize,
+    ) -> Result<Bind<'a>> {
+        if len == 0 {
+            return Ok(Bind { buffer: &self.dummy, offset: 0, size: 256, base: 0 });
+        }
+        if !buffer.usage().contains(wgpu::BufferUsages::STORAGE) {
+            return Err(unsupported("a view's buffer lacks BufferUsages::STORAGE"));
+        }
+        let aligned = offset - offset % self.storage_align;
+        let end = offset + (len * size) as u64;
+        let bsize = (end - aligned).div_ceil(4) * 4;
+        if aligned + bsize > buffer.size() {
+            return Err(unsupported(
+                "a view that ends within the last 4 bytes of an odd-sized buffer",
+            ));
+        }
+        if bsize > self.max_binding {
+            return Err(unsupported("a view larger than max_storage_buffer_binding_size"));
+        }
+        let base = u32_of("view offset in elements", ((offset - aligned) / size as u64) as usize)?;
+        Ok(Bind { buffer, offset: aligned, size: bsize, base })
+    }
+
+    fn bind<'a, U: Pod>(&'a self, v: &WgpuView<'a, U>) -> Result<Bind<'a>> {
+        self.bind_raw(v.buffer, v.offset, v.len, core::mem::size_of::<U>())
+    }
+
+    fn bind_mut<'a, U: Pod>(&'a self, v: &WgpuViewMut<'a, U>) -> Result<Bind<'a>> {
+        self.bind_raw(v.buffer, v.offset, v.len, core::mem::size_of::<U>())
+    }
+
+    fn bind_opt<'a, U: Pod>(&'a self, v: &Option<WgpuView<'a, U>>) -> Result<Bind<'a>> {
+        match v {
+            Some(v) => self.bind(v),
+            None => Ok(Bind { buffer: &self.dummy, offset: 0, size: 256, base: 0 }),
+        }
+    }
+
+    /// Encode `dispatches` in order (one compute pass each) and submit them once.
+    fn submit(&self, dispatches: &[Dispatch<'_>]) -> Result<()> {
+        let n = dispatches.len() as u64;
+        if n > SLOTS {
+            return Err(unsupported("more dispatches in one stage than parameter slots"));
+        }
+        let first = {
+            let mut next = self.next_slot.lock().map_err(|_| MoeError::Device {
+                backend: NAME,
+                what: "parameter ring lock",
+                code: -1,
+            })?;
+            if *next + n > SLOTS {
+                // The ring wraps: make sure no submitted dispatch still reads its slots.
+                self.synchronize()?;
+                *next = 0;
+            }
+            let first = *next;
+            *next += n;
+            first
+        };
+        let mut groups = Vec::with_capacity(dispatches.len());
+        for (j, d) in dispatches.iter().enumerate() {
+            let i = first + j as u64;
+            let mut bytes = [0u8; SLOT as usize];
+            let raw: &[u8] = bytemuck::cast_slice(&d.params);
+            bytes[..raw.len()].copy_from_slice(raw);
+            self.queue.write_buffer(&self.params, i * SLOT, &bytes);
+            let mut entries = vec![wgpu::BindGroupEntry {
+                binding: 0,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: &self.params,
+                    offset: i * SLOT,
+                    size: wgpu::BufferSize::new(SLOT),
+                }),
+            }];
+            for (j, b) in d.binds.iter().enumerate() {
+                entries.push(wgpu::BindGroupEntry {
+                    binding: j as u32 + 1,
+                    resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                        buffer: b.buffer,
+                        offset: b.offset,
+                        size: wgpu::BufferSize::new(b.size),
+                    }),
+                });
+            }
+            groups.push(self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some("moe-wgpu"),
+                layout: &self.layouts[d.shader.index()],
+                entries: &entries,
+            }));
+        }
+        let mut enc = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("moe-wgpu") });
+        for (d, g) in dispatches.iter().zip(&groups) {
+            let [x, y, z] = d.groups;
+            if x == 0 || y == 0 || z == 0 {
+                continue;
+            }
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("moe-wgpu"),
+                timestamp_writes: None,
+            });
+            pass.set_pipeline(&d.pipeline);
+            pass.set_bind_group(0, g, &[]);
+            pass.dispatch_workgroups(x, y, z);
+        }
+        self.queue.submit([enc.finish()]);
+        Ok(())
+    }
+
+    /// A 1-D grid of `n` invocations in workgroups of `moe_shaders::GROUP`, folded into 2-D
+    /// when it has more than 65535 workgroups. Returns the grid and its x extent.
+    fn grid_1d(n: usize) -> Result<([u32; 3], u32)> {
+        let groups = n.div_ceil(moe_shaders::GROUP as usize);
+        let nx = groups.clamp(1, MAX_GROUPS as usize);
+        let ny = groups.div_ceil(nx);
+        if ny > MAX_GROUPS as usize {
+            return Err(unsupported("more than 65535^2 workgroups"));
+        }
+        Ok(([nx as u32, ny.max(1) as u32, if groups == 0 { 0 } else { 1 }], nx as u32))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn linear_impl<'a>(
+        &'a self,
+        elem: Storage,
+        out_ty: Storage,
+        tokens: usize,
+        in_dim: usize,
+        out_dim: usize,
+        x: Bind<'a>,
+        w: Bind<'a>,
+        b: Option<Bind<'a>>,
+        rs: Option<Bind<'a>>,
+        scale: f32,
+        accumulate: bool,
+        sigmoid: bool,
+        out: Bind<'a>,
+    ) -> Result<()> {
+        let t = moe_shaders::TILE as usize;
+        let gx = out_dim.div_ceil(t);
+        let gy = tokens.div_ceil(t);
+        if gx > MAX_GROUPS as usize || gy > MAX_GROUPS as usize {
+            return Err(unsupported("a linear with more than 65535 tiles along a dimension"));
+        }
+        let params = vec![
+            u32_of("tokens", tokens)?,
+            u32_of("in_dim", in_dim)?,
+            u32_of("out_dim", out_dim)?,
+            x.base,
+            w.base,
+            b.as_ref().map_or(0, |b| b.base),
+            rs.as_ref().map_or(0, |b| b.base),
+            out.base,
+            u32::from(b.is_some()),
+            u32::from(rs.is_some()),
+            u32::from(accumulate),
+            u32::from(sigmoid),
+            scale.to_bits(),
+        ];
+        let dummy = || Bind { buffer: &self.dummy, offset: 0, size: 256, base: 0 };
+        let binds = vec![x, w, b.unwrap_or_else(dummy), rs.unwrap_or_else(dummy), out];
+        self.submit(&[Dispatch {
+            pipeline: self.pipeline(Shader::Linear, elem, out_ty, "main")?,
+            shader: Shader::Linear,
+            params,
+            binds,
+            groups: [gx as u32, gy as u32, 1],
+        }])
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn up_impl<T: Element>(
+        &self,
+        mlp: &MlpConfig,
+        tokens: usize,
+        topk: usize,
+        experts: usize,
+        width: usize,
+        inter: usize,
+        x: WgpuView<'_, T>,
+        weights: &MlpWeights<'_, Self, T>,
+        rows: Option<&ExpertRows<'_, Self>>,
+        hidden: WgpuViewMut<'_, T>,
+    ) -> Result<()> {
+        let elem = self.storage::<T>()?;
+        let n_w = experts * inter * width;
+        shape("up weight", n_w, weights.up.len)?;
+        if mlp.gated {
+            shape("gate weight", n_w, weights.gate.map_or(0, |g| g.len))?;
+        }
+        let has_b = weights.up_bias.is_some();
+        if has_b {
+            shape("up bias", experts * inter, weights.up_bias.map_or(0, |b| b.len))?;
+            if mlp.gated {
+                shape("gate bias", experts * inter, weights.gate_bias.map_or(0, |b| b.len))?;
+            }
+        }
+        let (act, alpha, limit) = match mlp.activation {
+            Activation::Silu => (0, 0.0, 0.0),
+            Activation::Gelu => (1, 0.0, 0.0),
+            Activation::GeluTanh => (2, 0.0, 0.0),
+            Activation::Relu2 => (3, 0.0, 0.0),
+            Activation::SwigluOai { alpha, limit } => (4, alpha as f32, limit as f32),
+        };
+        let dense = rows.is_none();
+        let tile = moe_shaders::TILE as usize;
+        let gx = inter.div_ceil(tile);
+        let gy = tokens.div_ceil(tile).clamp(1, MAX_GROUPS as usize);
+        if gx > MAX_GROUPS as usize || experts > MAX_GROUPS as usize {
+            return Err(unsupported("more than 65535 column tiles or local experts"));
+        }
+        let dummy = || Bind { buffer: &self.dummy, offset: 0, size: 256, base: 0 };
+        let (off, sorted, tw) = match rows {
+            Some(r) => (
+                self.bind(&r.expert_offsets)?,
+                self.bind(&r.sorted_slots)?,
+                match &r.weights {
+                    Some(w) => self.bind(w)?,
+                    None => dummy(),
+                },
+            ),
+            None => (dummy(), dummy(), dummy()),
+        };
+        let on_input = rows.is_some_and(|r| r.weights.is_some());
+        let xb = self.bind(&x)?;
+        let gb = if mlp.gated { self.bind_opt(&weights.gate)? } else { dummy() };
+        let ub = self.bind(&weights.up)?;
+        let bgb = if has_b && mlp.gated { self.bind_opt(&weights.gate_bias)? } else { dummy() };
+        let bub = if has_b { self.bind_opt(&weights.up_bias)? } else { dummy() };
+        let hb = self.bind_mut(&hidden)?;
+        let params = vec![
+            u32_of("width", width)?,
+            u32_of("intermediate", inter)?,
+            u32_of("top_k", topk)?,
+            u32_of("tokens", tokens)?,
+            xb.base,
+            gb.base,
+            ub.base,
+            bgb.base,
+            bub.base,
+            off.base,
+            sorted.base,
+            tw.base,
+            hb.base,
+            u32::from(mlp.gated),
+            u32::from(has_b),
+            u32::from(on_input),
+            act,
+            u32::from(dense),
+            alpha.to_bits(),
+            limit.to_bits(),
+        ];
+        self.submit(&[Dispatch {
+            pipeline: self.pipeline(Shader::ExpertUp, elem, elem, "main")?,
+            shader: Shader::ExpertUp,
+            params,
+            binds: vec![xb, gb, ub, bgb, bub, off, sorted, tw, hb],
+            groups: [gx as u32, gy as u32, experts as u32],
+        }])
+    }
+}
+
+impl Backend for WgpuBackend {
+    const NAME: &'static str = NAME;
+    type View<'a, U: Pod>
+        = WgpuView<'a, U>
+    where
+        U: 'a;
+    type ViewMut<'a, U: Pod>
+        = WgpuViewMut<'a, U>
+    where
+        U: 'a;
+
+    fn view_len<U: Pod>(v: &Self::View<'_, U>) -> usize {
+        v.len
+    }
+
+    fn view_mut_len<U: Pod>(v: &Self::ViewMut<'_, U>) -> usize {
+        v.len
+    }
+
+    fn as_view<'b, 'c: 'b, U: Pod>(v: &'b Self::ViewMut<'c, U>) -> Self::View<'b, U> {
+        v.as_view()
+    }
+
+    fn narrow<'b, 'c: 'b, U: Pod>(v: Self::View<'c, U>) -> Self::View<'b, U> {
+        v
+    }
+
+    fn reborrow<'b, 'c: 'b, U: Pod>(v: &'b mut Self::ViewMut<'c, U>) -> Self::ViewMut<'b, U> {
+        v.reborrow()
+    }
+
+    fn split_at<'a, U: Pod>(
+        v: Self::ViewMut<'a, U>,
+        mid: usize,
+    ) -> (Self::ViewMut<'a, U>, Self::ViewMut<'a, U>) {
+        v.split_at(mid)
+    }
+
+    fn misalignment(v: &Self::ViewMut<'_, u8>, align: usize) -> usize {
+        let a = align.max(1) as u64;
+        ((a - v.offset % a) % a) as usize
+    }
+
+    fn cast_bytes<'a, U: Pod>(v: Self::ViewMut<'a, u8>) -> Result<Self::ViewMut<'a, U>> {
+        v.cast()
+    }
+}
+
+impl<T: Element> MoeStages<T> for WgpuBackend {
+    fn router_logits(
+        &self,
+        tokens: usize,
+        hidden: usize,
+        experts: usize,
+        x: WgpuView<'_, T>,
+        weight: WgpuView<'_, T>,
+        bias: Option<WgpuView<'_, T>>,
+        logits: WgpuViewMut<'_, f32>,
+    ) -> Result<()> {
+        let elem = self.storage::<T>()?;
+        shape("x", tokens * hidden, x.len)?;
+        shape("router.weight", experts * hidden, weight.len)?;
+        if let Some(b) = &bias {
+            shape("router.bias", experts, b.len)?;
+        }
+        at_least("logits", tokens * experts, logits.len)?;
+        if tokens == 0 {
+            return Ok(());
+        }
+        let b = match &bias {
+            Some(b) => Some(self.bind(b)?),
+            None => None,
+        };
+        self.linear_impl(
+            elem,
+            Storage::F32,
+            tokens,
+            hidden,
+            experts,
+            self.bind(&x)?,
+            self.bind(&weight)?,
+            b,
+            None,
+            1.0,
+            false,
+            false,
+            self.bind_mut(&logits)?,
+        )
+    }
+
+    fn route(
+        &self,
+        config: &MoeConfig,
+        tokens: usize,
+        logits: WgpuView<'_, f32>,
+        selection_bias: Option<WgpuView<'_, f32>>,
+        topk_ids: WgpuViewMut<'_, i32>,
+        topk_weights: WgpuViewMut<'_, f32>,
+    ) -> Result<()> {
+        let (e, k) = (config.experts, config.top_k);
+        let r = &config.router;
+        let (reduce, rparam) = match r.reduce {
+            TopkReduce::None => (0u32, 0.0f32),
+            TopkReduce::Sum { eps } => (1, eps as f32),
+            TopkReduce::ClampMin { min } => (2, min as f32),
+            TopkReduce::PNorm { p } => (3, p as f32),
+            TopkReduce::Custom(_) => {
+                return Err(unsupported(
+                    "a user-supplied top-k reduce (TopkReduce::Custom) cannot run in a shader",
+                ));
+            }
+        };
+        at_least("logits", tokens * e, logits.len)?;
+        at_least("topk_ids", tokens * k, topk_ids.len)?;
+        at_least("topk_weights", tokens * k, topk_weights.len)?;
+        if let Some(b) = &selection_bias {
+            shape("router.selection_bias", e, b.len)?;
+        }
+        let (n_group, topk_group, gscore) = match r.groups {
+            Some(g) => {
+                if g.n_group > moe_shaders::MAX_GROUPS as usize {
+                    return Err(unsupported("more than 256 expert groups"));
+                }
+                (g.n_group, g.topk_group, if g.score == GroupScore::Top2Sum { 0 } else { 1 })
+            }
+            None => (0, 0, 0),
+        };
+        if tokens == 0 {
+            return Ok(());
+        }
+        let groups = tokens.div_ceil(moe_shaders::ROUTE_GROUP as usize);
+        if groups > MAX_GROUPS as usize {
+            return Err(unsupported("more than 65535 * 64 tokens in one route"));
+        }
+        let lb = self.bind(&logits)?;
+        let sb = self.bind_opt(&selection_bias)?;
+        let ib = self.bind_mut(&topk_ids)?;
+        let wb = self.bind_mut(&topk_weights)?;
+        let params = vec![
+            u32_of("tokens", tokens)?,
+            u32_of("experts", e)?,
+            u32_of("top_k", k)?,
+            lb.base,
+            sb.base,
+            ib.base,
+            wb.base,
+            match r.scoring {
+                Scoring::Softmax => 0,
+                Scoring::Sigmoid => 1,
+                Scoring::None => 2,
+            },
+            u32::from(selection_bias.is_some()),
+            n_group as u32,
+            topk_group as u32,
+            gscore,
+            match r.weights {
+                WeightSource::Scores => 0,
+                WeightSource::SoftmaxTopkLogits => 1,
+                WeightSource::SigmoidTopkLogits => 2,
+            },
+            reduce,
+            rparam.to_bits(),
+            (config.weight_scale() as f32).to_bits(),
+        ];
+        self.submit(&[Dispatch {
+            pipeline: self.pipeline(Shader::Route, Storage::F32, Storage::F32, "main")?,
+            shader: Shader::Route,
+            params,
+            binds: vec![lb, sb, ib, wb],
+            groups: [groups as u32, 1, 1],
+        }])
+    }
+
+    fn permute(
+        &self,
+        plan: &MoePlan,
+        tokens: usize,
+        topk_ids: WgpuView<'_, i32>,
+        expert_map: Option<WgpuView<'_, i32>>,
+        out: PermuteBuffers<'_, Self>,
+    ) -> Result<()> {
+        let c = plan.config();
+        let (k, el) = (c.top_k, c.local_experts());
+        let n = tokens * k;
+        at_least("topk_ids", n, topk_ids.len)?;
+        at_least("expert_offsets", el + 1, out.expert_offsets.len)?;
+        at_least("expert_cursor", el, out.expert_cursor.len)?;
+        at_least("sorted_slots", plan.rows_capacity(tokens), out.sorted_slots.len)?;
+        at_least("slot_rows", n, out.slot_rows.len)?;
+        if let Some(m) = &expert_map {
+            shape("expert_map", c.experts, m.len)?;
+        }
+        if el > MAX_GROUPS as usize {
+            return Err(unsupported("more than 65535 local experts"));
+        }
+        let ib = || self.bind(&topk_ids);
+        let mb = || self.bind_opt(&expert_map);
+        let ob = || self.bind_mut(&out.expert_offsets);
+        let cb = || self.bind_mut(&out.expert_cursor);
+        let sb = || self.bind_mut(&out.sorted_slots);
+        let rb = || self.bind_mut(&out.slot_rows);
+        let (i0, m0, o0, c0, s0, r0) = (ib()?, mb()?, ob()?, cb()?, sb()?, rb()?);
+        let params = vec![
+            u32_of("slots", n)?,
+            el as u32,
+            u32_of("experts", c.experts)?,
+            u32::from(expert_map.is_some()),
+            u32_of("row_align", plan.row_align())?,
+            i0.base,
+            m0.base,
+            o0.base,
+            c0.base,
+            s0.base,
+            r0.base,
+        ];
+        let mut ds = Vec::new();
+        for (entry, groups) in [
+            ("count", [el as u32, 1, 1]),
+            ("offsets_main", [1, 1, 1]),
+            ("scatter", [el as u32, 1, 1]),
+        ] {
+            ds.push(Dispatch {
+                pipeline: self.pipeline(Shader::Permute, Storage::F32, Storage::F32, entry)?,
+                shader: Shader::Permute,
+                params: params.clone(),
+                binds: vec![ib()?, mb()?, ob()?, cb()?, sb()?, rb()?],
+                groups,
+            });
+        }
+        self.submit(&ds)
+    }
+
+    fn expert_up(
+        &self,
+        plan: &MoePlan,
+        tokens: usize,
+        x: WgpuView<'_, T>,
+        weights: &MlpWeights<'_, Self, T>,
+        rows: ExpertRows<'_, Self>,
+        hidden: WgpuViewMut<'_, T>,
+    ) -> Result<()> {
+        let c = plan.config();
+        let (d, inter, el) = (c.expert_width(), c.local_intermediate(), c.local_experts());
+        at_least("expert input", tokens * d, x.len)?;
+        at_least("hidden", plan.rows_capacity(tokens) * inter, hidden.len)?;
+        at_least("expert_offsets", el + 1, rows.expert_offsets.len)?;
+        if let Some(w) = &rows.weights {
+            at_least("topk_weights", tokens * c.top_k, w.len)?;
+        }
+        if tokens == 0 {
+            return Ok(());
+        }
+        self.up_impl(&c.expert.mlp, tokens, c.top_k, el, d, inter, x, weights, Some(&rows), hidden)
+    }
+
+    fn expert_down(
+        &self,
+        plan: &MoePlan,
+        tokens: usize,
+        hidden: WgpuView<'_, T>,
+        weights: &MlpWeights<'_, Self, T>,
+        rows: ExpertRows<'_, Self>,
+        out: WgpuViewMut<'_, T>,
+    ) -> Result<()> {
+        let elem = self.storage::<T>()?;
+        let c = plan.config();
+        let (d, inter, el) = (c.expert_width(), c.local_intermediate(), c.local_experts());
+        let cap = plan.rows_capacity(tokens);
+        at_least("hidden", cap * inter, hidden.len)?;
+        at_least("expert_out", cap * d, out.len)?;
+        shape("down weight", el * d * inter, weights.down.len)?;
+        if let Some(b) = &weights.down_bias {
+            shape("down bias", el * d, b.len)?;
+        }
+        at_least("expert_offsets", el + 1, rows.expert_offsets.len)?;
+        if let Some(w) = &rows.weights {
+            at_least("topk_weights", tokens * c.top_k, w.len)?;
+        }
+        if tokens == 0 {
+            return Ok(());
+        }
+        let tile = moe_shaders::TILE as usize;
+        let gx = d.div_ceil(tile);
+        let gy = tokens.div_ceil(tile).clamp(1, MAX_GROUPS as usize);
+        if gx > MAX_GROUPS as usize || el > MAX_GROUPS as usize {
+            return Err(unsupported("more than 65535 column tiles or local experts"));
+        }
+        let hb = self.bind(&hidden)?;
+        let wb = self.bind(&weights.down)?;
+        let bb = self.bind_opt(&weights.down_bias)?;
+        let ob = self.bind(&rows.expert_offsets)?;
+        let sb = self.bind(&rows.sorted_slots)?;
+        let tb = self.bind_opt(&rows.weights)?;
+        let yb = self.bind_mut(&out)?;
+        let params = vec![
+            inter as u32,
+            d as u32,
+            hb.base,
+            wb.base,
+            bb.base,
+            ob.base,
+            sb.base,
+            tb.base,
+            yb.base,
+            u32::from(rows.weights.is_some()),
+            u32::from(weights.down_bias.is_some()),
+        ];
+        self.submit(&[Dispatch {
+            pipeline: self.pipeline(Shader::ExpertDown, elem, elem, "main")?,
+            shader: Shader::ExpertDown,
+            params,
+            binds: vec![hb, wb, bb, ob, sb, tb, yb],
+            groups: [gx as u32, gy as u32, el as u32],
+        }])
+    }
+
+    fn combine(
+        &self,
+        plan: &MoePlan,
+        tokens: usize,
+        width: usize,
+        expert_out: WgpuView<'_, T>,
+        slot_rows: WgpuView<'_, i32>,
+        scale: f32,
+        out: WgpuViewMut<'_, T>,
+    ) -> Result<()> {
+        let elem = self.storage::<T>()?;
+        let k = plan.config().top_k;
+        at_least("slot_rows", tokens * k, slot_rows.len)?;
+        at_least("combine out", tokens * width, out.len)?;
+        at_least("expert_out", plan.rows_capacity(tokens) * width, expert_out.len)?;
+        if tokens == 0 {
+            return Ok(());
+        }
+        let (groups, nx) = Self::grid_1d(tokens * width)?;
+        let eb = self.bind(&expert_out)?;
+        let sb = self.bind(&slot_rows)?;
+        let ob = self.bind_mut(&out)?;
+        let params = vec![
+            u32_of("tokens", tokens)?,
+            k as u32,
+            u32_of("width", width)?,
+            eb.base,
+            sb.base,
+            ob.base,
+            nx,
+            scale.to_bits(),
+        ];
+        self.submit(&[Dispatch {
+            pipeline: self.pipeline(Shader::Combine, elem, elem, "main")?,
+            shader: Shader::Combine,
+            params,
+            binds: vec![eb, sb, ob],
+            groups,
+        }])
+    }
+
+    fn mlp_up(
+        &self,
+        mlp: &MlpConfig,
+        tokens: usize,
+        in_dim: usize,
+        inter: usize,
+        x: WgpuView<'_, T>,
+        weights: &MlpWeights<'_, Self, T>,
+        hidden: WgpuViewMut<'_, T>,
+    ) -> Result<()> {
+        shape("mlp input", tokens * in_dim, x.len)?;
+        at_least("mlp hidden", tokens * inter, hidden.len)?;
+        if tokens == 0 {
+            return Ok(());
+        }
+        self.storage::<T>()?;
+        self.up_impl(mlp, tokens, 1, 1, in_dim, inter, x, weights, None, hidden)
+    }
+
+    fn linear(
+        &self,
+        tokens: usize,
+        in_dim: usize,
+        out_dim: usize,
+        x: WgpuView<'_, T>,
+        weight: WgpuView<'_, T>,
+        bias: Option<WgpuView<'_, T>>,
+        row_scale: Option<WgpuView<'_, f32>>,
+        scale: f32,
+        accumulate: bool,
+        out: WgpuViewMut<'_, T>,
+    ) -> Result<()> {
+        let elem = self.storage::<T>()?;
+        at_least("linear input", tokens * in_dim, x.len)?;
+        shape("linear weight", out_dim * in_dim, weight.len)?;
+        if let Some(b) = &bias {
+            shape("linear bias", out_dim, b.len)?;
+        }
+        if let Some(r) = &row_scale {
+            at_least("linear row scale", tokens, r.len)?;
+        }
+        at_least("linear out", tokens * out_dim, out.len)?;
+        if tokens == 0 {
+            return Ok(());
+        }
+        let b = match &bias {
+            Some(b) => Some(self.bind(b)?),
+            None => None,
+        };
+        let rs = match &row_scale {
+            Some(r) => Some(self.bind(r)?),
+            None => None,
+        };
+        self.linear_impl(
+            elem,
+            elem,
+            tokens,
+            in_dim,
+            out_dim,
+            self.bind(&x)?,
+            self.bind(&weight)?,
+            b,
+            rs,
+            scale,
+            accumulate,
+            false,
+            self.bind_mut(&out)?,
+        )
+    }
+
+    fn sigmoid_gate(
+        &self,
+        tokens: usize,
+        hidden: usize,
+        x: WgpuView<'_, T>,
+        weight: WgpuView<'_, T>,
+        gate: WgpuViewMut<'_, f32>,
+    ) -> Result<()> {
+        let elem = self.storage::<T>()?;
+        shape("gate input", tokens * hidden, x.len)?;
+        shape("shared.gate_weight", hidden, weight.len)?;
+        at_least("shared gate", tokens, gate.len)?;
+        if tokens == 0 {
+            return Ok(());
+        }
+        self.linear_impl(
+            elem,
+            Storage::F32,
+            tokens,
+            hidden,
+            1,
+            self.bind(&x)?,
+            self.bind(&weight)?,
+            None,
+            None,
+            1.0,
+            false,
+            true,
+            self.bind_mut(&gate)?,
+        )
+    }
+
+    fn add_assign(&self, dst: WgpuViewMut<'_, T>, src: WgpuView<'_, T>) -> Result<()> {
+        let elem = self.storage::<T>()?;
+        shape("add_assign src", dst.len, src.len)?;
+        if dst.len == 0 {
+            return Ok(());
+        }
+        let (groups, nx) = Self::grid_1d(dst.len)?;
+        let db = self.bind_mut(&dst)?;
+        let sb = self.bind(&src)?;
+        let params = vec![u32_of("elements", dst.len)?, db.base, sb.base, nx];
+        self.submit(&[Dispatch {
+            pipeline: self.pipeline(Shader::Add, elem, elem, "main")?,
+            shader: Shader::Add,
+            params,
+            binds: vec![db, sb],
+            groups,
+        }])
+    }
+}

@@ -1,0 +1,237 @@
+//! Test harness: upload host weights, run `moe_core::forward` on the wgpu backend, read back.
+#![allow(dead_code)]
+
+use half::f16;
+use moe_core::reference::{HostMlp, HostWeights};
+use moe_core::{
+    DType, Element, LatentWeights, MlpWeights, MoeConfig, MoeError, MoePlan, MoeWeights,
+    SharedWeights, SingleRank,
+};
+use moe_wgpu::{WgpuBackend, WgpuView, WgpuViewMut};
+use std::sync::OnceLock;
+
+/// The backend on the first adapter, or `None` (with a message) where none exists.
+pub fn backend() -> Option<&'static WgpuBackend> {
+    static BE: OnceLock<Option<WgpuBackend>> = OnceLock::new();
+    BE.get_or_init(|| match WgpuBackend::request() {
+        Ok(Some(b)) => {
+            eprintln!("moe-wgpu: adapter found (f16 storage: {})", b.supports_f16());
+            Some(b)
+        }
+        Ok(None) => {
+            eprintln!("moe-wgpu: SKIP: no wgpu adapter on this machine (install mesa-vulkan-drivers for lavapipe)");
+            None
+        }
+        Err(e) => {
+            eprintln!("moe-wgpu: SKIP: no usable wgpu device: {e}");
+            None
+        }
+    })
+    .as_ref()
+}
+
+const USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
+    .union(wgpu::BufferUsages::COPY_SRC)
+    .union(wgpu::BufferUsages::COPY_DST);
+
+/// A device buffer and its element count.
+pub struct Buf {
+    pub buf: wgpu::Buffer,
+    pub len: usize,
+}
+
+impl Buf {
+    pub fn view<U: bytemuck::Pod>(&self) -> WgpuView<'_, U> {
+        WgpuView::new(&self.buf, 0, self.len).expect("view fits its buffer")
+    }
+    pub fn view_mut<U: bytemuck::Pod>(&self) -> WgpuViewMut<'_, U> {
+        WgpuViewMut::new(&self.buf, 0, self.len).expect("view fits its buffer")
+    }
+}
+
+pub fn upload_bytes(be: &WgpuBackend, bytes: &[u8], len: usize) -> Buf {
+    let size = (bytes.len() as u64).div_ceil(4).max(1) * 4;
+    let buf = be.device().create_buffer(&wgpu::BufferDescriptor {
+        label: Some("test"),
+        size,
+        usage: USAGE,
+        mapped_at_creation: false,
+    });
+    let mut padded = bytes.to_vec();
+    padded.resize(size as usize, 0);
+    be.queue().write_buffer(&buf, 0, &padded);
+    Buf { buf, len }
+}
+
+pub fn upload<T: Element>(be: &WgpuBackend, data: &[f64]) -> Buf {
+    let v: Vec<T> = data.iter().map(|&x| T::from_f64(x)).collect();
+    upload_bytes(be, bytemuck::cast_slice(&v), v.len())
+}
+
+pub fn upload_f32(be: &WgpuBackend, data: &[f64]) -> Buf {
+    upload::<f32>(be, data)
+}
+
+pub fn upload_i32(be: &WgpuBackend, data: &[i32]) -> Buf {
+    upload_bytes(be, bytemuck::cast_slice(data), data.len())
+}
+
+/// A buffer of `bytes` bytes filled with 0xFF (NaN in f32 and f16, -1 in i32).
+pub fn poisoned(be: &WgpuBackend, bytes: usize) -> wgpu::Buffer {
+    upload_bytes(be, &vec![0xFFu8; bytes.max(4)], 0).buf
+}
+
+pub fn read_bytes(be: &WgpuBackend, buf: &wgpu::Buffer, offset: u64, bytes: usize) -> Vec<u8> {
+    let size = (bytes as u64).div_ceil(4).max(1) * 4;
+    let staging = be.device().create_buffer(&wgpu::BufferDescriptor {
+        label: Some("readback"),
+        size,
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let mut enc = be.device().create_command_encoder(&Default::default());
+    enc.copy_buffer_to_buffer(buf, offset, &staging, 0, size);
+    be.queue().submit([enc.finish()]);
+    staging.slice(..).map_async(wgpu::MapMode::Read, |r| r.expect("map"));
+    be.synchronize().expect("poll");
+    let data = staging.slice(..).get_mapped_range().expect("mapped").to_vec();
+    staging.unmap();
+    data[..bytes].to_vec()
+}
+
+pub fn read<T: Element>(be: &WgpuBackend, buf: &wgpu::Buffer, offset: u64, len: usize) -> Vec<f64> {
+    let b = read_bytes(be, buf, offset, len * size_of::<T>());
+    bytemuck::pod_collect_to_vec::<u8, T>(&b).iter().map(|v| v.to_f64()).collect()
+}
+
+pub fn read_i32(be: &WgpuBackend, buf: &wgpu::Buffer, offset: u64, len: usize) -> Vec<i32> {
+    bytemuck::pod_collect_to_vec(&read_bytes(be, buf, offset, len * 4))
+}
+
+/// What one forward gives back.
+#[derive(Debug, Clone)]
+pub struct Run {
+    pub topk_ids: Vec<i32>,
+    pub topk_weights: Vec<f64>,
+    pub out: Vec<f64>,
+    pub buffers_created_in_forward: usize,
+}
+
+struct DevMlp {
+    gate: Option<Buf>,
+    up: Buf,
+    down: Buf,
+    gate_bias: Option<Buf>,
+    up_bias: Option<Buf>,
+    down_bias: Option<Buf>,
+}
+
+fn up_mlp<T: Element>(be: &WgpuBackend, m: &HostMlp) -> DevMlp {
+    let o = |v: &Option<Vec<f64>>| v.as_ref().map(|v| upload::<T>(be, v));
+    DevMlp {
+        gate: o(&m.gate),
+        up: upload::<T>(be, &m.up),
+        down: upload::<T>(be, &m.down),
+        gate_bias: o(&m.gate_bias),
+        up_bias: o(&m.up_bias),
+        down_bias: o(&m.down_bias),
+    }
+}
+
+fn mlp_views<'a, T: Element>(m: &'a DevMlp) -> MlpWeights<'a, WgpuBackend, T> {
+    MlpWeights {
+        gate: m.gate.as_ref().map(|b| b.view()),
+        up: m.up.view(),
+        down: m.down.view(),
+        gate_bias: m.gate_bias.as_ref().map(|b| b.view()),
+        up_bias: m.up_bias.as_ref().map(|b| b.view()),
+        down_bias: m.down_bias.as_ref().map(|b| b.view()),
+    }
+}
+
+/// Run the whole layer through `moe_core::forward` in element type `T`.
+pub fn run_typed<T: Element>(
+    be: &WgpuBackend,
+    c: &MoeConfig,
+    w: &HostWeights,
+    x: &[f64],
+    tokens: usize,
+    row_align: usize,
+) -> Result<Run, MoeError> {
+    let plan = MoePlan::with_row_align(c, tokens.max(1), row_align)?;
+    let layout = plan.layout(T::DTYPE)?;
+    let router = upload::<T>(be, &w.router);
+    let router_bias = w.router_bias.as_ref().map(|b| upload::<T>(be, b));
+    let sel_bias = w.selection_bias.as_ref().map(|b| upload_f32(be, b));
+    let experts = up_mlp::<T>(be, &w.experts);
+    let shared = w
+        .shared
+        .as_ref()
+        .map(|s| (up_mlp::<T>(be, &s.mlp), s.gate.as_ref().map(|g| upload::<T>(be, g))));
+    let latent = w.latent.as_ref().map(|l| {
+        (
+            upload::<T>(be, &l.fc1),
+            upload::<T>(be, &l.fc2),
+            l.fc1_bias.as_ref().map(|b| upload::<T>(be, b)),
+            l.fc2_bias.as_ref().map(|b| upload::<T>(be, b)),
+        )
+    });
+    let emap = w.expert_map.as_ref().map(|m| upload_i32(be, m));
+    let xb = upload::<T>(be, x);
+    let ws = poisoned(be, layout.total_bytes);
+    let out_len = tokens * c.hidden;
+    let out = poisoned(be, out_len * size_of::<T>());
+    let weights = MoeWeights::<WgpuBackend, T> {
+        router: router.view(),
+        router_bias: router_bias.as_ref().map(|b| b.view()),
+        selection_bias: sel_bias.as_ref().map(|b| b.view()),
+        experts: mlp_views(&experts),
+        shared: shared
+            .as_ref()
+            .map(|(m, g)| SharedWeights { mlp: mlp_views(m), gate: g.as_ref().map(|g| g.view()) }),
+        latent: latent.as_ref().map(|(f1, f2, b1, b2)| LatentWeights {
+            fc1: f1.view(),
+            fc2: f2.view(),
+            fc1_bias: b1.as_ref().map(|b| b.view()),
+            fc2_bias: b2.as_ref().map(|b| b.view()),
+        }),
+        expert_map: emap.as_ref().map(|m| m.view()),
+    };
+    let before = be.buffers_created();
+    moe_core::forward(
+        be,
+        &plan,
+        &weights,
+        tokens,
+        xb.view(),
+        WgpuViewMut::new(&out, 0, out_len)?,
+        WgpuViewMut::<u8>::whole(&ws),
+        &SingleRank,
+    )?;
+    let buffers_created_in_forward = be.buffers_created() - before;
+    be.synchronize()?;
+    let k = c.top_k;
+    Ok(Run {
+        topk_ids: read_i32(be, &ws, layout.topk_ids.offset as u64, tokens * k),
+        topk_weights: read::<f32>(be, &ws, layout.topk_weights.offset as u64, tokens * k),
+        out: read::<T>(be, &out, 0, out_len),
+        buffers_created_in_forward,
+    })
+}
+
+/// Run in `dtype` (f32, f16 where supported; bf16 is unsupported).
+pub fn run(
+    be: &WgpuBackend,
+    dtype: DType,
+    c: &MoeConfig,
+    w: &HostWeights,
+    x: &[f64],
+    tokens: usize,
+    row_align: usize,
+) -> Result<Run, MoeError> {
+    match dtype {
+        DType::F32 => run_typed::<f32>(be, c, w, x, tokens, row_align),
+        DType::F16 => run_typed::<f16>(be, c, w, x, tokens, row_align),
+        DType::BF16 => run_typed::<half::bf16>(be, c, w, x, tokens, row_align),
+    }
+}

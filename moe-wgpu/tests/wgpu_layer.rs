@@ -1,0 +1,350 @@
+//! The wgpu layer against the float64 reference on lavapipe (or any adapter), over recipes that
+//! cover every routing mode, activation, bias, shared expert, latent and expert placement.
+//! Every test skips (passes with a message) where no adapter exists.
+
+mod common;
+
+use common::{backend, run};
+use moe_core::reference::{self, HostLatent, HostMlp, HostShared, HostWeights};
+use moe_core::*;
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> f64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+    }
+    fn vec(&mut self, n: usize, scale: f64) -> Vec<f64> {
+        (0..n).map(|_| self.next() * scale).collect()
+    }
+}
+
+fn mlp(r: &mut Rng, m: &MlpConfig, n: usize, width: usize, with_down_bias: bool) -> HostMlp {
+    let i = m.intermediate;
+    let s1 = 1.0 / (width as f64).sqrt();
+    let s2 = 1.0 / (i as f64).sqrt();
+    HostMlp {
+        gate: m.gated.then(|| r.vec(n * i * width, s1)),
+        up: r.vec(n * i * width, s1),
+        down: r.vec(n * width * i, s2),
+        gate_bias: (m.bias && m.gated).then(|| r.vec(n * i, 0.1)),
+        up_bias: m.bias.then(|| r.vec(n * i, 0.1)),
+        down_bias: (m.bias && with_down_bias).then(|| r.vec(n * width, 0.1)),
+    }
+}
+
+fn weights(c: &MoeConfig, seed: u64) -> (HostWeights, Vec<f64>) {
+    let mut r = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let (h, e) = (c.hidden, c.experts);
+    let d = c.expert_width();
+    let mut w = HostWeights {
+        router: r.vec(e * h, 2.0 / (h as f64).sqrt()),
+        router_bias: c.router.bias.then(|| r.vec(e, 0.2)),
+        selection_bias: c.router.selection_bias.then(|| r.vec(e, 0.05)),
+        experts: mlp(&mut r, &c.expert.mlp, c.local_experts(), d, true),
+        shared: c.shared.map(|s| HostShared {
+            mlp: mlp(&mut r, &s.mlp, 1, h, true),
+            gate: (s.gate == SharedGate::SigmoidLinear).then(|| r.vec(h, 1.0 / (h as f64).sqrt())),
+        }),
+        latent: c.latent.map(|l| HostLatent {
+            fc1: r.vec(l.size * h, 1.0 / (h as f64).sqrt()),
+            fc2: r.vec(h * l.size, 1.0 / (l.size as f64).sqrt()),
+            fc1_bias: l.bias.then(|| r.vec(l.size, 0.1)),
+            fc2_bias: l.bias.then(|| r.vec(h, 0.1)),
+        }),
+        expert_map: None,
+    };
+    if let Some(ep) = c.parallel.experts {
+        // Global experts 1, 3, 5, ... live here (reversed), the rest elsewhere.
+        let mut m = vec![-1; e];
+        for j in 0..ep.local_experts {
+            m[(2 * j + 1) % e] = (ep.local_experts - 1 - j) as i32;
+        }
+        w.expert_map = Some(m);
+    }
+    let tokens_x = r.vec(64 * h, 1.0);
+    (w, tokens_x)
+}
+
+fn mlp_cfg(i: usize, gated: bool, activation: Activation, bias: bool) -> MlpConfig {
+    MlpConfig { intermediate: i, gated, activation, bias }
+}
+
+fn base(h: usize, e: usize, k: usize, i: usize) -> MoeConfig {
+    MoeConfig {
+        hidden: h,
+        experts: e,
+        top_k: k,
+        router: RouterConfig::default(),
+        expert: ExpertConfig {
+            mlp: mlp_cfg(i, true, Activation::Silu, false),
+            apply_weight_on_input: false,
+        },
+        shared: None,
+        latent: None,
+        parallel: ParallelConfig::default(),
+    }
+}
+
+fn recipes() -> Vec<(&'static str, MoeConfig)> {
+    let mut v = Vec::new();
+    v.push(("mixtral_like", base(64, 8, 2, 48)));
+    let mut c = base(40, 16, 4, 24);
+    c.router.reduce = TopkReduce::None;
+    c.shared = Some(SharedConfig {
+        mlp: mlp_cfg(56, true, Activation::Silu, false),
+        gate: SharedGate::SigmoidLinear,
+    });
+    v.push(("qwen2_shared_gate_like", c));
+    let mut c = base(48, 32, 6, 20);
+    c.router.scoring = Scoring::Sigmoid;
+    c.router.selection_bias = true;
+    c.router.groups = Some(GroupLimit { n_group: 8, topk_group: 3, score: GroupScore::Top2Sum });
+    c.router.reduce = TopkReduce::NOAUX_TC;
+    c.router.scale = RoutedScale { factor: 2.5, placement: ScalePlacement::OnWeights };
+    c.shared = Some(SharedConfig {
+        mlp: mlp_cfg(40, true, Activation::Silu, false),
+        gate: SharedGate::None,
+    });
+    v.push(("deepseek_v3_like", c));
+    c.router.groups = Some(GroupLimit { n_group: 4, topk_group: 2, score: GroupScore::Max });
+    c.router.scale = RoutedScale { factor: 1.5, placement: ScalePlacement::OnOutput };
+    v.push(("groups_max_scale_on_output", c));
+    let mut c = base(36, 8, 4, 28);
+    c.router.scoring = Scoring::None;
+    c.router.bias = true;
+    c.router.weights = WeightSource::SoftmaxTopkLogits;
+    c.router.reduce = TopkReduce::None;
+    c.expert.mlp = mlp_cfg(28, true, Activation::SwigluOai { alpha: 1.702, limit: 7.0 }, true);
+    v.push(("gpt_oss_like", c));
+    let mut c = base(32, 16, 1, 24);
+    c.router.scoring = Scoring::None;
+    c.router.weights = WeightSource::SigmoidTopkLogits;
+    c.router.reduce = TopkReduce::None;
+    c.expert.apply_weight_on_input = true;
+    c.shared = Some(SharedConfig {
+        mlp: mlp_cfg(24, true, Activation::Silu, false),
+        gate: SharedGate::None,
+    });
+    v.push(("llama4_like", c));
+    let mut c = base(48, 12, 3, 32);
+    c.router.selection_bias = true;
+    c.router.reduce = TopkReduce::ClampMin { min: 1e-12 };
+    c.shared = Some(SharedConfig {
+        mlp: mlp_cfg(32, true, Activation::Silu, false),
+        gate: SharedGate::None,
+    });
+    v.push(("ernie_like", c));
+    let mut c = base(48, 16, 4, 40);
+    c.router.scoring = Scoring::Sigmoid;
+    c.router.selection_bias = true;
+    c.router.reduce = TopkReduce::NOAUX_TC;
+    c.router.scale = RoutedScale { factor: 2.0, placement: ScalePlacement::OnOutput };
+    c.expert.mlp = mlp_cfg(40, false, Activation::Relu2, false);
+    c.latent = Some(LatentConfig { size: 24, bias: true });
+    c.shared = Some(SharedConfig {
+        mlp: mlp_cfg(36, false, Activation::Relu2, false),
+        gate: SharedGate::None,
+    });
+    v.push(("nemotron_latent_like", c));
+    let mut c2 = c;
+    c2.latent = None;
+    v.push(("nemotron_no_latent", c2));
+    let mut c2 = c;
+    c2.shared = None;
+    v.push(("nemotron_latent_no_shared", c2));
+    let mut c2 = c;
+    c2.shared = None;
+    c2.latent = Some(LatentConfig { size: 24, bias: false });
+    v.push(("nemotron_latent_nobias_no_shared", c2));
+    let mut c = base(40, 10, 3, 24);
+    c.router.reduce = TopkReduce::PNorm { p: 3.0 };
+    c.expert.mlp = mlp_cfg(24, true, Activation::Gelu, true);
+    v.push(("pnorm_gelu_bias", c));
+    let mut c = base(40, 10, 2, 24);
+    c.expert.mlp = mlp_cfg(24, false, Activation::GeluTanh, true);
+    v.push(("ungated_gelu_tanh_bias", c));
+    let mut c = base(32, 12, 3, 20);
+    c.parallel.experts = Some(ExpertPlacement { local_experts: 5, include_shared: true });
+    c.shared = Some(SharedConfig {
+        mlp: mlp_cfg(20, true, Activation::Silu, true),
+        gate: SharedGate::SigmoidLinear,
+    });
+    v.push(("expert_parallel_map", c));
+    v
+}
+
+fn rel_err(a: &[f64], b: &[f64]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();
+    let den: f64 = b.iter().map(|y| y * y).sum();
+    (num / den.max(1e-300)).sqrt()
+}
+
+/// Check one run: ids equal where the reference margin is comfortable, weights close, and the
+/// output within `tol` of the reference evaluated on the backend's own routing.
+fn check(
+    name: &str,
+    dtype: DType,
+    c: &MoeConfig,
+    w: &HostWeights,
+    x: &[f64],
+    t: usize,
+    align: usize,
+) {
+    let Some(be) = backend() else { return };
+    if !be.supports(dtype) {
+        eprintln!("conformance {name} {}: SKIP (unsupported on this adapter)", dtype.name());
+        return;
+    }
+    let xr: Vec<f64> = match dtype {
+        DType::F32 => x.to_vec(),
+        _ => x.iter().map(|&v| half::f16::from_f64(v).to_f64()).collect(),
+    };
+    let got = run(be, dtype, c, w, &xr, t, align).unwrap_or_else(|e| panic!("{name}: {e}"));
+    assert_eq!(got.buffers_created_in_forward, 0, "{name}: a forward created buffers");
+    let (routing, _) = reference::forward(c, w, &xr, t).expect("reference");
+    let k = c.top_k;
+    let margin_tol = if dtype == DType::F32 { 1e-4 } else { 3e-2 };
+    let mut flips = 0;
+    for tok in 0..t {
+        let a = &got.topk_ids[tok * k..(tok + 1) * k];
+        let b = &routing.topk_ids[tok * k..(tok + 1) * k];
+        if a != b {
+            assert!(
+                routing.margin[tok] < margin_tol,
+                "{name} {}: token {tok} ids {a:?} != reference {b:?} (margin {})",
+                dtype.name(),
+                routing.margin[tok]
+            );
+            flips += 1;
+        }
+    }
+    // Reference weights and output for the backend's own routing.
+    let mut ref_w = Vec::with_capacity(t * k);
+    for tok in 0..t {
+        let ids = &got.topk_ids[tok * k..(tok + 1) * k];
+        ref_w.extend(reference::weights_for_ids(
+            c,
+            &routing.logits[tok * c.experts..(tok + 1) * c.experts],
+            ids,
+        ));
+    }
+    let werr = got.topk_weights.iter().zip(&ref_w).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    let wtol = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
+    assert!(werr <= wtol * c.weight_scale().abs().max(1.0), "{name}: weight error {werr}");
+    let ref_out = reference::output_for_routing(c, w, &xr, t, &got.topk_ids, &ref_w)
+        .expect("reference output");
+    let err = rel_err(&got.out, &ref_out);
+    let tol = if dtype == DType::F32 { 1e-5 } else { 2e-2 };
+    println!(
+        "conformance {name} {} tokens={t} row_align={align}: rel_err={err:.3e} (tol {tol:.0e}) max_weight_err={werr:.2e} routing_flips={flips}",
+        dtype.name()
+    );
+    assert!(err <= tol, "{name} {}: relative error {err} > {tol}", dtype.name());
+}
+
+#[test]
+fn conformance_recipes_f32() {
+    for (i, (name, c)) in recipes().into_iter().enumerate() {
+        let (w, x) = weights(&c, 7 + i as u64);
+        let t = 37;
+        check(name, DType::F32, &c, &w, &x[..t * c.hidden], t, 1);
+    }
+}
+
+#[test]
+fn conformance_recipes_f16() {
+    for (i, (name, c)) in recipes().into_iter().enumerate() {
+        let (w, x) = weights(&c, 7 + i as u64);
+        // The reference runs on the f16-rounded weights, as the backend sees them.
+        let w = round_weights_f16(&w);
+        let t = 29;
+        check(name, DType::F16, &c, &w, &x[..t * c.hidden], t, 1);
+    }
+}
+
+#[test]
+fn conformance_row_align_and_token_counts() {
+    let (_, c) = recipes().into_iter().nth(2).expect("deepseek recipe");
+    let (w, x) = weights(&c, 99);
+    for (t, align) in [(1, 1), (3, 16), (64, 16), (17, 4)] {
+        check("deepseek_v3_like", DType::F32, &c, &w, &x[..t * c.hidden], t, align);
+    }
+}
+
+#[test]
+fn conformance_custom_reduce_is_unsupported() {
+    let Some(be) = backend() else { return };
+    fn halve(w: &mut [f32]) {
+        w.iter_mut().for_each(|v| *v *= 0.5);
+    }
+    let mut c = base(16, 4, 2, 8);
+    c.router.reduce = TopkReduce::Custom(CustomReduce { name: "halve", func: halve });
+    let (w, x) = weights(&c, 3);
+    let e = run(be, DType::F32, &c, &w, &x[..2 * 16], 2, 1).expect_err("custom reduce must fail");
+    assert!(matches!(e, MoeError::Unsupported { .. }), "{e}");
+    let e = run(be, DType::BF16, &base(16, 4, 2, 8), &w, &x[..2 * 16], 2, 1).expect_err("bf16");
+    assert!(matches!(e, MoeError::Unsupported { .. }), "{e}");
+}
+
+fn round_vec(v: &[f64]) -> Vec<f64> {
+    v.iter().map(|&x| half::f16::from_f64(x).to_f64()).collect()
+}
+
+fn round_opt(v: &Option<Vec<f64>>) -> Option<Vec<f64>> {
+    v.as_ref().map(|v| round_vec(v))
+}
+
+fn round_mlp(m: &HostMlp) -> HostMlp {
+    HostMlp {
+        gate: round_opt(&m.gate),
+        up: round_vec(&m.up),
+        down: round_vec(&m.down),
+        gate_bias: round_opt(&m.gate_bias),
+        up_bias: round_opt(&m.up_bias),
+        down_bias: round_opt(&m.down_bias),
+    }
+}
+
+fn round_weights_f16(w: &HostWeights) -> HostWeights {
+    HostWeights {
+        router: round_vec(&w.router),
+        router_bias: round_opt(&w.router_bias),
+        selection_bias: w.selection_bias.clone(),
+        experts: round_mlp(&w.experts),
+        shared: w
+            .shared
+            .as_ref()
+            .map(|s| HostShared { mlp: round_mlp(&s.mlp), gate: round_opt(&s.gate) }),
+        latent: w.latent.as_ref().map(|l| HostLatent {
+            fc1: round_vec(&l.fc1),
+            fc2: round_vec(&l.fc2),
+            fc1_bias: round_opt(&l.fc1_bias),
+            fc2_bias: round_opt(&l.fc2_bias),
+        }),
+        expert_map: w.expert_map.clone(),
+    }
+}
+
+#[test]
+fn conformance_repeated_forwards_are_bitwise_identical() {
+    let Some(be) = backend() else { return };
+    // 30 forwards of ~12 dispatches wrap the 256-slot parameter ring several times.
+    for (name, c) in recipes()
+        .into_iter()
+        .filter(|(n, _)| *n == "nemotron_latent_like" || *n == "qwen2_shared_gate_like")
+    {
+        let (w, x) = weights(&c, 5);
+        let t = 33;
+        let first = run(be, DType::F32, &c, &w, &x[..t * c.hidden], t, 1).expect("run");
+        for i in 0..15 {
+            let again = run(be, DType::F32, &c, &w, &x[..t * c.hidden], t, 1).expect("run");
+            assert_eq!(again.topk_ids, first.topk_ids, "{name}: run {i}");
+            let same = again.out.iter().zip(&first.out).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{name}: run {i} differs");
+        }
+        println!("conformance {name} f32: 16 forwards bitwise identical");
+    }
+}
