@@ -357,7 +357,10 @@ pub fn check_case<B: ConformanceBackend + ?Sized>(
             match reference::output_for_routing(c, &case.weights, xt, 1, got_ids, &forced) {
                 Ok(o) => exp_out[t * h..(t + 1) * h].copy_from_slice(&o),
                 Err(e) => {
-                    return CaseResult { line: format!("{tag} FAIL: reference {e}"), passed: false };
+                    return CaseResult {
+                        line: format!("{tag} FAIL: reference {e}"),
+                        passed: false,
+                    };
                 }
             }
             ws = got_ids.iter().copied().zip(forced.into_iter().map(|w| w * os)).collect();
