@@ -9,12 +9,20 @@ fn case(name: &str) -> Case {
     load_dir(&golden_dir()).unwrap().into_iter().find(|c| c.name == name).unwrap()
 }
 
-fn run(c: &MoeConfig, w: &HostWeights, x: &[f32], tokens: usize, out_len: usize, ws_len: Option<usize>) -> Result<()> {
+fn run(
+    c: &MoeConfig,
+    w: &HostWeights,
+    x: &[f32],
+    tokens: usize,
+    out_len: usize,
+    ws_len: Option<usize>,
+) -> Result<()> {
     let plan = MoePlan::new(c, tokens.max(1))?;
     let ew = ElementWeights::<f32>::from_host(w);
     let mut ws = vec![0u8; ws_len.unwrap_or(plan.workspace_bytes(DType::F32)?)];
     let mut out = vec![f32::NAN; out_len];
-    forward(&Cpu::new(), &plan, &ew.views::<Cpu>(), tokens, x, &mut out, &mut ws, &SingleRank).map(|_| ())
+    forward(&Cpu::new(), &plan, &ew.views::<Cpu>(), tokens, x, &mut out, &mut ws, &SingleRank)
+        .map(|_| ())
 }
 
 #[test]
@@ -44,7 +52,10 @@ fn every_forward_error_is_typed() {
     let mut bad = w.clone();
     bad.shared.as_mut().unwrap().gate = None;
     let e = run(&c, &bad, &x, t, t * h, None).unwrap_err();
-    assert!(matches!(e, MoeError::TensorPresence { what: "shared.gate_weight", required: true }), "{e}");
+    assert!(
+        matches!(e, MoeError::TensorPresence { what: "shared.gate_weight", required: true }),
+        "{e}"
+    );
     let mut bad = w.clone();
     bad.router_bias = Some(vec![0.0; c.experts]);
     let e = run(&c, &bad, &x, t, t * h, None).unwrap_err();
@@ -58,7 +69,17 @@ fn every_forward_error_is_typed() {
     let ew = ElementWeights::<f32>::from_host(&w);
     let mut ws = vec![0u8; plan.workspace_bytes(DType::F32).unwrap()];
     let mut out = vec![0f32; t * h];
-    let e = forward(&Cpu::new(), &plan, &ew.views::<Cpu>(), t, &x[..], &mut out[..], &mut ws[..], &SingleRank).unwrap_err();
+    let e = forward(
+        &Cpu::new(),
+        &plan,
+        &ew.views::<Cpu>(),
+        t,
+        &x[..],
+        &mut out[..],
+        &mut ws[..],
+        &SingleRank,
+    )
+    .unwrap_err();
     assert!(matches!(e, MoeError::TooManyTokens { .. }), "{e}");
     // Non-finite input values.
     for bad_v in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
@@ -83,7 +104,17 @@ fn expert_map_is_checked_and_partitions_the_experts() {
         let plan = MoePlan::new(&c, t).unwrap();
         let ew = ElementWeights::<f32>::from_host(&k.weights);
         let mut ws = vec![0u8; plan.workspace_bytes(DType::F32).unwrap()];
-        forward(&Cpu::new(), &plan, &ew.views::<Cpu>(), t, &x[..], &mut full[..], &mut ws[..], &SingleRank).unwrap();
+        forward(
+            &Cpu::new(),
+            &plan,
+            &ew.views::<Cpu>(),
+            t,
+            &x[..],
+            &mut full[..],
+            &mut ws[..],
+            &SingleRank,
+        )
+        .unwrap();
     }
     // Two expert-parallel ranks: rank r holds experts r, r+2, r+4, ...; their outputs sum to the
     // full layer.
@@ -91,13 +122,17 @@ fn expert_map_is_checked_and_partitions_the_experts() {
     let mut sum = vec![0f64; t * h];
     for r in 0..2 {
         let mut rc = c;
-        rc.parallel.experts = Some(ExpertPlacement { local_experts: e / 2, include_shared: r == 0 });
+        rc.parallel.experts =
+            Some(ExpertPlacement { local_experts: e / 2, include_shared: r == 0 });
         let mut w = k.weights.clone();
-        let keep = |m: &Vec<f64>| -> Vec<f64> { (0..e).filter(|g| g % 2 == r).flat_map(|g| m[g * per..(g + 1) * per].to_vec()).collect() };
+        let keep = |m: &Vec<f64>| -> Vec<f64> {
+            (0..e).filter(|g| g % 2 == r).flat_map(|g| m[g * per..(g + 1) * per].to_vec()).collect()
+        };
         w.experts.gate = w.experts.gate.as_ref().map(keep);
         w.experts.up = keep(&w.experts.up);
         w.experts.down = keep(&w.experts.down);
-        w.expert_map = Some((0..e as i32).map(|g| if g as usize % 2 == r { g / 2 } else { -1 }).collect());
+        w.expert_map =
+            Some((0..e as i32).map(|g| if g as usize % 2 == r { g / 2 } else { -1 }).collect());
         let mut out = vec![f32::NAN; t * h];
         run_into(&rc, &w, &x, t, &mut out).unwrap();
         sum.iter_mut().zip(&out).for_each(|(s, o)| *s += *o as f64);
@@ -114,7 +149,10 @@ fn expert_map_is_checked_and_partitions_the_experts() {
         let mut none = w.clone();
         none.expert_map = None;
         let err = run_into(&rc, &none, &x, t, &mut out).unwrap_err();
-        assert!(matches!(err, MoeError::TensorPresence { what: "expert_map", required: true }), "{err}");
+        assert!(
+            matches!(err, MoeError::TensorPresence { what: "expert_map", required: true }),
+            "{err}"
+        );
     }
     let full64: Vec<f64> = full.iter().map(|&v| v as f64).collect();
     let err = moe_core::conformance::rel_err(&sum, &full64);
@@ -135,7 +173,17 @@ fn empty_batch_is_a_no_op() {
     let ew = ElementWeights::<f32>::from_host(&k.weights);
     let mut ws = vec![0u8; plan.workspace_bytes(DType::F32).unwrap()];
     let mut out: Vec<f32> = vec![];
-    let r = forward(&Cpu::new(), &plan, &ew.views::<Cpu>(), 0, &[][..], &mut out[..], &mut ws[..], &SingleRank).unwrap();
+    let r = forward(
+        &Cpu::new(),
+        &plan,
+        &ew.views::<Cpu>(),
+        0,
+        &[][..],
+        &mut out[..],
+        &mut ws[..],
+        &SingleRank,
+    )
+    .unwrap();
     assert_eq!(r.all_reduces(), 0);
 }
 
@@ -149,9 +197,18 @@ fn output_scale_placement_does_not_overflow_f16() {
         hidden: h,
         experts: 2,
         top_k: 2,
-        router: RouterConfig { reduce: TopkReduce::None, scale: RoutedScale { factor: 4.0, placement: ScalePlacement::OnOutput }, ..RouterConfig::default() },
+        router: RouterConfig {
+            reduce: TopkReduce::None,
+            scale: RoutedScale { factor: 4.0, placement: ScalePlacement::OnOutput },
+            ..RouterConfig::default()
+        },
         expert: ExpertConfig {
-            mlp: MlpConfig { intermediate: 1, gated: false, activation: Activation::Relu2, bias: false },
+            mlp: MlpConfig {
+                intermediate: 1,
+                gated: false,
+                activation: Activation::Relu2,
+                bias: false,
+            },
             apply_weight_on_input: false,
         },
         shared: None,
@@ -177,7 +234,17 @@ fn output_scale_placement_does_not_overflow_f16() {
         let xe: Vec<half::f16> = x.iter().map(|&v| half::f16::from_f64(v)).collect();
         let mut ws = vec![0u8; plan.workspace_bytes(DType::F16).unwrap()];
         let mut out = vec![half::f16::NAN; h];
-        forward(&Cpu::new(), &plan, &ew.views::<Cpu>(), 1, &xe[..], &mut out[..], &mut ws[..], &SingleRank).unwrap();
+        forward(
+            &Cpu::new(),
+            &plan,
+            &ew.views::<Cpu>(),
+            1,
+            &xe[..],
+            &mut out[..],
+            &mut ws[..],
+            &SingleRank,
+        )
+        .unwrap();
         out.iter().map(|v| v.to_f64()).collect::<Vec<_>>()
     };
     let on_output = run16(&c);
@@ -185,5 +252,8 @@ fn output_scale_placement_does_not_overflow_f16() {
     let mut cw = c;
     cw.router.scale.placement = ScalePlacement::OnWeights;
     let on_weights = run16(&cw);
-    assert!(on_weights.iter().any(|v| !v.is_finite()), "the weights placement overflows here: {on_weights:?}");
+    assert!(
+        on_weights.iter().any(|v| !v.is_finite()),
+        "the weights placement overflows here: {on_weights:?}"
+    );
 }

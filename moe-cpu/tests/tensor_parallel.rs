@@ -30,8 +30,8 @@ fn tp_matches(name: &str, c: &MoeConfig, w: &HostWeights, x64: &[f64], tokens: u
     assert_eq!(n1, 0, "one rank: no all-reduce");
     let one64: Vec<f64> = one.iter().map(|&v| v as f64).collect();
     for world in [2usize, 4] {
-        if c.expert.mlp.intermediate % world != 0
-            || c.shared.is_some_and(|s| s.mlp.intermediate % world != 0)
+        if !c.expert.mlp.intermediate.is_multiple_of(world)
+            || c.shared.is_some_and(|s| !s.mlp.intermediate.is_multiple_of(world))
         {
             continue;
         }
