@@ -291,7 +291,7 @@ impl MlpConfig {
                 return Err(MoeError::InconsistentConfig { what });
             }
         }
-        if self.intermediate % tp != 0 {
+        if !self.intermediate.is_multiple_of(tp) {
             return Err(MoeError::InvalidParameter {
                 what: inter_what,
                 value: self.intermediate as f64,
@@ -328,7 +328,7 @@ impl MoeConfig {
         let r = &self.router;
         if let Some(g) = r.groups {
             nonzero("router.groups.n_group", g.n_group)?;
-            if self.experts % g.n_group != 0 {
+            if !self.experts.is_multiple_of(g.n_group) {
                 return Err(MoeError::GroupsDoNotDivide {
                     experts: self.experts,
                     n_group: g.n_group,

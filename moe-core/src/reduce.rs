@@ -148,6 +148,10 @@ mod simulated {
     pub trait HostSlices: Backend {
         /// The elements of a mutable view.
         fn host_mut<'b, 'c: 'b, U: bytemuck::Pod>(v: &'b mut Self::ViewMut<'c, U>) -> &'b mut [U];
+        /// A view of a host slice.
+        fn from_host<U: bytemuck::Pod>(s: &[U]) -> Self::View<'_, U>;
+        /// A mutable view of a host slice.
+        fn from_host_mut<U: bytemuck::Pod>(s: &mut [U]) -> Self::ViewMut<'_, U>;
     }
 
     struct Shared {
@@ -221,5 +225,24 @@ mod simulated {
             s.barrier.wait();
             Ok(())
         }
+    }
+}
+
+impl<B: Backend, T: Element> core::fmt::Debug for Partial<'_, B, T> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "Partial<{}, {}>[{}]", B::NAME, T::DTYPE.name(), B::view_mut_len(&self.buf))
+    }
+}
+
+impl<B: Backend, T: Element> core::fmt::Debug for Reduced<'_, B, T> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(
+            f,
+            "Reduced<{}, {}>[{}] after {} all-reduce(s)",
+            B::NAME,
+            T::DTYPE.name(),
+            B::view_mut_len(&self.buf),
+            self.all_reduces
+        )
     }
 }

@@ -723,6 +723,7 @@ impl<T: Element> MoeStages<T> for WgpuBackend {
         tokens: usize,
         logits: WgpuView<'_, f32>,
         selection_bias: Option<WgpuView<'_, f32>>,
+        _scratch: WgpuViewMut<'_, f32>,
         topk_ids: WgpuViewMut<'_, i32>,
         topk_weights: WgpuViewMut<'_, f32>,
     ) -> Result<()> {
