@@ -244,11 +244,13 @@ impl WgpuBackend {
         })
     }
 
-    /// Request an adapter (any, fallback adapters included) and a device with `SHADER_F16`
-    /// where the adapter has it and the adapter's own limits. `Ok(None)` when no adapter
-    /// exists at all.
+    /// Request an adapter and a device with `SHADER_F16` where the adapter has it and the
+    /// adapter's own limits. `Ok(None)` when no adapter exists at all. The usual wgpu
+    /// environment variables apply (e.g. `WGPU_BACKEND=vulkan` to use only Vulkan, where
+    /// Mesa's lavapipe is a software adapter).
     pub fn request() -> Result<Option<Self>> {
-        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle());
+        let instance =
+            wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
         let adapter = match block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
             power_preference: wgpu::PowerPreference::HighPerformance,
             force_fallback_adapter: false,

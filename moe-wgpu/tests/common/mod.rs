@@ -19,15 +19,21 @@ pub fn backend() -> Option<&'static WgpuBackend> {
             Some(b)
         }
         Ok(None) => {
-            eprintln!("moe-wgpu: SKIP: no wgpu adapter on this machine (install mesa-vulkan-drivers for lavapipe)");
+            say("moe-wgpu: SKIP: no wgpu adapter on this machine (install mesa-vulkan-drivers for lavapipe)");
             None
         }
         Err(e) => {
-            eprintln!("moe-wgpu: SKIP: no usable wgpu device: {e}");
+            say(&format!("moe-wgpu: SKIP: no usable wgpu device: {e}"));
             None
         }
     })
     .as_ref()
+}
+
+/// Print past the test harness's output capture, so a skip is visible in every run.
+fn say(msg: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{msg}");
 }
 
 const USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
