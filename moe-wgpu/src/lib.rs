@@ -8,9 +8,11 @@
 //! * Pipelines, bind-group layouts and the two buffers the backend owns (a uniform parameter
 //!   ring and a small placeholder for absent optional tensors) are created once per device; a
 //!   forward creates no buffers ([`WgpuBackend::buffers_created`] counts them).
-//! * Each stage writes its parameters with `Queue::write_buffer` and submits its dispatches in
-//!   one submission (queue order makes the next stage's parameter writes safe). A stage does
-//!   not wait: poll the device (or map a buffer) to see results.
+//! * Each stage writes its parameters with `Queue::write_buffer` into its own slots of a
+//!   256-slot uniform ring and submits its dispatches in one submission. The ring is locked
+//!   from the write to the submit (threads may share a backend) and, when it wraps, the
+//!   backend waits for the device before reusing a slot. A stage does not wait otherwise:
+//!   poll the device ([`WgpuBackend::synchronize`]) or map a buffer to see results.
 //! * Element types: `f32` always, `f16` when the device has `SHADER_F16`; `bf16` is
 //!   [`MoeError::Unsupported`]. A user-supplied top-k reduce ([`moe_core::TopkReduce::Custom`])
 //!   cannot run in a shader and is [`MoeError::Unsupported`] too.
@@ -410,21 +412,20 @@ impl WgpuBackend {
         if n > SLOTS {
             return Err(unsupported("more dispatches in one stage than parameter slots"));
         }
-        let first = {
-            let mut next = self.next_slot.lock().map_err(|_| MoeError::Device {
-                backend: NAME,
-                what: "parameter ring lock",
-                code: -1,
-            })?;
-            if *next + n > SLOTS {
-                // The ring wraps: make sure no submitted dispatch still reads its slots.
-                self.synchronize()?;
-                *next = 0;
-            }
-            let first = *next;
-            *next += n;
-            first
-        };
+        // The ring lock is held until the submission: threads sharing the backend must not
+        // write each other's slots (or wrap the ring) between a write and its submit.
+        let mut next = self.next_slot.lock().map_err(|_| MoeError::Device {
+            backend: NAME,
+            what: "parameter ring lock",
+            code: -1,
+        })?;
+        if *next + n > SLOTS {
+            // The ring wraps: make sure no submitted dispatch still reads its slots.
+            self.synchronize()?;
+            *next = 0;
+        }
+        let first = *next;
+        *next += n;
         let mut groups = Vec::with_capacity(dispatches.len());
         for (j, d) in dispatches.iter().enumerate() {
             let i = first + j as u64;

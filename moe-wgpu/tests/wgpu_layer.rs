@@ -348,3 +348,30 @@ fn conformance_repeated_forwards_are_bitwise_identical() {
         println!("conformance {name} f32: 16 forwards bitwise identical");
     }
 }
+
+#[test]
+fn conformance_threads_sharing_one_backend() {
+    let Some(be) = backend() else { return };
+    let (_, c) = recipes().into_iter().next().expect("recipe");
+    let (w, x) = weights(&c, 11);
+    let t = 21;
+    let x = &x[..t * c.hidden];
+    let want = run(be, DType::F32, &c, &w, x, t, 1).expect("run");
+    std::thread::scope(|s| {
+        let hs: Vec<_> = (0..4)
+            .map(|_| {
+                s.spawn(|| {
+                    (0..8)
+                        .map(|_| run(be, DType::F32, &c, &w, x, t, 1).expect("run").out)
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        for h in hs {
+            for out in h.join().expect("thread") {
+                assert!(out.iter().zip(&want.out).all(|(a, b)| a.to_bits() == b.to_bits()));
+            }
+        }
+    });
+    println!("conformance threads f32: 4 threads x 8 forwards bitwise identical");
+}
