@@ -13,9 +13,10 @@
 //!   from the write to the submit (threads may share a backend) and, when it wraps, the
 //!   backend waits for the device before reusing a slot. A stage does not wait otherwise:
 //!   poll the device ([`WgpuBackend::synchronize`]) or map a buffer to see results.
-//! * Element types: `f32` always, `f16` when the device has `SHADER_F16`; `bf16` is
-//!   [`MoeError::Unsupported`]. A user-supplied top-k reduce ([`moe_core::TopkReduce::Custom`])
-//!   cannot run in a shader and is [`MoeError::Unsupported`] too.
+//! * Element types: `f32`; `f16` (the WGSL `f16` type when the device has `SHADER_F16`,
+//!   otherwise packed two to a `u32`); `bf16` (packed two to a `u32`, widened by a shift and
+//!   rounded to nearest even in the shader). Arithmetic is f32. A user-supplied top-k reduce
+//!   ([`moe_core::TopkReduce::Custom`]) cannot run in a shader: [`MoeError::Unsupported`].
 #![deny(missing_docs)]
 
 mod view;
@@ -145,6 +146,20 @@ struct Dispatch<'a> {
     groups: [u32; 3],
 }
 
+/// Choices made when a backend is created.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Options {
+    /// Store `f16` as the WGSL type `f16` when the device has `SHADER_F16` (default); when off
+    /// or unavailable, `f16` is packed two to a `u32` and converted in the shader.
+    pub native_f16: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { native_f16: true }
+    }
+}
+
 /// The wgpu backend: a device, its queue, and what is created once per device.
 pub struct WgpuBackend {
     device: wgpu::Device,
@@ -172,10 +187,19 @@ impl core::fmt::Debug for WgpuBackend {
 }
 
 impl WgpuBackend {
-    /// Use `device` and `queue`. `f16` storage is enabled when the device has `SHADER_F16`.
+    /// Use `device` and `queue` with the default [`Options`].
     pub fn new(device: wgpu::Device, queue: wgpu::Queue) -> Result<Self> {
+        Self::with_options(device, queue, Options::default())
+    }
+
+    /// Use `device` and `queue` with `options`.
+    pub fn with_options(
+        device: wgpu::Device,
+        queue: wgpu::Queue,
+        options: Options,
+    ) -> Result<Self> {
         let limits = device.limits();
-        let f16 = device.features().contains(wgpu::Features::SHADER_F16);
+        let f16 = options.native_f16 && device.features().contains(wgpu::Features::SHADER_F16);
         let mut layouts = Vec::new();
         let mut pipeline_layouts = Vec::new();
         for s in Shader::ALL {
@@ -251,6 +275,11 @@ impl WgpuBackend {
     /// environment variables apply (e.g. `WGPU_BACKEND=vulkan` to use only Vulkan, where
     /// Mesa's lavapipe is a software adapter).
     pub fn request() -> Result<Option<Self>> {
+        Self::request_with(Options::default())
+    }
+
+    /// As [`WgpuBackend::request`], with `options`.
+    pub fn request_with(options: Options) -> Result<Option<Self>> {
         let instance =
             wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
         let adapter = match block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
@@ -274,7 +303,7 @@ impl WgpuBackend {
             what: "request_device",
             code: -1,
         })?;
-        Self::new(device, queue).map(Some)
+        Self::with_options(device, queue, options).map(Some)
     }
 
     /// The device.
@@ -287,18 +316,15 @@ impl WgpuBackend {
         &self.queue
     }
 
-    /// Whether `f16` storage is available (the device has `SHADER_F16`).
-    pub fn supports_f16(&self) -> bool {
+    /// Whether `f16` is stored as the WGSL type `f16` (the device has `SHADER_F16` and
+    /// [`Options::native_f16`] is on); otherwise it is packed two to a `u32`.
+    pub fn native_f16(&self) -> bool {
         self.f16
     }
 
-    /// Whether element type `dtype` is supported on this device.
+    /// Whether element type `dtype` is supported (all of f32, f16 and bf16 are).
     pub fn supports(&self, dtype: DType) -> bool {
-        match dtype {
-            DType::F32 => true,
-            DType::F16 => self.f16,
-            DType::BF16 => false,
-        }
+        matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
     }
 
     /// Buffers this backend has created since it was made (2, at construction). A forward
@@ -319,8 +345,8 @@ impl WgpuBackend {
         match T::DTYPE {
             DType::F32 => Ok(Storage::F32),
             DType::F16 if self.f16 => Ok(Storage::F16),
-            DType::F16 => Err(unsupported("f16 storage (the device lacks SHADER_F16)")),
-            DType::BF16 => Err(unsupported("bf16 storage")),
+            DType::F16 => Ok(Storage::F16Packed),
+            DType::BF16 => Ok(Storage::BF16),
         }
     }
 

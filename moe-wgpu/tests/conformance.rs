@@ -35,8 +35,7 @@ impl ConformanceBackend for Wgpu {
         Ok(RunOutput { topk_ids: r.topk_ids, topk_weights: r.topk_weights, out: r.out })
     }
 
-    /// bf16 is not implemented, f16 needs SHADER_F16, a user-supplied top-k reduce cannot
-    /// run in a shader.
+    /// A user-supplied top-k reduce cannot run in a shader.
     fn unsupported(&self, dtype: DType, config: &MoeConfig) -> bool {
         !self.0.supports(dtype) || matches!(config.router.reduce, TopkReduce::Custom(_))
     }
@@ -56,6 +55,16 @@ fn conformance_property() {
     let Some(be) = common::backend() else { return };
     match run_property_suite(&Wgpu(be), 60, 0x5eed) {
         Ok(n) => println!("{n} property checks passed"),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// The same suites with f16 packed into u32 words (the path of adapters without SHADER_F16).
+#[test]
+fn conformance_golden_packed_f16() {
+    let Some(be) = common::packed_backend() else { return };
+    match run_golden_suite(&Wgpu(be)) {
+        Ok(n) => println!("{n} golden checks passed (f16 packed)"),
         Err(e) => panic!("{e}"),
     }
 }

@@ -4,10 +4,14 @@
 //! `shaders/wgsl/*.wgsl`). Each body is written against two type aliases that the host
 //! prepends with [`compose`]:
 //!
-//! * `E`: the storage element of activations and weights (`f32`, or `f16` with `enable f16;`
-//!   when the adapter has `SHADER_F16`);
+//! * `E`: the storage element of activations and weights (see [`Storage`]: `f32`; `f16` with
+//!   `enable f16;` when the adapter has `SHADER_F16`; `f16` or `bf16` packed two to a `u32`);
 //! * `O`: the output element of [`LINEAR`] (`f32` for the router logits and the shared gate,
 //!   `E` otherwise).
+//!
+//! Element-typed bindings are written as `//@bind BINDING NAME E|O ro|rw` lines in the bodies;
+//! [`compose`] replaces each with the declaration and `ld_NAME(i) -> f32` /
+//! `st_NAME(i, v: f32)` accessors for the chosen storage type.
 //!
 //! Arithmetic and accumulation are `f32` everywhere; results are rounded once to the storage
 //! type. Every storage binding is `read_write` so that several views of one buffer may be bound
@@ -58,31 +62,155 @@ pub const MAX_GROUPS: u32 = 256;
 pub enum Storage {
     /// `f32`.
     F32,
-    /// `f16` (needs the `SHADER_F16` feature).
+    /// `f16` as a WGSL type (needs the `SHADER_F16` feature).
     F16,
+    /// `f16` packed two to a `u32`, converted with integer arithmetic in the shader (round to
+    /// nearest even; no feature needed).
+    F16Packed,
+    /// `bf16` packed two to a `u32`: widened by a shift, rounded to nearest even in the shader.
+    BF16,
 }
 
 impl Storage {
-    fn wgsl(self) -> &'static str {
+    fn alias(self) -> &'static str {
         match self {
             Storage::F32 => "f32",
             Storage::F16 => "f16",
+            Storage::F16Packed | Storage::BF16 => "u32",
         }
     }
 }
 
-/// The full WGSL module of `body` with element type `elem` and linear output type `out`.
+/// Helpers of the packed storage types, prepended once to a module that uses them.
+const PACKED_HELPERS: &str = "
+fn moe_bf16_bits(v: f32) -> u32 {
+    let u = bitcast<u32>(v);
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+        return ((u >> 16u) | 0x40u) & 0xffffu;
+    }
+    return ((u + 0x7fffu + ((u >> 16u) & 1u)) >> 16u) & 0xffffu;
+}
+fn moe_f16_bits(v: f32) -> u32 {
+    let u = bitcast<u32>(v);
+    let s = (u >> 16u) & 0x8000u;
+    let a = u & 0x7fffffffu;
+    if (a > 0x7f800000u) {
+        return s | 0x7e00u;
+    }
+    if (a >= 0x477ff000u) {
+        return s | 0x7c00u;
+    }
+    if (a >= 0x38800000u) {
+        let r = a - 0x38000000u;
+        return s | ((r + 0xfffu + ((r >> 13u) & 1u)) >> 13u);
+    }
+    let f = bitcast<f32>(a) * 16777216.0;
+    let fl = floor(f);
+    let d = f - fl;
+    var q = u32(fl);
+    if (d > 0.5 || (d == 0.5 && (q & 1u) == 1u)) {
+        q += 1u;
+    }
+    return s | q;
+}
+fn moe_half_of(word: u32, i: u32) -> u32 {
+    return (word >> ((i & 1u) * 16u)) & 0xffffu;
+}
+fn moe_widen_bf16(h: u32) -> f32 {
+    return bitcast<f32>(h << 16u);
+}
+fn moe_widen_f16(h: u32) -> f32 {
+    let s = (h & 0x8000u) << 16u;
+    let e = (h >> 10u) & 0x1fu;
+    let m = h & 0x3ffu;
+    if (e == 0u) {
+        return bitcast<f32>(s | bitcast<u32>(f32(m) * 5.9604644775390625e-8));
+    }
+    if (e == 31u) {
+        return bitcast<f32>(s | 0x7f800000u | (m << 13u));
+    }
+    return bitcast<f32>(s | ((e + 112u) << 23u) | (m << 13u));
+}
+";
+
+/// The declaration and accessors `ld_NAME(i) -> f32` (and `st_NAME(i, v: f32)` when `rw`) of
+/// one storage binding of element type `ty`.
+fn binding(out: &mut String, b: &str, name: &str, ty: Storage, rw: bool) {
+    use core::fmt::Write;
+    let decl = |out: &mut String, elem: &str| {
+        let _ = writeln!(
+            out,
+            "@group(0) @binding({b}) var<storage, read_write> {name}: array<{elem}>;"
+        );
+    };
+    match ty {
+        Storage::F32 | Storage::F16 => {
+            let t = ty.alias();
+            decl(out, t);
+            let _ = writeln!(out, "fn ld_{name}(i: u32) -> f32 {{ return f32({name}[i]); }}");
+            if rw {
+                let _ = writeln!(out, "fn st_{name}(i: u32, v: f32) {{ {name}[i] = {t}(v); }}");
+            }
+        }
+        Storage::F16Packed | Storage::BF16 => {
+            let (widen, bits) = if ty == Storage::BF16 {
+                ("moe_widen_bf16", "moe_bf16_bits")
+            } else {
+                ("moe_widen_f16", "moe_f16_bits")
+            };
+            if rw {
+                // Two invocations may write the two halves of one word: clear and set only
+                // this element's half, atomically (the other half is left untouched).
+                decl(out, "atomic<u32>");
+                let _ = writeln!(
+                    out,
+                    "fn ld_{name}(i: u32) -> f32 {{ return {widen}(moe_half_of(atomicLoad(&{name}[i >> 1u]), i)); }}"
+                );
+                let _ = writeln!(
+                    out,
+                    "fn st_{name}(i: u32, v: f32) {{ let sh = (i & 1u) * 16u; atomicAnd(&{name}[i >> 1u], ~(0xffffu << sh)); atomicOr(&{name}[i >> 1u], {bits}(v) << sh); }}"
+                );
+            } else {
+                decl(out, "u32");
+                let _ = writeln!(
+                    out,
+                    "fn ld_{name}(i: u32) -> f32 {{ return {widen}(moe_half_of({name}[i >> 1u], i)); }}"
+                );
+            }
+        }
+    }
+}
+
+/// The full WGSL module of `body` with element type `elem` and linear output type `out`:
+/// the aliases `E`, `O`, and every `//@bind BINDING NAME E|O ro|rw` line of the body replaced
+/// by the binding's declaration and its `ld_NAME` / `st_NAME` accessors (f32 in and out).
 pub fn compose(body: &str, elem: Storage, out: Storage) -> String {
-    let mut s = String::with_capacity(body.len() + 64);
+    let mut s = String::with_capacity(body.len() * 2);
     if elem == Storage::F16 || out == Storage::F16 {
         s.push_str("enable f16;\n");
     }
     s.push_str("alias E = ");
-    s.push_str(elem.wgsl());
+    s.push_str(elem.alias());
     s.push_str(";\nalias O = ");
-    s.push_str(out.wgsl());
+    s.push_str(out.alias());
     s.push_str(";\n");
-    s.push_str(body);
+    let packed = |t: Storage| matches!(t, Storage::F16Packed | Storage::BF16);
+    if packed(elem) || packed(out) {
+        s.push_str(PACKED_HELPERS);
+    }
+    for line in body.lines() {
+        let mut f = line.split_whitespace();
+        if f.next() == Some("//@bind") {
+            let (b, name, ty, mode) = (f.next(), f.next(), f.next(), f.next());
+            if let (Some(b), Some(name), Some(ty), Some(mode)) = (b, name, ty, mode) {
+                let t = if ty == "O" { out } else { elem };
+                binding(&mut s, b, name, t, mode == "rw");
+                continue;
+            }
+        }
+        s.push_str(line);
+        s.push('\n');
+    }
     s
 }
 
@@ -117,6 +245,10 @@ mod tests {
                 (Storage::F32, Storage::F32),
                 (Storage::F16, Storage::F16),
                 (Storage::F16, Storage::F32),
+                (Storage::F16Packed, Storage::F16Packed),
+                (Storage::F16Packed, Storage::F32),
+                (Storage::BF16, Storage::BF16),
+                (Storage::BF16, Storage::F32),
             ] {
                 validate(&format!("{name} {elem:?}/{out:?}"), &compose(body, elem, out), entries);
             }

@@ -8,8 +8,8 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read_write> dst: array<E>;
-@group(0) @binding(2) var<storage, read_write> src: array<E>;
+//@bind 1 dst E rw
+//@bind 2 src E ro
 
 @compute @workgroup_size(256, 1, 1)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
@@ -17,5 +17,5 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
     if (i >= p.n) {
         return;
     }
-    dst[p.od + i] = E(f32(dst[p.od + i]) + f32(src[p.os + i]));
+    st_dst(p.od + i, ld_dst(p.od + i) + ld_src(p.os + i));
 }

@@ -13,9 +13,9 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read_write> eo: array<E>;
+//@bind 1 eo E ro
 @group(0) @binding(2) var<storage, read_write> slot_rows: array<i32>;
-@group(0) @binding(3) var<storage, read_write> out: array<E>;
+//@bind 3 out E rw
 
 @compute @workgroup_size(256, 1, 1)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
@@ -29,8 +29,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
     for (var j = 0u; j < p.k; j++) {
         let r = slot_rows[p.osr + t * p.k + j];
         if (r >= 0) {
-            acc += f32(eo[p.oeo + u32(r) * p.width + o]);
+            acc += ld_eo(p.oeo + u32(r) * p.width + o);
         }
     }
-    out[p.oo + idx] = E(p.scale * acc);
+    st_out(p.oo + idx, p.scale * acc);
 }

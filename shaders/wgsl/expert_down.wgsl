@@ -19,13 +19,13 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read_write> hidden: array<E>;
-@group(0) @binding(2) var<storage, read_write> wdown: array<E>;
-@group(0) @binding(3) var<storage, read_write> bdown: array<E>;
+//@bind 1 hidden E ro
+//@bind 2 wdown E ro
+//@bind 3 bdown E ro
 @group(0) @binding(4) var<storage, read_write> offsets: array<i32>;
 @group(0) @binding(5) var<storage, read_write> sorted_slots: array<i32>;
 @group(0) @binding(6) var<storage, read_write> tw: array<f32>;
-@group(0) @binding(7) var<storage, read_write> out: array<E>;
+//@bind 7 out E rw
 
 const TS: u32 = 16u;
 var<workgroup> ta: array<array<f32, 16>, 16>;
@@ -61,12 +61,12 @@ fn main(
             let kk = kt * TS + lid.x;
             var a = 0.0;
             if (slot >= 0 && kk < p.i) {
-                a = f32(hidden[p.oh + row * p.i + kk]);
+                a = ld_hidden(p.oh + row * p.i + kk);
             }
             ta[lid.y][lid.x] = a;
             var bv = 0.0;
             if (bcol < p.d && kk < p.i) {
-                bv = f32(wdown[p.ow + wbase + bcol * p.i + kk]);
+                bv = ld_wdown(p.ow + wbase + bcol * p.i + kk);
             }
             tb[lid.y][lid.x] = bv;
             workgroupBarrier();
@@ -78,12 +78,12 @@ fn main(
         if (slot >= 0 && col < p.d) {
             var v = acc;
             if (p.has_b != 0u) {
-                v += f32(bdown[p.ob + e * p.d + col]);
+                v += ld_bdown(p.ob + e * p.d + col);
             }
             if (p.has_w != 0u) {
                 v *= tw[p.otw + u32(slot)];
             }
-            out[p.oo + row * p.d + col] = E(v);
+            st_out(p.oo + row * p.d + col, v);
         }
     }
 }

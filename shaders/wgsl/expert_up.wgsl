@@ -30,15 +30,15 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read_write> x: array<E>;
-@group(0) @binding(2) var<storage, read_write> wgate: array<E>;
-@group(0) @binding(3) var<storage, read_write> wup: array<E>;
-@group(0) @binding(4) var<storage, read_write> bgate: array<E>;
-@group(0) @binding(5) var<storage, read_write> bup: array<E>;
+//@bind 1 x E ro
+//@bind 2 wgate E ro
+//@bind 3 wup E ro
+//@bind 4 bgate E ro
+//@bind 5 bup E ro
 @group(0) @binding(6) var<storage, read_write> offsets: array<i32>;
 @group(0) @binding(7) var<storage, read_write> sorted_slots: array<i32>;
 @group(0) @binding(8) var<storage, read_write> tw: array<f32>;
-@group(0) @binding(9) var<storage, read_write> hidden: array<E>;
+//@bind 9 hidden E rw
 
 const TS: u32 = 16u;
 var<workgroup> ta: array<array<f32, 16>, 16>;
@@ -146,16 +146,16 @@ fn main(
             let kk = kt * TS + lid.x;
             var a = 0.0;
             if (slot >= 0 && kk < p.d) {
-                a = f32(x[p.ox + tok * p.d + kk]);
+                a = ld_x(p.ox + tok * p.d + kk);
             }
             ta[lid.y][lid.x] = a;
             var gv = 0.0;
             var uv = 0.0;
             if (bcol < p.n && kk < p.d) {
                 let wi = wbase + bcol * p.d + kk;
-                uv = f32(wup[p.ou + wi]);
+                uv = ld_wup(p.ou + wi);
                 if (p.gated != 0u) {
-                    gv = f32(wgate[p.og + wi]);
+                    gv = ld_wgate(p.og + wi);
                 }
             }
             tg[lid.y][lid.x] = gv;
@@ -172,12 +172,12 @@ fn main(
             var g = s * accg;
             var u = s * accu;
             if (p.has_b != 0u) {
-                u += f32(bup[p.obu + e * p.n + col]);
+                u += ld_bup(p.obu + e * p.n + col);
                 if (p.gated != 0u) {
-                    g += f32(bgate[p.obg + e * p.n + col]);
+                    g += ld_bgate(p.obg + e * p.n + col);
                 }
             }
-            hidden[p.oh + row * p.n + col] = E(hidden_of(g, u));
+            st_hidden(p.oh + row * p.n + col, hidden_of(g, u));
         }
     }
 }

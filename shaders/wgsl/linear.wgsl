@@ -21,11 +21,11 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read_write> x: array<E>;
-@group(0) @binding(2) var<storage, read_write> w: array<E>;
-@group(0) @binding(3) var<storage, read_write> b: array<E>;
+//@bind 1 x E ro
+//@bind 2 w E ro
+//@bind 3 b E ro
 @group(0) @binding(4) var<storage, read_write> rs: array<f32>;
-@group(0) @binding(5) var<storage, read_write> y: array<O>;
+//@bind 5 y O rw
 
 const TS: u32 = 16u;
 var<workgroup> ta: array<array<f32, 16>, 16>;
@@ -42,12 +42,12 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
         let kk = kt * TS + lid.x;
         var a = 0.0;
         if (row < p.t && kk < p.k) {
-            a = f32(x[p.ox + row * p.k + kk]);
+            a = ld_x(p.ox + row * p.k + kk);
         }
         ta[lid.y][lid.x] = a;
         var bv = 0.0;
         if (bcol < p.n && kk < p.k) {
-            bv = f32(w[p.ow + bcol * p.k + kk]);
+            bv = ld_w(p.ow + bcol * p.k + kk);
         }
         tb[lid.y][lid.x] = bv;
         workgroupBarrier();
@@ -59,7 +59,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
     if (row < p.t && col < p.n) {
         var v = acc;
         if (p.has_b != 0u) {
-            v += f32(b[p.ob + col]);
+            v += ld_b(p.ob + col);
         }
         if (p.has_rs != 0u) {
             v *= rs[p.ors + row];
@@ -70,8 +70,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
         }
         let at = p.oy + row * p.n + col;
         if (p.acc != 0u) {
-            v += f32(y[at]);
+            v += ld_y(at);
         }
-        y[at] = O(v);
+        st_y(at, v);
     }
 }

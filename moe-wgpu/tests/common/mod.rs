@@ -7,27 +7,38 @@ use moe_core::{
     DType, Element, LatentWeights, MlpWeights, MoeConfig, MoeError, MoePlan, MoeWeights,
     SharedWeights, SingleRank,
 };
-use moe_wgpu::{WgpuBackend, WgpuView, WgpuViewMut};
+use moe_wgpu::{Options, WgpuBackend, WgpuView, WgpuViewMut};
 use std::sync::OnceLock;
 
 /// The backend on the first adapter, or `None` (with a message) where none exists.
 pub fn backend() -> Option<&'static WgpuBackend> {
     static BE: OnceLock<Option<WgpuBackend>> = OnceLock::new();
-    BE.get_or_init(|| match WgpuBackend::request() {
+    BE.get_or_init(|| make(Options::default())).as_ref()
+}
+
+/// A second backend that packs f16 into u32 words even where `SHADER_F16` exists.
+pub fn packed_backend() -> Option<&'static WgpuBackend> {
+    static BE: OnceLock<Option<WgpuBackend>> = OnceLock::new();
+    BE.get_or_init(|| make(Options { native_f16: false })).as_ref()
+}
+
+fn make(options: Options) -> Option<WgpuBackend> {
+    match WgpuBackend::request_with(options) {
         Ok(Some(b)) => {
-            eprintln!("moe-wgpu: adapter found (f16 storage: {})", b.supports_f16());
+            eprintln!("moe-wgpu: adapter found (native f16: {})", b.native_f16());
             Some(b)
         }
         Ok(None) => {
-            say("moe-wgpu: SKIP: no wgpu adapter on this machine (install mesa-vulkan-drivers for lavapipe)");
+            say(
+                "moe-wgpu: SKIP: no wgpu adapter on this machine (install mesa-vulkan-drivers for lavapipe)",
+            );
             None
         }
         Err(e) => {
             say(&format!("moe-wgpu: SKIP: no usable wgpu device: {e}"));
             None
         }
-    })
-    .as_ref()
+    }
 }
 
 /// Print past the test harness's output capture, so a skip is visible in every run.
