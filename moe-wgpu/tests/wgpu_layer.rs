@@ -374,3 +374,40 @@ fn conformance_threads_sharing_one_backend() {
     });
     println!("conformance threads f32: 4 threads x 8 forwards bitwise identical");
 }
+
+#[test]
+fn conformance_views_at_unaligned_offsets() {
+    // Every tensor, the output and the workspace start `pad` bytes into their buffers.
+    for pad in [4usize, 6, 260] {
+        common::PAD.with(|p| p.set(pad));
+        for (i, (name, c)) in recipes().into_iter().enumerate().filter(|(i, _)| i % 3 == 0) {
+            let (w, x) = weights(&c, 70 + i as u64);
+            let t = 13;
+            for dtype in [DType::F32, DType::F16, DType::BF16] {
+                if pad % dtype.size_bytes() != 0 {
+                    continue;
+                }
+                check(&format!("{name}+pad{pad}"), dtype, &c, &w, &x[..t * c.hidden], t, 1);
+            }
+        }
+        common::PAD.with(|p| p.set(0));
+    }
+}
+
+#[test]
+fn conformance_buffer_without_storage_usage_is_a_typed_error() {
+    let Some(be) = backend() else { return };
+    let plain = be.device().create_buffer(&wgpu::BufferDescriptor {
+        label: Some("no storage"),
+        size: 1024,
+        usage: wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let ok = common::upload_f32(be, &[1.0; 64]);
+    let v = moe_wgpu::WgpuView::<f32>::new(&plain, 0, 64).expect("view");
+    let out = moe_wgpu::WgpuViewMut::<f32>::new(&ok.buf, 0, 64).expect("view");
+    let e = MoeStages::<f32>::add_assign(be, out, v).expect_err("no STORAGE usage");
+    assert!(matches!(e, MoeError::Unsupported { .. }), "{e}");
+    assert!(moe_wgpu::WgpuView::<f32>::new(&plain, 0, 257).is_err(), "past the end");
+    assert!(moe_wgpu::WgpuView::<f32>::new(&plain, 2, 4).is_err(), "unaligned element");
+}

@@ -51,22 +51,40 @@ const USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
     .union(wgpu::BufferUsages::COPY_SRC)
     .union(wgpu::BufferUsages::COPY_DST);
 
-/// A device buffer and its element count.
+/// A device buffer, the byte offset of the data in it, and its element count.
 pub struct Buf {
     pub buf: wgpu::Buffer,
+    pub offset: u64,
     pub len: usize,
 }
 
 impl Buf {
     pub fn view<U: bytemuck::Pod>(&self) -> WgpuView<'_, U> {
-        WgpuView::new(&self.buf, 0, self.len).expect("view fits its buffer")
+        WgpuView::new(&self.buf, self.offset, self.len).expect("view fits its buffer")
     }
     pub fn view_mut<U: bytemuck::Pod>(&self) -> WgpuViewMut<'_, U> {
-        WgpuViewMut::new(&self.buf, 0, self.len).expect("view fits its buffer")
+        WgpuViewMut::new(&self.buf, self.offset, self.len).expect("view fits its buffer")
     }
 }
 
+thread_local! {
+    /// Bytes of poison placed before every uploaded tensor (tests views at unaligned offsets).
+    pub static PAD: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 pub fn upload_bytes(be: &WgpuBackend, bytes: &[u8], len: usize) -> Buf {
+    let elem = if len > 0 { bytes.len() / len } else { 1 };
+    let pad = PAD.with(|p| p.get());
+    let pad = pad - pad % elem.max(1);
+    let mut data = vec![0xFFu8; pad];
+    data.extend_from_slice(bytes);
+    let mut b = upload_raw(be, &data);
+    b.offset = pad as u64;
+    b.len = len;
+    b
+}
+
+fn upload_raw(be: &WgpuBackend, bytes: &[u8]) -> Buf {
     let size = (bytes.len() as u64).div_ceil(4).max(1) * 4;
     let buf = be.device().create_buffer(&wgpu::BufferDescriptor {
         label: Some("test"),
@@ -77,7 +95,7 @@ pub fn upload_bytes(be: &WgpuBackend, bytes: &[u8], len: usize) -> Buf {
     let mut padded = bytes.to_vec();
     padded.resize(size as usize, 0);
     be.queue().write_buffer(&buf, 0, &padded);
-    Buf { buf, len }
+    Buf { buf, offset: 0, len: bytes.len() }
 }
 
 pub fn upload<T: Element>(be: &WgpuBackend, data: &[f64]) -> Buf {
@@ -93,13 +111,14 @@ pub fn upload_i32(be: &WgpuBackend, data: &[i32]) -> Buf {
     upload_bytes(be, bytemuck::cast_slice(data), data.len())
 }
 
-/// A buffer of `bytes` bytes filled with 0xFF (NaN in f32 and f16, -1 in i32).
-pub fn poisoned(be: &WgpuBackend, bytes: usize) -> wgpu::Buffer {
-    upload_bytes(be, &vec![0xFFu8; bytes.max(4)], 0).buf
+/// `bytes` bytes filled with 0xFF (NaN in f32/f16/bf16, -1 in i32), after the poison pad.
+pub fn poisoned(be: &WgpuBackend, bytes: usize) -> Buf {
+    upload_bytes(be, &vec![0xFFu8; bytes], bytes)
 }
 
 pub fn read_bytes(be: &WgpuBackend, buf: &wgpu::Buffer, offset: u64, bytes: usize) -> Vec<u8> {
-    let size = (bytes as u64).div_ceil(4).max(1) * 4;
+    let start = offset / 4 * 4;
+    let size = (offset + bytes as u64 - start).div_ceil(4).max(1) * 4;
     let staging = be.device().create_buffer(&wgpu::BufferDescriptor {
         label: Some("readback"),
         size,
@@ -107,13 +126,14 @@ pub fn read_bytes(be: &WgpuBackend, buf: &wgpu::Buffer, offset: u64, bytes: usiz
         mapped_at_creation: false,
     });
     let mut enc = be.device().create_command_encoder(&Default::default());
-    enc.copy_buffer_to_buffer(buf, offset, &staging, 0, size);
+    enc.copy_buffer_to_buffer(buf, start, &staging, 0, size);
     be.queue().submit([enc.finish()]);
     staging.slice(..).map_async(wgpu::MapMode::Read, |r| r.expect("map"));
     be.synchronize().expect("poll");
     let data = staging.slice(..).get_mapped_range().expect("mapped").to_vec();
     staging.unmap();
-    data[..bytes].to_vec()
+    let skip = (offset - start) as usize;
+    data[skip..skip + bytes].to_vec()
 }
 
 pub fn read<T: Element>(be: &WgpuBackend, buf: &wgpu::Buffer, offset: u64, len: usize) -> Vec<f64> {
@@ -198,6 +218,8 @@ pub fn run_typed<T: Element>(
     let ws = poisoned(be, layout.total_bytes);
     let out_len = tokens * c.hidden;
     let out = poisoned(be, out_len * size_of::<T>());
+    let skip = (ws.offset as usize).next_multiple_of(moe_core::REGION_ALIGN) - ws.offset as usize;
+    let ws_base = ws.offset + skip as u64;
     let weights = MoeWeights::<WgpuBackend, T> {
         router: router.view(),
         router_bias: router_bias.as_ref().map(|b| b.view()),
@@ -221,17 +243,22 @@ pub fn run_typed<T: Element>(
         &weights,
         tokens,
         xb.view(),
-        WgpuViewMut::new(&out, 0, out_len)?,
-        WgpuViewMut::<u8>::whole(&ws),
+        WgpuViewMut::new(&out.buf, out.offset, out_len)?,
+        WgpuViewMut::<u8>::new(&ws.buf, ws.offset, layout.total_bytes)?,
         &SingleRank,
     )?;
     let buffers_created_in_forward = be.buffers_created() - before;
     be.synchronize()?;
     let k = c.top_k;
     Ok(Run {
-        topk_ids: read_i32(be, &ws, layout.topk_ids.offset as u64, tokens * k),
-        topk_weights: read::<f32>(be, &ws, layout.topk_weights.offset as u64, tokens * k),
-        out: read::<T>(be, &out, 0, out_len),
+        topk_ids: read_i32(be, &ws.buf, ws_base + layout.topk_ids.offset as u64, tokens * k),
+        topk_weights: read::<f32>(
+            be,
+            &ws.buf,
+            ws_base + layout.topk_weights.offset as u64,
+            tokens * k,
+        ),
+        out: read::<T>(be, &out.buf, out.offset, out_len),
         buffers_created_in_forward,
     })
 }
