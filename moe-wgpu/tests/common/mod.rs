@@ -73,7 +73,7 @@ thread_local! {
 }
 
 pub fn upload_bytes(be: &WgpuBackend, bytes: &[u8], len: usize) -> Buf {
-    let elem = if len > 0 { bytes.len() / len } else { 1 };
+    let elem = bytes.len().checked_div(len).unwrap_or(1);
     let pad = PAD.with(|p| p.get());
     let pad = pad - pad % elem.max(1);
     let mut data = vec![0xFFu8; pad];
