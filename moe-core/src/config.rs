@@ -417,6 +417,26 @@ impl MoeConfig {
         if let Some(l) = &self.latent {
             nonzero("latent.size", l.size)?;
         }
+        // Every tensor's element count must fit in usize (and the expert dimension in i32).
+        let fits = |what: &'static str, dims: &[usize]| -> Result<()> {
+            dims.iter()
+                .try_fold(1usize, |a, &d| a.checked_mul(d))
+                .filter(|&n| n <= isize::MAX as usize / 8)
+                .map(|_| ())
+                .ok_or(MoeError::InvalidParameter {
+                    what,
+                    value: f64::INFINITY,
+                    rule: "tensor sizes fit in memory",
+                })
+        };
+        fits("router.weight", &[self.experts, self.hidden])?;
+        fits("experts", &[self.experts, self.expert.mlp.intermediate, self.expert_width()])?;
+        if let Some(s) = &self.shared {
+            fits("shared", &[s.mlp.intermediate, self.hidden])?;
+        }
+        if let Some(l) = &self.latent {
+            fits("latent", &[l.size, self.hidden])?;
+        }
         Ok(())
     }
 

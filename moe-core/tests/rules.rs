@@ -258,3 +258,20 @@ fn workspace_layout_is_aligned_and_ordered() {
     assert_eq!(plan.workspace_bytes(DType::BF16).unwrap(), l.total_bytes);
     assert!(plan.workspace_bytes(DType::F32).unwrap() > l.total_bytes);
 }
+
+#[test]
+fn huge_shapes_are_errors_not_overflows() {
+    let mut c = base();
+    c.hidden = usize::MAX / 4;
+    c.experts = 8;
+    assert!(matches!(c.validate(), Err(MoeError::InvalidParameter { what: "router.weight", .. })));
+    let mut c = base();
+    c.expert.mlp.intermediate = 1 << 40;
+    c.hidden = 1 << 30;
+    assert!(matches!(c.validate(), Err(MoeError::InvalidParameter { .. })));
+    assert!(matches!(
+        MoePlan::with_row_align(&base(), 4, usize::MAX),
+        Err(MoeError::InvalidParameter { what: "permuted rows", .. })
+    ));
+    assert!(MoePlan::new(&base(), 1 << 20).is_ok(), "a million tokens plan fine");
+}
