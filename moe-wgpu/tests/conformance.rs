@@ -4,42 +4,8 @@
 
 mod common;
 
-use moe_core::conformance::{ConformanceBackend, RunOutput, run_golden_suite, run_property_suite};
-use moe_core::reference::HostWeights;
-use moe_core::{DType, MoeConfig, MoeError, TopkReduce};
-use moe_wgpu::WgpuBackend;
-
-struct Wgpu(&'static WgpuBackend);
-
-impl ConformanceBackend for Wgpu {
-    fn name(&self) -> &'static str {
-        "wgpu"
-    }
-
-    fn run(
-        &self,
-        dtype: DType,
-        config: &MoeConfig,
-        weights: &HostWeights,
-        x: &[f64],
-        tokens: usize,
-    ) -> Result<RunOutput, MoeError> {
-        let r = common::run(self.0, dtype, config, weights, x, tokens, 1)?;
-        if r.buffers_created_in_forward != 0 {
-            return Err(MoeError::Device {
-                backend: "wgpu",
-                what: "a forward created buffers",
-                code: r.buffers_created_in_forward as i64,
-            });
-        }
-        Ok(RunOutput { topk_ids: r.topk_ids, topk_weights: r.topk_weights, out: r.out })
-    }
-
-    /// A user-supplied top-k reduce cannot run in a shader.
-    fn unsupported(&self, dtype: DType, config: &MoeConfig) -> bool {
-        !self.0.supports(dtype) || matches!(config.router.reduce, TopkReduce::Custom(_))
-    }
-}
+use common::Wgpu;
+use moe_core::conformance::{run_golden_suite, run_property_suite};
 
 #[test]
 fn conformance_golden() {

@@ -32,46 +32,53 @@ var<workgroup> ta: array<array<f32, 16>, 16>;
 var<workgroup> tb: array<array<f32, 16>, 16>;
 
 @compute @workgroup_size(16, 16, 1)
-fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
-    let row = wg.y * TS + lid.y;
+fn main(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_id) lid: vec3<u32>,
+) {
     let col = wg.x * TS + lid.x;
     let bcol = wg.x * TS + lid.y;
-    var acc = 0.0;
     let tiles = (p.k + TS - 1u) / TS;
-    for (var kt = 0u; kt < tiles; kt++) {
-        let kk = kt * TS + lid.x;
-        var a = 0.0;
-        if (row < p.t && kk < p.k) {
-            a = ld_x(p.ox + row * p.k + kk);
+    // Row tiles with a grid stride (more than 65535 row tiles fit in one dispatch).
+    for (var m0 = wg.y * TS; m0 < p.t; m0 += nwg.y * TS) {
+        let row = m0 + lid.y;
+        var acc = 0.0;
+        for (var kt = 0u; kt < tiles; kt++) {
+            let kk = kt * TS + lid.x;
+            var a = 0.0;
+            if (row < p.t && kk < p.k) {
+                a = ld_x(p.ox + row * p.k + kk);
+            }
+            ta[lid.y][lid.x] = a;
+            var bv = 0.0;
+            if (bcol < p.n && kk < p.k) {
+                bv = ld_w(p.ow + bcol * p.k + kk);
+            }
+            tb[lid.y][lid.x] = bv;
+            workgroupBarrier();
+            for (var i = 0u; i < TS; i++) {
+                acc += ta[lid.y][i] * tb[lid.x][i];
+            }
+            workgroupBarrier();
         }
-        ta[lid.y][lid.x] = a;
-        var bv = 0.0;
-        if (bcol < p.n && kk < p.k) {
-            bv = ld_w(p.ow + bcol * p.k + kk);
+        if (row < p.t && col < p.n) {
+            var v = acc;
+            if (p.has_b != 0u) {
+                v += ld_b(p.ob + col);
+            }
+            if (p.has_rs != 0u) {
+                v *= rs[p.ors + row];
+            }
+            v *= p.scale;
+            if (p.epi == 1u) {
+                v = 1.0 / (1.0 + exp(-v));
+            }
+            let at = p.oy + row * p.n + col;
+            if (p.acc != 0u) {
+                v += ld_y(at);
+            }
+            st_y(at, v);
         }
-        tb[lid.y][lid.x] = bv;
-        workgroupBarrier();
-        for (var i = 0u; i < TS; i++) {
-            acc += ta[lid.y][i] * tb[lid.x][i];
-        }
-        workgroupBarrier();
-    }
-    if (row < p.t && col < p.n) {
-        var v = acc;
-        if (p.has_b != 0u) {
-            v += ld_b(p.ob + col);
-        }
-        if (p.has_rs != 0u) {
-            v *= rs[p.ors + row];
-        }
-        v *= p.scale;
-        if (p.epi == 1u) {
-            v = 1.0 / (1.0 + exp(-v));
-        }
-        let at = p.oy + row * p.n + col;
-        if (p.acc != 0u) {
-            v += ld_y(at);
-        }
-        st_y(at, v);
     }
 }

@@ -50,17 +50,36 @@ fn local_of(s: u32) -> i32 {
     return l;
 }
 
+// The slots a workgroup handles per loop iteration: 4 per invocation. Loops are kept short
+// because llvmpipe (lavapipe) caps the loop iterations of one invocation at 65535 in total.
+const CHUNK: u32 = 1024u;
+
+fn is_local(s: u32, e: i32) -> u32 {
+    if (s < p.n && local_of(s) == e) {
+        return 1u;
+    }
+    return 0u;
+}
+
+// slot_rows = -1 for a slot with no local expert.
+fn mark_empty(s: u32) {
+    if (s < p.n && local_of(s) < 0) {
+        slot_rows[p.osr + s] = -1;
+    }
+}
+
 @compute @workgroup_size(256, 1, 1)
 fn count(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
     let e = i32(wg.x);
     var c = 0u;
-    for (var s = lid.x; s < p.n; s += WG) {
-        let l = local_of(s);
-        if (l == e) {
-            c++;
-        }
-        if (wg.x == 0u && l < 0) {
-            slot_rows[p.osr + s] = -1;
+    for (var c0 = 0u; c0 < p.n; c0 += CHUNK) {
+        let s = c0 + lid.x * 4u;
+        c += is_local(s, e) + is_local(s + 1u, e) + is_local(s + 2u, e) + is_local(s + 3u, e);
+        if (wg.x == 0u) {
+            mark_empty(s);
+            mark_empty(s + 1u);
+            mark_empty(s + 2u);
+            mark_empty(s + 3u);
         }
     }
     sc[lid.x] = c;
@@ -87,32 +106,61 @@ fn offsets_main() {
     offsets[p.ooff + p.e_local] = i32(run);
 }
 
+// One Hillis-Steele step of the inclusive scan over `sc` (unrolled by the caller).
+fn scan_step(lid: u32, d: u32) {
+    var v = 0u;
+    if (lid >= d) {
+        v = sc[lid - d];
+    }
+    workgroupBarrier();
+    sc[lid] += v;
+    workgroupBarrier();
+}
+
+fn put(s: u32, row: u32) {
+    sorted_slots[p.osort + row] = i32(s);
+    slot_rows[p.osr + s] = i32(row);
+}
+
 @compute @workgroup_size(256, 1, 1)
 fn scatter(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
     let e = i32(wg.x);
     let base = u32(offsets[p.ooff + wg.x]);
     var run = 0u;
-    for (var c0 = 0u; c0 < p.n; c0 += WG) {
-        let s = c0 + lid.x;
-        var f = 0u;
-        if (s < p.n && local_of(s) == e) {
-            f = 1u;
-        }
-        sc[lid.x] = f;
+    for (var c0 = 0u; c0 < p.n; c0 += CHUNK) {
+        // Invocation i holds slots c0 + 4i .. c0 + 4i + 3, so ascending invocation order is
+        // ascending slot order.
+        let s = c0 + lid.x * 4u;
+        let f0 = is_local(s, e);
+        let f1 = is_local(s + 1u, e);
+        let f2 = is_local(s + 2u, e);
+        let f3 = is_local(s + 3u, e);
+        let mine = f0 + f1 + f2 + f3;
+        sc[lid.x] = mine;
         workgroupBarrier();
-        for (var d = 1u; d < WG; d <<= 1u) {
-            var v = 0u;
-            if (lid.x >= d) {
-                v = sc[lid.x - d];
-            }
-            workgroupBarrier();
-            sc[lid.x] += v;
-            workgroupBarrier();
+        scan_step(lid.x, 1u);
+        scan_step(lid.x, 2u);
+        scan_step(lid.x, 4u);
+        scan_step(lid.x, 8u);
+        scan_step(lid.x, 16u);
+        scan_step(lid.x, 32u);
+        scan_step(lid.x, 64u);
+        scan_step(lid.x, 128u);
+        var row = base + run + sc[lid.x] - mine;
+        if (f0 == 1u) {
+            put(s, row);
+            row++;
         }
-        if (f == 1u) {
-            let row = base + run + sc[lid.x] - 1u;
-            sorted_slots[p.osort + row] = i32(s);
-            slot_rows[p.osr + s] = i32(row);
+        if (f1 == 1u) {
+            put(s + 1u, row);
+            row++;
+        }
+        if (f2 == 1u) {
+            put(s + 2u, row);
+            row++;
+        }
+        if (f3 == 1u) {
+            put(s + 3u, row);
         }
         run += sc[WG - 1u];
         workgroupBarrier();

@@ -123,11 +123,14 @@ fn selection(tok: u32, e: u32, st: Soft) -> Val {
 }
 
 @compute @workgroup_size(64, 1, 1)
-fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let tok = gid.x;
-    if (tok >= p.t) {
-        return;
+fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    // Tokens with a grid stride (more than 65535 workgroups of tokens fit in one dispatch).
+    for (var tok = gid.x; tok < p.t; tok += nwg.x * 64u) {
+        route_token(tok);
     }
+}
+
+fn route_token(tok: u32) {
     var st: Soft;
     st.ok = true;
     st.m = 0.0;

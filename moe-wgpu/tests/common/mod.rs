@@ -2,10 +2,11 @@
 #![allow(dead_code)]
 
 use half::f16;
+use moe_core::conformance::{ConformanceBackend, RunOutput};
 use moe_core::reference::{HostMlp, HostWeights};
 use moe_core::{
     DType, Element, LatentWeights, MlpWeights, MoeConfig, MoeError, MoePlan, MoeWeights,
-    SharedWeights, SingleRank,
+    SharedWeights, SingleRank, TopkReduce,
 };
 use moe_wgpu::{Options, WgpuBackend, WgpuView, WgpuViewMut};
 use std::sync::OnceLock;
@@ -277,5 +278,38 @@ pub fn run(
         DType::F32 => run_typed::<f32>(be, c, w, x, tokens, row_align),
         DType::F16 => run_typed::<f16>(be, c, w, x, tokens, row_align),
         DType::BF16 => run_typed::<half::bf16>(be, c, w, x, tokens, row_align),
+    }
+}
+
+/// The wgpu backend as a `moe_core::conformance::ConformanceBackend`.
+pub struct Wgpu(pub &'static WgpuBackend);
+
+impl ConformanceBackend for Wgpu {
+    fn name(&self) -> &'static str {
+        "wgpu"
+    }
+
+    fn run(
+        &self,
+        dtype: DType,
+        config: &MoeConfig,
+        weights: &HostWeights,
+        x: &[f64],
+        tokens: usize,
+    ) -> Result<RunOutput, MoeError> {
+        let r = run(self.0, dtype, config, weights, x, tokens, 1)?;
+        if r.buffers_created_in_forward != 0 {
+            return Err(MoeError::Device {
+                backend: "wgpu",
+                what: "a forward created buffers",
+                code: r.buffers_created_in_forward as i64,
+            });
+        }
+        Ok(RunOutput { topk_ids: r.topk_ids, topk_weights: r.topk_weights, out: r.out })
+    }
+
+    /// A user-supplied top-k reduce cannot run in a shader.
+    fn unsupported(&self, dtype: DType, config: &MoeConfig) -> bool {
+        !self.0.supports(dtype) || matches!(config.router.reduce, TopkReduce::Custom(_))
     }
 }
