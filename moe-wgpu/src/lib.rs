@@ -533,7 +533,7 @@ impl WgpuBackend {
         out: Bind<'a>,
     ) -> Result<()> {
         let t = moe_shaders::TILE as usize;
-        let gx = out_dim.div_ceil(t);
+        let gx = out_dim.div_ceil(moe_shaders::TILE_N as usize);
         let gy = tokens.div_ceil(t).clamp(1, MAX_GROUPS as usize);
         if gx > MAX_GROUPS as usize {
             return Err(unsupported("a linear with more than 65535 column tiles"));
@@ -600,7 +600,7 @@ impl WgpuBackend {
         };
         let dense = rows.is_none();
         let tile = moe_shaders::TILE as usize;
-        let gx = inter.div_ceil(tile);
+        let gx = inter.div_ceil(moe_shaders::TILE_N as usize);
         let gy = tokens.div_ceil(tile).clamp(1, MAX_GROUPS as usize);
         if gx > MAX_GROUPS as usize || experts > MAX_GROUPS as usize {
             return Err(unsupported("more than 65535 column tiles or local experts"));
@@ -936,7 +936,7 @@ impl<T: Element> MoeStages<T> for WgpuBackend {
             return Ok(());
         }
         let tile = moe_shaders::TILE as usize;
-        let gx = d.div_ceil(tile);
+        let gx = d.div_ceil(moe_shaders::TILE_N as usize);
         let gy = tokens.div_ceil(tile).clamp(1, MAX_GROUPS as usize);
         if gx > MAX_GROUPS as usize || el > MAX_GROUPS as usize {
             return Err(unsupported("more than 65535 column tiles or local experts"));

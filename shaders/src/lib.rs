@@ -48,8 +48,10 @@ pub const ALL: [(&str, &str, &[&str]); 7] = [
     ("add", ADD, &["main"]),
 ];
 
-/// Side of the square output tile of the GEMMs (rows and columns per workgroup).
+/// Rows of the GEMMs' output tile (one workgroup), and their K tile.
 pub const TILE: u32 = 16;
+/// Columns of the GEMMs' output tile (each invocation holds 4 of them in registers).
+pub const TILE_N: u32 = 64;
 /// Invocations per workgroup of the element-wise shaders (combine, add) and of permute.
 pub const GROUP: u32 = 256;
 /// Invocations per workgroup of the route shader (one token each).

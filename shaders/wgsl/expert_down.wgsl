@@ -1,8 +1,8 @@
 // Grouped GEMM 2 with the routing weight fused:
 //   out[row, o] = w * (down_e[o] . hidden[row] + bd[e, o])
 // for each row of expert e = workgroup_id.z holding slot s; w = routing weight of s (or 1).
-// Padding rows are left untouched. Tiled as expert_up (16 x 16 tile, K tile 16, f32 accumulate
-// in ascending i, rounded once).
+// Padding rows are left untouched. Tiled as expert_up (16 x 64 tile, 1 x 4 per invocation,
+// K tile 16, f32 accumulate in ascending i, rounded once).
 
 struct Params {
     i: u32,
@@ -28,8 +28,9 @@ struct Params {
 //@bind 7 out E rw
 
 const TS: u32 = 16u;
+const TN: u32 = 64u;
 var<workgroup> ta: array<array<f32, 16>, 16>;
-var<workgroup> tb: array<array<f32, 16>, 16>;
+var<workgroup> tb: array<array<f32, 16>, 64>;
 var<workgroup> wstart: u32;
 var<workgroup> wend: u32;
 
@@ -46,8 +47,7 @@ fn main(
     }
     let start = workgroupUniformLoad(&wstart);
     let end = workgroupUniformLoad(&wend);
-    let col = wg.x * TS + lid.x;
-    let bcol = wg.x * TS + lid.y;
+    let col0 = wg.x * TN;
     let wbase = e * p.d * p.i;
     let tiles = (p.i + TS - 1u) / TS;
     for (var m0 = start + wg.y * TS; m0 < end; m0 += nwg.y * TS) {
@@ -56,7 +56,7 @@ fn main(
         if (row < end) {
             slot = sorted_slots[p.osort + row];
         }
-        var acc = 0.0;
+        var acc = vec4<f32>(0.0);
         for (var kt = 0u; kt < tiles; kt++) {
             let kk = kt * TS + lid.x;
             var a = 0.0;
@@ -64,26 +64,33 @@ fn main(
                 a = ld_hidden(p.oh + row * p.i + kk);
             }
             ta[lid.y][lid.x] = a;
-            var bv = 0.0;
-            if (bcol < p.d && kk < p.i) {
-                bv = ld_wdown(p.ow + wbase + bcol * p.i + kk);
+            for (var j = 0u; j < 4u; j++) {
+                let bc = lid.y + 16u * j;
+                let bcol = col0 + bc;
+                var bv = 0.0;
+                if (bcol < p.d && kk < p.i) {
+                    bv = ld_wdown(p.ow + wbase + bcol * p.i + kk);
+                }
+                tb[bc][lid.x] = bv;
             }
-            tb[lid.y][lid.x] = bv;
             workgroupBarrier();
             for (var k = 0u; k < TS; k++) {
-                acc += ta[lid.y][k] * tb[lid.x][k];
+                acc += ta[lid.y][k] * vec4<f32>(tb[lid.x][k], tb[lid.x + 16u][k], tb[lid.x + 32u][k], tb[lid.x + 48u][k]);
             }
             workgroupBarrier();
         }
-        if (slot >= 0 && col < p.d) {
-            var v = acc;
-            if (p.has_b != 0u) {
-                v += ld_bdown(p.ob + e * p.d + col);
+        for (var j = 0u; j < 4u; j++) {
+            let col = col0 + lid.x + 16u * j;
+            if (slot >= 0 && col < p.d) {
+                var v = acc[j];
+                if (p.has_b != 0u) {
+                    v += ld_bdown(p.ob + e * p.d + col);
+                }
+                if (p.has_w != 0u) {
+                    v *= tw[p.otw + u32(slot)];
+                }
+                st_out(p.oo + row * p.d + col, v);
             }
-            if (p.has_w != 0u) {
-                v *= tw[p.otw + u32(slot)];
-            }
-            st_out(p.oo + row * p.d + col, v);
         }
     }
 }
