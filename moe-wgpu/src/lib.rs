@@ -17,6 +17,54 @@
 //!   otherwise packed two to a `u32`); `bf16` (packed two to a `u32`, widened by a shift and
 //!   rounded to nearest even in the shader). Arithmetic is f32. A user-supplied top-k reduce
 //!   ([`moe_core::TopkReduce::Custom`]) cannot run in a shader: [`MoeError::Unsupported`].
+//! * Limits: up to 256 expert groups; on llvmpipe/lavapipe (which stops an invocation's
+//!   loops after 65535 iterations in total) the route shader needs `top_k * experts` well
+//!   below 65535 and permute handles up to ~33M slots; real GPUs have no such cap.
+//!
+//! ```no_run
+//! use moe_core::*;
+//! use moe_wgpu::{WgpuBackend, WgpuView, WgpuViewMut};
+//!
+//! # fn main() -> Result<()> {
+//! # let config: MoeConfig = unimplemented!();
+//! # let (router, gate, up, down, x, out, ws): (wgpu::Buffer, wgpu::Buffer, wgpu::Buffer,
+//! #     wgpu::Buffer, wgpu::Buffer, wgpu::Buffer, wgpu::Buffer) = unimplemented!();
+//! let backend = WgpuBackend::request()?.expect("a wgpu adapter");
+//! let tokens = 16;
+//! let plan = MoePlan::new(&config, tokens)?;
+//! let (h, e, i) = (config.hidden, config.experts, config.expert.mlp.intermediate);
+//! // Views of the caller's buffers (STORAGE usage), f32 here.
+//! let weights = MoeWeights::<WgpuBackend, f32> {
+//!     router: WgpuView::new(&router, 0, e * h)?,
+//!     router_bias: None,
+//!     selection_bias: None,
+//!     experts: MlpWeights {
+//!         gate: Some(WgpuView::new(&gate, 0, e * i * h)?),
+//!         up: WgpuView::new(&up, 0, e * i * h)?,
+//!         down: WgpuView::new(&down, 0, e * h * i)?,
+//!         gate_bias: None,
+//!         up_bias: None,
+//!         down_bias: None,
+//!     },
+//!     shared: None,
+//!     latent: None,
+//!     expert_map: None,
+//! };
+//! let ws_bytes = plan.workspace_bytes(DType::F32)?; // `ws` holds at least this many bytes
+//! forward(
+//!     &backend,
+//!     &plan,
+//!     &weights,
+//!     tokens,
+//!     WgpuView::new(&x, 0, tokens * h)?,
+//!     WgpuViewMut::new(&out, 0, tokens * h)?,
+//!     WgpuViewMut::new(&ws, 0, ws_bytes)?,
+//!     &SingleRank,
+//! )?;
+//! backend.synchronize()?; // the stages are submitted; wait (or map `out`) to read results
+//! # Ok(())
+//! # }
+//! ```
 #![deny(missing_docs)]
 
 mod view;
@@ -173,6 +221,7 @@ pub struct WgpuBackend {
     pipelines: Mutex<HashMap<PipelineKey, wgpu::ComputePipeline>>,
     buffers_created: AtomicUsize,
     next_slot: Mutex<u64>,
+    info: Option<wgpu::AdapterInfo>,
     storage_align: u64,
     max_binding: u64,
 }
@@ -267,6 +316,7 @@ impl WgpuBackend {
             pipelines: Mutex::new(HashMap::new()),
             buffers_created: created,
             next_slot: Mutex::new(0),
+            info: None,
         })
     }
 
@@ -303,7 +353,15 @@ impl WgpuBackend {
             what: "request_device",
             code: -1,
         })?;
-        Self::with_options(device, queue, options).map(Some)
+        let mut be = Self::with_options(device, queue, options)?;
+        be.info = Some(adapter.get_info());
+        Ok(Some(be))
+    }
+
+    /// The adapter's description, when the backend made its own device
+    /// ([`WgpuBackend::request`]).
+    pub fn adapter_info(&self) -> Option<&wgpu::AdapterInfo> {
+        self.info.as_ref()
     }
 
     /// The device.

@@ -26,7 +26,10 @@ pub fn packed_backend() -> Option<&'static WgpuBackend> {
 fn make(options: Options) -> Option<WgpuBackend> {
     match WgpuBackend::request_with(options) {
         Ok(Some(b)) => {
-            eprintln!("moe-wgpu: adapter found (native f16: {})", b.native_f16());
+            let info = b
+                .adapter_info()
+                .map_or(String::from("?"), |i| format!("{} ({:?})", i.name, i.backend));
+            say(&format!("moe-wgpu: adapter {info}, native f16: {}", b.native_f16()));
             Some(b)
         }
         Ok(None) => {
