@@ -103,13 +103,14 @@ pub trait MoeStages<T: Element>: Backend {
     ) -> Result<()>;
 
     /// Select `[T, K]` expert ids and compute their final weights from the logits, following
-    /// the rules of [`crate::math`].
+    /// the rules of [`crate::math`]. `scratch` is the plan's `route_scratch` region.
     fn route(
         &self,
         config: &MoeConfig,
         tokens: usize,
         logits: Self::View<'_, f32>,
         selection_bias: Option<Self::View<'_, f32>>,
+        scratch: Self::ViewMut<'_, f32>,
         topk_ids: Self::ViewMut<'_, i32>,
         topk_weights: Self::ViewMut<'_, f32>,
     ) -> Result<()>;
@@ -214,6 +215,8 @@ pub struct Scratch<'a, B: Backend, T: Element> {
     pub topk_ids: B::ViewMut<'a, i32>,
     /// See [`WorkspaceLayout::topk_weights`].
     pub topk_weights: B::ViewMut<'a, f32>,
+    /// See [`WorkspaceLayout::route_scratch`].
+    pub route_scratch: B::ViewMut<'a, f32>,
     /// See [`WorkspaceLayout::expert_offsets`].
     pub expert_offsets: B::ViewMut<'a, i32>,
     /// See [`WorkspaceLayout::expert_cursor`].
@@ -269,6 +272,7 @@ pub fn split_workspace<'a, B: Backend, T: Element>(
         logits: c.take(layout.logits)?,
         topk_ids: c.take(layout.topk_ids)?,
         topk_weights: c.take(layout.topk_weights)?,
+        route_scratch: c.take(layout.route_scratch)?,
         expert_offsets: c.take(layout.expert_offsets)?,
         expert_cursor: c.take(layout.expert_cursor)?,
         sorted_slots: c.take(layout.sorted_slots)?,

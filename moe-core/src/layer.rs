@@ -212,6 +212,7 @@ pub fn forward_partial<'o, B: MoeStages<T>, T: Element>(
         mut logits,
         mut topk_ids,
         mut topk_weights,
+        mut route_scratch,
         mut expert_offsets,
         mut expert_cursor,
         mut sorted_slots,
@@ -238,6 +239,7 @@ pub fn forward_partial<'o, B: MoeStages<T>, T: Element>(
         tokens,
         B::as_view(&logits),
         weights.selection_bias,
+        B::reborrow(&mut route_scratch),
         B::reborrow(&mut topk_ids),
         B::reborrow(&mut topk_weights),
     )?;

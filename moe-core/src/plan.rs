@@ -26,6 +26,9 @@ pub struct WorkspaceLayout {
     pub topk_ids: Region,
     /// `f32 [T, K]` final routing weights.
     pub topk_weights: Region,
+    /// `f32 [2 E + n_group + K]` host routing scratch (scores, selection values, group scores,
+    /// staging for a user-supplied reduce); GPU backends may leave it unused.
+    pub route_scratch: Region,
     /// `i32 [E_local + 1]` first permuted row of each local expert (the last entry is the total).
     pub expert_offsets: Region,
     /// `i32 [E_local]` per-expert cursor used while scattering.
@@ -135,11 +138,13 @@ impl MoePlan {
             Ok(r)
         };
         let mul = |a: usize, b: usize| a.checked_mul(b).ok_or_else(overflow);
+        let ng = c.router.groups.map_or(0, |g| g.n_group);
         let has_gate = c.shared.is_some_and(|s| s.gate == crate::config::SharedGate::SigmoidLinear);
         let mut l = WorkspaceLayout {
             logits: region(mul(t, c.experts)?, 4)?,
             topk_ids: region(mul(t, k)?, 4)?,
             topk_weights: region(mul(t, k)?, 4)?,
+            route_scratch: region(2 * c.experts + ng + k, 4)?,
             expert_offsets: region(el + 1, 4)?,
             expert_cursor: region(el, 4)?,
             sorted_slots: region(rows, 4)?,

@@ -148,6 +148,10 @@ mod simulated {
     pub trait HostSlices: Backend {
         /// The elements of a mutable view.
         fn host_mut<'b, 'c: 'b, U: bytemuck::Pod>(v: &'b mut Self::ViewMut<'c, U>) -> &'b mut [U];
+        /// A view of a host slice.
+        fn from_host<U: bytemuck::Pod>(s: &[U]) -> Self::View<'_, U>;
+        /// A mutable view of a host slice.
+        fn from_host_mut<U: bytemuck::Pod>(s: &mut [U]) -> Self::ViewMut<'_, U>;
     }
 
     struct Shared {
