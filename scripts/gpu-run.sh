@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Run the staged moe-cuda binaries on a GPU machine (from the staging folder).
+# Usage: ./gpu-run.sh [conformance] [sanitize] [bench] [anchor]   (default: conformance)
+set -uo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cd "$here"
+export MOE_GOLDEN_DIR="$here/golden"
+what="${*:-conformance}"
+conf="$(ls "$here"/conformance-* 2>/dev/null | grep -v '\.d$' | head -n1)"
+rc=0
+for w in $what; do
+    case "$w" in
+    conformance)
+        echo "=== conformance ($conf)"
+        "$conf" --nocapture --test-threads=1 || rc=1 ;;
+    sanitize)
+        echo "=== compute-sanitizer memcheck (golden + graph)"
+        compute-sanitizer --tool memcheck --print-limit 20 "$conf" --test-threads=1 golden graph 2>&1 | tail -n 25 || rc=1
+        echo "=== compute-sanitizer racecheck (golden)"
+        compute-sanitizer --tool racecheck --print-limit 20 "$conf" --test-threads=1 golden 2>&1 | tail -n 25 || rc=1 ;;
+    bench)
+        echo "=== bench"
+        ./bench ${BENCH_ARGS:-} || rc=1 ;;
+    anchor)
+        echo "=== torch anchor"
+        PYTHONUNBUFFERED=1 python3 torch_anchor.py || rc=1 ;;
+    esac
+done
+exit $rc
