@@ -20,10 +20,13 @@ for w in $what; do
         compute-sanitizer --tool racecheck --print-limit 20 "$conf" --test-threads=1 golden 2>&1 | tail -n 25 || rc=1 ;;
     bench)
         echo "=== bench"
-        ./bench ${BENCH_ARGS:-} || rc=1 ;;
+        # cuBLAS (for the matmul-rate ceiling) from wherever the machine has it (e.g. PyTorch's wheels)
+        lib="$(find /opt /usr/local /usr/lib -name 'libcublas.so*' 2>/dev/null | head -n1)"
+        [ -n "$lib" ] && export LD_LIBRARY_PATH="$(dirname "$lib"):${LD_LIBRARY_PATH:-}"
+        timeout "${BENCH_TIMEOUT:-320}" ./bench ${BENCH_ARGS:-} --csv "${OUT:-.}/bench.csv" || rc=1 ;;
     anchor)
         echo "=== torch anchor"
-        PYTHONUNBUFFERED=1 python3 torch_anchor.py || rc=1 ;;
+        PYTHONUNBUFFERED=1 timeout "${ANCHOR_TIMEOUT:-200}" python3 torch_anchor.py ${ANCHOR_ARGS:-} || rc=1 ;;
     esac
 done
 exit $rc
