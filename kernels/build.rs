@@ -11,8 +11,14 @@ use std::env;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const SOURCES: &[&str] =
-    &["cuda/all.cu", "cuda/common.cuh", "cuda/route.cu", "cuda/permute.cu", "cuda/gemm.cu", "cuda/elementwise.cu"];
+const SOURCES: &[&str] = &[
+    "cuda/all.cu",
+    "cuda/common.cuh",
+    "cuda/route.cu",
+    "cuda/permute.cu",
+    "cuda/gemm.cu",
+    "cuda/elementwise.cu",
+];
 
 fn is_file(p: &Path) -> bool {
     p.is_file()
@@ -67,7 +73,9 @@ fn main() {
         .args(["-gencode", "arch=compute_80,code=compute_80"]);
     // PyPI wheel layout (site-packages/nvidia/cu13/{bin,include,nvvm}): nvcc.profile finds
     // these itself, but name the headers explicitly in case nvcc is reached through a link.
-    if let Some(root) = nvcc.canonicalize().ok().and_then(|p| p.parent()?.parent().map(Path::to_path_buf)) {
+    if let Some(root) =
+        nvcc.canonicalize().ok().and_then(|p| p.parent()?.parent().map(Path::to_path_buf))
+    {
         let inc = root.join("include");
         if inc.join("cuda_runtime.h").is_file() {
             cmd.arg(format!("-I{}", inc.display()));

@@ -72,9 +72,13 @@ fn models() -> Vec<Model> {
         Activation::Silu,
         false,
     );
-    ds.shared = Some(SharedConfig { mlp: mlp(2048, Activation::Silu, false), gate: SharedGate::None });
+    ds.shared =
+        Some(SharedConfig { mlp: mlp(2048, Activation::Silu, false), gate: SharedGate::None });
     vec![
-        Model { name: "qwen3-30b-a3b", config: base(2048, 128, 8, 768, softmax, Activation::Silu, false) },
+        Model {
+            name: "qwen3-30b-a3b",
+            config: base(2048, 128, 8, 768, softmax, Activation::Silu, false),
+        },
         Model {
             name: "gpt-oss-120b",
             config: base(
@@ -93,7 +97,10 @@ fn models() -> Vec<Model> {
                 true,
             ),
         },
-        Model { name: "mixtral-8x7b", config: base(4096, 8, 2, 14336, softmax, Activation::Silu, false) },
+        Model {
+            name: "mixtral-8x7b",
+            config: base(4096, 8, 2, 14336, softmax, Activation::Silu, false),
+        },
         Model { name: "deepseek-v3", config: ds },
     ]
 }
@@ -109,7 +116,13 @@ impl Filler {
         Ok(Filler { chunk: s.clone_htod(&host)? })
     }
     /// n elements, values uniform in about +-1.7 * scale (scale applied by a host chunk copy).
-    fn tensor(&self, s: &Arc<CudaStream>, n: usize, scale: f32, rng: &mut Rng) -> R<CudaSlice<bf16>> {
+    fn tensor(
+        &self,
+        s: &Arc<CudaStream>,
+        n: usize,
+        scale: f32,
+        rng: &mut Rng,
+    ) -> R<CudaSlice<bf16>> {
         let mut scaled = self.chunk.clone();
         if scale != 1.0 {
             let host: Vec<bf16> = rng.vec(self.chunk.len(), scale);
@@ -182,7 +195,13 @@ fn cublas_rate(s: &Arc<CudaStream>, t: &Timer, f: &Filler, rng: &mut Rng) -> R<f
     Ok(2.0 * (n as f64).powi(3) / (ms * 1e-3))
 }
 
-fn own_gemm_rate(be: &CudaBackend, s: &Arc<CudaStream>, t: &Timer, f: &Filler, rng: &mut Rng) -> R<f64> {
+fn own_gemm_rate(
+    be: &CudaBackend,
+    s: &Arc<CudaStream>,
+    t: &Timer,
+    f: &Filler,
+    rng: &mut Rng,
+) -> R<f64> {
     let n = 8192usize;
     let x = f.tensor(s, n * n, 1.0, rng)?;
     let w = f.tensor(s, n * n, 0.01, rng)?;
@@ -444,7 +463,15 @@ fn bench_tokens(
                 sorted_slots: B::as_view(&sorted_slots),
                 weights: None,
             };
-            Ok(MoeStages::<bf16>::expert_up(be, plan, tokens, xv, &wv.experts, rows, B::reborrow(&mut hidden))?)
+            Ok(MoeStages::<bf16>::expert_up(
+                be,
+                plan,
+                tokens,
+                xv,
+                &wv.experts,
+                rows,
+                B::reborrow(&mut hidden),
+            )?)
         })?,
     ));
     stages.push((
@@ -485,7 +512,16 @@ fn bench_tokens(
         stages.push((
             st("shared"),
             timer.time(iters, || {
-                MoeStages::<bf16>::mlp_up(be, &scfg.mlp, tokens, h, is, xv, &sw.mlp, B::reborrow(&mut shared_hidden))?;
+                MoeStages::<bf16>::mlp_up(
+                    be,
+                    &scfg.mlp,
+                    tokens,
+                    h,
+                    is,
+                    xv,
+                    &sw.mlp,
+                    B::reborrow(&mut shared_hidden),
+                )?;
                 Ok(MoeStages::<bf16>::linear(
                     be,
                     tokens,
@@ -539,7 +575,8 @@ fn main() -> R<()> {
     let tokens: Vec<usize> = arg("--tokens")
         .map(|t| t.split(',').filter_map(|v| v.parse().ok()).collect())
         .unwrap_or_else(|| vec![1, 16, 128, 1024, 4096, 16384]);
-    let want: Option<Vec<String>> = arg("--models").map(|m| m.split(',').map(String::from).collect());
+    let want: Option<Vec<String>> =
+        arg("--models").map(|m| m.split(',').map(String::from).collect());
     let mut csv = arg("--csv").map(std::fs::File::create).transpose()?;
 
     println!("device: {}", ctx.name()?);
@@ -549,7 +586,10 @@ fn main() -> R<()> {
     println!("moe-cuda dense bf16 GEMM 8192^3: {:.0} TFLOP/s", own / 1e12);
     let rate = match cublas_rate(&s, &timer, &filler, &mut rng) {
         Ok(r) => {
-            println!("cuBLAS bf16 matmul 8192^3: {:.0} TFLOP/s (the floor's matmul rate)", r / 1e12);
+            println!(
+                "cuBLAS bf16 matmul 8192^3: {:.0} TFLOP/s (the floor's matmul rate)",
+                r / 1e12
+            );
             r
         }
         Err(e) => {
@@ -569,7 +609,8 @@ fn main() -> R<()> {
         let mut out = s.alloc_zeros::<bf16>(tmax * m.config.hidden)?;
         let mut ws = s.alloc_zeros::<u8>(plan.layout(moe_core::DType::BF16)?.total_bytes)?;
         for &t in &tokens {
-            let r = bench_tokens(&be, &s, &timer, &m, &plan, &w, &x, &mut out, &mut ws, t, bw, rate)?;
+            let r =
+                bench_tokens(&be, &s, &timer, &m, &plan, &w, &x, &mut out, &mut ws, t, bw, rate)?;
             let st: Vec<String> = r.stages.iter().map(|(n, v)| format!("{n} {v:.3}")).collect();
             println!(
                 "{:<14} T={:<6} layer {:>8.3} ms (graph; direct {:>8.3}) {:>6.1} TFLOP/s {:>6.0} GB/s floor {:>7.3} ms = {:>5.1}% of floor | experts {} | {}",

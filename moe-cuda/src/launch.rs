@@ -2,7 +2,9 @@
 //! sources (`kernels/cuda/*.cu`; field order and types must match them exactly).
 
 use crate::err;
-use cudarc::driver::{CudaFunction, CudaModule, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaFunction, CudaModule, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg,
+};
 use moe_core::Result;
 use std::sync::Arc;
 
@@ -105,7 +107,11 @@ impl Kernels {
             permute: f("moe_permute")?,
             gemm: three(&["moe_gemm_f32", "moe_gemm_f16", "moe_gemm_bf16"])?,
             combine: three(&["moe_combine_f32", "moe_combine_f16", "moe_combine_bf16"])?,
-            gate: three(&["moe_sigmoid_gate_f32", "moe_sigmoid_gate_f16", "moe_sigmoid_gate_bf16"])?,
+            gate: three(&[
+                "moe_sigmoid_gate_f32",
+                "moe_sigmoid_gate_f16",
+                "moe_sigmoid_gate_bf16",
+            ])?,
             add: three(&["moe_add_assign_f32", "moe_add_assign_f16", "moe_add_assign_bf16"])?,
             _module: module,
         })
@@ -199,7 +205,14 @@ pub(crate) fn sigmoid_gate(
 }
 
 /// Launches `moe_add_assign_*` (grid-stride).
-pub(crate) fn add_assign(s: &CudaStream, k: &Kernels, ty: usize, dst: u64, src: u64, n: i64) -> Result<()> {
+pub(crate) fn add_assign(
+    s: &CudaStream,
+    k: &Kernels,
+    ty: usize,
+    dst: u64,
+    src: u64,
+    n: i64,
+) -> Result<()> {
     if n == 0 {
         return Ok(());
     }

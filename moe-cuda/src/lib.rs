@@ -25,7 +25,9 @@ mod view;
 use cudarc::driver::{CudaContext, CudaStream, DriverError};
 use cudarc::nvrtc::Ptx;
 use moe_core::backend::{Backend, ExpertRows, MlpWeights, MoeStages, PermuteBuffers};
-use moe_core::config::{Activation, GroupScore, MlpConfig, MoeConfig, Scoring, TopkReduce, WeightSource};
+use moe_core::config::{
+    Activation, GroupScore, MlpConfig, MoeConfig, Scoring, TopkReduce, WeightSource,
+};
 use moe_core::{DType, Element, MoeError, MoePlan, Result};
 use std::sync::{Arc, Mutex, Weak};
 
@@ -115,15 +117,18 @@ impl CudaBackend {
         }
         let ctx = stream.context().clone();
         let key = ctx.cu_ctx() as usize;
-        let mut cache = MODULES
-            .lock()
-            .map_err(|_| MoeError::Device { backend: NAME, what: "module cache lock", code: -1 })?;
+        let mut cache = MODULES.lock().map_err(|_| MoeError::Device {
+            backend: NAME,
+            what: "module cache lock",
+            code: -1,
+        })?;
         cache.retain(|(_, w)| w.strong_count() > 0);
         if let Some(k) = cache.iter().find(|(c, _)| *c == key).and_then(|(_, w)| w.upgrade()) {
             return Ok(CudaBackend { stream, kernels: k });
         }
-        let module =
-            ctx.load_module(Ptx::from_binary(moe_kernels::FATBIN.to_vec())).map_err(err("cuModuleLoadData"))?;
+        let module = ctx
+            .load_module(Ptx::from_binary(moe_kernels::FATBIN.to_vec()))
+            .map_err(err("cuModuleLoadData"))?;
         let kernels = Arc::new(launch::Kernels::load(module)?);
         cache.push((key, Arc::downgrade(&kernels)));
         Ok(CudaBackend { stream, kernels })
@@ -140,8 +145,9 @@ impl CudaBackend {
     }
 }
 
+/// Checks that a view holds at least `expected` elements (workspace regions are sized for the
+/// plan's maximum token count, so they may be longer than a forward needs).
 fn need<U>(what: &'static str, len: usize, expected: usize) -> Result<()> {
-    let _ = std::marker::PhantomData::<U>;
     if len < expected { Err(MoeError::ShapeMismatch { what, expected, got: len }) } else { Ok(()) }
 }
 
@@ -175,7 +181,7 @@ fn check_opt<U>(what: &'static str, v: &Option<DevView<'_, U>>, expected: usize)
 }
 
 fn check_row_align(plan: &MoePlan) -> Result<()> {
-    if plan.row_align() % CudaBackend::ROW_ALIGN != 0 {
+    if !plan.row_align().is_multiple_of(CudaBackend::ROW_ALIGN) {
         return Err(unsupported(
             "plan row_align must be a multiple of 64 (use CudaBackend::plan or MoePlan::with_row_align)",
         ));
@@ -235,19 +241,13 @@ impl Backend for CudaBackend {
     }
 }
 
-struct Gemm<'a> {
-    p: launch::GemmParams,
-    what: &'a str,
-}
-
 impl CudaBackend {
-    fn run_gemm<T: CudaElement>(&self, g: Gemm<'_>) -> Result<()> {
-        let _ = g.what;
-        launch::gemm(&self.stream, &self.kernels, T::INDEX, &g.p)
+    fn run_gemm<T: CudaElement>(&self, p: launch::GemmParams) -> Result<()> {
+        launch::gemm(&self.stream, &self.kernels, T::INDEX, &p)
     }
 
     fn vec_ok<T: CudaElement>(k: usize, ptrs: &[u64]) -> i32 {
-        (T::VEC8 && k % 8 == 0 && ptrs.iter().all(|p| p % 16 == 0)) as i32
+        (T::VEC8 && k.is_multiple_of(8) && ptrs.iter().all(|p| p.is_multiple_of(16))) as i32
     }
 }
 
@@ -280,7 +280,7 @@ impl<T: CudaElement> MoeStages<T> for CudaBackend {
             vec_w: Self::vec_ok::<T>(hidden, &[weight.ptr]),
             ..Default::default()
         };
-        self.run_gemm::<T>(Gemm { p, what: "router_logits" })
+        self.run_gemm::<T>(p)
     }
 
     fn route(
@@ -429,7 +429,7 @@ impl<T: CudaElement> MoeStages<T> for CudaBackend {
             vec_w: Self::vec_ok::<T>(d, &[weights.up.ptr, wg]),
             ..Default::default()
         };
-        self.run_gemm::<T>(Gemm { p, what: "expert_up" })
+        self.run_gemm::<T>(p)
     }
 
     fn expert_down(
@@ -471,7 +471,7 @@ impl<T: CudaElement> MoeStages<T> for CudaBackend {
             vec_w: Self::vec_ok::<T>(i, &[weights.down.ptr]),
             ..Default::default()
         };
-        self.run_gemm::<T>(Gemm { p, what: "expert_down" })
+        self.run_gemm::<T>(p)
     }
 
     fn combine(
@@ -537,7 +537,7 @@ impl<T: CudaElement> MoeStages<T> for CudaBackend {
             vec_w: Self::vec_ok::<T>(in_dim, &[weights.up.ptr, wg]),
             ..Default::default()
         };
-        self.run_gemm::<T>(Gemm { p, what: "mlp_up" })
+        self.run_gemm::<T>(p)
     }
 
     fn linear(
@@ -574,7 +574,7 @@ impl<T: CudaElement> MoeStages<T> for CudaBackend {
             vec_w: Self::vec_ok::<T>(in_dim, &[weight.ptr]),
             ..Default::default()
         };
-        self.run_gemm::<T>(Gemm { p, what: "linear" })
+        self.run_gemm::<T>(p)
     }
 
     fn sigmoid_gate(
@@ -602,7 +602,11 @@ impl<T: CudaElement> MoeStages<T> for CudaBackend {
 
     fn add_assign(&self, dst: DevViewMut<'_, T>, src: DevView<'_, T>) -> Result<()> {
         if dst.len != src.len {
-            return Err(MoeError::ShapeMismatch { what: "add_assign src", expected: dst.len, got: src.len });
+            return Err(MoeError::ShapeMismatch {
+                what: "add_assign src",
+                expected: dst.len,
+                got: src.len,
+            });
         }
         launch::add_assign(&self.stream, &self.kernels, T::INDEX, dst.ptr, src.ptr, dst.len as i64)
     }

@@ -4,9 +4,9 @@
 
 mod common;
 
-use moe_core::conformance::{load_dir, golden_dir, rel_err, run_golden_suite, run_property_suite};
 use moe_core::DType;
 use moe_core::conformance::ConformanceBackend;
+use moe_core::conformance::{golden_dir, load_dir, rel_err, run_golden_suite, run_property_suite};
 
 #[test]
 fn conformance_golden() {

@@ -4,11 +4,13 @@
 #![allow(dead_code)]
 
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DeviceRepr};
-use moe_core::conformance::{ConformanceBackend, ElementMlp, ElementWeights, RunOutput, to_elements};
+use moe_core::conformance::{
+    ConformanceBackend, ElementMlp, ElementWeights, RunOutput, to_elements,
+};
 use moe_core::reference::HostWeights;
 use moe_core::{
-    DType, LatentWeights, MlpWeights, MoeConfig, MoeError, MoePlan, MoeWeights,
-    SharedWeights, SingleRank, TopkReduce,
+    DType, LatentWeights, MlpWeights, MoeConfig, MoeError, MoePlan, MoeWeights, SharedWeights,
+    SingleRank, TopkReduce,
 };
 use moe_cuda::{CudaBackend, CudaElement, DevView, DevViewMut};
 use std::sync::Arc;
@@ -44,8 +46,12 @@ fn dev(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> MoeError {
 }
 
 /// Upload `v` (at least one element is allocated, so empty tensors work too).
-pub fn upload<U: DeviceRepr + Copy + Default>(s: &Arc<CudaStream>, v: &[U]) -> Result<CudaSlice<U>, MoeError> {
-    if v.is_empty() { s.clone_htod(&[U::default()]) } else { s.clone_htod(v) }.map_err(dev("upload"))
+pub fn upload<U: DeviceRepr + Copy + Default>(
+    s: &Arc<CudaStream>,
+    v: &[U],
+) -> Result<CudaSlice<U>, MoeError> {
+    if v.is_empty() { s.clone_htod(&[U::default()]) } else { s.clone_htod(v) }
+        .map_err(dev("upload"))
 }
 
 /// Device copies of an MLP's tensors.
@@ -58,6 +64,9 @@ pub struct DevMlp<T> {
     pub down_bias: Option<CudaSlice<T>>,
 }
 
+/// Device copies of the latent fc1, fc2 and their biases.
+pub type DevLatent<T> = (CudaSlice<T>, CudaSlice<T>, Option<CudaSlice<T>>, Option<CudaSlice<T>>);
+
 /// Device copies of all weights of a layer.
 pub struct DevWeights<T> {
     pub router: CudaSlice<T>,
@@ -65,7 +74,7 @@ pub struct DevWeights<T> {
     pub selection_bias: Option<CudaSlice<f32>>,
     pub experts: DevMlp<T>,
     pub shared: Option<(DevMlp<T>, Option<CudaSlice<T>>)>,
-    pub latent: Option<(CudaSlice<T>, CudaSlice<T>, Option<CudaSlice<T>>, Option<CudaSlice<T>>)>,
+    pub latent: Option<DevLatent<T>>,
     pub expert_map: Option<CudaSlice<i32>>,
 }
 
@@ -219,7 +228,9 @@ impl Runner {
             [ws[a], ws[a + 1], ws[a + 2], ws[a + 3]]
         };
         Ok(RunOutput {
-            topk_ids: (0..t * k).map(|i| i32::from_le_bytes(word(layout.topk_ids.offset, i))).collect(),
+            topk_ids: (0..t * k)
+                .map(|i| i32::from_le_bytes(word(layout.topk_ids.offset, i)))
+                .collect(),
             topk_weights: (0..t * k)
                 .map(|i| f32::from_le_bytes(word(layout.topk_weights.offset, i)) as f64)
                 .collect(),
