@@ -147,7 +147,7 @@ impl CudaBackend {
 
 /// Checks that a view holds at least `expected` elements (workspace regions are sized for the
 /// plan's maximum token count, so they may be longer than a forward needs).
-fn need<U>(what: &'static str, len: usize, expected: usize) -> Result<()> {
+fn need(what: &'static str, len: usize, expected: usize) -> Result<()> {
     if len < expected { Err(MoeError::ShapeMismatch { what, expected, got: len }) } else { Ok(()) }
 }
 
@@ -175,7 +175,7 @@ fn act_code(a: Activation) -> (i32, f32, f32) {
 
 fn check_opt<U>(what: &'static str, v: &Option<DevView<'_, U>>, expected: usize) -> Result<()> {
     match v {
-        Some(v) => need::<U>(what, v.len, expected),
+        Some(v) => need(what, v.len, expected),
         None => Ok(()),
     }
 }
@@ -262,10 +262,10 @@ impl<T: CudaElement> MoeStages<T> for CudaBackend {
         bias: Option<DevView<'_, T>>,
         logits: DevViewMut<'_, f32>,
     ) -> Result<()> {
-        need::<T>("x", x.len, tokens * hidden)?;
-        need::<T>("router.weight", weight.len, experts * hidden)?;
+        need("x", x.len, tokens * hidden)?;
+        need("router.weight", weight.len, experts * hidden)?;
         check_opt("router.bias", &bias, experts)?;
-        need::<f32>("logits", logits.len, tokens * experts)?;
+        need("logits", logits.len, tokens * experts)?;
         let p = launch::GemmParams {
             a: x.ptr,
             w_up: weight.ptr,
@@ -307,10 +307,10 @@ impl<T: CudaElement> MoeStages<T> for CudaBackend {
         if e > moe_kernels::ROUTE_MAX_EXPERTS {
             return Err(unsupported("more than 512 experts in the fused router"));
         }
-        need::<f32>("logits", logits.len, tokens * e)?;
+        need("logits", logits.len, tokens * e)?;
         check_opt("router.selection_bias", &selection_bias, e)?;
-        need::<i32>("topk_ids", topk_ids.len, tokens * k)?;
-        need::<f32>("topk_weights", topk_weights.len, tokens * k)?;
+        need("topk_ids", topk_ids.len, tokens * k)?;
+        need("topk_weights", topk_weights.len, tokens * k)?;
         let (n_group, topk_group, group_score) = match r.groups {
             Some(g) => (g.n_group, g.topk_group, if g.score == GroupScore::Max { 1 } else { 0 }),
             None => (0, 0, 0),
@@ -355,12 +355,12 @@ impl<T: CudaElement> MoeStages<T> for CudaBackend {
         let c = plan.config();
         let (el, k) = (c.local_experts(), c.top_k);
         let n = tokens * k;
-        need::<i32>("topk_ids", topk_ids.len, n)?;
+        need("topk_ids", topk_ids.len, n)?;
         check_opt("expert_map", &expert_map, c.experts)?;
-        need::<i32>("expert_offsets", out.expert_offsets.len, el + 1)?;
-        need::<i32>("expert_cursor", out.expert_cursor.len, el)?;
-        need::<i32>("sorted_slots", out.sorted_slots.len, plan.rows_capacity(tokens))?;
-        need::<i32>("slot_rows", out.slot_rows.len, n)?;
+        need("expert_offsets", out.expert_offsets.len, el + 1)?;
+        need("expert_cursor", out.expert_cursor.len, el)?;
+        need("sorted_slots", out.sorted_slots.len, plan.rows_capacity(tokens))?;
+        need("slot_rows", out.slot_rows.len, n)?;
         let warps = (12288usize.saturating_sub(2 * el + 2) / el).min(32);
         if warps == 0 {
             return Err(unsupported("more than 4095 local experts in the permute"));
@@ -394,12 +394,12 @@ impl<T: CudaElement> MoeStages<T> for CudaBackend {
         let mlp = &c.expert.mlp;
         let (el, d, i, k) = (c.local_experts(), c.expert_width(), c.local_intermediate(), c.top_k);
         let cap = plan.rows_capacity(tokens);
-        need::<T>("expert input", x.len, tokens * d)?;
+        need("expert input", x.len, tokens * d)?;
         check_mlp_up(mlp, weights, el, i, d)?;
-        need::<i32>("expert_offsets", rows.expert_offsets.len, el + 1)?;
-        need::<i32>("sorted_slots", rows.sorted_slots.len, cap)?;
+        need("expert_offsets", rows.expert_offsets.len, el + 1)?;
+        need("sorted_slots", rows.sorted_slots.len, cap)?;
         check_opt("routing weights", &rows.weights, tokens * k)?;
-        need::<T>("hidden", hidden.len, cap * i)?;
+        need("hidden", hidden.len, cap * i)?;
         let (act, alpha, limit) = act_code(mlp.activation);
         let wg = opt_ptr(&weights.gate);
         let p = launch::GemmParams {
@@ -445,13 +445,13 @@ impl<T: CudaElement> MoeStages<T> for CudaBackend {
         let c = plan.config();
         let (el, d, i, k) = (c.local_experts(), c.expert_width(), c.local_intermediate(), c.top_k);
         let cap = plan.rows_capacity(tokens);
-        need::<T>("hidden", hidden.len, cap * i)?;
-        need::<T>("experts.down", weights.down.len, el * d * i)?;
+        need("hidden", hidden.len, cap * i)?;
+        need("experts.down", weights.down.len, el * d * i)?;
         check_opt("experts.down_bias", &weights.down_bias, el * d)?;
-        need::<i32>("expert_offsets", rows.expert_offsets.len, el + 1)?;
-        need::<i32>("sorted_slots", rows.sorted_slots.len, cap)?;
+        need("expert_offsets", rows.expert_offsets.len, el + 1)?;
+        need("sorted_slots", rows.sorted_slots.len, cap)?;
         check_opt("routing weights", &rows.weights, tokens * k)?;
-        need::<T>("expert_out", out.len, cap * d)?;
+        need("expert_out", out.len, cap * d)?;
         let p = launch::GemmParams {
             a: hidden.ptr,
             w_up: weights.down.ptr,
@@ -485,9 +485,9 @@ impl<T: CudaElement> MoeStages<T> for CudaBackend {
         out: DevViewMut<'_, T>,
     ) -> Result<()> {
         let k = plan.config().top_k;
-        need::<T>("expert_out", expert_out.len, plan.rows_capacity(tokens) * width)?;
-        need::<i32>("slot_rows", slot_rows.len, tokens * k)?;
-        need::<T>("out", out.len, tokens * width)?;
+        need("expert_out", expert_out.len, plan.rows_capacity(tokens) * width)?;
+        need("slot_rows", slot_rows.len, tokens * k)?;
+        need("out", out.len, tokens * width)?;
         launch::combine(
             &self.stream,
             &self.kernels,
@@ -512,9 +512,9 @@ impl<T: CudaElement> MoeStages<T> for CudaBackend {
         weights: &MlpWeights<'_, Self, T>,
         hidden: DevViewMut<'_, T>,
     ) -> Result<()> {
-        need::<T>("x", x.len, tokens * in_dim)?;
+        need("x", x.len, tokens * in_dim)?;
         check_mlp_up(mlp, weights, 1, inter, in_dim)?;
-        need::<T>("hidden", hidden.len, tokens * inter)?;
+        need("hidden", hidden.len, tokens * inter)?;
         let (act, alpha, limit) = act_code(mlp.activation);
         let wg = opt_ptr(&weights.gate);
         let p = launch::GemmParams {
@@ -553,11 +553,11 @@ impl<T: CudaElement> MoeStages<T> for CudaBackend {
         accumulate: bool,
         out: DevViewMut<'_, T>,
     ) -> Result<()> {
-        need::<T>("x", x.len, tokens * in_dim)?;
-        need::<T>("weight", weight.len, out_dim * in_dim)?;
+        need("x", x.len, tokens * in_dim)?;
+        need("weight", weight.len, out_dim * in_dim)?;
         check_opt("bias", &bias, out_dim)?;
         check_opt("row_scale", &row_scale, tokens)?;
-        need::<T>("out", out.len, tokens * out_dim)?;
+        need("out", out.len, tokens * out_dim)?;
         let p = launch::GemmParams {
             a: x.ptr,
             w_up: weight.ptr,
@@ -585,9 +585,9 @@ impl<T: CudaElement> MoeStages<T> for CudaBackend {
         weight: DevView<'_, T>,
         gate: DevViewMut<'_, f32>,
     ) -> Result<()> {
-        need::<T>("x", x.len, tokens * hidden)?;
-        need::<T>("shared.gate_weight", weight.len, hidden)?;
-        need::<f32>("gate", gate.len, tokens)?;
+        need("x", x.len, tokens * hidden)?;
+        need("shared.gate_weight", weight.len, hidden)?;
+        need("gate", gate.len, tokens)?;
         launch::sigmoid_gate(
             &self.stream,
             &self.kernels,
@@ -619,10 +619,10 @@ fn check_mlp_up<T: CudaElement>(
     inter: usize,
     width: usize,
 ) -> Result<()> {
-    need::<T>("up", w.up.len, n * inter * width)?;
+    need("up", w.up.len, n * inter * width)?;
     if mlp.gated {
         match &w.gate {
-            Some(g) => need::<T>("gate", g.len, n * inter * width)?,
+            Some(g) => need("gate", g.len, n * inter * width)?,
             None => return Err(MoeError::TensorPresence { what: "gate", required: true }),
         }
         check_opt("gate_bias", &w.gate_bias, n * inter)?;
