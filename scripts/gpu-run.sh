@@ -14,8 +14,8 @@ for w in $what; do
         echo "=== conformance ($conf)"
         "$conf" --nocapture --test-threads=1 || rc=1 ;;
     sanitize)
-        echo "=== compute-sanitizer memcheck (golden + graph)"
-        compute-sanitizer --tool memcheck --print-limit 20 "$conf" --test-threads=1 golden graph 2>&1 | tail -n 25 || rc=1
+        echo "=== compute-sanitizer memcheck (golden, other kernels, graph, larger shapes)"
+        compute-sanitizer --tool memcheck --print-limit 20 "$conf" --test-threads=1 golden graph larger 2>&1 | tail -n 25 || rc=1
         echo "=== compute-sanitizer racecheck (golden)"
         compute-sanitizer --tool racecheck --print-limit 20 "$conf" --test-threads=1 golden 2>&1 | tail -n 25 || rc=1 ;;
     bench)

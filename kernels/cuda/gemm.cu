@@ -52,14 +52,17 @@ struct GemmParams {
     int vec_a, vec_w;
 };
 
-struct TileRows {
-    long long arow[GEMM_BM];  // A row index, -1 for a padding row
-    float rw[GEMM_BM];
-    int orow[GEMM_BM];        // output row, -1 to skip
+template <int BM>
+struct TileRowsT {
+    long long arow[BM];  // A row index, -1 for a padding row
+    float rw[BM];
+    int orow[BM];        // output row, -1 to skip
 };
+typedef TileRowsT<GEMM_BM> TileRows;
 
 // Sets up the tile's rows; returns the expert (or -1 when the tile is past the last row).
-MOE_DEVICE int setup_rows(const GemmParams& p, TileRows& tr, int m0) {
+template <int BM>
+MOE_DEVICE int setup_rows(const GemmParams& p, TileRowsT<BM>& tr, int m0) {
     int expert = 0;
     if (p.grouped) {
         const int total = p.expert_offsets[p.grouped];
@@ -71,7 +74,7 @@ MOE_DEVICE int setup_rows(const GemmParams& p, TileRows& tr, int m0) {
         }
         expert = lo;
     }
-    for (int i = threadIdx.x; i < GEMM_BM; i += blockDim.x) {
+    for (int i = threadIdx.x; i < BM; i += blockDim.x) {
         const int r = m0 + i;
         long long arow = -1;
         float rw = 1.0f;
@@ -96,8 +99,8 @@ MOE_DEVICE int setup_rows(const GemmParams& p, TileRows& tr, int m0) {
     return expert;
 }
 
-template <typename T>
-MOE_DEVICE void epi_store(const GemmParams& p, const TileRows& tr, int rl, int col, float g,
+template <typename T, int BM>
+MOE_DEVICE void epi_store(const GemmParams& p, const TileRowsT<BM>& tr, int rl, int col, float g,
                           float u, const T* bias_up, const T* bias_gate) {
     const int r = tr.orow[rl];
     if (r < 0 || col >= p.N) return;
@@ -170,7 +173,7 @@ MOE_DEVICE void gemm_mma(const GemmParams& p) {
     __shared__ __align__(16) T Gs[2][GEMM_BN][MMA_LD];
     __shared__ TileRows tr;
     const int m0 = blockIdx.x * GEMM_BM, n0 = blockIdx.y * GEMM_BN;
-    const int expert = setup_rows(p, tr, m0);
+    const int expert = setup_rows<GEMM_BM>(p, tr, m0);
     if (expert < 0) return;
     __syncthreads();
     const size_t wstride = (size_t)p.N * p.K;
@@ -267,7 +270,7 @@ MOE_DEVICE void gemm_mma(const GemmParams& p) {
                 for (int c = 0; c < 2; ++c) {
                     const int rl = wm * 32 + mi * 16 + g + 8 * h;
                     const int col = n0 + wn * 32 + ni * 8 + 2 * t4 + c;
-                    epi_store<T>(p, tr, rl, col, accg[mi][ni][2 * h + c], acc[mi][ni][2 * h + c],
+                    epi_store<T, GEMM_BM>(p, tr, rl, col, accg[mi][ni][2 * h + c], acc[mi][ni][2 * h + c],
                                  bias_up, bias_gate);
                 }
 }
@@ -283,7 +286,7 @@ MOE_DEVICE void gemm_simt_f32(const GemmParams& p) {
     __shared__ float Gs[2][SIMT_BK][SIMT_LD];
     __shared__ TileRows tr;
     const int m0 = blockIdx.x * GEMM_BM, n0 = blockIdx.y * GEMM_BN;
-    const int expert = setup_rows(p, tr, m0);
+    const int expert = setup_rows<GEMM_BM>(p, tr, m0);
     if (expert < 0) return;
     __syncthreads();
     const size_t wstride = (size_t)p.N * p.K;
@@ -362,9 +365,197 @@ MOE_DEVICE void gemm_simt_f32(const GemmParams& p) {
     for (int i = 0; i < 8; ++i)
 #pragma unroll
         for (int j = 0; j < 4; ++j)
-            epi_store<float>(p, tr, ty * 8 + i, n0 + tx * 4 + j, accg[i][j], acc[i][j], bias_up,
+            epi_store<float, GEMM_BM>(p, tr, ty * 8 + i, n0 + tx * 4 + j, accg[i][j], acc[i][j], bias_up,
                              bias_gate);
 }
+
+// ------------------------------------------------------------------ pipelined tensor-core path
+//
+// The fast path for 16-bit types when K % 8 == 0 and the operands are 16-byte aligned:
+// Grid:  (ceil(M / 128), ceil(N / 64)); 256 threads (8 warps, 2 x 4).
+// Tile:  128 rows x 64 output columns, K step 32, 3-stage cp.async pipeline in dynamic shared
+//        memory (rows padded to 40 halves: conflict-free ldmatrix). A gated GEMM stages 128 B
+//        rows per K step: for warp column wn, 16 gate rows then the 16 up rows of the same 16
+//        output columns, so each thread holds gate and up of the same outputs in registers.
+// Warp:  64 x 32 (gated: 64 x 16 outputs, gate and up) of mma.sync.m16n8k16, fragments loaded
+//        with ldmatrix.x4; the epilogue is the shared one above.
+// Rows of expert blocks must be padded to a multiple of 128 (the plan's row_align).
+#define TC_BM 128
+#define TC_BK 32
+#define TC_LD 40
+#define TC_STAGES 3
+#define TC_THREADS 256
+
+MOE_DEVICE uint32_t smem_u32(const void* p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+MOE_DEVICE void cp_async16(void* dst, const void* src, bool valid) {
+    const int n = valid ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
+                 "r"(n));
+}
+MOE_DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> MOE_DEVICE void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+MOE_DEVICE void ldmatrix_x4(uint32_t* r, const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_u32(p)));
+}
+
+template <typename T, bool GATED>
+MOE_DEVICE void gemm_tc(const GemmParams& p) {
+    constexpr int BROWS = GATED ? 128 : 64;  // staged B rows per K step
+    constexpr int NI = GATED ? 4 : 2;        // n8 tiles per warp (gated: 2 gate + 2 up)
+    extern __shared__ __align__(16) unsigned char dsmem[];
+    T* As = reinterpret_cast<T*>(dsmem);                       // [STAGES][128][40]
+    T* Bs = As + TC_STAGES * TC_BM * TC_LD;                     // [STAGES][BROWS][40]
+    __shared__ TileRowsT<TC_BM> tr;
+    const int m0 = blockIdx.x * TC_BM, n0 = blockIdx.y * 64;
+    const int expert = setup_rows<TC_BM>(p, tr, m0);
+    if (expert < 0) return;
+    __syncthreads();
+    const size_t wstride = (size_t)p.N * p.K;
+    const T* A = (const T*)p.a;
+    const T* W = (const T*)p.w_up + expert * wstride;
+    const T* WG = GATED ? (const T*)p.w_gate + expert * wstride : nullptr;
+    const T* bias_up = p.bias_up ? (const T*)p.bias_up + (size_t)expert * p.N : nullptr;
+    const T* bias_gate = p.bias_gate ? (const T*)p.bias_gate + (size_t)expert * p.N : nullptr;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int wm = warp >> 2, wn = warp & 3, g = lane >> 2, t4 = lane & 3;
+    const int K = p.K;
+
+    // this thread's copy sources: A chunks (2), B chunks (BROWS / 64)
+    const int kc = (tid & 3) * 8;
+    const T* a_src[2];
+    int a_dst[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const int row = (tid >> 2) + 64 * i;
+        const long long ar = tr.arow[row];
+        a_src[i] = ar >= 0 ? A + ar * (long long)K : nullptr;
+        a_dst[i] = row * TC_LD + kc;
+    }
+    constexpr int BCH = BROWS / 64;
+    const T* b_src[BCH];
+    int b_dst[BCH];
+#pragma unroll
+    for (int i = 0; i < BCH; ++i) {
+        const int j = (tid >> 2) + 64 * i;  // staged B row
+        int col;
+        const T* base;
+        if (GATED) {
+            const int within = j & 31;
+            col = n0 + (j >> 5) * 16 + (within & 15);
+            base = within >= 16 ? W : WG;
+        } else {
+            col = n0 + j;
+            base = W;
+        }
+        b_src[i] = col < p.N ? base + (long long)col * K : nullptr;
+        b_dst[i] = j * TC_LD + kc;
+    }
+    auto load = [&](int stage, int k0) {
+        T* as = As + stage * TC_BM * TC_LD;
+        T* bs = Bs + stage * BROWS * TC_LD;
+        const bool kin = k0 + kc < K;
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const bool v = kin && a_src[i] != nullptr;
+            cp_async16(as + a_dst[i], v ? a_src[i] + k0 + kc : A, v);
+        }
+#pragma unroll
+        for (int i = 0; i < BCH; ++i) {
+            const bool v = kin && b_src[i] != nullptr;
+            cp_async16(bs + b_dst[i], v ? b_src[i] + k0 + kc : W, v);
+        }
+    };
+
+    float acc[4][NI][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < NI; ++j)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) acc[i][j][c] = 0.0f;
+
+    const int ktiles = (K + TC_BK - 1) / TC_BK;
+#pragma unroll
+    for (int s = 0; s < TC_STAGES - 1; ++s) {
+        if (s < ktiles) load(s, s * TC_BK);
+        cp_async_commit();
+    }
+    // ldmatrix lane addressing
+    const int a_lrow = lane & 15, a_lcol = (lane >> 4) * 8;
+    const int b_lrow = (lane & 7) + ((lane >> 4) << 3), b_lcol = ((lane >> 3) & 1) * 8;
+    for (int kt = 0; kt < ktiles; ++kt) {
+        cp_async_wait<TC_STAGES - 2>();
+        __syncthreads();
+        {
+            const int nk = kt + TC_STAGES - 1;
+            if (nk < ktiles) load(nk % TC_STAGES, nk * TC_BK);
+            cp_async_commit();
+        }
+        const T* as = As + (kt % TC_STAGES) * TC_BM * TC_LD;
+        const T* bs = Bs + (kt % TC_STAGES) * BROWS * TC_LD;
+#pragma unroll
+        for (int ks = 0; ks < TC_BK; ks += 16) {
+            uint32_t af[4][4];
+#pragma unroll
+            for (int mi = 0; mi < 4; ++mi)
+                ldmatrix_x4(af[mi], as + (wm * 64 + mi * 16 + a_lrow) * TC_LD + ks + a_lcol);
+            uint32_t bf[NI][2];
+#pragma unroll
+            for (int nj = 0; nj < NI / 2; ++nj) {
+                uint32_t r[4];
+                const int wrow = GATED ? wn * 32 : wn * 16;
+                ldmatrix_x4(r, bs + (wrow + nj * 16 + b_lrow) * TC_LD + ks + b_lcol);
+                bf[2 * nj][0] = r[0];
+                bf[2 * nj][1] = r[1];
+                bf[2 * nj + 1][0] = r[2];
+                bf[2 * nj + 1][1] = r[3];
+            }
+#pragma unroll
+            for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+                for (int ni = 0; ni < NI; ++ni) mma16816<T>(acc[mi][ni], af[mi], bf[ni]);
+        }
+    }
+    cp_async_wait<0>();
+#pragma unroll
+    for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 2; ++ni)
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+#pragma unroll
+                for (int c = 0; c < 2; ++c) {
+                    const int rl = wm * 64 + mi * 16 + g + 8 * h;
+                    const int col = n0 + wn * 16 + ni * 8 + 2 * t4 + c;
+                    const float u = GATED ? acc[mi][ni + 2][2 * h + c] : acc[mi][ni][2 * h + c];
+                    const float gv = GATED ? acc[mi][ni][2 * h + c] : 0.0f;
+                    epi_store<T, TC_BM>(p, tr, rl, col, gv, u, bias_up, bias_gate);
+                }
+}
+
+#define MOE_GEMM_TC(SUF, T)                                                                      \
+    extern "C" __global__ void __launch_bounds__(TC_THREADS) moe_gemm_tc_##SUF(const GemmParams p) { \
+        gemm_tc<T, false>(p);                                                                    \
+    }                                                                                            \
+    extern "C" __global__ void __launch_bounds__(TC_THREADS)                                     \
+        moe_gemm_tc_gated_##SUF(const GemmParams p) {                                            \
+        gemm_tc<T, true>(p);                                                                     \
+    }                                                                                            \
+    /* the same, capped at 128 registers for two blocks per SM (some spills) */                  \
+    extern "C" __global__ void __launch_bounds__(TC_THREADS, 2)                                  \
+        moe_gemm_tc_gated2_##SUF(const GemmParams p) {                                           \
+        gemm_tc<T, true>(p);                                                                     \
+    }
+MOE_GEMM_TC(bf16, __nv_bfloat16)
+MOE_GEMM_TC(f16, __half)
 
 extern "C" __global__ void __launch_bounds__(GEMM_THREADS) moe_gemm_bf16(const GemmParams p) {
     gemm_mma<__nv_bfloat16>(p);

@@ -5,7 +5,7 @@
 //! `cuModuleLoadData` (cudarc: `Ptx::from_binary(FATBIN.to_vec())` and `load_module`).
 //!
 //! Kernels (all `extern "C"`): `moe_route`, `moe_permute`, `moe_gemm_{f32,f16,bf16}`,
-//! `moe_combine_*`, `moe_sigmoid_gate_*`, `moe_add_assign_*`. Their parameter structs are
+//! `moe_gemm_tc_{f16,bf16}`, `moe_gemm_tc_gated{,2}_{f16,bf16}`, `moe_combine_*`, `moe_sigmoid_gate_*`, `moe_add_assign_*`. Their parameter structs are
 //! documented in the sources; `moe-cuda` mirrors them.
 
 /// The fatbin, or an empty slice when the crate was built without nvcc.
@@ -16,7 +16,7 @@ pub const AVAILABLE: bool = !FATBIN.is_empty();
 
 /// Rows of one grouped-GEMM tile: expert blocks of permuted rows must be padded to a multiple
 /// of this (`MoePlan::with_row_align`).
-pub const GEMM_TILE_M: usize = 64;
+pub const GEMM_TILE_M: usize = 128;
 
 /// The largest expert count the fused router supports.
 pub const ROUTE_MAX_EXPERTS: usize = 512;

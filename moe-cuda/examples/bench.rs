@@ -16,7 +16,7 @@ use half::bf16;
 use moe_core::backend::{ExpertRows, MlpWeights, MoeStages, PermuteBuffers, split_workspace};
 use moe_core::config::*;
 use moe_core::{MoePlan, MoeWeights, SharedWeights, SingleRank};
-use moe_cuda::{CudaBackend, DevView, DevViewMut};
+use moe_cuda::{CudaBackend, DevView, DevViewMut, GemmTuning};
 use std::io::Write;
 use std::sync::Arc;
 
@@ -337,6 +337,7 @@ fn bench_tokens(
     tokens: usize,
     bw: f64,
     rate: f64,
+    with_stages: bool,
 ) -> R<Row> {
     let c = &m.config;
     let (h, k, i, e) = (c.hidden, c.top_k, c.local_intermediate(), c.experts);
@@ -389,6 +390,21 @@ fn bench_tokens(
 
     // stages, each repeated on the workspace the forward left behind
     let mut stages = Vec::new();
+    let secs = graph_ms * 1e-3;
+    let row = |stages| Row {
+        model: m.name,
+        tokens,
+        graph_ms,
+        direct_ms,
+        tflops: flops / secs / 1e12,
+        gbs: bytes_moved / secs / 1e9,
+        floor_ms: floor_s * 1e3,
+        experts_touched: touched,
+        stages,
+    };
+    if !with_stages {
+        return Ok(row(stages));
+    }
     let sc = split_workspace::<CudaBackend, bf16>(&layout, DevViewMut::of(ws))?;
     let moe_core::backend::Scratch {
         mut logits,
@@ -538,18 +554,7 @@ fn bench_tokens(
             })?,
         ));
     }
-    let secs = graph_ms * 1e-3;
-    Ok(Row {
-        model: m.name,
-        tokens,
-        graph_ms,
-        direct_ms,
-        tflops: flops / secs / 1e12,
-        gbs: bytes_moved / secs / 1e9,
-        floor_ms: floor_s * 1e3,
-        experts_touched: touched,
-        stages,
-    })
+    Ok(row(stages))
 }
 
 fn arg(name: &str) -> Option<String> {
@@ -598,6 +603,7 @@ fn main() -> R<()> {
         }
     };
     let mut rows = Vec::new();
+    let mut kernel_lines = Vec::new();
     for m in models() {
         if want.as_ref().is_some_and(|w| !w.iter().any(|n| m.name.starts_with(n.as_str()))) {
             continue;
@@ -609,8 +615,9 @@ fn main() -> R<()> {
         let mut out = s.alloc_zeros::<bf16>(tmax * m.config.hidden)?;
         let mut ws = s.alloc_zeros::<u8>(plan.layout(moe_core::DType::BF16)?.total_bytes)?;
         for &t in &tokens {
-            let r =
-                bench_tokens(&be, &s, &timer, &m, &plan, &w, &x, &mut out, &mut ws, t, bw, rate)?;
+            let r = bench_tokens(
+                &be, &s, &timer, &m, &plan, &w, &x, &mut out, &mut ws, t, bw, rate, true,
+            )?;
             let st: Vec<String> = r.stages.iter().map(|(n, v)| format!("{n} {v:.3}")).collect();
             println!(
                 "{:<14} T={:<6} layer {:>8.3} ms (graph; direct {:>8.3}) {:>6.1} TFLOP/s {:>6.0} GB/s floor {:>7.3} ms = {:>5.1}% of floor | experts {} | {}",
@@ -642,6 +649,31 @@ fn main() -> R<()> {
             }
             rows.push(r);
         }
+        // the GEMM kernel variants on two token counts
+        for &t in tokens.iter().filter(|&&t| t == 16 || t == 4096) {
+            let mut line = format!("kernels {:<14} T={:<6}", m.name, t);
+            for (name, tuning) in [
+                ("pipelined", GemmTuning { pipelined: true, capped_gated: false }),
+                ("pipelined-capped", GemmTuning { pipelined: true, capped_gated: true }),
+                ("simple", GemmTuning { pipelined: false, capped_gated: false }),
+            ] {
+                let b = be.clone().with_tuning(tuning);
+                let r = bench_tokens(
+                    &b, &s, &timer, &m, &plan, &w, &x, &mut out, &mut ws, t, bw, rate, false,
+                )?;
+                line.push_str(&format!(
+                    " | {name} {:.3} ms ({:.1}% of floor)",
+                    r.graph_ms,
+                    100.0 * r.floor_ms / r.graph_ms
+                ));
+            }
+            println!("{line}");
+            kernel_lines.push(line);
+        }
+    }
+    println!();
+    for l in &kernel_lines {
+        println!("{l}");
     }
     println!("\n| model | T | layer ms | TFLOP/s | GB/s | floor ms | % of floor |");
     println!("|---|---|---|---|---|---|---|");

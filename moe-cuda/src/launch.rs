@@ -2,6 +2,7 @@
 //! sources (`kernels/cuda/*.cu`; field order and types must match them exactly).
 
 use crate::err;
+use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{
     CudaFunction, CudaModule, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg,
 };
@@ -91,6 +92,8 @@ pub(crate) struct Kernels {
     route: CudaFunction,
     permute: CudaFunction,
     gemm: [CudaFunction; 3],
+    /// `[f16, bf16][ungated, gated, gated capped at 128 registers]`.
+    tc: [[CudaFunction; 3]; 2],
     combine: [CudaFunction; 3],
     gate: [CudaFunction; 3],
     add: [CudaFunction; 3],
@@ -102,7 +105,19 @@ impl Kernels {
         let three = |base: &'static [&'static str; 3]| -> Result<[CudaFunction; 3]> {
             Ok([f(base[0])?, f(base[1])?, f(base[2])?])
         };
+        let tc = [
+            three(&["moe_gemm_tc_f16", "moe_gemm_tc_gated_f16", "moe_gemm_tc_gated2_f16"])?,
+            three(&["moe_gemm_tc_bf16", "moe_gemm_tc_gated_bf16", "moe_gemm_tc_gated2_bf16"])?,
+        ];
+        for f in tc.iter().flatten() {
+            f.set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                TC_SMEM_GATED as i32,
+            )
+            .map_err(err("cuFuncSetAttribute"))?;
+        }
         Ok(Kernels {
+            tc,
             route: f("moe_route")?,
             permute: f("moe_permute")?,
             gemm: three(&["moe_gemm_f32", "moe_gemm_f16", "moe_gemm_bf16"])?,
@@ -122,18 +137,52 @@ fn cfg(grid: (u32, u32), block: u32) -> LaunchConfig {
     LaunchConfig { grid_dim: (grid.0, grid.1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 }
 }
 
-/// Launches `moe_gemm_*` (one 64 x 64 tile per block, 128 threads).
-pub(crate) fn gemm(s: &CudaStream, k: &Kernels, ty: usize, p: &GemmParams) -> Result<()> {
-    let grid = ((p.m as u32).div_ceil(64), (p.n as u32).div_ceil(64));
+/// Dynamic shared memory of the pipelined kernels: 3 stages of (128 A rows + 128 / 64 B rows)
+/// x 40 halves.
+const TC_SMEM_GATED: u32 = 3 * (128 + 128) * 40 * 2;
+const TC_SMEM: u32 = 3 * (128 + 64) * 40 * 2;
+
+/// Which GEMM kernel a launch uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum GemmPath {
+    /// `moe_gemm_*`: 64 x 64 tiles, register-staged, any K and alignment, f32 SIMT.
+    Simple,
+    /// `moe_gemm_tc_*`: 128 x 64 tiles, cp.async pipeline, ldmatrix; `capped` selects the
+    /// gated variant limited to 128 registers.
+    Pipelined { capped: bool },
+}
+
+/// Launches a GEMM: `moe_gemm_*` (one 64 x 64 tile per block, 128 threads) or, for 16-bit
+/// types on the pipelined path, `moe_gemm_tc_*` (128 x 64 tiles, 256 threads).
+pub(crate) fn gemm(
+    s: &CudaStream,
+    k: &Kernels,
+    ty: usize,
+    path: GemmPath,
+    p: &GemmParams,
+) -> Result<()> {
+    let (f, tile_m, threads, smem) = match path {
+        GemmPath::Pipelined { capped } if ty > 0 => {
+            let v = if p.gated != 0 { 1 + capped as usize } else { 0 };
+            let smem = if p.gated != 0 { TC_SMEM_GATED } else { TC_SMEM };
+            (&k.tc[ty - 1][v], 128u32, 256u32, smem)
+        }
+        _ => (&k.gemm[ty], 64, 128, 0),
+    };
+    let grid = ((p.m as u32).div_ceil(tile_m), (p.n as u32).div_ceil(64));
     if grid.0 == 0 || grid.1 == 0 {
         return Ok(());
     }
-    let mut b = s.launch_builder(&k.gemm[ty]);
+    let mut b = s.launch_builder(f);
     b.arg(p);
+    let mut c = cfg(grid, threads);
+    c.shared_mem_bytes = smem;
     // SAFETY: the callers checked every pointer of `p` against the length of the view it came
     // from for the rows/columns the kernel touches (M x K of A, E x N x K of W, M x N of out);
-    // the struct matches `GemmParams` of gemm.cu.
-    unsafe { b.launch(cfg(grid, 128)) }.map(drop).map_err(err("launch moe_gemm"))
+    // the struct matches `GemmParams` of gemm.cu. The pipelined kernels additionally need
+    // K % 8 == 0 and 16-byte aligned A and W (the caller selects them only then) and get
+    // their dynamic shared memory (raised at load) here.
+    unsafe { b.launch(c) }.map(drop).map_err(err("launch moe_gemm"))
 }
 
 /// Launches `moe_route` (one warp per token, 4 per block).

@@ -92,11 +92,30 @@ impl CudaElement for half::bf16 {
 type Cache = Mutex<Vec<(usize, Weak<launch::Kernels>)>>;
 static MODULES: Cache = Mutex::new(Vec::new());
 
+/// GEMM kernel choices (for tuning and comparisons; the defaults are the fastest measured).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GemmTuning {
+    /// Use the pipelined tensor-core kernel (128 x 64 tiles, cp.async, ldmatrix) for 16-bit
+    /// types when K % 8 == 0 and the operands are 16-byte aligned. Otherwise (and always for
+    /// f32) the simple 64 x 64 kernel runs.
+    pub pipelined: bool,
+    /// For gated GEMMs on the pipelined path, the variant capped at 128 registers (two blocks
+    /// per SM, some register spills) instead of one block of 176 registers.
+    pub capped_gated: bool,
+}
+
+impl Default for GemmTuning {
+    fn default() -> Self {
+        GemmTuning { pipelined: true, capped_gated: false }
+    }
+}
+
 /// The CUDA backend: the loaded kernels and the stream every stage is launched on.
 #[derive(Clone)]
 pub struct CudaBackend {
     stream: Arc<CudaStream>,
     kernels: Arc<launch::Kernels>,
+    tuning: GemmTuning,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -124,14 +143,25 @@ impl CudaBackend {
         })?;
         cache.retain(|(_, w)| w.strong_count() > 0);
         if let Some(k) = cache.iter().find(|(c, _)| *c == key).and_then(|(_, w)| w.upgrade()) {
-            return Ok(CudaBackend { stream, kernels: k });
+            return Ok(CudaBackend { stream, kernels: k, tuning: GemmTuning::default() });
         }
         let module = ctx
             .load_module(Ptx::from_binary(moe_kernels::FATBIN.to_vec()))
             .map_err(err("cuModuleLoadData"))?;
         let kernels = Arc::new(launch::Kernels::load(module)?);
         cache.push((key, Arc::downgrade(&kernels)));
-        Ok(CudaBackend { stream, kernels })
+        Ok(CudaBackend { stream, kernels, tuning: GemmTuning::default() })
+    }
+
+    /// The same backend with other GEMM kernel choices.
+    pub fn with_tuning(mut self, tuning: GemmTuning) -> Self {
+        self.tuning = tuning;
+        self
+    }
+
+    /// The GEMM kernel choices.
+    pub fn tuning(&self) -> GemmTuning {
+        self.tuning
     }
 
     /// The stream the stages are launched on.
@@ -183,7 +213,7 @@ fn check_opt<U>(what: &'static str, v: &Option<DevView<'_, U>>, expected: usize)
 fn check_row_align(plan: &MoePlan) -> Result<()> {
     if !plan.row_align().is_multiple_of(CudaBackend::ROW_ALIGN) {
         return Err(unsupported(
-            "plan row_align must be a multiple of 64 (use CudaBackend::plan or MoePlan::with_row_align)",
+            "plan row_align must be a multiple of 128 (use CudaBackend::plan or MoePlan::with_row_align)",
         ));
     }
     Ok(())
@@ -243,7 +273,12 @@ impl Backend for CudaBackend {
 
 impl CudaBackend {
     fn run_gemm<T: CudaElement>(&self, p: launch::GemmParams) -> Result<()> {
-        launch::gemm(&self.stream, &self.kernels, T::INDEX, &p)
+        let path = if T::VEC8 && self.tuning.pipelined && p.vec_a != 0 && p.vec_w != 0 {
+            launch::GemmPath::Pipelined { capped: self.tuning.capped_gated }
+        } else {
+            launch::GemmPath::Simple
+        };
+        launch::gemm(&self.stream, &self.kernels, T::INDEX, path, &p)
     }
 
     fn vec_ok<T: CudaElement>(k: usize, ptrs: &[u64]) -> i32 {

@@ -5,8 +5,12 @@
 mod common;
 
 use moe_core::DType;
-use moe_core::conformance::ConformanceBackend;
-use moe_core::conformance::{golden_dir, load_dir, rel_err, run_golden_suite, run_property_suite};
+use moe_core::config::*;
+use moe_core::conformance::{
+    Case, ConformanceBackend, Expected, Rng, check_case, expected_from_reference, golden_dir,
+    load_dir, random_weights, rel_err, rounded_case, run_golden_suite, run_property_suite,
+};
+use moe_cuda::GemmTuning;
 
 #[test]
 fn conformance_golden() {
@@ -15,6 +19,104 @@ fn conformance_golden() {
         Ok(n) => println!("{n} golden checks passed"),
         Err(e) => panic!("{e}"),
     }
+}
+
+/// The golden cases again on the other GEMM kernels (the simple 64 x 64 kernel for every
+/// type, and the register-capped gated variant of the pipelined one).
+#[test]
+fn conformance_golden_other_kernels() {
+    for tuning in [
+        GemmTuning { pipelined: false, capped_gated: false },
+        GemmTuning { pipelined: true, capped_gated: true },
+    ] {
+        let Some(r) = common::runner_with("conformance_golden_other_kernels", tuning) else {
+            return;
+        };
+        match run_golden_suite(&r) {
+            Ok(n) => println!("{n} golden checks passed with {tuning:?}"),
+            Err(e) => panic!("{tuning:?}: {e}"),
+        }
+    }
+}
+
+/// Larger layers than the golden and property cases (many K steps, several row and column
+/// tiles per expert, token counts that are not tile multiples) against the float64 reference.
+#[test]
+fn conformance_larger_shapes() {
+    let Some(r) = common::runner("conformance_larger_shapes") else { return };
+    let mut failed = Vec::new();
+    for (i, config) in larger_configs().into_iter().enumerate() {
+        let mut rng = Rng::new(77 + i as u64);
+        let tokens = [300, 129, 200, 1][i % 4];
+        let weights = random_weights(&config, &mut rng);
+        let x = rng.tensor(tokens * config.hidden, 1.0);
+        let mut case = Case {
+            name: format!("larger-{i}"),
+            config,
+            weights,
+            x,
+            tokens,
+            expected: Expected {
+                topk_ids: vec![],
+                topk_weights: vec![],
+                margin: vec![],
+                out: vec![],
+                weights_include_output_scale: false,
+            },
+        };
+        case.expected = expected_from_reference(&case).expect("reference");
+        for dtype in DType::ALL {
+            let res = check_case(&r, &rounded_case(&case, dtype), dtype);
+            println!("{}", res.line);
+            if !res.passed {
+                failed.push(res.line);
+            }
+        }
+    }
+    assert!(failed.is_empty(), "{failed:#?}");
+}
+
+fn larger_configs() -> Vec<MoeConfig> {
+    let mlp = |i, gated, activation, bias| MlpConfig { intermediate: i, gated, activation, bias };
+    let base = |h, e, k, expert_mlp| MoeConfig {
+        hidden: h,
+        experts: e,
+        top_k: k,
+        router: RouterConfig { reduce: TopkReduce::Sum { eps: 0.0 }, ..RouterConfig::default() },
+        expert: ExpertConfig { mlp: expert_mlp, apply_weight_on_input: false },
+        shared: None,
+        latent: None,
+        parallel: ParallelConfig::default(),
+    };
+    let mut a = base(320, 16, 4, mlp(200, true, Activation::Silu, true));
+    a.shared = Some(SharedConfig {
+        mlp: mlp(136, true, Activation::Gelu, false),
+        gate: SharedGate::SigmoidLinear,
+    });
+    let mut b = base(256, 8, 2, mlp(512, false, Activation::Relu2, false));
+    b.latent = Some(LatentConfig { size: 96, bias: true });
+    let mut c = base(512, 64, 6, mlp(128, true, Activation::Silu, false));
+    c.router = RouterConfig {
+        scoring: Scoring::Sigmoid,
+        selection_bias: true,
+        groups: Some(GroupLimit { n_group: 8, topk_group: 4, score: GroupScore::Top2Sum }),
+        reduce: TopkReduce::NOAUX_TC,
+        scale: RoutedScale { factor: 2.5, placement: ScalePlacement::OnOutput },
+        ..RouterConfig::default()
+    };
+    c.shared =
+        Some(SharedConfig { mlp: mlp(256, true, Activation::Silu, false), gate: SharedGate::None });
+    let mut d =
+        base(384, 32, 4, mlp(384, true, Activation::SwigluOai { alpha: 1.702, limit: 7.0 }, true));
+    d.router = RouterConfig {
+        scoring: Scoring::None,
+        bias: true,
+        weights: WeightSource::SoftmaxTopkLogits,
+        reduce: TopkReduce::None,
+        ..RouterConfig::default()
+    };
+    d.expert.apply_weight_on_input = true;
+    vec![a, b, c, d]
 }
 
 #[test]

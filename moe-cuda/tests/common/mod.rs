@@ -24,6 +24,11 @@ pub struct Runner {
 
 /// A runner, or `None` (with a message) where there is no CUDA driver or device.
 pub fn runner(test: &str) -> Option<Runner> {
+    runner_with(test, moe_cuda::GemmTuning::default())
+}
+
+/// As [`runner`], with other GEMM kernel choices.
+pub fn runner_with(test: &str, tuning: moe_cuda::GemmTuning) -> Option<Runner> {
     let ctx = match moe_cuda::try_context(0) {
         Ok(c) => c,
         Err(why) => {
@@ -36,8 +41,8 @@ pub fn runner(test: &str) -> Option<Runner> {
     // not needed.
     unsafe { ctx.disable_event_tracking() };
     let stream = ctx.new_stream().expect("new stream");
-    let backend = CudaBackend::new(stream.clone()).expect("load kernels");
-    println!("{test}: device {}", ctx.name().unwrap_or_default());
+    let backend = CudaBackend::new(stream.clone()).expect("load kernels").with_tuning(tuning);
+    println!("{test}: device {} ({tuning:?})", ctx.name().unwrap_or_default());
     Some(Runner { ctx, stream, backend })
 }
 
