@@ -21,12 +21,12 @@ fn conformance_golden() {
     }
 }
 
-/// The golden cases again on the other GEMM kernels (the simple 64 x 64 kernel for every
-/// type, and the register-capped gated variant of the pipelined one).
+/// The golden cases again on the other GEMM kernels (the pipelined tensor-core kernel, and
+/// its register-capped gated variant).
 #[test]
 fn conformance_golden_other_kernels() {
     for tuning in [
-        GemmTuning { pipelined: false, capped_gated: false },
+        GemmTuning { pipelined: true, capped_gated: false },
         GemmTuning { pipelined: true, capped_gated: true },
     ] {
         let Some(r) = common::runner_with("conformance_golden_other_kernels", tuning) else {
@@ -43,7 +43,13 @@ fn conformance_golden_other_kernels() {
 /// tiles per expert, token counts that are not tile multiples) against the float64 reference.
 #[test]
 fn conformance_larger_shapes() {
-    let Some(r) = common::runner("conformance_larger_shapes") else { return };
+    for tuning in [GemmTuning::default(), GemmTuning { pipelined: true, capped_gated: false }] {
+        let Some(r) = common::runner_with("conformance_larger_shapes", tuning) else { return };
+        larger_shapes(&r);
+    }
+}
+
+fn larger_shapes(r: &common::Runner) {
     let mut failed = Vec::new();
     for (i, config) in larger_configs().into_iter().enumerate() {
         let mut rng = Rng::new(77 + i as u64);
@@ -66,7 +72,7 @@ fn conformance_larger_shapes() {
         };
         case.expected = expected_from_reference(&case).expect("reference");
         for dtype in DType::ALL {
-            let res = check_case(&r, &rounded_case(&case, dtype), dtype);
+            let res = check_case(r, &rounded_case(&case, dtype), dtype);
             println!("{}", res.line);
             if !res.passed {
                 failed.push(res.line);
