@@ -670,3 +670,34 @@ fn check_mlp_up<T: CudaElement>(
 pub fn dtype_of<T: CudaElement>() -> DType {
     T::DTYPE
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn view_arithmetic_needs_no_device() {
+        let v = DevViewMut::<u8>::raw(0x1000 + 3, 1000);
+        assert_eq!(<CudaBackend as Backend>::misalignment(&v, 256), 253);
+        let (a, b) = <CudaBackend as Backend>::split_at(v, 253);
+        assert_eq!((a.len, b.len, b.ptr), (253, 747, 0x1100));
+        let (c, _) = <CudaBackend as Backend>::split_at(b, 400);
+        let f = <CudaBackend as Backend>::cast_bytes::<f32>(c).expect("aligned");
+        assert_eq!(f.len, 100);
+        let odd = DevViewMut::<u8>::raw(0x1002, 8);
+        assert!(matches!(
+            <CudaBackend as Backend>::cast_bytes::<f32>(odd),
+            Err(MoeError::InvalidParameter { .. })
+        ));
+        // split beyond the end is clamped, never a panic
+        let w = DevViewMut::<i32>::raw(0x2000, 4);
+        let (x, y) = <CudaBackend as Backend>::split_at(w, 9);
+        assert_eq!((x.len, y.len), (4, 0));
+    }
+
+    #[test]
+    fn no_driver_is_an_error_not_a_panic() {
+        // On a machine without libcuda this must return Err; with one, Ok. Never a panic.
+        let _ = try_context(0);
+    }
+}
