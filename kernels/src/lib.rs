@@ -14,9 +14,13 @@ pub const FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/moe_kernels.
 /// Whether the kernels were compiled (nvcc was found at build time).
 pub const AVAILABLE: bool = !FATBIN.is_empty();
 
-/// Rows of one grouped-GEMM tile: expert blocks of permuted rows must be padded to a multiple
-/// of this (`MoePlan::with_row_align`).
-pub const GEMM_TILE_M: usize = 128;
+/// Rows of one tile of the simple GEMM kernel: expert blocks of permuted rows must be padded to
+/// a multiple of this (`MoePlan::with_row_align`).
+pub const GEMM_TILE_M: usize = 64;
+
+/// Rows of one tile of the pipelined GEMM kernels (`moe_gemm_tc_*`): grouped GEMMs use them
+/// only when expert blocks are padded to a multiple of this.
+pub const GEMM_TC_TILE_M: usize = 128;
 
 /// The largest expert count the fused router supports.
 pub const ROUTE_MAX_EXPERTS: usize = 512;

@@ -610,10 +610,18 @@ fn main() -> R<()> {
         }
         let tmax = *tokens.iter().max().unwrap_or(&1);
         let plan = CudaBackend::plan(&m.config, tmax)?;
+        let plan_tc = be
+            .clone()
+            .with_tuning(GemmTuning { pipelined: true, capped_gated: false })
+            .make_plan(&m.config, tmax)?;
         let w = weights(&m.config, &s, &filler, &mut rng)?;
         let x = filler.tensor(&s, tmax * m.config.hidden, 1.0, &mut rng)?;
         let mut out = s.alloc_zeros::<bf16>(tmax * m.config.hidden)?;
-        let mut ws = s.alloc_zeros::<u8>(plan.layout(moe_core::DType::BF16)?.total_bytes)?;
+        let ws_bytes = plan
+            .layout(moe_core::DType::BF16)?
+            .total_bytes
+            .max(plan_tc.layout(moe_core::DType::BF16)?.total_bytes);
+        let mut ws = s.alloc_zeros::<u8>(ws_bytes)?;
         for &t in &tokens {
             let r = bench_tokens(
                 &be, &s, &timer, &m, &plan, &w, &x, &mut out, &mut ws, t, bw, rate, true,
@@ -658,8 +666,9 @@ fn main() -> R<()> {
                 ("simple", GemmTuning { pipelined: false, capped_gated: false }),
             ] {
                 let b = be.clone().with_tuning(tuning);
+                let p = if tuning.pipelined { &plan_tc } else { &plan };
                 let r = bench_tokens(
-                    &b, &s, &timer, &m, &plan, &w, &x, &mut out, &mut ws, t, bw, rate, false,
+                    &b, &s, &timer, &m, p, &w, &x, &mut out, &mut ws, t, bw, rate, false,
                 )?;
                 line.push_str(&format!(
                     " | {name} {:.3} ms ({:.1}% of floor)",

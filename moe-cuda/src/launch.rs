@@ -94,6 +94,8 @@ pub(crate) struct Kernels {
     gemm: [CudaFunction; 3],
     /// `[f16, bf16][ungated, gated, gated capped at 128 registers]`.
     tc: [[CudaFunction; 3]; 2],
+    /// Whether the pipelined kernels got their shared-memory limit.
+    tc_ok: bool,
     combine: [CudaFunction; 3],
     gate: [CudaFunction; 3],
     add: [CudaFunction; 3],
@@ -105,19 +107,22 @@ impl Kernels {
         let three = |base: &'static [&'static str; 3]| -> Result<[CudaFunction; 3]> {
             Ok([f(base[0])?, f(base[1])?, f(base[2])?])
         };
+        // The pipelined kernels are optional: if they cannot be prepared (their shared memory
+        // limit raised), the simple kernel serves every GEMM.
         let tc = [
             three(&["moe_gemm_tc_f16", "moe_gemm_tc_gated_f16", "moe_gemm_tc_gated2_f16"])?,
             three(&["moe_gemm_tc_bf16", "moe_gemm_tc_gated_bf16", "moe_gemm_tc_gated2_bf16"])?,
         ];
-        for f in tc.iter().flatten() {
+        let tc_ok = tc.iter().flatten().all(|f| {
             f.set_attribute(
                 CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 TC_SMEM_GATED as i32,
             )
-            .map_err(err("cuFuncSetAttribute"))?;
-        }
+            .is_ok()
+        });
         Ok(Kernels {
             tc,
+            tc_ok,
             route: f("moe_route")?,
             permute: f("moe_permute")?,
             gemm: three(&["moe_gemm_f32", "moe_gemm_f16", "moe_gemm_bf16"])?,
@@ -162,7 +167,7 @@ pub(crate) fn gemm(
     p: &GemmParams,
 ) -> Result<()> {
     let (f, tile_m, threads, smem) = match path {
-        GemmPath::Pipelined { capped } if ty > 0 => {
+        GemmPath::Pipelined { capped } if ty > 0 && k.tc_ok => {
             let v = if p.gated != 0 { 1 + capped as usize } else { 0 };
             let smem = if p.gated != 0 { TC_SMEM_GATED } else { TC_SMEM };
             (&k.tc[ty - 1][v], 128u32, 256u32, smem)

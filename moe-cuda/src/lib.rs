@@ -125,8 +125,10 @@ impl std::fmt::Debug for CudaBackend {
 }
 
 impl CudaBackend {
-    /// Row alignment plans must use with this backend (the grouped GEMM's tile height).
+    /// Row alignment plans must use with this backend (the simple grouped GEMM's tile height).
     pub const ROW_ALIGN: usize = moe_kernels::GEMM_TILE_M;
+    /// Row alignment with which grouped GEMMs can take the pipelined kernel.
+    pub const ROW_ALIGN_PIPELINED: usize = moe_kernels::GEMM_TC_TILE_M;
 
     /// A backend launching on `stream`. Loads the fatbin into the stream's context the first
     /// time (once per context; later backends share it).
@@ -173,6 +175,17 @@ impl CudaBackend {
     pub fn plan(config: &MoeConfig, max_tokens: usize) -> Result<MoePlan> {
         MoePlan::with_row_align(config, max_tokens, Self::ROW_ALIGN)
     }
+
+    /// The row alignment this backend's tuning wants ([`Self::ROW_ALIGN_PIPELINED`] with the
+    /// pipelined kernel, else [`Self::ROW_ALIGN`]).
+    pub fn row_align(&self) -> usize {
+        if self.tuning.pipelined { Self::ROW_ALIGN_PIPELINED } else { Self::ROW_ALIGN }
+    }
+
+    /// A plan padded for this backend's tuning.
+    pub fn make_plan(&self, config: &MoeConfig, max_tokens: usize) -> Result<MoePlan> {
+        MoePlan::with_row_align(config, max_tokens, self.row_align())
+    }
 }
 
 /// Checks that a view holds at least `expected` elements (workspace regions are sized for the
@@ -213,7 +226,7 @@ fn check_opt<U>(what: &'static str, v: &Option<DevView<'_, U>>, expected: usize)
 fn check_row_align(plan: &MoePlan) -> Result<()> {
     if !plan.row_align().is_multiple_of(CudaBackend::ROW_ALIGN) {
         return Err(unsupported(
-            "plan row_align must be a multiple of 128 (use CudaBackend::plan or MoePlan::with_row_align)",
+            "plan row_align must be a multiple of 64 (use CudaBackend::plan or MoePlan::with_row_align)",
         ));
     }
     Ok(())
@@ -272,8 +285,9 @@ impl Backend for CudaBackend {
 }
 
 impl CudaBackend {
-    fn run_gemm<T: CudaElement>(&self, p: launch::GemmParams) -> Result<()> {
-        let path = if T::VEC8 && self.tuning.pipelined && p.vec_a != 0 && p.vec_w != 0 {
+    /// `rows_ok`: for a grouped GEMM, whether expert blocks are padded to the pipelined tile.
+    fn run_gemm<T: CudaElement>(&self, p: launch::GemmParams, rows_ok: bool) -> Result<()> {
+        let path = if T::VEC8 && self.tuning.pipelined && rows_ok && p.vec_a != 0 && p.vec_w != 0 {
             launch::GemmPath::Pipelined { capped: self.tuning.capped_gated }
         } else {
             launch::GemmPath::Simple
@@ -315,7 +329,7 @@ impl<T: CudaElement> MoeStages<T> for CudaBackend {
             vec_w: Self::vec_ok::<T>(hidden, &[weight.ptr]),
             ..Default::default()
         };
-        self.run_gemm::<T>(p)
+        self.run_gemm::<T>(p, true)
     }
 
     fn route(
@@ -464,7 +478,7 @@ impl<T: CudaElement> MoeStages<T> for CudaBackend {
             vec_w: Self::vec_ok::<T>(d, &[weights.up.ptr, wg]),
             ..Default::default()
         };
-        self.run_gemm::<T>(p)
+        self.run_gemm::<T>(p, plan.row_align().is_multiple_of(Self::ROW_ALIGN_PIPELINED))
     }
 
     fn expert_down(
@@ -506,7 +520,7 @@ impl<T: CudaElement> MoeStages<T> for CudaBackend {
             vec_w: Self::vec_ok::<T>(i, &[weights.down.ptr]),
             ..Default::default()
         };
-        self.run_gemm::<T>(p)
+        self.run_gemm::<T>(p, plan.row_align().is_multiple_of(Self::ROW_ALIGN_PIPELINED))
     }
 
     fn combine(
@@ -572,7 +586,7 @@ impl<T: CudaElement> MoeStages<T> for CudaBackend {
             vec_w: Self::vec_ok::<T>(in_dim, &[weights.up.ptr, wg]),
             ..Default::default()
         };
-        self.run_gemm::<T>(p)
+        self.run_gemm::<T>(p, true)
     }
 
     fn linear(
@@ -609,7 +623,7 @@ impl<T: CudaElement> MoeStages<T> for CudaBackend {
             vec_w: Self::vec_ok::<T>(in_dim, &[weight.ptr]),
             ..Default::default()
         };
-        self.run_gemm::<T>(p)
+        self.run_gemm::<T>(p, true)
     }
 
     fn sigmoid_gate(

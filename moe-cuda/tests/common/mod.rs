@@ -180,7 +180,7 @@ impl Runner {
         x: &[f64],
         tokens: usize,
     ) -> Result<Prepared<T>, MoeError> {
-        let plan = CudaBackend::plan(config, tokens)?;
+        let plan = self.backend.make_plan(config, tokens)?;
         let layout = plan.layout(T::DTYPE)?;
         let weights = DevWeights::<T>::upload(&self.stream, weights)?;
         let xe: Vec<T> = to_elements(x);
