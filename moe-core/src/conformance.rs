@@ -863,12 +863,18 @@ pub fn random_case(seed: u64, force: Force) -> Case {
         latent,
         parallel: ParallelConfig::default(),
     };
-    let w = random_weights(&config, &mut r);
-    let x = r.tensor(tokens * hidden, 1.0);
+    generated_case(&format!("random-{seed}"), config, tokens, &mut r)
+}
+
+/// A case for `config` with random weights and input drawn from `r`, its expected results
+/// computed by the float64 reference.
+pub fn generated_case(name: &str, config: MoeConfig, tokens: usize, r: &mut Rng) -> Case {
+    let weights = random_weights(&config, r);
+    let x = r.tensor(tokens * config.hidden, 1.0);
     let mut case = Case {
-        name: format!("random-{seed}"),
+        name: name.to_string(),
         config,
-        weights: w,
+        weights,
         x,
         tokens,
         expected: Expected {
