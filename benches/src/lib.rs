@@ -1,1 +1,1 @@
-//! placeholder
+//! Criterion benches of moe-kernels (see `benches/`); the library part is empty.

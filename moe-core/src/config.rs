@@ -291,7 +291,7 @@ impl MlpConfig {
                 return Err(MoeError::InconsistentConfig { what });
             }
         }
-        if self.intermediate % tp != 0 {
+        if !self.intermediate.is_multiple_of(tp) {
             return Err(MoeError::InvalidParameter {
                 what: inter_what,
                 value: self.intermediate as f64,
@@ -328,7 +328,7 @@ impl MoeConfig {
         let r = &self.router;
         if let Some(g) = r.groups {
             nonzero("router.groups.n_group", g.n_group)?;
-            if self.experts % g.n_group != 0 {
+            if !self.experts.is_multiple_of(g.n_group) {
                 return Err(MoeError::GroupsDoNotDivide {
                     experts: self.experts,
                     n_group: g.n_group,
@@ -416,6 +416,26 @@ impl MoeConfig {
         }
         if let Some(l) = &self.latent {
             nonzero("latent.size", l.size)?;
+        }
+        // Every tensor's element count must fit in usize (and the expert dimension in i32).
+        let fits = |what: &'static str, dims: &[usize]| -> Result<()> {
+            dims.iter()
+                .try_fold(1usize, |a, &d| a.checked_mul(d))
+                .filter(|&n| n <= isize::MAX as usize / 8)
+                .map(|_| ())
+                .ok_or(MoeError::InvalidParameter {
+                    what,
+                    value: f64::INFINITY,
+                    rule: "tensor sizes fit in memory",
+                })
+        };
+        fits("router.weight", &[self.experts, self.hidden])?;
+        fits("experts", &[self.experts, self.expert.mlp.intermediate, self.expert_width()])?;
+        if let Some(s) = &self.shared {
+            fits("shared", &[s.mlp.intermediate, self.hidden])?;
+        }
+        if let Some(l) = &self.latent {
+            fits("latent", &[l.size, self.hidden])?;
         }
         Ok(())
     }

@@ -100,6 +100,19 @@ pub struct ElementMlp<T> {
     pub down_bias: Option<Vec<T>>,
 }
 
+/// Element-typed latent projections.
+#[derive(Clone, Debug, Default)]
+pub struct ElementLatent<T> {
+    /// `[L, H]`.
+    pub fc1: Vec<T>,
+    /// `[H, L]`.
+    pub fc2: Vec<T>,
+    /// `[L]`.
+    pub fc1_bias: Option<Vec<T>>,
+    /// `[H]`.
+    pub fc2_bias: Option<Vec<T>>,
+}
+
 /// See [`ElementMlp`].
 #[derive(Clone, Debug, Default)]
 pub struct ElementWeights<T> {
@@ -113,8 +126,8 @@ pub struct ElementWeights<T> {
     pub experts: ElementMlp<T>,
     /// Shared MLP and gate.
     pub shared: Option<(ElementMlp<T>, Option<Vec<T>>)>,
-    /// Latent fc1, fc2, fc1 bias, fc2 bias.
-    pub latent: Option<(Vec<T>, Vec<T>, Option<Vec<T>>, Option<Vec<T>>)>,
+    /// Latent projections.
+    pub latent: Option<ElementLatent<T>>,
     /// Expert map.
     pub expert_map: Option<Vec<i32>>,
 }
@@ -151,8 +164,11 @@ impl<T: Element> ElementWeights<T> {
                 .map(|b| b.iter().map(|&v| v as f32).collect()),
             experts: mlp_el(&w.experts),
             shared: w.shared.as_ref().map(|s| (mlp_el(&s.mlp), opt(&s.gate))),
-            latent: w.latent.as_ref().map(|l| {
-                (to_elements(&l.fc1), to_elements(&l.fc2), opt(&l.fc1_bias), opt(&l.fc2_bias))
+            latent: w.latent.as_ref().map(|l| ElementLatent {
+                fc1: to_elements(&l.fc1),
+                fc2: to_elements(&l.fc2),
+                fc1_bias: opt(&l.fc1_bias),
+                fc2_bias: opt(&l.fc2_bias),
             }),
             expert_map: w.expert_map.clone(),
         }
@@ -258,6 +274,15 @@ pub struct CaseResult {
     pub line: String,
     /// Whether it passed (or was a declared skip).
     pub passed: bool,
+    /// Relative-norm error of the weights and of the output (0 when skipped, infinite when the
+    /// run failed).
+    pub errors: (f64, f64),
+}
+
+impl CaseResult {
+    fn fail(line: String) -> Self {
+        CaseResult { line, passed: false, errors: (f64::INFINITY, f64::INFINITY) }
+    }
 }
 
 /// Per-token bound on how far a selection value can move when `x` and the router weight are
@@ -304,16 +329,20 @@ pub fn check_case<B: ConformanceBackend + ?Sized>(
     let run = match backend.run(dtype, c, &case.weights, &case.x, case.tokens) {
         Ok(r) => r,
         Err(e @ MoeError::Unsupported { .. }) if backend.unsupported(dtype, c) => {
-            return CaseResult { line: format!("{tag} skipped: {e}"), passed: true };
+            return CaseResult {
+                line: format!("{tag} skipped: {e}"),
+                passed: true,
+                errors: (0.0, 0.0),
+            };
         }
-        Err(e) => return CaseResult { line: format!("{tag} FAIL: error {e}"), passed: false },
+        Err(e) => return CaseResult::fail(format!("{tag} FAIL: error {e}")),
     };
     let t_n = case.tokens;
     if run.topk_ids.len() != t_n * k
         || run.topk_weights.len() != t_n * k
         || run.out.len() != t_n * h
     {
-        return CaseResult { line: format!("{tag} FAIL: output sizes"), passed: false };
+        return CaseResult::fail(format!("{tag} FAIL: output sizes"));
     }
     let ex = &case.expected;
     // Logits of the float64 inputs, for resolution bounds and forced routing.
@@ -357,7 +386,7 @@ pub fn check_case<B: ConformanceBackend + ?Sized>(
             match reference::output_for_routing(c, &case.weights, xt, 1, got_ids, &forced) {
                 Ok(o) => exp_out[t * h..(t + 1) * h].copy_from_slice(&o),
                 Err(e) => {
-                    return CaseResult { line: format!("{tag} FAIL: reference {e}"), passed: false };
+                    return CaseResult::fail(format!("{tag} FAIL: reference {e}"));
                 }
             }
             ws = got_ids.iter().copied().zip(forced.into_iter().map(|w| w * os)).collect();
@@ -384,7 +413,7 @@ pub fn check_case<B: ConformanceBackend + ?Sized>(
         if unwritten > 0 { format!(" {unwritten} non-finite outputs") } else { String::new() },
         if passed { "ok" } else { "FAIL" }
     );
-    CaseResult { line, passed }
+    CaseResult { line, passed, errors: (ew, eo) }
 }
 
 // ---------------------------------------------------------------- golden cases
@@ -761,7 +790,7 @@ pub fn random_case(seed: u64, force: Force) -> Case {
     let tokens = force.tokens.unwrap_or_else(|| r.range(0, 24));
     let scoring = [Scoring::Softmax, Scoring::Sigmoid, Scoring::None][r.range(0, 2)];
     let mut groups = None;
-    let divisors: Vec<usize> = (1..=experts).filter(|g| experts % g == 0).collect();
+    let divisors: Vec<usize> = (1..=experts).filter(|&g| experts.is_multiple_of(g)).collect();
     if force.one_group || force.all_groups || r.chance(0.35) {
         let n_group = if force.one_group { 1 } else { divisors[r.range(0, divisors.len() - 1)] };
         let per = experts / n_group;
@@ -834,12 +863,18 @@ pub fn random_case(seed: u64, force: Force) -> Case {
         latent,
         parallel: ParallelConfig::default(),
     };
-    let w = random_weights(&config, &mut r);
-    let x = r.tensor(tokens * hidden, 1.0);
+    generated_case(&format!("random-{seed}"), config, tokens, &mut r)
+}
+
+/// A case for `config` with random weights and input drawn from `r`, its expected results
+/// computed by the float64 reference.
+pub fn generated_case(name: &str, config: MoeConfig, tokens: usize, r: &mut Rng) -> Case {
+    let weights = random_weights(&config, r);
+    let x = r.tensor(tokens * config.hidden, 1.0);
     let mut case = Case {
-        name: format!("random-{seed}"),
+        name: name.to_string(),
         config,
-        weights: w,
+        weights,
         x,
         tokens,
         expected: Expected {
@@ -959,7 +994,7 @@ pub fn run_property_suite<B: ConformanceBackend + ?Sized>(
             } else {
                 failed.push(format!("{} [{:?}]", r.line, case.config));
             }
-            worst = worst.max(parse_worst(&r.line));
+            worst = worst.max(r.errors.0).max(r.errors.1);
         }
         println!(
             "property[{}] {:<4} {passed}/{} cases passed, worst error {worst:.2e}",
@@ -973,19 +1008,6 @@ pub fn run_property_suite<B: ConformanceBackend + ?Sized>(
     } else {
         Err(format!("{} property checks failed:\n{}", failed.len(), failed.join("\n")))
     }
-}
-
-fn parse_worst(line: &str) -> f64 {
-    let mut worst = 0f64;
-    let words: Vec<&str> = line.split_whitespace().collect();
-    for w in words.windows(2) {
-        if w[0] == "weights" || w[0] == "out" {
-            if let Ok(v) = w[1].parse::<f64>() {
-                worst = worst.max(v);
-            }
-        }
-    }
-    worst
 }
 
 // ---------------------------------------------------------------- host-slice backends
@@ -1020,11 +1042,11 @@ impl<T: Element> ElementWeights<T> {
                 mlp: mlp_views(m),
                 gate: g.as_deref().map(B::from_host),
             }),
-            latent: self.latent.as_ref().map(|(f1, f2, b1, b2)| LatentWeights {
-                fc1: B::from_host(f1),
-                fc2: B::from_host(f2),
-                fc1_bias: b1.as_deref().map(B::from_host),
-                fc2_bias: b2.as_deref().map(B::from_host),
+            latent: self.latent.as_ref().map(|l| LatentWeights {
+                fc1: B::from_host(&l.fc1),
+                fc2: B::from_host(&l.fc2),
+                fc1_bias: l.fc1_bias.as_deref().map(B::from_host),
+                fc2_bias: l.fc2_bias.as_deref().map(B::from_host),
             }),
             expert_map: self.expert_map.as_deref().map(B::from_host),
         }
@@ -1099,5 +1121,96 @@ where
             DType::F16 => run_on_host::<B, half::f16>(&self.0, config, weights, x, tokens),
             DType::BF16 => run_on_host::<B, half::bf16>(&self.0, config, weights, x, tokens),
         }
+    }
+}
+
+// ---------------------------------------------------------------- the tie / NaN policy
+
+/// Cases that pin the selection policy every backend must share: exact ties (all logits equal,
+/// so the lower expert id wins), group ties, NaN router biases (never selected), and a token
+/// with no selectable expert at all (every slot -1, weight 0).
+pub fn rules_cases() -> Vec<Case> {
+    let mut cases = Vec::new();
+    let base = |seed: u64, scoring: Scoring, groups: Option<GroupLimit>, bias: Vec<f64>| {
+        let mut c =
+            random_case(seed, Force { tokens: Some(4), experts: Some(8), ..Force::default() });
+        c.config.top_k = 3;
+        c.config.router.scoring = scoring;
+        c.config.router.groups = groups;
+        c.config.router.bias = true;
+        c.config.router.selection_bias = false;
+        c.config.router.weights = WeightSource::Scores;
+        c.config.router.reduce = TopkReduce::Sum { eps: 0.0 };
+        c.config.expert.apply_weight_on_input = false;
+        c.config.parallel = ParallelConfig::default();
+        let mut r = Rng::new(seed);
+        c.weights = random_weights(&c.config, &mut r);
+        c.weights.router.iter_mut().for_each(|w| *w = 0.0);
+        c.weights.router_bias = Some(bias);
+        c
+    };
+    let mut push = |name: &str, mut c: Case| {
+        c.name = name.to_string();
+        c.expected = expected_from_reference(&c).unwrap_or_else(|e| panic!("reference: {e}"));
+        cases.push(c);
+    };
+    push("rule: all tie", base(11, Scoring::Softmax, None, vec![0.0; 8]));
+    push(
+        "rule: partial tie",
+        base(12, Scoring::Sigmoid, None, vec![0.0, 1.0, 0.5, 1.0, 0.5, 1.0, 0.0, 0.25]),
+    );
+    push(
+        "rule: group tie",
+        base(
+            13,
+            Scoring::Sigmoid,
+            Some(GroupLimit { n_group: 4, topk_group: 2, score: GroupScore::Top2Sum }),
+            vec![0.5, 0.5, 0.0, 1.0, 1.0, 0.0, 0.5, 0.5],
+        ),
+    );
+    let nan = f64::NAN;
+    push(
+        "rule: NaN never chosen",
+        base(14, Scoring::Sigmoid, None, vec![nan, 3.0, nan, 2.0, nan, 1.0, 0.0, nan]),
+    );
+    push(
+        "rule: too few numbers",
+        base(15, Scoring::Sigmoid, None, vec![nan, nan, 2.0, nan, nan, nan, nan, 1.0]),
+    );
+    push("rule: no number", base(16, Scoring::Sigmoid, None, vec![nan; 8]));
+    cases
+}
+
+/// Run [`rules_cases`] in every element type: the chosen ids must equal the reference's exactly
+/// (slot order included), and weights and output must pass the usual checks.
+pub fn run_rules_suite<B: ConformanceBackend + ?Sized>(backend: &B) -> Result<usize, String> {
+    let mut failed = Vec::new();
+    let mut n = 0;
+    for case in rules_cases() {
+        for dtype in DType::ALL {
+            n += 1;
+            let rc = rounded_case(&case, dtype);
+            let got = backend.run(dtype, &rc.config, &rc.weights, &rc.x, rc.tokens);
+            let ids_ok = match &got {
+                Ok(r) => r.topk_ids == rc.expected.topk_ids,
+                Err(MoeError::Unsupported { .. }) if backend.unsupported(dtype, &rc.config) => true,
+                Err(_) => false,
+            };
+            let r = check_case(backend, &rc, dtype);
+            let line = format!("{} ids exact: {}", r.line, if ids_ok { "yes" } else { "NO" });
+            println!("{line}");
+            if !(ids_ok && r.passed) {
+                failed.push(format!(
+                    "{line} got {:?} want {:?}",
+                    got.map(|g| g.topk_ids),
+                    rc.expected.topk_ids
+                ));
+            }
+        }
+    }
+    if failed.is_empty() {
+        Ok(n)
+    } else {
+        Err(format!("{} rule checks failed:\n{}", failed.len(), failed.join("\n")))
     }
 }

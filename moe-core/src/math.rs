@@ -135,7 +135,7 @@ pub fn argmax_no_nan<F: Real>(v: &[F]) -> Option<usize> {
             continue;
         }
         match best {
-            Some((_, b)) if !(x > b) => {}
+            Some((_, b)) if x <= b => {}
             _ => best = Some((i, x)),
         }
     }

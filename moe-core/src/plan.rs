@@ -115,9 +115,8 @@ impl MoePlan {
 
     /// Upper bound on permuted rows for `tokens` tokens.
     pub fn rows_capacity(&self, tokens: usize) -> usize {
-        let pad =
-            if self.row_align > 1 { self.config.local_experts() * (self.row_align - 1) } else { 0 };
-        tokens * self.config.top_k + pad
+        let pad = self.config.local_experts().saturating_mul(self.row_align - 1);
+        tokens.saturating_mul(self.config.top_k).saturating_add(pad)
     }
 
     /// The workspace layout for element type `dtype`.
@@ -127,6 +126,13 @@ impl MoePlan {
         let k = c.top_k;
         let el = c.local_experts();
         let rows = self.rows_capacity(t);
+        if rows > i32::MAX as usize {
+            return Err(MoeError::InvalidParameter {
+                what: "permuted rows",
+                value: rows as f64,
+                rule: "tokens * top_k + experts * (row_align - 1) fits in i32",
+            });
+        }
         let lat = c.latent.map_or(0, |l| l.size);
         let es = dtype.size_bytes();
         let mut at = 0usize;

@@ -227,3 +227,22 @@ mod simulated {
         }
     }
 }
+
+impl<B: Backend, T: Element> core::fmt::Debug for Partial<'_, B, T> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "Partial<{}, {}>[{}]", B::NAME, T::DTYPE.name(), B::view_mut_len(&self.buf))
+    }
+}
+
+impl<B: Backend, T: Element> core::fmt::Debug for Reduced<'_, B, T> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(
+            f,
+            "Reduced<{}, {}>[{}] after {} all-reduce(s)",
+            B::NAME,
+            T::DTYPE.name(),
+            B::view_mut_len(&self.buf),
+            self.all_reduces
+        )
+    }
+}

@@ -390,10 +390,8 @@ impl HostWeights {
                 gate: s.gate.clone(),
             });
         }
-        if let Some(l) = &mut w.latent {
-            if rank != 0 {
-                l.fc2_bias = None;
-            }
+        if let (Some(l), true) = (&mut w.latent, rank != 0) {
+            l.fc2_bias = None;
         }
         w
     }

@@ -198,10 +198,11 @@ impl<T: Element> MoeStages<T> for Cpu {
         need("router.weight", weight, experts * hidden)?;
         need_opt("router.bias", bias, experts)?;
         need("logits", logits, tokens * experts)?;
-        if self.check_finite_input {
-            if let Some(i) = x[..tokens * hidden].iter().position(|v| !v.to_f32().is_finite()) {
-                return Err(MoeError::NonFiniteInput { what: "x", index: i });
-            }
+        let bad = |v: &T| !v.to_f32().is_finite();
+        if let Some(i) =
+            self.check_finite_input.then(|| x[..tokens * hidden].iter().position(bad)).flatten()
+        {
+            return Err(MoeError::NonFiniteInput { what: "x", index: i });
         }
         for t in 0..tokens {
             let xt = &x[t * hidden..(t + 1) * hidden];

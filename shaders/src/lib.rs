@@ -1,1 +1,3 @@
-//! placeholder
+//! WGSL shaders of moe-kernels.
+//!
+//! Not implemented yet (the wgpu backend issue): this crate builds empty.
