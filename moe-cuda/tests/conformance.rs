@@ -7,8 +7,8 @@ mod common;
 use moe_core::DType;
 use moe_core::config::*;
 use moe_core::conformance::{
-    Case, ConformanceBackend, Expected, Rng, check_case, expected_from_reference, golden_dir,
-    load_dir, random_weights, rel_err, rounded_case, run_golden_suite, run_property_suite,
+    ConformanceBackend, Rng, check_case, generated_case, golden_dir, load_dir, rel_err,
+    rounded_case, run_golden_suite, run_property_suite,
 };
 use moe_cuda::GemmTuning;
 
@@ -17,6 +17,16 @@ fn conformance_golden() {
     let Some(r) = common::runner("conformance_golden") else { return };
     match run_golden_suite(&r) {
         Ok(n) => println!("{n} golden checks passed"),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// The tie / NaN selection policy: ids must equal the reference's exactly.
+#[test]
+fn conformance_rules() {
+    let Some(r) = common::runner("conformance_rules") else { return };
+    match moe_core::conformance::run_rules_suite(&r) {
+        Ok(n) => println!("{n} rule checks passed"),
         Err(e) => panic!("{e}"),
     }
 }
@@ -54,23 +64,7 @@ fn larger_shapes(r: &common::Runner) {
     for (i, config) in larger_configs().into_iter().enumerate() {
         let mut rng = Rng::new(77 + i as u64);
         let tokens = [300, 129, 200, 1][i % 4];
-        let weights = random_weights(&config, &mut rng);
-        let x = rng.tensor(tokens * config.hidden, 1.0);
-        let mut case = Case {
-            name: format!("larger-{i}"),
-            config,
-            weights,
-            x,
-            tokens,
-            expected: Expected {
-                topk_ids: vec![],
-                topk_weights: vec![],
-                margin: vec![],
-                out: vec![],
-                weights_include_output_scale: false,
-            },
-        };
-        case.expected = expected_from_reference(&case).expect("reference");
+        let case = generated_case(&format!("larger-{i}"), config, tokens, &mut rng);
         for dtype in DType::ALL {
             let res = check_case(r, &rounded_case(&case, dtype), dtype);
             println!("{}", res.line);

@@ -130,9 +130,12 @@ impl<T: CudaElement> DevWeights<T> {
                 None => None,
             },
             latent: match &e.latent {
-                Some((f1, f2, b1, b2)) => {
-                    Some((upload(s, f1)?, upload(s, f2)?, up_opt(s, b1)?, up_opt(s, b2)?))
-                }
+                Some(l) => Some((
+                    upload(s, &l.fc1)?,
+                    upload(s, &l.fc2)?,
+                    up_opt(s, &l.fc1_bias)?,
+                    up_opt(s, &l.fc2_bias)?,
+                )),
                 None => None,
             },
             expert_map: up_opt(s, &e.expert_map)?,
