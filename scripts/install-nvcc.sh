@@ -23,7 +23,13 @@ find_nvcc() {
 }
 
 if ! nvcc_path="$(find_nvcc)" || ! "$nvcc_path" --version >/dev/null 2>&1; then
-    [ -x "$venv/bin/python" ] || "$python" -m venv "$venv" >&2
+    if [ ! -x "$venv/bin/python" ]; then
+        if ! "$python" -m venv "$venv" >&2; then
+            echo "install-nvcc: '$python -m venv' failed; on Debian/Ubuntu: apt-get install -y python3-venv" >&2
+            rm -rf "$venv"
+            exit 1
+        fi
+    fi
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "${pkgs[@]}" >&2
     nvcc_path="$(find_nvcc)" || { echo "install-nvcc: nvcc not found after install" >&2; exit 1; }
 fi
