@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run the staged moe-cuda binaries on a GPU machine (from the staging folder).
-# Usage: ./gpu-run.sh [conformance] [sanitize] [bench] [anchor]   (default: conformance)
+# Usage: ./gpu-run.sh [conformance] [sanitize] [quickstart] [bench] [anchor]   (default: conformance)
 set -uo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$here"
@@ -18,6 +18,9 @@ for w in $what; do
         compute-sanitizer --tool memcheck --print-limit 20 "$conf" --test-threads=1 golden graph larger 2>&1 | tail -n 25 || rc=1
         echo "=== compute-sanitizer racecheck (golden)"
         compute-sanitizer --tool racecheck --print-limit 20 "$conf" --test-threads=1 golden 2>&1 | tail -n 25 || rc=1 ;;
+    quickstart)
+        echo "=== quickstart"
+        ./quickstart || rc=1 ;;
     bench)
         echo "=== bench"
         # cuBLAS (for the matmul-rate ceiling) from wherever the machine has it (e.g. PyTorch's wheels)

@@ -6,7 +6,10 @@
 //!
 //! * The fatbin is loaded once per CUDA context ([`CudaBackend::new`]).
 //! * A forward allocates nothing and never synchronizes with the host, so a whole
-//!   [`moe_core::forward`] can be captured into a CUDA graph and replayed.
+//!   [`moe_core::forward`] can be captured into a CUDA graph and replayed. The stages only
+//!   launch kernels; [`DevView::of`] is the one call that touches cudarc's per-allocation
+//!   event tracking, so with several streams make the views before `begin_capture` (or switch
+//!   tracking off with `CudaContext::disable_event_tracking` before allocating).
 //! * Plans must pad each expert's rows to the grouped GEMM's tile:
 //!   `MoePlan::with_row_align(config, max_tokens, CudaBackend::ROW_ALIGN)`.
 //! * Routing with a user-supplied top-k reduce ([`moe_core::TopkReduce::Custom`]) is not run
