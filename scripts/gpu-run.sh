@@ -11,8 +11,11 @@ rc=0
 for w in $what; do
     case "$w" in
     conformance)
-        echo "=== conformance ($conf)"
-        "$conf" --nocapture --test-threads=1 || rc=1 ;;
+        for t in "$here"/conformance-* "$here"/parallel-*; do
+            [ -x "$t" ] || continue
+            echo "=== $(basename "$t")"
+            "$t" --nocapture --test-threads=1 || rc=1
+        done ;;
     sanitize)
         echo "=== compute-sanitizer memcheck (golden, other kernels, graph, larger shapes)"
         compute-sanitizer --tool memcheck --print-limit 20 "$conf" --test-threads=1 golden graph larger 2>&1 | tail -n 25 || rc=1

@@ -27,7 +27,7 @@ for line in sys.stdin:
         print(m["executable"])'
 }
 mkdir -p "$dest"
-rm -f "$dest"/conformance-* "$dest"/moe_cuda-* "$dest"/bench "$dest"/quickstart "$dest"/*.d
+find "$dest" -maxdepth 1 -type f -delete  # the previous staging (files only; golden/ is replaced below)
 tests="$(cargo_q test -p moe-cuda --no-run | executables)"
 bench="$(cargo_q build -p moe-cuda --example bench | executables)"
 quick="$(cargo_q build -p moe-cuda --example quickstart | executables)"
@@ -41,7 +41,7 @@ cp -r "$repo/golden" "$dest/golden"
 cp "$repo/scripts/gpu-run.sh" "$dest/gpu-run.sh"
 cp "$repo/benches/torch_anchor.py" "$dest/torch_anchor.py" 2>/dev/null || true
 # keep the staged tree small (the device tool carries at most 64 MiB)
-for f in "$dest"/conformance-* "$dest"/moe_cuda-* "$dest/bench" "$dest/quickstart"; do
+for f in "$dest"/*-* "$dest/bench" "$dest/quickstart"; do
     [ -f "$f" ] && strip --strip-debug "$f" 2>/dev/null || true
 done
 ls -la "$dest"

@@ -92,7 +92,7 @@ fn main() -> R<()> {
         expert_map: None,
     };
     let run = |out: &mut cudarc::driver::CudaSlice<bf16>,
-                   ws: &mut cudarc::driver::CudaSlice<u8>| {
+               ws: &mut cudarc::driver::CudaSlice<u8>| {
         forward(
             &backend,
             &plan,

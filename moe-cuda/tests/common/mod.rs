@@ -219,6 +219,28 @@ impl Runner {
         Ok(())
     }
 
+    /// Launch this rank's part of a forward (`forward_partial`, no reduce): the output holds
+    /// the rank's partial sum, for tests that sum ranks on the host.
+    pub fn forward_partial<T: CudaElement>(&self, p: &mut Prepared<T>) -> Result<(), MoeError>
+    where
+        CudaBackend: moe_core::MoeStages<T>,
+    {
+        let h = p.plan.config().hidden;
+        let w = p.weights.views();
+        let partial = moe_core::forward_partial(
+            &self.backend,
+            &p.plan,
+            &w,
+            p.tokens,
+            DevView::of(&p.x).prefix(p.tokens * h),
+            DevViewMut::of(&mut p.out).prefix(p.tokens * h),
+            DevViewMut::of(&mut p.ws),
+        )?;
+        // The host sums the ranks' partial outputs in these tests.
+        let _unreduced = partial;
+        Ok(())
+    }
+
     /// Read back the output and the routing (from the workspace).
     pub fn read<T: CudaElement>(&self, p: &Prepared<T>) -> Result<RunOutput, MoeError> {
         self.stream.synchronize().map_err(dev("synchronize"))?;
