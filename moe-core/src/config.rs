@@ -470,6 +470,13 @@ impl MoeConfig {
         self.parallel.tp_rank == 0
     }
 
+    /// Whether this rank adds the latent fc2 bias: it applies to the whole routed sum, so with
+    /// experts split across ranks only the rank that also adds the shared expert adds it
+    /// (and with tensor parallelism only rank 0).
+    pub fn adds_latent_bias(&self) -> bool {
+        self.adds_output_bias() && self.parallel.experts.is_none_or(|e| e.include_shared)
+    }
+
     /// The factor the combine (or latent fc2) multiplies into the routed output.
     pub fn output_scale(&self) -> f64 {
         match self.router.scale.placement {

@@ -863,12 +863,18 @@ pub fn random_case(seed: u64, force: Force) -> Case {
         latent,
         parallel: ParallelConfig::default(),
     };
-    let w = random_weights(&config, &mut r);
-    let x = r.tensor(tokens * hidden, 1.0);
+    generated_case(&format!("random-{seed}"), config, tokens, &mut r)
+}
+
+/// A case for `config` with random weights and input drawn from `r`, its expected results
+/// computed by the float64 reference.
+pub fn generated_case(name: &str, config: MoeConfig, tokens: usize, r: &mut Rng) -> Case {
+    let weights = random_weights(&config, r);
+    let x = r.tensor(tokens * config.hidden, 1.0);
     let mut case = Case {
-        name: format!("random-{seed}"),
+        name: name.to_string(),
         config,
-        weights: w,
+        weights,
         x,
         tokens,
         expected: Expected {
@@ -1115,5 +1121,96 @@ where
             DType::F16 => run_on_host::<B, half::f16>(&self.0, config, weights, x, tokens),
             DType::BF16 => run_on_host::<B, half::bf16>(&self.0, config, weights, x, tokens),
         }
+    }
+}
+
+// ---------------------------------------------------------------- the tie / NaN policy
+
+/// Cases that pin the selection policy every backend must share: exact ties (all logits equal,
+/// so the lower expert id wins), group ties, NaN router biases (never selected), and a token
+/// with no selectable expert at all (every slot -1, weight 0).
+pub fn rules_cases() -> Vec<Case> {
+    let mut cases = Vec::new();
+    let base = |seed: u64, scoring: Scoring, groups: Option<GroupLimit>, bias: Vec<f64>| {
+        let mut c =
+            random_case(seed, Force { tokens: Some(4), experts: Some(8), ..Force::default() });
+        c.config.top_k = 3;
+        c.config.router.scoring = scoring;
+        c.config.router.groups = groups;
+        c.config.router.bias = true;
+        c.config.router.selection_bias = false;
+        c.config.router.weights = WeightSource::Scores;
+        c.config.router.reduce = TopkReduce::Sum { eps: 0.0 };
+        c.config.expert.apply_weight_on_input = false;
+        c.config.parallel = ParallelConfig::default();
+        let mut r = Rng::new(seed);
+        c.weights = random_weights(&c.config, &mut r);
+        c.weights.router.iter_mut().for_each(|w| *w = 0.0);
+        c.weights.router_bias = Some(bias);
+        c
+    };
+    let mut push = |name: &str, mut c: Case| {
+        c.name = name.to_string();
+        c.expected = expected_from_reference(&c).unwrap_or_else(|e| panic!("reference: {e}"));
+        cases.push(c);
+    };
+    push("rule: all tie", base(11, Scoring::Softmax, None, vec![0.0; 8]));
+    push(
+        "rule: partial tie",
+        base(12, Scoring::Sigmoid, None, vec![0.0, 1.0, 0.5, 1.0, 0.5, 1.0, 0.0, 0.25]),
+    );
+    push(
+        "rule: group tie",
+        base(
+            13,
+            Scoring::Sigmoid,
+            Some(GroupLimit { n_group: 4, topk_group: 2, score: GroupScore::Top2Sum }),
+            vec![0.5, 0.5, 0.0, 1.0, 1.0, 0.0, 0.5, 0.5],
+        ),
+    );
+    let nan = f64::NAN;
+    push(
+        "rule: NaN never chosen",
+        base(14, Scoring::Sigmoid, None, vec![nan, 3.0, nan, 2.0, nan, 1.0, 0.0, nan]),
+    );
+    push(
+        "rule: too few numbers",
+        base(15, Scoring::Sigmoid, None, vec![nan, nan, 2.0, nan, nan, nan, nan, 1.0]),
+    );
+    push("rule: no number", base(16, Scoring::Sigmoid, None, vec![nan; 8]));
+    cases
+}
+
+/// Run [`rules_cases`] in every element type: the chosen ids must equal the reference's exactly
+/// (slot order included), and weights and output must pass the usual checks.
+pub fn run_rules_suite<B: ConformanceBackend + ?Sized>(backend: &B) -> Result<usize, String> {
+    let mut failed = Vec::new();
+    let mut n = 0;
+    for case in rules_cases() {
+        for dtype in DType::ALL {
+            n += 1;
+            let rc = rounded_case(&case, dtype);
+            let got = backend.run(dtype, &rc.config, &rc.weights, &rc.x, rc.tokens);
+            let ids_ok = match &got {
+                Ok(r) => r.topk_ids == rc.expected.topk_ids,
+                Err(MoeError::Unsupported { .. }) if backend.unsupported(dtype, &rc.config) => true,
+                Err(_) => false,
+            };
+            let r = check_case(backend, &rc, dtype);
+            let line = format!("{} ids exact: {}", r.line, if ids_ok { "yes" } else { "NO" });
+            println!("{line}");
+            if !(ids_ok && r.passed) {
+                failed.push(format!(
+                    "{line} got {:?} want {:?}",
+                    got.map(|g| g.topk_ids),
+                    rc.expected.topk_ids
+                ));
+            }
+        }
+    }
+    if failed.is_empty() {
+        Ok(n)
+    } else {
+        Err(format!("{} rule checks failed:\n{}", failed.len(), failed.join("\n")))
     }
 }

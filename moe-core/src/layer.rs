@@ -159,7 +159,12 @@ impl<B: Backend, T: Element> MoeWeights<'_, B, T> {
                 check_len::<B, T>("latent.fc1", &w.fc1, l.size * h)?;
                 check_len::<B, T>("latent.fc2", &w.fc2, h * l.size)?;
                 check_opt::<B, T>("latent.fc1_bias", &w.fc1_bias, l.bias, l.size)?;
-                check_opt::<B, T>("latent.fc2_bias", &w.fc2_bias, l.bias && rank0, h)?;
+                check_opt::<B, T>(
+                    "latent.fc2_bias",
+                    &w.fc2_bias,
+                    l.bias && c.adds_latent_bias(),
+                    h,
+                )?;
             }
             (req, _) => {
                 return Err(MoeError::TensorPresence { what: "latent", required: req.is_some() });
@@ -318,7 +323,7 @@ pub fn forward_partial<'o, B: MoeStages<T>, T: Element>(
                 h,
                 B::as_view(&routed),
                 lw.fc2,
-                if rank0 { lw.fc2_bias } else { None },
+                if c.adds_latent_bias() { lw.fc2_bias } else { None },
                 None,
                 out_scale,
                 false,

@@ -29,3 +29,13 @@ fn load_logits(dir: &std::path::Path, name: &str) -> Vec<f64> {
     let t = st.tensor("logits").unwrap();
     t.data().chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect()
 }
+
+#[test]
+fn a_missing_or_empty_golden_folder_fails() {
+    assert!(load_dir(std::path::Path::new("/nonexistent/golden")).is_err());
+    let empty = std::env::temp_dir().join(format!("moe-empty-golden-{}", std::process::id()));
+    std::fs::create_dir_all(&empty).unwrap();
+    let err = load_dir(&empty).unwrap_err();
+    assert!(err.contains("holds no case"), "{err}");
+    std::fs::remove_dir_all(&empty).unwrap();
+}

@@ -19,3 +19,11 @@ fn conformance_property() {
         Err(e) => panic!("{e}"),
     }
 }
+
+#[test]
+fn conformance_rules() {
+    match moe_core::conformance::run_rules_suite(&HostRunner(Cpu::new())) {
+        Ok(n) => println!("{n} rule checks passed"),
+        Err(e) => panic!("{e}"),
+    }
+}

@@ -3,7 +3,7 @@
 //! give the same bits.
 
 use moe_core::conformance::{
-    Case, Expected, HostRunner, Rng, check_case, expected_from_reference, random_weights, rel_err,
+    Case, HostRunner, Rng, check_case, expected_from_reference, generated_case, rel_err,
     rounded_case,
 };
 use moe_core::*;
@@ -31,25 +31,7 @@ fn config(hidden: usize, experts: usize, top_k: usize, inter: usize) -> MoeConfi
 }
 
 fn make(name: &str, c: MoeConfig, tokens: usize, seed: u64) -> Case {
-    let mut r = Rng::new(seed);
-    let weights = random_weights(&c, &mut r);
-    let x = r.tensor(tokens * c.hidden, 1.0);
-    let mut case = Case {
-        name: name.to_string(),
-        config: c,
-        weights,
-        x,
-        tokens,
-        expected: Expected {
-            topk_ids: vec![],
-            topk_weights: vec![],
-            margin: vec![],
-            out: vec![],
-            weights_include_output_scale: false,
-        },
-    };
-    case.expected = expected_from_reference(&case).unwrap();
-    case
+    generated_case(name, c, tokens, &mut Rng::new(seed))
 }
 
 fn check(case: &Case) {

@@ -257,3 +257,60 @@ fn output_scale_placement_does_not_overflow_f16() {
         "the weights placement overflows here: {on_weights:?}"
     );
 }
+
+#[test]
+fn expert_parallel_latent_bias_is_added_once() {
+    // Latent projections with biases and a shared expert, experts split over two ranks: the
+    // ranks' outputs must sum to the full layer (fc2's bias and the shared expert once).
+    let mut c = moe_core::conformance::random_case(
+        77,
+        moe_core::conformance::Force { tokens: Some(6), experts: Some(8), ..Default::default() },
+    )
+    .config;
+    c.top_k = 2;
+    c.router.groups = None;
+    c.latent = Some(LatentConfig { size: 8, bias: true });
+    c.shared = Some(SharedConfig {
+        mlp: MlpConfig { intermediate: 8, gated: true, activation: Activation::Silu, bias: true },
+        gate: SharedGate::None,
+    });
+    let case = moe_core::conformance::generated_case(
+        "ep-latent",
+        c,
+        6,
+        &mut moe_core::conformance::Rng::new(5),
+    );
+    let (t, h, e) = (case.tokens, c.hidden, c.experts);
+    let x: Vec<f32> = case.x.iter().map(|&v| v as f32).collect();
+    let mut full = vec![f32::NAN; t * h];
+    run_into(&c, &case.weights, &x, t, &mut full).unwrap();
+    let d = c.expert_width();
+    let inter = c.expert.mlp.intermediate;
+    let mut sum = vec![0f64; t * h];
+    for r in 0..2usize {
+        let mut rc = c;
+        rc.parallel.experts =
+            Some(ExpertPlacement { local_experts: e / 2, include_shared: r == 0 });
+        let mut w = case.weights.clone();
+        let keep = |m: &Vec<f64>, per: usize| -> Vec<f64> {
+            (0..e).filter(|g| g % 2 == r).flat_map(|g| m[g * per..(g + 1) * per].to_vec()).collect()
+        };
+        w.experts.gate = w.experts.gate.as_ref().map(|m| keep(m, inter * d));
+        w.experts.up = keep(&w.experts.up, inter * d);
+        w.experts.down = keep(&w.experts.down, inter * d);
+        w.experts.gate_bias = w.experts.gate_bias.as_ref().map(|m| keep(m, inter));
+        w.experts.up_bias = w.experts.up_bias.as_ref().map(|m| keep(m, inter));
+        w.experts.down_bias = w.experts.down_bias.as_ref().map(|m| keep(m, d));
+        w.expert_map =
+            Some((0..e as i32).map(|g| if g as usize % 2 == r { g / 2 } else { -1 }).collect());
+        if r != 0 {
+            w.latent.as_mut().unwrap().fc2_bias = None;
+        }
+        let mut out = vec![f32::NAN; t * h];
+        run_into(&rc, &w, &x, t, &mut out).unwrap();
+        sum.iter_mut().zip(&out).for_each(|(s, o)| *s += *o as f64);
+    }
+    let full64: Vec<f64> = full.iter().map(|&v| v as f64).collect();
+    let err = moe_core::conformance::rel_err(&sum, &full64);
+    assert!(err < 1e-6, "expert-parallel ranks with latent bias sum to the full layer: {err}");
+}

@@ -1,0 +1,6 @@
+// all.cu: the single translation unit that build.rs compiles into the crate's one fatbin.
+// Each included file starts with its own header comment (grid, tile, warps, assumptions).
+#include "route.cu"
+#include "permute.cu"
+#include "gemm.cu"
+#include "elementwise.cu"

@@ -1,0 +1,278 @@
+//! Every raw kernel launch of the crate, and the parameter structs shared with the CUDA
+//! sources (`kernels/cuda/*.cu`; field order and types must match them exactly).
+
+use crate::err;
+use cudarc::driver::sys::CUfunction_attribute;
+use cudarc::driver::{
+    CudaFunction, CudaModule, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use moe_core::Result;
+use std::sync::Arc;
+
+/// `GemmParams` of `gemm.cu`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct GemmParams {
+    pub a: u64,
+    pub w_up: u64,
+    pub w_gate: u64,
+    pub bias_up: u64,
+    pub bias_gate: u64,
+    pub expert_offsets: u64,
+    pub sorted_slots: u64,
+    pub row_weights: u64,
+    pub out: u64,
+    pub m: i32,
+    pub n: i32,
+    pub k: i32,
+    pub grouped: i32,
+    pub top_k: i32,
+    pub a_gather: i32,
+    pub weight_mode: i32,
+    pub epilogue: i32,
+    pub gated: i32,
+    pub act: i32,
+    pub alpha: f32,
+    pub limit: f32,
+    pub scale: f32,
+    pub accumulate: i32,
+    pub out_f32: i32,
+    pub vec_a: i32,
+    pub vec_w: i32,
+}
+
+/// `RouteParams` of `route.cu`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct RouteParams {
+    pub logits: u64,
+    pub sel_bias: u64,
+    pub topk_ids: u64,
+    pub topk_weights: u64,
+    pub tokens: i32,
+    pub experts: i32,
+    pub top_k: i32,
+    pub scoring: i32,
+    pub n_group: i32,
+    pub topk_group: i32,
+    pub group_score: i32,
+    pub weight_src: i32,
+    pub reduce_kind: i32,
+    pub reduce_param: f32,
+    pub scale: f32,
+}
+
+/// `PermuteParams` of `permute.cu`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct PermuteParams {
+    pub topk_ids: u64,
+    pub expert_map: u64,
+    pub expert_offsets: u64,
+    pub expert_cursor: u64,
+    pub sorted_slots: u64,
+    pub slot_rows: u64,
+    pub n: i32,
+    pub experts: i32,
+    pub local_experts: i32,
+    pub row_align: i32,
+}
+
+// SAFETY: plain `#[repr(C)]` structs of integers, floats and device addresses whose layout
+// matches the `__global__` parameter structs in kernels/cuda; passed by value.
+unsafe impl DeviceRepr for GemmParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for RouteParams {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for PermuteParams {}
+
+/// The kernels of the fatbin, loaded once per context. Index 0/1/2 = f32/f16/bf16.
+pub(crate) struct Kernels {
+    _module: Arc<CudaModule>,
+    route: CudaFunction,
+    permute: CudaFunction,
+    gemm: [CudaFunction; 3],
+    /// `[f16, bf16][ungated, gated, gated capped at 128 registers]`.
+    tc: [[CudaFunction; 3]; 2],
+    /// Whether the pipelined kernels got their shared-memory limit.
+    tc_ok: bool,
+    combine: [CudaFunction; 3],
+    gate: [CudaFunction; 3],
+    add: [CudaFunction; 3],
+}
+
+impl Kernels {
+    pub(crate) fn load(module: Arc<CudaModule>) -> Result<Kernels> {
+        let f = |name: &'static str| module.load_function(name).map_err(err("cuModuleGetFunction"));
+        let three = |base: &'static [&'static str; 3]| -> Result<[CudaFunction; 3]> {
+            Ok([f(base[0])?, f(base[1])?, f(base[2])?])
+        };
+        // The pipelined kernels are optional: if they cannot be prepared (their shared memory
+        // limit raised), the simple kernel serves every GEMM.
+        let tc = [
+            three(&["moe_gemm_tc_f16", "moe_gemm_tc_gated_f16", "moe_gemm_tc_gated2_f16"])?,
+            three(&["moe_gemm_tc_bf16", "moe_gemm_tc_gated_bf16", "moe_gemm_tc_gated2_bf16"])?,
+        ];
+        let tc_ok = tc.iter().flatten().all(|f| {
+            f.set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                TC_SMEM_GATED as i32,
+            )
+            .is_ok()
+        });
+        Ok(Kernels {
+            tc,
+            tc_ok,
+            route: f("moe_route")?,
+            permute: f("moe_permute")?,
+            gemm: three(&["moe_gemm_f32", "moe_gemm_f16", "moe_gemm_bf16"])?,
+            combine: three(&["moe_combine_f32", "moe_combine_f16", "moe_combine_bf16"])?,
+            gate: three(&[
+                "moe_sigmoid_gate_f32",
+                "moe_sigmoid_gate_f16",
+                "moe_sigmoid_gate_bf16",
+            ])?,
+            add: three(&["moe_add_assign_f32", "moe_add_assign_f16", "moe_add_assign_bf16"])?,
+            _module: module,
+        })
+    }
+}
+
+fn cfg(grid: (u32, u32), block: u32) -> LaunchConfig {
+    LaunchConfig { grid_dim: (grid.0, grid.1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// Dynamic shared memory of the pipelined kernels: 3 stages of (128 A rows + 128 / 64 B rows)
+/// x 40 halves.
+const TC_SMEM_GATED: u32 = 3 * (128 + 128) * 40 * 2;
+const TC_SMEM: u32 = 3 * (128 + 64) * 40 * 2;
+
+/// Which GEMM kernel a launch uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum GemmPath {
+    /// `moe_gemm_*`: 64 x 64 tiles, register-staged, any K and alignment, f32 SIMT.
+    Simple,
+    /// `moe_gemm_tc_*`: 128 x 64 tiles, cp.async pipeline, ldmatrix; `capped` selects the
+    /// gated variant limited to 128 registers.
+    Pipelined { capped: bool },
+}
+
+/// Launches a GEMM: `moe_gemm_*` (one 64 x 64 tile per block, 128 threads) or, for 16-bit
+/// types on the pipelined path, `moe_gemm_tc_*` (128 x 64 tiles, 256 threads).
+pub(crate) fn gemm(
+    s: &CudaStream,
+    k: &Kernels,
+    ty: usize,
+    path: GemmPath,
+    p: &GemmParams,
+) -> Result<()> {
+    let (f, tile_m, threads, smem) = match path {
+        GemmPath::Pipelined { capped } if ty > 0 && k.tc_ok => {
+            let v = if p.gated != 0 { 1 + capped as usize } else { 0 };
+            let smem = if p.gated != 0 { TC_SMEM_GATED } else { TC_SMEM };
+            (&k.tc[ty - 1][v], 128u32, 256u32, smem)
+        }
+        _ => (&k.gemm[ty], 64, 128, 0),
+    };
+    let grid = ((p.m as u32).div_ceil(tile_m), (p.n as u32).div_ceil(64));
+    if grid.0 == 0 || grid.1 == 0 {
+        return Ok(());
+    }
+    let mut b = s.launch_builder(f);
+    b.arg(p);
+    let mut c = cfg(grid, threads);
+    c.shared_mem_bytes = smem;
+    // SAFETY: the callers checked every pointer of `p` against the length of the view it came
+    // from for the rows/columns the kernel touches (M x K of A, E x N x K of W, M x N of out);
+    // the struct matches `GemmParams` of gemm.cu. The pipelined kernels additionally need
+    // K % 8 == 0 and 16-byte aligned A and W (the caller selects them only then) and get
+    // their dynamic shared memory (raised at load) here.
+    unsafe { b.launch(c) }.map(drop).map_err(err("launch moe_gemm"))
+}
+
+/// Launches `moe_route` (one warp per token, 4 per block).
+pub(crate) fn route(s: &CudaStream, k: &Kernels, p: &RouteParams) -> Result<()> {
+    let blocks = (p.tokens as u32).div_ceil(4);
+    if blocks == 0 {
+        return Ok(());
+    }
+    let mut b = s.launch_builder(&k.route);
+    b.arg(p);
+    // SAFETY: logits hold tokens x experts f32, ids/weights tokens x top_k, the selection bias
+    // (if any) experts f32 (checked by the caller); experts <= 512 as the kernel requires.
+    unsafe { b.launch(cfg((blocks, 1), 128)) }.map(drop).map_err(err("launch moe_route"))
+}
+
+/// Launches `moe_permute` (one block of `warps` warps).
+pub(crate) fn permute(s: &CudaStream, k: &Kernels, p: &PermuteParams, warps: u32) -> Result<()> {
+    let mut b = s.launch_builder(&k.permute);
+    b.arg(p);
+    // SAFETY: buffers checked by the caller (ids and slot_rows n, offsets E_local + 1, cursor
+    // E_local, sorted_slots the plan's row capacity, map E); warps * E_local + E_local + 1 ints
+    // fit the kernel's 12288-int shared array (the caller computed `warps` so).
+    unsafe { b.launch(cfg((1, 1), 32 * warps)) }.map(drop).map_err(err("launch moe_permute"))
+}
+
+/// Launches `moe_combine_*` (one block of 256 threads per token).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn combine(
+    s: &CudaStream,
+    k: &Kernels,
+    ty: usize,
+    expert_out: u64,
+    slot_rows: u64,
+    out: u64,
+    tokens: u32,
+    width: i32,
+    top_k: i32,
+    scale: f32,
+) -> Result<()> {
+    if tokens == 0 {
+        return Ok(());
+    }
+    let mut b = s.launch_builder(&k.combine[ty]);
+    b.arg(&expert_out).arg(&slot_rows).arg(&out).arg(&width).arg(&top_k).arg(&scale);
+    // SAFETY: out holds tokens x width, slot_rows tokens x top_k, and every row index the
+    // permute wrote is below the row capacity that expert_out holds (rows x width).
+    unsafe { b.launch(cfg((tokens, 1), 256)) }.map(drop).map_err(err("launch moe_combine"))
+}
+
+/// Launches `moe_sigmoid_gate_*` (one warp per token).
+pub(crate) fn sigmoid_gate(
+    s: &CudaStream,
+    k: &Kernels,
+    ty: usize,
+    x: u64,
+    w: u64,
+    gate: u64,
+    tokens: i32,
+    hidden: i32,
+) -> Result<()> {
+    let blocks = (tokens as u32).div_ceil(4);
+    if blocks == 0 {
+        return Ok(());
+    }
+    let mut b = s.launch_builder(&k.gate[ty]);
+    b.arg(&x).arg(&w).arg(&gate).arg(&tokens).arg(&hidden);
+    // SAFETY: x holds tokens x hidden, w hidden, gate tokens elements (checked by the caller).
+    unsafe { b.launch(cfg((blocks, 1), 128)) }.map(drop).map_err(err("launch moe_sigmoid_gate"))
+}
+
+/// Launches `moe_add_assign_*` (grid-stride).
+pub(crate) fn add_assign(
+    s: &CudaStream,
+    k: &Kernels,
+    ty: usize,
+    dst: u64,
+    src: u64,
+    n: i64,
+) -> Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    let blocks = (n as u64).div_ceil(256).min(8192) as u32;
+    let mut b = s.launch_builder(&k.add[ty]);
+    b.arg(&dst).arg(&src).arg(&n);
+    // SAFETY: dst and src both hold n elements (checked by the caller).
+    unsafe { b.launch(cfg((blocks, 1), 256)) }.map(drop).map_err(err("launch moe_add_assign"))
+}

@@ -1,0 +1,175 @@
+//! The golden conformance suite, the randomized property suite and a CUDA-graph replay test on
+//! the CUDA backend. Without a CUDA driver or device each test prints why and passes.
+//! `MOE_GOLDEN_DIR=<folder> cargo test -p moe-cuda --release conformance` runs another case set.
+
+mod common;
+
+use moe_core::DType;
+use moe_core::config::*;
+use moe_core::conformance::{
+    ConformanceBackend, Rng, check_case, generated_case, golden_dir, load_dir, rel_err,
+    rounded_case, run_golden_suite, run_property_suite,
+};
+use moe_cuda::GemmTuning;
+
+#[test]
+fn conformance_golden() {
+    let Some(r) = common::runner("conformance_golden") else { return };
+    match run_golden_suite(&r) {
+        Ok(n) => println!("{n} golden checks passed"),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// The tie / NaN selection policy: ids must equal the reference's exactly.
+#[test]
+fn conformance_rules() {
+    let Some(r) = common::runner("conformance_rules") else { return };
+    match moe_core::conformance::run_rules_suite(&r) {
+        Ok(n) => println!("{n} rule checks passed"),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// The golden cases again on the other GEMM kernels (the pipelined tensor-core kernel, and
+/// its register-capped gated variant).
+#[test]
+fn conformance_golden_other_kernels() {
+    for tuning in [
+        GemmTuning { pipelined: true, capped_gated: false },
+        GemmTuning { pipelined: true, capped_gated: true },
+    ] {
+        let Some(r) = common::runner_with("conformance_golden_other_kernels", tuning) else {
+            return;
+        };
+        match run_golden_suite(&r) {
+            Ok(n) => println!("{n} golden checks passed with {tuning:?}"),
+            Err(e) => panic!("{tuning:?}: {e}"),
+        }
+    }
+}
+
+/// Larger layers than the golden and property cases (many K steps, several row and column
+/// tiles per expert, token counts that are not tile multiples) against the float64 reference.
+#[test]
+fn conformance_larger_shapes() {
+    for tuning in [GemmTuning::default(), GemmTuning { pipelined: true, capped_gated: false }] {
+        let Some(r) = common::runner_with("conformance_larger_shapes", tuning) else { return };
+        larger_shapes(&r);
+    }
+}
+
+fn larger_shapes(r: &common::Runner) {
+    let mut failed = Vec::new();
+    for (i, config) in larger_configs().into_iter().enumerate() {
+        let mut rng = Rng::new(77 + i as u64);
+        let tokens = [300, 129, 200, 1][i % 4];
+        let case = generated_case(&format!("larger-{i}"), config, tokens, &mut rng);
+        for dtype in DType::ALL {
+            let res = check_case(r, &rounded_case(&case, dtype), dtype);
+            println!("{}", res.line);
+            if !res.passed {
+                failed.push(res.line);
+            }
+        }
+    }
+    assert!(failed.is_empty(), "{failed:#?}");
+}
+
+fn larger_configs() -> Vec<MoeConfig> {
+    let mlp = |i, gated, activation, bias| MlpConfig { intermediate: i, gated, activation, bias };
+    let base = |h, e, k, expert_mlp| MoeConfig {
+        hidden: h,
+        experts: e,
+        top_k: k,
+        router: RouterConfig { reduce: TopkReduce::Sum { eps: 0.0 }, ..RouterConfig::default() },
+        expert: ExpertConfig { mlp: expert_mlp, apply_weight_on_input: false },
+        shared: None,
+        latent: None,
+        parallel: ParallelConfig::default(),
+    };
+    let mut a = base(320, 16, 4, mlp(200, true, Activation::Silu, true));
+    a.shared = Some(SharedConfig {
+        mlp: mlp(136, true, Activation::Gelu, false),
+        gate: SharedGate::SigmoidLinear,
+    });
+    let mut b = base(256, 8, 2, mlp(512, false, Activation::Relu2, false));
+    b.latent = Some(LatentConfig { size: 96, bias: true });
+    let mut c = base(512, 64, 6, mlp(128, true, Activation::Silu, false));
+    c.router = RouterConfig {
+        scoring: Scoring::Sigmoid,
+        selection_bias: true,
+        groups: Some(GroupLimit { n_group: 8, topk_group: 4, score: GroupScore::Top2Sum }),
+        reduce: TopkReduce::NOAUX_TC,
+        scale: RoutedScale { factor: 2.5, placement: ScalePlacement::OnOutput },
+        ..RouterConfig::default()
+    };
+    c.shared =
+        Some(SharedConfig { mlp: mlp(256, true, Activation::Silu, false), gate: SharedGate::None });
+    let mut d =
+        base(384, 32, 4, mlp(384, true, Activation::SwigluOai { alpha: 1.702, limit: 7.0 }, true));
+    d.router = RouterConfig {
+        scoring: Scoring::None,
+        bias: true,
+        weights: WeightSource::SoftmaxTopkLogits,
+        reduce: TopkReduce::None,
+        ..RouterConfig::default()
+    };
+    d.expert.apply_weight_on_input = true;
+    vec![a, b, c, d]
+}
+
+#[test]
+fn conformance_property() {
+    let Some(r) = common::runner("conformance_property") else { return };
+    match run_property_suite(&r, 60, 0x5eed) {
+        Ok(n) => println!("{n} property checks passed"),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// Capture a whole forward of every golden case (bf16 and f32) into a CUDA graph, replay it
+/// twice on a poisoned output, and require the result to be bitwise identical to a direct run.
+#[test]
+fn conformance_cuda_graph_replay() {
+    let Some(r) = common::runner("conformance_cuda_graph_replay") else { return };
+    let cases = load_dir(&golden_dir()).unwrap_or_else(|e| panic!("{e}"));
+    for case in &cases {
+        graph_case::<half::bf16>(&r, case);
+        graph_case::<f32>(&r, case);
+    }
+}
+
+fn graph_case<T: moe_cuda::CudaElement>(r: &common::Runner, case: &moe_core::conformance::Case)
+where
+    moe_cuda::CudaBackend: moe_core::MoeStages<T>,
+{
+    use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+    let mut p = r.prepare::<T>(&case.config, &case.weights, &case.x, case.tokens).expect("prepare");
+    r.forward(&mut p).expect("direct forward");
+    let direct = r.read(&p).expect("read direct");
+    r.stream
+        .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .expect("begin capture");
+    let fwd = r.forward(&mut p);
+    let graph = r.stream.end_capture(CUgraphInstantiate_flags(0)).expect("end capture");
+    fwd.expect("captured forward");
+    let graph = graph.expect("a graph");
+    for replay in 0..2 {
+        r.poison(&mut p).expect("poison");
+        graph.launch().expect("graph launch");
+        let got = r.read(&p).expect("read replay");
+        let same = got.out.len() == direct.out.len()
+            && got.out.iter().zip(&direct.out).all(|(a, b)| a.to_bits() == b.to_bits())
+            && got.topk_ids == direct.topk_ids;
+        println!(
+            "graph[cuda] {:<24} {:<4} replay {replay}: {} (rel diff {:.1e})",
+            case.name,
+            T::DTYPE.name(),
+            if same { "bitwise identical" } else { "DIFFERENT" },
+            rel_err(&got.out, &direct.out)
+        );
+        assert!(same, "graph replay differs from the direct run for {}", case.name);
+    }
+    let _ = (DType::BF16, r.name());
+}

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Run the staged moe-cuda binaries on a GPU machine (from the staging folder).
+# Usage: ./gpu-run.sh [conformance] [sanitize] [quickstart] [bench] [anchor]   (default: conformance)
+set -uo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cd "$here"
+export MOE_GOLDEN_DIR="$here/golden"
+what="${*:-conformance}"
+conf="$(ls "$here"/conformance-* 2>/dev/null | grep -v '\.d$' | head -n1)"
+rc=0
+for w in $what; do
+    case "$w" in
+    conformance)
+        for t in "$here"/conformance-* "$here"/parallel-*; do
+            [ -x "$t" ] || continue
+            echo "=== $(basename "$t")"
+            "$t" --nocapture --test-threads=1 || rc=1
+        done ;;
+    sanitize)
+        echo "=== compute-sanitizer memcheck (golden, other kernels, graph, larger shapes)"
+        compute-sanitizer --tool memcheck --print-limit 20 "$conf" --test-threads=1 golden graph larger 2>&1 | tail -n 25 || rc=1
+        echo "=== compute-sanitizer racecheck (golden)"
+        compute-sanitizer --tool racecheck --print-limit 20 "$conf" --test-threads=1 golden 2>&1 | tail -n 25 || rc=1 ;;
+    quickstart)
+        echo "=== quickstart"
+        ./quickstart || rc=1 ;;
+    bench)
+        echo "=== bench"
+        # cuBLAS (for the matmul-rate ceiling) from wherever the machine has it (e.g. PyTorch's wheels)
+        lib="$(find /opt /usr/local /usr/lib -name 'libcublas.so*' 2>/dev/null | head -n1)"
+        [ -n "$lib" ] && export LD_LIBRARY_PATH="$(dirname "$lib"):${LD_LIBRARY_PATH:-}"
+        timeout "${BENCH_TIMEOUT:-320}" ./bench ${BENCH_ARGS:-} --csv "${OUT:-.}/bench.csv" || rc=1 ;;
+    anchor)
+        echo "=== torch anchor"
+        PYTHONUNBUFFERED=1 timeout "${ANCHOR_TIMEOUT:-200}" python3 torch_anchor.py ${ANCHOR_ARGS:-} || rc=1 ;;
+    esac
+done
+exit $rc

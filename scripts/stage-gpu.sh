@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Build the moe-cuda test and bench binaries (release, kernels required) and copy them, the
+# golden cases and scripts/gpu-run.sh into a staging folder that a GPU machine without a Rust
+# toolchain can run from.
+#
+# Usage: scripts/stage-gpu.sh [STAGE_DIR]     (default: $REPO/gpu-stage)
+# On the GPU machine: cd STAGE_DIR && ./gpu-run.sh [what...]   (see gpu-run.sh)
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+dest="${1:-$repo/gpu-stage}"
+cd "$repo"
+if [ -z "${NVCC:-}" ] && ! command -v nvcc >/dev/null 2>&1; then
+    NVCC="$(scripts/install-nvcc.sh | tail -n1)"
+    export NVCC
+fi
+export MOE_REQUIRE_NVCC=1
+cargo_q() { nice -n 10 cargo "$@" --release --message-format=json-render-diagnostics; }
+executables() {
+    python3 -c '
+import json, sys
+for line in sys.stdin:
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable"):
+        print(m["executable"])'
+}
+mkdir -p "$dest"
+find "$dest" -maxdepth 1 -type f -delete  # the previous staging (files only; golden/ is replaced below)
+tests="$(cargo_q test -p moe-cuda --no-run | executables)"
+bench="$(cargo_q build -p moe-cuda --example bench | executables)"
+quick="$(cargo_q build -p moe-cuda --example quickstart | executables)"
+for t in $tests; do
+    cp "$t" "$dest/"
+done
+cp "$bench" "$dest/bench"
+cp "$quick" "$dest/quickstart"
+rm -rf "$dest/golden"
+cp -r "$repo/golden" "$dest/golden"
+cp "$repo/scripts/gpu-run.sh" "$dest/gpu-run.sh"
+cp "$repo/benches/torch_anchor.py" "$dest/torch_anchor.py" 2>/dev/null || true
+# keep the staged tree small (the device tool carries at most 64 MiB)
+for f in "$dest"/*-* "$dest/bench" "$dest/quickstart"; do
+    [ -f "$f" ] && strip --strip-debug "$f" 2>/dev/null || true
+done
+ls -la "$dest"
+du -sh "$dest"
