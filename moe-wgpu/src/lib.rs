@@ -422,9 +422,9 @@ impl WgpuBackend {
         if let Some(p) = self.pipelines.lock().map_err(lock_err)?.get(&key) {
             return Ok(p.clone());
         }
-        let module = {
+        let module = self.scoped("shader module creation", || {
             let mut modules = self.modules.lock().map_err(lock_err)?;
-            modules
+            Ok(modules
                 .entry((shader, elem, out))
                 .or_insert_with(|| {
                     let src = moe_shaders::compose(shader.source(), elem, out);
@@ -433,16 +433,18 @@ impl WgpuBackend {
                         source: wgpu::ShaderSource::Wgsl(src.into()),
                     })
                 })
-                .clone()
-        };
-        let p = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: Some(entry),
-            layout: Some(&self.pipeline_layouts[shader.index()]),
-            module: &module,
-            entry_point: Some(entry),
-            compilation_options: Default::default(),
-            cache: None,
-        });
+                .clone())
+        })?;
+        let p = self.scoped("shader module or pipeline creation", || {
+            Ok(self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(entry),
+                layout: Some(&self.pipeline_layouts[shader.index()]),
+                module: &module,
+                entry_point: Some(entry),
+                compilation_options: Default::default(),
+                cache: None,
+            }))
+        })?;
         self.pipelines.lock().map_err(lock_err)?.insert(key, p.clone());
         Ok(p)
     }
@@ -492,6 +494,26 @@ impl WgpuBackend {
 
     /// Encode `dispatches` in order (one compute pass each) and submit them once.
     fn submit(&self, dispatches: &[Dispatch<'_>]) -> Result<()> {
+        self.scoped("a stage's bind groups or submission", || self.submit_inner(dispatches))
+    }
+
+    /// Run `f` inside validation and out-of-memory error scopes: a wgpu error raised by it
+    /// (a buffer still mapped, destroyed, ...) becomes [`MoeError::Device`] instead of reaching
+    /// the device's uncaptured-error handler (which panics by default).
+    fn scoped<R>(&self, what: &'static str, f: impl FnOnce() -> Result<R>) -> Result<R> {
+        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let r = f();
+        let v = block_on(validation.pop());
+        let o = block_on(oom.pop());
+        match (v, o) {
+            (None, None) => r,
+            (Some(_), _) => Err(MoeError::Device { backend: NAME, what, code: -1 }),
+            (None, Some(_)) => Err(MoeError::Device { backend: NAME, what, code: -2 }),
+        }
+    }
+
+    fn submit_inner(&self, dispatches: &[Dispatch<'_>]) -> Result<()> {
         let n = dispatches.len() as u64;
         if n > SLOTS {
             return Err(unsupported("more dispatches in one stage than parameter slots"));

@@ -411,3 +411,27 @@ fn conformance_buffer_without_storage_usage_is_a_typed_error() {
     assert!(moe_wgpu::WgpuView::<f32>::new(&plain, 0, 257).is_err(), "past the end");
     assert!(moe_wgpu::WgpuView::<f32>::new(&plain, 2, 4).is_err(), "unaligned element");
 }
+
+#[test]
+fn conformance_wgpu_validation_error_is_a_typed_error() {
+    let Some(be) = backend() else { return };
+    // A buffer still mapped cannot be used by a submission: wgpu raises a validation error,
+    // which the stage returns as MoeError::Device instead of panicking.
+    let mapped = be.device().create_buffer(&wgpu::BufferDescriptor {
+        label: Some("still mapped"),
+        size: 256,
+        usage: wgpu::BufferUsages::STORAGE,
+        mapped_at_creation: true,
+    });
+    let ok = common::upload_f32(be, &[1.0; 64]);
+    let src = moe_wgpu::WgpuView::<f32>::new(&mapped, 0, 64).expect("view");
+    let dst = moe_wgpu::WgpuViewMut::<f32>::new(&ok.buf, 0, 64).expect("view");
+    let e = MoeStages::<f32>::add_assign(be, dst, src).expect_err("mapped buffer");
+    assert!(matches!(e, MoeError::Device { .. }), "{e}");
+    // The backend still works afterwards.
+    let dst = moe_wgpu::WgpuViewMut::<f32>::new(&ok.buf, 0, 64).expect("view");
+    let src2 = common::upload_f32(be, &[2.0; 64]);
+    MoeStages::<f32>::add_assign(be, dst, src2.view()).expect("add");
+    be.synchronize().expect("sync");
+    assert!(common::read::<f32>(be, &ok.buf, 0, 64).iter().all(|&v| v == 3.0));
+}
