@@ -109,6 +109,30 @@ fn u32_of(what: &'static str, v: usize) -> Result<u32> {
     })
 }
 
+/// Check an expert map on the host (the rules the CPU backend enforces in `permute`): every
+/// entry is -1 or a local expert index `< local_experts`, and no two global experts share a
+/// local one. The wgpu backend reads the map on the device and cannot report a bad entry
+/// there (it treats an out-of-range entry as "not held here"), so check a map once when you
+/// upload it.
+pub fn check_expert_map(map: &[i32], experts: usize, local_experts: usize) -> Result<()> {
+    if map.len() != experts {
+        return Err(MoeError::ShapeMismatch {
+            what: "expert_map",
+            expected: experts,
+            got: map.len(),
+        });
+    }
+    let mut seen = vec![false; local_experts];
+    for (g, &l) in map.iter().enumerate() {
+        match usize::try_from(l) {
+            Ok(i) if i < local_experts && !seen[i] => seen[i] = true,
+            Err(_) if l == -1 => {}
+            _ => return Err(MoeError::InvalidExpertMap { expert: g, value: l }),
+        }
+    }
+    Ok(())
+}
+
 /// Block on a wgpu future. Native wgpu resolves its futures on the calling thread, so this
 /// only spins if a backend defers.
 pub fn block_on<F: core::future::Future>(f: F) -> F::Output {

@@ -216,3 +216,16 @@ fn conformance_permute_with_expert_map_and_row_align() {
     assert_eq!(slot_rows, &[8, 0, -1, 4, -1, -1, 1, 9, -1, -1, -1, -1, 5, 2, 10], "slot rows");
     println!("conformance permute: expert map + row_align 4 ok");
 }
+
+#[test]
+fn conformance_expert_map_host_check() {
+    use moe_wgpu::check_expert_map;
+    assert!(check_expert_map(&[-1, 2, -1, -1, 0, 1], 6, 3).is_ok());
+    let dup = check_expert_map(&[0, 2, -1, -1, 0, 1], 6, 3).expect_err("duplicate");
+    assert!(matches!(dup, MoeError::InvalidExpertMap { expert: 4, value: 0 }), "{dup}");
+    let oob = check_expert_map(&[99, 2, -1, -1, 0, 1], 6, 3).expect_err("out of range");
+    assert!(matches!(oob, MoeError::InvalidExpertMap { expert: 0, value: 99 }), "{oob}");
+    let neg = check_expert_map(&[-2, 2, -1, -1, 0, 1], 6, 3).expect_err("below -1");
+    assert!(matches!(neg, MoeError::InvalidExpertMap { value: -2, .. }), "{neg}");
+    assert!(matches!(check_expert_map(&[0], 6, 3), Err(MoeError::ShapeMismatch { .. })));
+}
