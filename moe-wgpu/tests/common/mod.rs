@@ -24,6 +24,15 @@ pub fn packed_backend() -> Option<&'static WgpuBackend> {
 }
 
 fn make(options: Options) -> Option<WgpuBackend> {
+    let be = find(options);
+    // CI sets MOE_WGPU_REQUIRE_ADAPTER=1 so that a missing lavapipe fails instead of skipping.
+    if be.is_none() && std::env::var_os("MOE_WGPU_REQUIRE_ADAPTER").is_some_and(|v| v != "0") {
+        panic!("MOE_WGPU_REQUIRE_ADAPTER is set but no wgpu adapter was found");
+    }
+    be
+}
+
+fn find(options: Options) -> Option<WgpuBackend> {
     match WgpuBackend::request_with(options) {
         Ok(Some(b)) => {
             let info = b
