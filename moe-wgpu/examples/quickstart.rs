@@ -146,7 +146,8 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     let path = golden_dir().join(format!("{name}.json"));
     let case = load_case(&path)?;
     let c = &case.config;
-    let adapter = be.adapter_info().map_or("?".into(), |i| format!("{} ({:?})", i.name, i.backend));
+    let i = be.adapter_info();
+    let adapter = format!("{} ({:?})", i.name, i.backend);
     println!("moe-kernels wgpu quickstart: {} on {adapter}", case.name);
     println!(
         "  tokens {}  hidden {}  experts {}  top_k {}  scoring {:?}  groups {:?}",

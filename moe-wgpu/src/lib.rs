@@ -17,9 +17,10 @@
 //!   otherwise packed two to a `u32`); `bf16` (packed two to a `u32`, widened by a shift and
 //!   rounded to nearest even in the shader). Arithmetic is f32. A user-supplied top-k reduce
 //!   ([`moe_core::TopkReduce::Custom`]) cannot run in a shader: [`MoeError::Unsupported`].
-//! * Limits: up to 256 expert groups; on llvmpipe/lavapipe (which stops an invocation's
-//!   loops after 65535 iterations in total) the route shader needs `top_k * experts` well
-//!   below 65535 and permute handles up to ~33M slots; real GPUs have no such cap.
+//! * Limits: up to 256 expert groups. llvmpipe/lavapipe stops an invocation's loops after
+//!   65535 iterations in total (real GPUs have no such cap); on it, a stage whose loops could
+//!   exceed that (route with `top_k * experts` near 60000, permute past ~30M slots, GEMMs with
+//!   very long K per row tile) returns [`MoeError::Unsupported`] instead of a wrong result.
 //!
 //! ```no_run
 //! use moe_core::*;
@@ -131,6 +132,20 @@ pub fn check_expert_map(map: &[i32], experts: usize, local_experts: usize) -> Re
         }
     }
     Ok(())
+}
+
+/// The loop-iteration budget of one invocation on llvmpipe/lavapipe (gallivm stops every loop
+/// of an invocation after 65535 iterations in total), with a margin; `None` elsewhere.
+fn llvmpipe_loop_cap(info: &wgpu::AdapterInfo) -> Option<u64> {
+    info.name.to_ascii_lowercase().contains("llvmpipe").then_some(60_000)
+}
+
+/// An upper bound on the loop iterations of one GEMM invocation: its row tiles (grid stride
+/// over `gy` workgroups) times the K tiles (4 weight loads, 16 FMAs, 2 control) of each.
+fn gemm_loops(rows: usize, gy: usize, k: usize) -> u64 {
+    let m_tiles = rows.div_ceil(moe_shaders::TILE as usize).div_ceil(gy.max(1)) as u64 + 1;
+    let k_tiles = k.div_ceil(moe_shaders::TILE as usize) as u64;
+    m_tiles * (k_tiles * 22 + 8) + 4
 }
 
 /// Block on a wgpu future. Native wgpu resolves its futures on the calling thread, so this
@@ -245,7 +260,8 @@ pub struct WgpuBackend {
     pipelines: Mutex<HashMap<PipelineKey, wgpu::ComputePipeline>>,
     buffers_created: AtomicUsize,
     next_slot: Mutex<u64>,
-    info: Option<wgpu::AdapterInfo>,
+    info: wgpu::AdapterInfo,
+    loop_cap: Option<u64>,
     storage_align: u64,
     max_binding: u64,
 }
@@ -272,6 +288,7 @@ impl WgpuBackend {
         options: Options,
     ) -> Result<Self> {
         let limits = device.limits();
+        let info = device.adapter_info();
         let f16 = options.native_f16 && device.features().contains(wgpu::Features::SHADER_F16);
         let mut layouts = Vec::new();
         let mut pipeline_layouts = Vec::new();
@@ -340,7 +357,8 @@ impl WgpuBackend {
             pipelines: Mutex::new(HashMap::new()),
             buffers_created: created,
             next_slot: Mutex::new(0),
-            info: None,
+            loop_cap: llvmpipe_loop_cap(&info),
+            info,
         })
     }
 
@@ -377,15 +395,22 @@ impl WgpuBackend {
             what: "request_device",
             code: -1,
         })?;
-        let mut be = Self::with_options(device, queue, options)?;
-        be.info = Some(adapter.get_info());
-        Ok(Some(be))
+        Self::with_options(device, queue, options).map(Some)
     }
 
-    /// The adapter's description, when the backend made its own device
-    /// ([`WgpuBackend::request`]).
-    pub fn adapter_info(&self) -> Option<&wgpu::AdapterInfo> {
-        self.info.as_ref()
+    /// The adapter's description.
+    pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
+        &self.info
+    }
+
+    /// On llvmpipe (lavapipe), whose invocations stop looping after 65535 loop iterations in
+    /// total, refuse a dispatch whose invocations may need more (`iterations`, an upper
+    /// bound) instead of computing a wrong result.
+    fn check_loops(&self, iterations: u64, what: &'static str) -> Result<()> {
+        match self.loop_cap {
+            Some(cap) if iterations > cap => Err(unsupported(what)),
+            _ => Ok(()),
+        }
     }
 
     /// The device.
@@ -642,6 +667,10 @@ impl WgpuBackend {
         if gx > MAX_GROUPS as usize {
             return Err(unsupported("a linear with more than 65535 column tiles"));
         }
+        self.check_loops(
+            gemm_loops(tokens, gy, in_dim),
+            "a linear too long for llvmpipe's 65535-iteration loop cap",
+        )?;
         let params = vec![
             u32_of("tokens", tokens)?,
             u32_of("in_dim", in_dim)?,
@@ -709,6 +738,10 @@ impl WgpuBackend {
         if gx > MAX_GROUPS as usize || experts > MAX_GROUPS as usize {
             return Err(unsupported("more than 65535 column tiles or local experts"));
         }
+        self.check_loops(
+            gemm_loops(tokens + moe_shaders::TILE as usize, gy, width),
+            "an expert GEMM too long for llvmpipe's 65535-iteration loop cap",
+        )?;
         let dummy = || Bind { buffer: &self.dummy, offset: 0, size: 256, base: 0 };
         let (off, sorted, tw) = match rows {
             Some(r) => (
@@ -892,6 +925,13 @@ impl<T: Element> MoeStages<T> for WgpuBackend {
             return Ok(());
         }
         let groups = tokens.div_ceil(moe_shaders::ROUTE_GROUP as usize).min(MAX_GROUPS as usize);
+        let per_token =
+            (2 * e + n_group * (e / n_group.max(1) + n_group + 2) + k * (e + 1) + 4 * k + 8) as u64;
+        let strides = tokens.div_ceil(groups * moe_shaders::ROUTE_GROUP as usize) as u64;
+        self.check_loops(
+            strides * (per_token + 1),
+            "a route (top_k x experts) too long for llvmpipe's 65535-iteration loop cap",
+        )?;
         let lb = self.bind(&logits)?;
         let sb = self.bind_opt(&selection_bias)?;
         let ib = self.bind_mut(&topk_ids)?;
@@ -953,6 +993,12 @@ impl<T: Element> MoeStages<T> for WgpuBackend {
         if el > MAX_GROUPS as usize {
             return Err(unsupported("more than 65535 local experts"));
         }
+        let chunks = n.div_ceil(1024) as u64;
+        let pad = plan.row_align().div_ceil(256) as u64;
+        self.check_loops(
+            (2 * chunks + pad + 16).max(el as u64 + 2),
+            "a permute too long for llvmpipe's 65535-iteration loop cap",
+        )?;
         let ib = || self.bind(&topk_ids);
         let mb = || self.bind_opt(&expert_map);
         let ob = || self.bind_mut(&out.expert_offsets);
@@ -1045,6 +1091,10 @@ impl<T: Element> MoeStages<T> for WgpuBackend {
         if gx > MAX_GROUPS as usize || el > MAX_GROUPS as usize {
             return Err(unsupported("more than 65535 column tiles or local experts"));
         }
+        self.check_loops(
+            gemm_loops(tokens + plan.row_align(), gy, inter),
+            "an expert GEMM too long for llvmpipe's 65535-iteration loop cap",
+        )?;
         let hb = self.bind(&hidden)?;
         let wb = self.bind(&weights.down)?;
         let bb = self.bind_opt(&weights.down_bias)?;

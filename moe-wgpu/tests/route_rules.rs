@@ -229,3 +229,34 @@ fn conformance_expert_map_host_check() {
     assert!(matches!(neg, MoeError::InvalidExpertMap { value: -2, .. }), "{neg}");
     assert!(matches!(check_expert_map(&[0], 6, 3), Err(MoeError::ShapeMismatch { .. })));
 }
+
+#[test]
+fn conformance_llvmpipe_loop_cap_is_a_typed_error() {
+    let Some(be) = backend() else { return };
+    // top_k = experts = 512: 512 * 513 selection steps per token, past llvmpipe's loop cap.
+    let c = base(512, 512);
+    let logits = vec![0.25f32; 512];
+    let lb = upload_bytes(be, bytemuck::cast_slice(&logits), 512);
+    let out = upload_bytes(be, &vec![0xFF; 8 * 512], 1024);
+    let scratch = upload_bytes(be, &[0xFF; 16], 4);
+    let r = MoeStages::<f32>::route(
+        be,
+        &c,
+        1,
+        lb.view(),
+        None,
+        scratch.view_mut(),
+        WgpuViewMut::new(&out.buf, 0, 512).expect("ids"),
+        WgpuViewMut::new(&out.buf, 2048, 512).expect("weights"),
+    );
+    if be.adapter_info().name.to_ascii_lowercase().contains("llvmpipe") {
+        let e = r.expect_err("past the loop cap");
+        assert!(matches!(e, MoeError::Unsupported { .. }), "{e}");
+        println!("conformance llvmpipe loop cap: {e}");
+    } else {
+        r.expect("route");
+        be.synchronize().expect("sync");
+        let ids = read_i32(be, &out.buf, 0, 512);
+        assert_eq!(ids, (0..512).collect::<Vec<i32>>());
+    }
+}

@@ -35,9 +35,8 @@ fn make(options: Options) -> Option<WgpuBackend> {
 fn find(options: Options) -> Option<WgpuBackend> {
     match WgpuBackend::request_with(options) {
         Ok(Some(b)) => {
-            let info = b
-                .adapter_info()
-                .map_or(String::from("?"), |i| format!("{} ({:?})", i.name, i.backend));
+            let i = b.adapter_info();
+            let info = format!("{} ({:?})", i.name, i.backend);
             say(&format!("moe-wgpu: adapter {info}, native f16: {}", b.native_f16()));
             Some(b)
         }
