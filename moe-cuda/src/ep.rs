@@ -306,7 +306,8 @@ where
         rc.latent = None;
         rc.shared = None;
         rc.router.groups = None;
-        let recv_plan = MoePlan::with_row_align(&rc, recv_rows, CudaBackend::ROW_ALIGN)?;
+        // Padded for the pipelined GEMM too (a multiple of the simple kernel's tile).
+        let recv_plan = MoePlan::with_row_align(&rc, recv_rows, CudaBackend::ROW_ALIGN_PIPELINED)?;
         let ws_bytes = recv_plan.workspace_bytes(T::DTYPE)? + moe_core::REGION_ALIGN;
         let n = |rows: usize| rows.checked_mul(d).ok_or_else(overflow);
         Ok(ExpertParallel {
@@ -793,5 +794,81 @@ mod tests {
         assert!(plan_dispatch(&l, &[0, 4]).is_err());
         assert!(plan_dispatch(&l, &[-1]).is_err());
         assert_eq!(plan_dispatch(&l, &[]).expect("empty").send_counts, vec![0, 0]);
+    }
+
+    /// The data flow of [`ExpertParallel::forward`] on the host, for `world` ranks: gather in
+    /// dispatch order, blocks exchanged in rank order, a per-slot "expert" on the owner, blocks
+    /// back, and the sum of each token's slots through `position`. Must equal the direct sum.
+    fn simulate(layout: &EpLayout, ids_per_rank: &[Vec<i32>], k: usize) {
+        let w = layout.world();
+        let expert = |e: i32, token: f64| 1000.0 * e as f64 + token;
+        let d: Vec<Dispatch> =
+            ids_per_rank.iter().map(|ids| plan_dispatch(layout, ids).expect("dispatch")).collect();
+        // Sent: (global token id, expert id) per position, grouped by destination.
+        let base: Vec<usize> = (0..w)
+            .scan(0, |a, r| {
+                let b = *a;
+                *a += ids_per_rank[r].len() / k;
+                Some(b)
+            })
+            .collect();
+        let sent: Vec<Vec<(f64, i32)>> = (0..w)
+            .map(|r| {
+                d[r].order.iter().map(|&s| ((base[r] + s / k) as f64, ids_per_rank[r][s])).collect()
+            })
+            .collect();
+        let block = |r: usize, p: usize| {
+            let lo: usize = d[r].send_counts[..p].iter().sum();
+            lo..lo + d[r].send_counts[p]
+        };
+        // Receiver p: blocks from ranks 0..w in order; computes; returns the same blocks.
+        let mut back: Vec<Vec<f64>> = (0..w).map(|r| vec![f64::NAN; sent[r].len()]).collect();
+        for p in 0..w {
+            let recv: Vec<(f64, i32)> =
+                (0..w).flat_map(|r| sent[r][block(r, p)].iter().copied()).collect();
+            let y: Vec<f64> = recv
+                .iter()
+                .map(|&(t, e)| {
+                    assert_eq!(layout.owner(e as usize), Some(p), "slot sent to its owner");
+                    expert(e, t)
+                })
+                .collect();
+            let mut at = 0;
+            for r in 0..w {
+                let n = d[r].send_counts[p];
+                back[r][block(r, p)].copy_from_slice(&y[at..at + n]);
+                at += n;
+            }
+        }
+        for r in 0..w {
+            let tokens = ids_per_rank[r].len() / k;
+            for t in 0..tokens {
+                let got: f64 = (0..k).map(|j| back[r][d[r].position[t * k + j] as usize]).sum();
+                let want: f64 =
+                    (0..k).map(|j| expert(ids_per_rank[r][t * k + j], (base[r] + t) as f64)).sum();
+                assert_eq!(got, want, "rank {r} token {t}");
+            }
+        }
+    }
+
+    #[test]
+    fn dispatch_and_return_reassemble_every_token() {
+        let mut seed = 0x1234_5678_u64;
+        let mut next = |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        for (experts, world, k) in [(4, 2, 2), (8, 2, 1), (8, 4, 3), (5, 2, 2), (16, 3, 4)] {
+            let layout = EpLayout::contiguous(experts, world).expect("layout");
+            let ids: Vec<Vec<i32>> = (0..world)
+                .map(|r| {
+                    let tokens = if r == 0 { 0 } else { next(9) };
+                    (0..tokens * k).map(|_| next(experts) as i32).collect()
+                })
+                .collect();
+            simulate(&layout, &ids, k);
+        }
     }
 }

@@ -25,11 +25,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 const NAME: &str = "nccl";
 
 /// The NCCL symbols this module calls; all must resolve before any is called.
-const SYMBOLS: [&str; 10] = [
+const SYMBOLS: [&str; 11] = [
     "ncclGetVersion",
     "ncclGetUniqueId",
     "ncclCommInitRank",
     "ncclCommDestroy",
+    "ncclCommAbort",
     "ncclAllReduce",
     "ncclSend",
     "ncclRecv",
@@ -157,7 +158,10 @@ impl NcclId {
 /// [`Self::all_to_all_calls`]), so tests and benches can check the per-layer count.
 ///
 /// Dropping it destroys the communicator (`ncclCommDestroy`, which first waits for the
-/// operations already enqueued): all ranks should drop theirs, as NCCL asks.
+/// operations already enqueued): all ranks should drop theirs, as NCCL asks. While a thread
+/// unwinds from a panic it aborts the communicator instead (`ncclCommAbort`, which never
+/// waits). As in any NCCL program, a rank that stops part-way leaves the others waiting in
+/// their collective.
 pub struct NcclCollective {
     comm: ns::ncclComm_t,
     ctx: Arc<CudaContext>,
@@ -408,9 +412,17 @@ impl Drop for NcclCollective {
             return;
         }
         let _ = self.ctx.bind_to_thread();
-        // SAFETY: `comm` was created by `ncclCommInitRank` and is destroyed exactly once, here;
+        // SAFETY: `comm` was created by `ncclCommInitRank` and is released exactly once, here;
         // errors are ignored (nothing can be done about them in a drop, and it must not panic).
-        let _ = unsafe { nr::comm_destroy(self.comm) };
+        // While unwinding from a panic the other ranks may never join a destroy, so the
+        // communicator is aborted instead (local, never waits).
+        let _ = unsafe {
+            if std::thread::panicking() {
+                nr::comm_abort(self.comm)
+            } else {
+                nr::comm_destroy(self.comm)
+            }
+        };
     }
 }
 
