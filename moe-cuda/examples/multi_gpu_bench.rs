@@ -399,7 +399,7 @@ fn main() -> R<()> {
         return Ok(());
     }
     if !nccl_available() {
-        println!("multi_gpu_bench: skipped: no NCCL library (libnccl.so.2) on this machine");
+        println!("multi_gpu_bench: skipped: {}", moe_cuda::nccl::nccl_unavailable_reason());
         return Ok(());
     }
     let n = CudaContext::device_count().unwrap_or(0);

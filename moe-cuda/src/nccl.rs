@@ -48,10 +48,38 @@ fn cuda_err(what: &'static str) -> impl Fn(cudarc::driver::DriverError) -> MoeEr
 }
 
 fn missing() -> MoeError {
-    MoeError::Unsupported {
-        backend: NAME,
-        what: "no usable NCCL library (libnccl.so.2 with the NCCL 2.x API) on this machine",
+    MoeError::Unsupported { backend: NAME, what: nccl_unavailable_reason() }
+}
+
+/// Why [`nccl_available`] is false (for messages).
+///
+/// cudarc 0.19 opens `libnccl.so` or `libnccl.so.{13,12,11,10,9,1}`, but NCCL's runtime
+/// packages (the `libnccl2` Debian package, the `nvidia-nccl-cu*` wheels) ship only
+/// `libnccl.so.2`: with only that one, put a symlink named `libnccl.so` to it in a folder on
+/// `LD_LIBRARY_PATH` (`scripts/gpu-run.sh multi_gpu` does).
+pub fn nccl_unavailable_reason() -> &'static str {
+    if nccl_available() {
+        return "NCCL is available";
     }
+    let mut dirs: Vec<std::path::PathBuf> = std::env::var_os("LD_LIBRARY_PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    for d in ["/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib"] {
+        dirs.push(d.into());
+    }
+    if dirs.iter().any(|d| d.join("libnccl.so.2").exists()) {
+        "libnccl.so.2 is installed but cudarc loads libnccl.so: add a symlink named libnccl.so \
+         to it in a folder on LD_LIBRARY_PATH"
+    } else if ns_present() {
+        "libnccl lacks a function this crate calls (NCCL 2.x with send/recv needed)"
+    } else {
+        "no NCCL library (libnccl.so, as cudarc names it) on this machine"
+    }
+}
+
+fn ns_present() -> bool {
+    // SAFETY: only tries to open the library with libloading; no NCCL function is called.
+    std::panic::catch_unwind(|| unsafe { ns::is_culib_present() }).unwrap_or(false)
 }
 
 /// Whether libnccl can be loaded and exports every function this module calls. cudarc (built
@@ -470,7 +498,14 @@ mod tests {
     #[test]
     fn missing_nccl_is_an_error_not_a_panic() {
         // Without libnccl: Err(Unsupported); with it: Ok. Never a panic.
-        match NcclId::new() {
+        let id = NcclId::new();
+        println!(
+            "nccl available: {}, version: {:?}, id: {:?}",
+            nccl_available(),
+            nccl_version(),
+            id
+        );
+        match id {
             Ok(id) => assert_eq!(NcclId::from_bytes(id.to_bytes()).to_bytes(), id.to_bytes()),
             Err(e) => {
                 assert!(!nccl_available());

@@ -30,7 +30,7 @@ fn gpus(test: &str) -> Option<usize> {
         return None;
     }
     if !nccl_available() {
-        println!("{test}: skipped: no NCCL library (libnccl.so.2) on this machine");
+        println!("{test}: skipped: {}", moe_cuda::nccl::nccl_unavailable_reason());
         return None;
     }
     let n =
