@@ -131,12 +131,14 @@ pub struct Dispatch {
     /// The slot (`token * top_k + k`) at each position of the send buffer: grouped by
     /// destination rank, in slot order within a rank.
     pub order: Vec<usize>,
-    /// The send-buffer position of each slot (inverse of `order`), as the combine's slot rows.
+    /// The send-buffer position of each slot (inverse of `order`), as the combine's slot rows;
+    /// -1 for an empty slot (id -1), which is not sent.
     pub position: Vec<i32>,
 }
 
 /// The dispatch of one rank's routed slots: `topk_ids` (`[T, K]`, global expert ids) grouped
-/// by the rank owning each expert. Errors (no panic) for an id outside `0..experts`.
+/// by the rank owning each expert; empty slots (id -1) are not sent. Errors (no panic) for any
+/// other id outside `0..experts`.
 pub fn plan_dispatch(layout: &EpLayout, topk_ids: &[i32]) -> Result<Dispatch> {
     let mut d = Dispatch::default();
     plan_dispatch_into(layout, topk_ids, &mut d)?;
@@ -149,14 +151,22 @@ fn plan_dispatch_into(layout: &EpLayout, ids: &[i32], d: &mut Dispatch) -> Resul
     d.send_counts.resize(w, 0);
     let mut dest = Vec::with_capacity(ids.len());
     for &id in ids {
-        let r = usize::try_from(id).ok().and_then(|e| layout.owner(e)).ok_or(
-            MoeError::InvalidParameter {
-                what: "topk_ids (expert-parallel dispatch)",
-                value: id as f64,
-                rule: "0 <= id < experts",
-            },
-        )?;
-        d.send_counts[r] += 1;
+        // -1: a slot the router left empty (fewer than K experts had a number): not sent, and
+        // skipped by the combine like on one GPU.
+        let r = if id == -1 {
+            None
+        } else {
+            Some(usize::try_from(id).ok().and_then(|e| layout.owner(e)).ok_or(
+                MoeError::InvalidParameter {
+                    what: "topk_ids (expert-parallel dispatch)",
+                    value: id as f64,
+                    rule: "-1 or 0 <= id < experts",
+                },
+            )?)
+        };
+        if let Some(r) = r {
+            d.send_counts[r] += 1;
+        }
         dest.push(r);
     }
     let mut next: Vec<usize> = Vec::with_capacity(w);
@@ -166,10 +176,11 @@ fn plan_dispatch_into(layout: &EpLayout, ids: &[i32], d: &mut Dispatch) -> Resul
         acc += c;
     }
     d.order.clear();
-    d.order.resize(ids.len(), 0);
+    d.order.resize(acc, 0);
     d.position.clear();
-    d.position.resize(ids.len(), 0);
-    for (slot, &r) in dest.iter().enumerate() {
+    d.position.resize(ids.len(), -1);
+    for (slot, r) in dest.iter().enumerate() {
+        let Some(r) = *r else { continue };
         let p = next[r];
         next[r] += 1;
         d.order[p] = slot;
@@ -792,7 +803,12 @@ mod tests {
             assert_eq!(d.position[s], p as i32);
         }
         assert!(plan_dispatch(&l, &[0, 4]).is_err());
-        assert!(plan_dispatch(&l, &[-1]).is_err());
+        assert!(plan_dispatch(&l, &[-2]).is_err());
+        let e = plan_dispatch(&l, &[-1, 3, 1, -1]).expect("empty slots");
+        assert_eq!(
+            (e.send_counts, e.order, e.position),
+            (vec![1, 1], vec![2, 1], vec![-1, 1, 0, -1])
+        );
         assert_eq!(plan_dispatch(&l, &[]).expect("empty").send_counts, vec![0, 0]);
     }
 
@@ -801,7 +817,7 @@ mod tests {
     /// back, and the sum of each token's slots through `position`. Must equal the direct sum.
     fn simulate(layout: &EpLayout, ids_per_rank: &[Vec<i32>], k: usize) {
         let w = layout.world();
-        let expert = |e: i32, token: f64| 1000.0 * e as f64 + token;
+        let expert = |e: i32, token: f64| if e < 0 { 0.0 } else { 1000.0 * e as f64 + token };
         let d: Vec<Dispatch> =
             ids_per_rank.iter().map(|ids| plan_dispatch(layout, ids).expect("dispatch")).collect();
         // Sent: (global token id, expert id) per position, grouped by destination.
@@ -843,7 +859,12 @@ mod tests {
         for r in 0..w {
             let tokens = ids_per_rank[r].len() / k;
             for t in 0..tokens {
-                let got: f64 = (0..k).map(|j| back[r][d[r].position[t * k + j] as usize]).sum();
+                let got: f64 = (0..k)
+                    .map(|j| match d[r].position[t * k + j] {
+                        -1 => 0.0,
+                        p => back[r][p as usize],
+                    })
+                    .sum();
                 let want: f64 =
                     (0..k).map(|j| expert(ids_per_rank[r][t * k + j], (base[r] + t) as f64)).sum();
                 assert_eq!(got, want, "rank {r} token {t}");
@@ -865,7 +886,9 @@ mod tests {
             let ids: Vec<Vec<i32>> = (0..world)
                 .map(|r| {
                     let tokens = if r == 0 { 0 } else { next(9) };
-                    (0..tokens * k).map(|_| next(experts) as i32).collect()
+                    (0..tokens * k)
+                        .map(|_| if next(7) == 0 { -1 } else { next(experts) as i32 })
+                        .collect()
                 })
                 .collect();
             simulate(&layout, &ids, k);

@@ -174,7 +174,7 @@ where
             DevViewMut::of(&mut p.ws),
         )?;
         assert_eq!(stats.all_reduces, 0);
-        assert_eq!(stats.sent_rows, tokens * c.top_k);
+        assert!(stats.sent_rows <= tokens * c.top_k);
         let calls = (comm.all_reduce_calls() - ar, comm.all_to_all_calls() - a2a);
         Ok((r.read(&p)?.out, calls))
     });
