@@ -20,11 +20,16 @@ use moe_core::{DType, MoeConfig, MoeError};
 use moe_cuda::ep::{EpLayout, ExpertParallel};
 use moe_cuda::nccl::{NcclCollective, NcclElement, NcclId, nccl_available};
 use moe_cuda::{CudaBackend, CudaElement, DevView, DevViewMut};
+use std::sync::{Mutex, MutexGuard};
 
 const WORLD: usize = 2;
 
-/// The GPUs to use, or `None` (after printing why) where the test cannot run.
-fn gpus(test: &str) -> Option<usize> {
+/// The tests share the two GPUs: NCCL communicators used concurrently on the same GPUs by
+/// different threads can deadlock, so the tests run one at a time (as with --test-threads=1).
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// The lock on the GPUs, or `None` (after printing why) where the test cannot run.
+fn gpus(test: &str) -> Option<MutexGuard<'static, ()>> {
     if let Err(why) = moe_cuda::try_context(0) {
         println!("{test}: skipped: {why}");
         return None;
@@ -39,7 +44,7 @@ fn gpus(test: &str) -> Option<usize> {
         println!("{test}: skipped: {n} GPU(s), {WORLD} needed");
         return None;
     }
-    Some(WORLD)
+    Some(SERIAL.lock().unwrap_or_else(|e| e.into_inner()))
 }
 
 /// A runner on GPU `ordinal` (its own stream, event tracking off as in `common::runner`).
@@ -235,7 +240,7 @@ fn random_cases(n: u64) -> Vec<Case> {
 
 #[test]
 fn tensor_parallel_golden() {
-    let Some(_) = gpus("tensor_parallel_golden") else { return };
+    let Some(_gpus) = gpus("tensor_parallel_golden") else { return };
     for case in load_dir(&golden_dir()).expect("golden cases") {
         if !tp_ok(&case.config) || !supported(&case.config) {
             continue;
@@ -252,7 +257,7 @@ fn tensor_parallel_golden() {
 
 #[test]
 fn expert_parallel_golden() {
-    let Some(_) = gpus("expert_parallel_golden") else { return };
+    let Some(_gpus) = gpus("expert_parallel_golden") else { return };
     for case in load_dir(&golden_dir()).expect("golden cases") {
         if case.config.experts < WORLD || !supported(&case.config) {
             continue;
@@ -268,7 +273,7 @@ fn expert_parallel_golden() {
 
 #[test]
 fn tensor_parallel_random() {
-    let Some(_) = gpus("tensor_parallel_random") else { return };
+    let Some(_gpus) = gpus("tensor_parallel_random") else { return };
     for case in random_cases(24).iter().filter(|c| tp_ok(&c.config)) {
         check_tp(case, DType::F32);
     }
@@ -276,7 +281,7 @@ fn tensor_parallel_random() {
 
 #[test]
 fn expert_parallel_random() {
-    let Some(_) = gpus("expert_parallel_random") else { return };
+    let Some(_gpus) = gpus("expert_parallel_random") else { return };
     for case in random_cases(24).iter().filter(|c| c.config.experts >= WORLD) {
         check_ep(case, DType::F32);
     }
@@ -285,7 +290,7 @@ fn expert_parallel_random() {
 #[test]
 fn expert_parallel_one_rank_without_tokens() {
     // Rank 0 has no tokens (a batch of one token): it must still serve rank 1's slots.
-    let Some(_) = gpus("expert_parallel_one_rank_without_tokens") else { return };
+    let Some(_gpus) = gpus("expert_parallel_one_rank_without_tokens") else { return };
     let case = random_case(7, Force { tokens: Some(1), experts: Some(8), ..Force::default() });
     if supported(&case.config) {
         check_ep(&case, DType::F32);
@@ -295,7 +300,8 @@ fn expert_parallel_one_rank_without_tokens() {
 #[test]
 fn all_to_all_moves_blocks() {
     // Rank r sends r + 1 + p rows of width 3 to rank p, filled with 100 r + p.
-    let Some(world) = gpus("all_to_all_moves_blocks") else { return };
+    let Some(_gpus) = gpus("all_to_all_moves_blocks") else { return };
+    let world = WORLD;
     let got = on_ranks(world, |rank, r, comm| {
         let counts = |from: usize, to: usize| from + 1 + to;
         let send_counts: Vec<usize> = (0..world).map(|p| counts(rank, p)).collect();
