@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 const NAME: &str = "nccl";
 
 /// The NCCL symbols this module calls; all must resolve before any is called.
-const SYMBOLS: [&str; 11] = [
+const SYMBOLS: [&str; 10] = [
     "ncclGetVersion",
     "ncclGetUniqueId",
     "ncclCommInitRank",
@@ -36,7 +36,6 @@ const SYMBOLS: [&str; 11] = [
     "ncclRecv",
     "ncclGroupStart",
     "ncclGroupEnd",
-    "ncclGetErrorString",
 ];
 
 fn nccl_err(what: &'static str) -> impl Fn(nr::NcclError) -> MoeError {
