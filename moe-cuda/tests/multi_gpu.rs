@@ -5,8 +5,9 @@
 //! * expert parallel (EP = 2) over the all-to-all ([`moe_cuda::ep::ExpertParallel`]): the tokens
 //!   split between the ranks, no all-reduce, the concatenated outputs equal to the one-GPU output.
 //!
-//! On the golden cases (f32 and bf16) and random configurations (f32). Without a CUDA driver,
-//! without NCCL, or with fewer than two GPUs each test prints why and passes.
+//! On the golden cases (f32 and bf16) and random configurations (f32). `expert_parallel_single_rank`
+//! runs the expert-parallel path on one GPU (a one-rank communicator). Without a CUDA driver,
+//! without NCCL, or with fewer GPUs than a test needs, it prints why and passes.
 
 mod common;
 
@@ -30,6 +31,11 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 /// The lock on the GPUs, or `None` (after printing why) where the test cannot run.
 fn gpus(test: &str) -> Option<MutexGuard<'static, ()>> {
+    gpus_n(test, WORLD)
+}
+
+/// As [`gpus`], for `world` GPUs.
+fn gpus_n(test: &str, world: usize) -> Option<MutexGuard<'static, ()>> {
     if let Err(why) = moe_cuda::try_context(0) {
         println!("{test}: skipped: {why}");
         return None;
@@ -40,8 +46,8 @@ fn gpus(test: &str) -> Option<MutexGuard<'static, ()>> {
     }
     let n =
         std::panic::catch_unwind(CudaContext::device_count).ok().and_then(|r| r.ok()).unwrap_or(0);
-    if (n as usize) < WORLD {
-        println!("{test}: skipped: {n} GPU(s), {WORLD} needed");
+    if (n as usize) < world {
+        println!("{test}: skipped: {n} GPU(s), {world} needed");
         return None;
     }
     Some(SERIAL.lock().unwrap_or_else(|e| e.into_inner()))
@@ -134,20 +140,21 @@ fn slice_mlp(m: &HostMlp, experts: &[usize], inter: usize, width: usize) -> Host
     }
 }
 
-/// EP = 2 over the all-to-all: rank r runs its half of the tokens; the outputs concatenated,
-/// with the all-reduce and all-to-all calls of each rank.
+/// EP over the all-to-all on `world` GPUs: rank r runs tokens r T / world .. (r + 1) T / world;
+/// the outputs concatenated, with the all-reduce and all-to-all calls of each rank.
 fn ep_outputs<T: CudaElement + NcclElement + cudarc::driver::ValidAsZeroBits>(
     case: &Case,
+    world: usize,
 ) -> (Vec<f64>, Vec<(usize, usize)>)
 where
     CudaBackend: moe_core::MoeStages<T>,
 {
     let c = case.config;
     let (t, h) = (case.tokens, c.hidden);
-    let split = [0, t / 2, t];
-    let max_tokens = (0..WORLD).map(|r| split[r + 1] - split[r]).max().unwrap_or(0);
-    let layout = EpLayout::contiguous(c.experts, WORLD).expect("layout");
-    let parts = on_ranks(WORLD, |rank, r, comm| {
+    let split: Vec<usize> = (0..=world).map(|r| r * t / world).collect();
+    let max_tokens = (0..world).map(|r| split[r + 1] - split[r]).max().unwrap_or(0);
+    let layout = EpLayout::contiguous(c.experts, world).expect("layout");
+    let parts = on_ranks(world, |rank, r, comm| {
         let mine = layout.experts_of(rank);
         let mut rc = c;
         rc.parallel.experts =
@@ -210,15 +217,18 @@ fn check_tp(case: &Case, dtype: DType) {
     }
 }
 
-fn check_ep(case: &Case, dtype: DType) {
+fn check_ep(case: &Case, dtype: DType, world: usize) {
     let want = single_gpu(case, dtype);
     let (out, calls) = match dtype {
-        DType::F32 => ep_outputs::<f32>(case),
-        DType::F16 => ep_outputs::<half::f16>(case),
-        DType::BF16 => ep_outputs::<half::bf16>(case),
+        DType::F32 => ep_outputs::<f32>(case, world),
+        DType::F16 => ep_outputs::<half::f16>(case, world),
+        DType::BF16 => ep_outputs::<half::bf16>(case, world),
     };
     let e = rel_err(&out, &want);
-    println!("ep[nccl] {:<28} {dtype:?}: rel err vs 1 GPU {e:.2e}, calls {calls:?}", case.name);
+    println!(
+        "ep[nccl] {:<28} {dtype:?} ranks {world}: rel err vs 1 GPU {e:.2e}, calls {calls:?}",
+        case.name
+    );
     for (ar, a2a) in calls {
         assert_eq!(ar, 0, "{}: no all-reduce under expert parallelism", case.name);
         assert_eq!(a2a, 5, "{}: counts, dispatch (3, grouped), return", case.name);
@@ -263,9 +273,9 @@ fn expert_parallel_golden() {
             continue;
         }
         for dtype in [DType::F32, DType::BF16] {
-            check_ep(&case, dtype);
+            check_ep(&case, dtype, WORLD);
         }
-        let (out, _) = ep_outputs::<f32>(&case);
+        let (out, _) = ep_outputs::<f32>(&case, WORLD);
         let e = rel_err(&out, &case.expected.out);
         assert!(e <= 1e-5, "{}: ep rel err vs golden {e}", case.name);
     }
@@ -283,7 +293,7 @@ fn tensor_parallel_random() {
 fn expert_parallel_random() {
     let Some(_gpus) = gpus("expert_parallel_random") else { return };
     for case in random_cases(24).iter().filter(|c| c.config.experts >= WORLD) {
-        check_ep(case, DType::F32);
+        check_ep(case, DType::F32, WORLD);
     }
 }
 
@@ -293,7 +303,24 @@ fn expert_parallel_one_rank_without_tokens() {
     let Some(_gpus) = gpus("expert_parallel_one_rank_without_tokens") else { return };
     let case = random_case(7, Force { tokens: Some(1), experts: Some(8), ..Force::default() });
     if supported(&case.config) {
-        check_ep(&case, DType::F32);
+        check_ep(&case, DType::F32, WORLD);
+    }
+}
+
+#[test]
+fn expert_parallel_single_rank() {
+    // One rank, one GPU (a one-rank NCCL communicator): the whole expert-parallel path (routing
+    // read back, dispatch, gathers, the k = 1 expert pass, the return and the slot-order
+    // combine) with the all-to-alls reduced to device copies. Runs on a one-GPU machine.
+    let Some(_gpus) = gpus_n("expert_parallel_single_rank", 1) else { return };
+    for case in load_dir(&golden_dir()).expect("golden cases") {
+        if supported(&case.config) {
+            check_ep(&case, DType::F32, 1);
+            check_ep(&case, DType::BF16, 1);
+        }
+    }
+    for case in random_cases(12) {
+        check_ep(&case, DType::F32, 1);
     }
 }
 
