@@ -255,7 +255,8 @@ fn tp_rank(
     rc.parallel.tp_size = WORLD;
     rc.parallel.tp_rank = rank;
     let tmax = tokens.iter().copied().max().unwrap_or(1);
-    let mut f = Filler::new(&s, 0x9e37_79b9 + rank as u64);
+    // The same seed on every rank: the router and the input are replicated under TP.
+    let mut f = Filler::new(&s, 0x9e37_79b9);
     let w = weights(&rc, &mut f, None)?;
     let wv = views(&w);
     let plan = be.make_plan(&rc, tmax)?;
