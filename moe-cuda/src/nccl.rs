@@ -66,11 +66,11 @@ pub fn nccl_unavailable_reason() -> &'static str {
     for d in ["/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib"] {
         dirs.push(d.into());
     }
-    if dirs.iter().any(|d| d.join("libnccl.so.2").exists()) {
+    if ns_present() {
+        "libnccl lacks a function this crate calls (NCCL 2.x with send/recv needed)"
+    } else if dirs.iter().any(|d| d.join("libnccl.so.2").exists()) {
         "libnccl.so.2 is installed but cudarc loads libnccl.so: add a symlink named libnccl.so \
          to it in a folder on LD_LIBRARY_PATH"
-    } else if ns_present() {
-        "libnccl lacks a function this crate calls (NCCL 2.x with send/recv needed)"
     } else {
         "no NCCL library (libnccl.so, as cudarc names it) on this machine"
     }
