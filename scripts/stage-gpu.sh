@@ -28,7 +28,8 @@ for line in sys.stdin:
 }
 mkdir -p "$dest"
 find "$dest" -maxdepth 1 -type f -delete  # the previous staging (files only; golden/ is replaced below)
-tests="$(cargo_q test -p moe-cuda --no-run | executables)"
+tests="$(cargo_q test -p moe-cuda --features nccl --no-run | executables)"
+mgb="$(cargo_q build -p moe-cuda --features nccl --example multi_gpu_bench | executables)"
 bench="$(cargo_q build -p moe-cuda --example bench | executables)"
 quick="$(cargo_q build -p moe-cuda --example quickstart | executables)"
 for t in $tests; do
@@ -36,12 +37,13 @@ for t in $tests; do
 done
 cp "$bench" "$dest/bench"
 cp "$quick" "$dest/quickstart"
+cp "$mgb" "$dest/multi_gpu_bench"
 rm -rf "$dest/golden"
 cp -r "$repo/golden" "$dest/golden"
 cp "$repo/scripts/gpu-run.sh" "$dest/gpu-run.sh"
 cp "$repo/benches/torch_anchor.py" "$dest/torch_anchor.py" 2>/dev/null || true
 # keep the staged tree small (the device tool carries at most 64 MiB)
-for f in "$dest"/*-* "$dest/bench" "$dest/quickstart"; do
+for f in "$dest"/*-* "$dest/bench" "$dest/quickstart" "$dest/multi_gpu_bench"; do
     [ -f "$f" ] && strip --strip-debug "$f" 2>/dev/null || true
 done
 ls -la "$dest"

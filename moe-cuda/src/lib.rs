@@ -21,8 +21,16 @@
 //! Without a CUDA driver on the machine, cudarc (built with dynamic loading) would panic at its
 //! first call; [`driver_available`] checks for the library first and [`CudaBackend::new`]
 //! returns an error instead.
+//!
+//! With the feature `nccl`: multi-GPU layers. [`nccl::NcclCollective`] is the tensor-parallel
+//! [`moe_core::Collective`] (one NCCL all-reduce per layer) and carries the all-to-all of the
+//! expert-parallel forward, [`ep::ExpertParallel`] (no all-reduce).
 
+#[cfg(feature = "nccl")]
+pub mod ep;
 mod launch;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 mod view;
 
 use cudarc::driver::{CudaContext, CudaStream, DriverError};
