@@ -1,0 +1,484 @@
+//! The fast path: `C = A · Bᵀ` with both operands K-contiguous (activations `[rows, K]`, weights
+//! `[N, K]`), cache-blocked, with SIMD microkernels chosen at run time.
+//!
+//! # Blocking
+//!
+//! A work item is one block of at most [`MB`] rows (of one expert) by at most [`NB`] columns.
+//! For each K block of at most [`KC`] elements, the item widens (f16/bf16 → f32) and gathers its
+//! rows of A into a stack buffer `[MB][KC]`, then for every micro-panel of [`NR`] weight rows
+//! widens them into a stack buffer `[NR][KC]` (kept in L1) and sweeps the row micro-tiles of
+//! [`MR`] rows over it. The microkernel keeps `MR × NR` vector accumulators along K (the
+//! dot-product form, so neither operand is transposed while packing), reduces them horizontally
+//! at the end of the K block and adds them to the item's f32 tile.
+//!
+//! # Determinism
+//!
+//! The blocking never depends on the thread count and every output element is computed by
+//! exactly one work item, so the result has the same bits whatever the number of threads.
+//! (It may differ between instruction sets: the lane count changes the summation order.)
+
+use moe_core::Element;
+
+/// Rows of a work item.
+pub(crate) const MB: usize = 32;
+/// Columns of a work item (a multiple of [`NR`]).
+pub(crate) const NB: usize = 48;
+/// K block (a multiple of every vector width).
+pub(crate) const KC: usize = 1024;
+/// Rows of a microkernel tile.
+pub(crate) const MR: usize = 4;
+/// Columns (weight rows) of a microkernel tile.
+pub(crate) const NR: usize = 6;
+
+const _: () = assert!(NB % NR == 0 && KC % 16 == 0);
+
+/// One work item: rows `a_rows` of `a` (row length `k`) times rows `n0..n0 + nb` of each
+/// present `b` matrix (`[N, k]`).
+pub(crate) struct Block<'a, T> {
+    /// A storage, rows of length `k`.
+    pub a: &'a [T],
+    /// The A rows of this item (at most [`MB`]).
+    pub a_rows: &'a [usize],
+    /// Reduction length.
+    pub k: usize,
+    /// Up to two B matrices sharing A (gate and up projections).
+    pub b: [Option<&'a [T]>; 2],
+    /// First column.
+    pub n0: usize,
+    /// Columns (at most [`NB`]).
+    pub nb: usize,
+}
+
+/// The f32 result tiles of a work item, `[MB][NB]` for each B.
+pub(crate) type Tiles = [[f32; MB * NB]; 2];
+
+/// An instruction set the microkernels are compiled for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Isa {
+    /// Portable Rust (8-wide arrays the compiler vectorizes for the baseline target).
+    Generic,
+    /// x86-64 AVX2 + FMA (+ F16C for f16).
+    Avx2,
+    /// x86-64 AVX-512 F/BW/DQ/VL.
+    Avx512,
+    /// aarch64 NEON.
+    Neon,
+}
+
+impl Isa {
+    /// Whether this machine can run `self`.
+    pub fn available(self) -> bool {
+        match self {
+            Isa::Generic => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                std::is_x86_feature_detected!("avx2")
+                    && std::is_x86_feature_detected!("fma")
+                    && std::is_x86_feature_detected!("f16c")
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => {
+                std::is_x86_feature_detected!("avx512f")
+                    && std::is_x86_feature_detected!("avx512bw")
+                    && std::is_x86_feature_detected!("avx512dq")
+                    && std::is_x86_feature_detected!("avx512vl")
+                    && std::is_x86_feature_detected!("fma")
+            }
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => std::arch::is_aarch64_feature_detected!("neon"),
+            #[allow(unreachable_patterns)]
+            _ => false,
+        }
+    }
+
+    /// The best instruction set of this machine.
+    pub fn detect() -> Isa {
+        [Isa::Avx512, Isa::Avx2, Isa::Neon]
+            .into_iter()
+            .find(|i| i.available())
+            .unwrap_or(Isa::Generic)
+    }
+
+    /// Every instruction set this machine can run, best last.
+    pub fn all_available() -> impl Iterator<Item = Isa> {
+        [Isa::Generic, Isa::Neon, Isa::Avx2, Isa::Avx512].into_iter().filter(|i| i.available())
+    }
+}
+
+/// Run one work item with `isa` into `out` (`out[bi][i * NB + j]` for row `i`, column `n0 + j`).
+///
+/// The caller has checked `isa.available()`, that every A row lies in `a`, and every B row in
+/// `n0..n0 + nb` lies in its matrix.
+pub(crate) fn run_block<T: Element>(isa: Isa, blk: &Block<'_, T>, out: &mut Tiles) {
+    debug_assert!(blk.a_rows.len() <= MB && blk.nb <= NB);
+    debug_assert!(blk.a_rows.iter().all(|&r| (r + 1) * blk.k <= blk.a.len()));
+    debug_assert!(blk.b.iter().flatten().all(|b| (blk.n0 + blk.nb) * blk.k <= b.len()));
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the caller checked that the CPU has AVX-512 (`Isa::available`); the bounds of
+        // every row read are checked by the caller (asserted above in debug builds).
+        Isa::Avx512 => unsafe { avx512::run_block(blk, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above, for AVX2 + FMA + F16C.
+        Isa::Avx2 => unsafe { avx2::run_block(blk, out) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: as above, for NEON.
+        Isa::Neon => unsafe { neon::run_block(blk, out) },
+        // SAFETY: the generic kernels need no CPU feature; bounds as above.
+        _ => unsafe { generic::run_block(blk, out) },
+    }
+}
+
+/// The engine, written once and compiled per instruction set. The including module defines
+/// `L` (lanes), `V` (vector type), and `zero`, `load`, `fma`, `hsum4`, `widen_f16` with the
+/// module's `#[target_feature]`s.
+macro_rules! engine {
+    ($(#[$attr:meta])*) => {
+        use super::{Block, Tiles, KC, MB, MR, NB, NR};
+        use core::mem::MaybeUninit;
+        use moe_core::{DType, Element};
+
+        /// Widen `src` into `dst` (same length).
+        $(#[$attr])*
+        #[inline]
+        unsafe fn widen<T: Element>(src: &[T], dst: &mut [f32]) {
+            match T::DTYPE {
+                DType::F32 => dst.copy_from_slice(bytemuck::cast_slice(src)),
+                DType::BF16 => {
+                    let s: &[u16] = bytemuck::cast_slice(src);
+                    for (d, &s) in dst.iter_mut().zip(s) {
+                        *d = f32::from_bits((s as u32) << 16);
+                    }
+                }
+                // SAFETY: same features as this function; equal lengths.
+                DType::F16 => unsafe { widen_f16(bytemuck::cast_slice(src), dst) },
+            }
+        }
+
+        /// `c[i * NB + j] (+)= sum_k a[i * KC + k] b[j * KC + k]` for `i < M`, `j < NR`,
+        /// `k < kcp` (`kcp` a multiple of `L`).
+        $(#[$attr])*
+        #[inline]
+        unsafe fn micro<const M: usize>(
+            a: *const f32,
+            b: *const f32,
+            kcp: usize,
+            c: *mut f32,
+            first: bool,
+        ) {
+            // SAFETY (whole body): the caller passes buffers holding M (resp. NR) initialized
+            // rows of `kcp` floats at stride KC, and a tile with M rows of NB >= NR columns.
+            unsafe {
+                let mut acc = [[zero(); NR]; M];
+                let mut k = 0;
+                while k < kcp {
+                    let mut bv = [zero(); NR];
+                    for (j, v) in bv.iter_mut().enumerate() {
+                        *v = load(b.add(j * KC + k));
+                    }
+                    for (i, row) in acc.iter_mut().enumerate() {
+                        let av = load(a.add(i * KC + k));
+                        for (r, &bj) in row.iter_mut().zip(bv.iter()) {
+                            *r = fma(av, bj, *r);
+                        }
+                    }
+                    k += L;
+                }
+                let mut i = 0;
+                while i < M {
+                    let row = &acc[i];
+                    let s0 = hsum4(row[0], row[1], row[2], row[3]);
+                    let s1 = hsum4(row[4], row[5], zero(), zero());
+                    let sums = [s0[0], s0[1], s0[2], s0[3], s1[0], s1[1]];
+                    let cr = c.add(i * NB);
+                    for (j, &s) in sums.iter().enumerate() {
+                        if first {
+                            *cr.add(j) = s;
+                        } else {
+                            *cr.add(j) += s;
+                        }
+                    }
+                    i += 1;
+                }
+            }
+        }
+
+        /// One work item (see the module docs).
+        $(#[$attr])*
+        pub(crate) unsafe fn run_block<T: Element>(blk: &Block<'_, T>, out: &mut Tiles) {
+            let (k, mb, nb) = (blk.k, blk.a_rows.len(), blk.nb);
+            if k == 0 {
+                for t in out.iter_mut() {
+                    t.fill(0.0);
+                }
+                return;
+            }
+            let mut a_buf = MaybeUninit::<[f32; MB * KC]>::uninit();
+            let mut b_buf = MaybeUninit::<[f32; NR * KC]>::uninit();
+            let ap = a_buf.as_mut_ptr() as *mut f32;
+            let bp = b_buf.as_mut_ptr() as *mut f32;
+            let mut k0 = 0;
+            while k0 < k {
+                let kc = KC.min(k - k0);
+                let kcp = kc.div_ceil(L) * L;
+                for (i, &r) in blk.a_rows.iter().enumerate() {
+                    // SAFETY: row i < MB of the A buffer, kcp <= KC floats; written before read.
+                    let dst = unsafe { core::slice::from_raw_parts_mut(ap.add(i * KC), kcp) };
+                    // SAFETY: same features as this function.
+                    unsafe { widen(&blk.a[r * k + k0..r * k + k0 + kc], &mut dst[..kc]) };
+                    dst[kc..].fill(0.0);
+                }
+                for (bi, b) in blk.b.iter().enumerate() {
+                    let Some(b) = b else { continue };
+                    let mut j = 0;
+                    while j < nb {
+                        let nr = NR.min(nb - j);
+                        for jj in 0..NR {
+                            // SAFETY: row jj < NR of the B buffer, kcp <= KC floats.
+                            let dst =
+                                unsafe { core::slice::from_raw_parts_mut(bp.add(jj * KC), kcp) };
+                            if jj < nr {
+                                let at = (blk.n0 + j + jj) * k + k0;
+                                // SAFETY: same features as this function.
+                                unsafe { widen(&b[at..at + kc], &mut dst[..kc]) };
+                                dst[kc..].fill(0.0);
+                            } else {
+                                dst.fill(0.0);
+                            }
+                        }
+                        let mut i = 0;
+                        while i < mb {
+                            let first = k0 == 0;
+                            // SAFETY: rows i..i + m of the A buffer and all NR rows of the B
+                            // buffer hold kcp initialized floats; the tile has room for NR
+                            // columns from j (NB is a multiple of NR).
+                            unsafe {
+                                let a = ap.add(i * KC) as *const f32;
+                                let c = out[bi].as_mut_ptr().add(i * NB + j);
+                                match (mb - i).min(MR) {
+                                    4 => micro::<4>(a, bp, kcp, c, first),
+                                    3 => micro::<3>(a, bp, kcp, c, first),
+                                    2 => micro::<2>(a, bp, kcp, c, first),
+                                    _ => micro::<1>(a, bp, kcp, c, first),
+                                }
+                            }
+                            i += MR;
+                        }
+                        j += NR;
+                    }
+                }
+                k0 += KC;
+            }
+        }
+    };
+}
+
+/// Portable kernels: 8-wide arrays.
+mod generic {
+    const L: usize = 8;
+    type V = [f32; L];
+
+    #[inline(always)]
+    fn zero() -> V {
+        [0.0; L]
+    }
+    /// Reads `L` floats at `p`.
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> V {
+        // SAFETY: the caller guarantees `L` readable floats at `p`.
+        unsafe { (p as *const V).read_unaligned() }
+    }
+    #[inline(always)]
+    fn fma(a: V, b: V, mut c: V) -> V {
+        for l in 0..L {
+            c[l] += a[l] * b[l];
+        }
+        c
+    }
+    #[inline(always)]
+    fn hsum(v: V) -> f32 {
+        ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]))
+    }
+    #[inline(always)]
+    fn hsum4(a: V, b: V, c: V, d: V) -> [f32; 4] {
+        [hsum(a), hsum(b), hsum(c), hsum(d)]
+    }
+    #[inline(always)]
+    unsafe fn widen_f16(src: &[u16], dst: &mut [f32]) {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = half::f16::from_bits(s).to_f32();
+        }
+    }
+
+    engine!();
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use core::arch::x86_64::*;
+    const L: usize = 16;
+    type V = __m512;
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn zero() -> V {
+        _mm512_setzero_ps()
+    }
+    /// Reads 16 floats at `p`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load(p: *const f32) -> V {
+        // SAFETY: the caller guarantees 16 readable floats at `p`.
+        unsafe { _mm512_loadu_ps(p) }
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn fma(a: V, b: V, c: V) -> V {
+        _mm512_fmadd_ps(a, b, c)
+    }
+    /// The lane sums of four vectors.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn hsum4(a: V, b: V, c: V, d: V) -> [f32; 4] {
+        // Per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] and the same for c, d.
+        let x0 = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+        let x1 = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+        let (x0, x1) = (_mm512_castps_pd(x0), _mm512_castps_pd(x1));
+        // Per 128-bit lane: [a, b, c, d] partial sums.
+        let y = _mm512_add_ps(
+            _mm512_castpd_ps(_mm512_unpacklo_pd(x0, x1)),
+            _mm512_castpd_ps(_mm512_unpackhi_pd(x0, x1)),
+        );
+        let lo = _mm512_castps512_ps256(y);
+        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(y), 1));
+        let z = _mm256_add_ps(lo, hi);
+        let w = _mm_add_ps(_mm256_castps256_ps128(z), _mm256_extractf128_ps(z, 1));
+        let mut r = [0f32; 4];
+        // SAFETY: `r` holds 4 floats.
+        unsafe { _mm_storeu_ps(r.as_mut_ptr(), w) };
+        r
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn widen_f16(src: &[u16], dst: &mut [f32]) {
+        let n = src.len().min(dst.len());
+        let mut i = 0;
+        while i + 16 <= n {
+            // SAFETY: 16 halves readable and 16 floats writable at `i` (i + 16 <= n).
+            unsafe {
+                let h = _mm256_loadu_si256(src.as_ptr().add(i) as *const __m256i);
+                _mm512_storeu_ps(dst.as_mut_ptr().add(i), _mm512_cvtph_ps(h));
+            }
+            i += 16;
+        }
+        for j in i..n {
+            dst[j] = half::f16::from_bits(src[j]).to_f32();
+        }
+    }
+
+    engine!(#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,fma,f16c,avx2")]);
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use core::arch::x86_64::*;
+    const L: usize = 8;
+    type V = __m256;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn zero() -> V {
+        _mm256_setzero_ps()
+    }
+    /// Reads 8 floats at `p`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn load(p: *const f32) -> V {
+        // SAFETY: the caller guarantees 8 readable floats at `p`.
+        unsafe { _mm256_loadu_ps(p) }
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn fma(a: V, b: V, c: V) -> V {
+        _mm256_fmadd_ps(a, b, c)
+    }
+    /// The lane sums of four vectors.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum4(a: V, b: V, c: V, d: V) -> [f32; 4] {
+        let x0 = _mm256_add_ps(_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
+        let x1 = _mm256_add_ps(_mm256_unpacklo_ps(c, d), _mm256_unpackhi_ps(c, d));
+        let (x0, x1) = (_mm256_castps_pd(x0), _mm256_castps_pd(x1));
+        let y = _mm256_add_ps(
+            _mm256_castpd_ps(_mm256_unpacklo_pd(x0, x1)),
+            _mm256_castpd_ps(_mm256_unpackhi_pd(x0, x1)),
+        );
+        let w = _mm_add_ps(_mm256_castps256_ps128(y), _mm256_extractf128_ps(y, 1));
+        let mut r = [0f32; 4];
+        // SAFETY: `r` holds 4 floats.
+        unsafe { _mm_storeu_ps(r.as_mut_ptr(), w) };
+        r
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn widen_f16(src: &[u16], dst: &mut [f32]) {
+        let n = src.len().min(dst.len());
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: 8 halves readable and 8 floats writable at `i` (i + 8 <= n).
+            unsafe {
+                let h = _mm_loadu_si128(src.as_ptr().add(i) as *const __m128i);
+                _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+            }
+            i += 8;
+        }
+        for j in i..n {
+            dst[j] = half::f16::from_bits(src[j]).to_f32();
+        }
+    }
+
+    engine!(#[target_feature(enable = "avx2,fma,f16c")]);
+}
+
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use core::arch::aarch64::*;
+    const L: usize = 4;
+    type V = float32x4_t;
+
+    #[inline]
+    #[target_feature(enable = "neon")]
+    fn zero() -> V {
+        vdupq_n_f32(0.0)
+    }
+    /// Reads 4 floats at `p`.
+    #[inline]
+    #[target_feature(enable = "neon")]
+    unsafe fn load(p: *const f32) -> V {
+        // SAFETY: the caller guarantees 4 readable floats at `p`.
+        unsafe { vld1q_f32(p) }
+    }
+    #[inline]
+    #[target_feature(enable = "neon")]
+    fn fma(a: V, b: V, c: V) -> V {
+        vfmaq_f32(c, a, b)
+    }
+    #[inline]
+    #[target_feature(enable = "neon")]
+    fn hsum4(a: V, b: V, c: V, d: V) -> [f32; 4] {
+        let s = vpaddq_f32(vpaddq_f32(a, b), vpaddq_f32(c, d));
+        let mut r = [0f32; 4];
+        // SAFETY: `r` holds 4 floats.
+        unsafe { vst1q_f32(r.as_mut_ptr(), s) };
+        r
+    }
+    #[inline]
+    #[target_feature(enable = "neon")]
+    unsafe fn widen_f16(src: &[u16], dst: &mut [f32]) {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = half::f16::from_bits(s).to_f32();
+        }
+    }
+
+    engine!(#[target_feature(enable = "neon")]);
+}
