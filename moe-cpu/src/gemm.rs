@@ -20,12 +20,16 @@
 use moe_core::Element;
 
 /// Rows of a work item.
-pub(crate) const MB: usize = 32;
+pub(crate) const MB: usize = 128;
 /// Columns of a work item (a multiple of [`NR`]).
-pub(crate) const NB: usize = 48;
+pub(crate) const NB: usize = 96;
 /// K block (a multiple of every vector width).
 pub(crate) const KC: usize = 1024;
-/// Rows of a microkernel tile.
+/// Row stride of the packing buffers: KC plus one cache line, so that the rows a microkernel
+/// streams do not all map to the same L1 set (4 KiB aliasing).
+pub(crate) const KS: usize = KC + 16;
+/// Rows of a microkernel tile (at most; AVX2 uses 2, its 16 registers hold 2 × NR
+/// accumulators).
 pub(crate) const MR: usize = 4;
 /// Columns (weight rows) of a microkernel tile.
 pub(crate) const NR: usize = 6;
@@ -48,6 +52,10 @@ pub(crate) struct Block<'a, T> {
     /// Columns (at most [`NB`]).
     pub nb: usize,
 }
+
+/// A cache-line aligned array (the microkernel's vector loads must not split cache lines).
+#[repr(C, align(64))]
+pub(crate) struct Aligned<const N: usize>(pub [f32; N]);
 
 /// The f32 result tiles of a work item, `[MB][NB]` for each B.
 pub(crate) type Tiles = [[f32; MB * NB]; 2];
@@ -130,11 +138,11 @@ pub(crate) fn run_block<T: Element>(isa: Isa, blk: &Block<'_, T>, out: &mut Tile
 }
 
 /// The engine, written once and compiled per instruction set. The including module defines
-/// `L` (lanes), `V` (vector type), and `zero`, `load`, `fma`, `hsum4`, `widen_f16` with the
+/// `L` (lanes), `MRX` (rows of its microkernel tile, at most [`MR`]), `V` (vector type), and `zero`, `load`, `fma`, `hsum4`, `widen_f16` with the
 /// module's `#[target_feature]`s.
 macro_rules! engine {
     ($(#[$attr:meta])*) => {
-        use super::{Block, Tiles, KC, MB, MR, NB, NR};
+        use super::{Aligned, Block, KC, KS, MB, NB, NR, Tiles};
         use core::mem::MaybeUninit;
         use moe_core::{DType, Element};
 
@@ -155,7 +163,7 @@ macro_rules! engine {
             }
         }
 
-        /// `c[i * NB + j] (+)= sum_k a[i * KC + k] b[j * KC + k]` for `i < M`, `j < NR`,
+        /// `c[i * NB + j] (+)= sum_k a[i * KS + k] b[j * KS + k]` for `i < M`, `j < NR`,
         /// `k < kcp` (`kcp` a multiple of `L`).
         $(#[$attr])*
         #[inline]
@@ -167,19 +175,21 @@ macro_rules! engine {
             first: bool,
         ) {
             // SAFETY (whole body): the caller passes buffers holding M (resp. NR) initialized
-            // rows of `kcp` floats at stride KC, and a tile with M rows of NB >= NR columns.
+            // rows of `kcp` floats at stride KS, and a tile with M rows of NB >= NR columns.
             unsafe {
                 let mut acc = [[zero(); NR]; M];
                 let mut k = 0;
                 while k < kcp {
-                    let mut bv = [zero(); NR];
-                    for (j, v) in bv.iter_mut().enumerate() {
-                        *v = load(b.add(j * KC + k));
+                    // M A vectors in registers, the NR B vectors streamed one at a time: M * NR
+                    // + M + 1 live vectors (29 with AVX-512, 15 with AVX2).
+                    let mut av = [zero(); M];
+                    for (i, v) in av.iter_mut().enumerate() {
+                        *v = load(a.add(i * KS + k));
                     }
-                    for (i, row) in acc.iter_mut().enumerate() {
-                        let av = load(a.add(i * KC + k));
-                        for (r, &bj) in row.iter_mut().zip(bv.iter()) {
-                            *r = fma(av, bj, *r);
+                    for j in 0..NR {
+                        let bj = load(b.add(j * KS + k));
+                        for (row, &ai) in acc.iter_mut().zip(av.iter()) {
+                            row[j] = fma(ai, bj, row[j]);
                         }
                     }
                     k += L;
@@ -213,8 +223,8 @@ macro_rules! engine {
                 }
                 return;
             }
-            let mut a_buf = MaybeUninit::<[f32; MB * KC]>::uninit();
-            let mut b_buf = MaybeUninit::<[f32; NR * KC]>::uninit();
+            let mut a_buf = MaybeUninit::<Aligned<{ MB * KS }>>::uninit();
+            let mut b_buf = MaybeUninit::<Aligned<{ NR * KS }>>::uninit();
             let ap = a_buf.as_mut_ptr() as *mut f32;
             let bp = b_buf.as_mut_ptr() as *mut f32;
             let mut k0 = 0;
@@ -223,7 +233,7 @@ macro_rules! engine {
                 let kcp = kc.div_ceil(L) * L;
                 for (i, &r) in blk.a_rows.iter().enumerate() {
                     // SAFETY: row i < MB of the A buffer, kcp <= KC floats; written before read.
-                    let dst = unsafe { core::slice::from_raw_parts_mut(ap.add(i * KC), kcp) };
+                    let dst = unsafe { core::slice::from_raw_parts_mut(ap.add(i * KS), kcp) };
                     // SAFETY: same features as this function.
                     unsafe { widen(&blk.a[r * k + k0..r * k + k0 + kc], &mut dst[..kc]) };
                     dst[kc..].fill(0.0);
@@ -236,7 +246,7 @@ macro_rules! engine {
                         for jj in 0..NR {
                             // SAFETY: row jj < NR of the B buffer, kcp <= KC floats.
                             let dst =
-                                unsafe { core::slice::from_raw_parts_mut(bp.add(jj * KC), kcp) };
+                                unsafe { core::slice::from_raw_parts_mut(bp.add(jj * KS), kcp) };
                             if jj < nr {
                                 let at = (blk.n0 + j + jj) * k + k0;
                                 // SAFETY: same features as this function.
@@ -253,16 +263,16 @@ macro_rules! engine {
                             // buffer hold kcp initialized floats; the tile has room for NR
                             // columns from j (NB is a multiple of NR).
                             unsafe {
-                                let a = ap.add(i * KC) as *const f32;
+                                let a = ap.add(i * KS) as *const f32;
                                 let c = out[bi].as_mut_ptr().add(i * NB + j);
-                                match (mb - i).min(MR) {
+                                match (mb - i).min(MRX) {
                                     4 => micro::<4>(a, bp, kcp, c, first),
                                     3 => micro::<3>(a, bp, kcp, c, first),
                                     2 => micro::<2>(a, bp, kcp, c, first),
                                     _ => micro::<1>(a, bp, kcp, c, first),
                                 }
                             }
-                            i += MR;
+                            i += MRX;
                         }
                         j += NR;
                     }
@@ -276,6 +286,7 @@ macro_rules! engine {
 /// Portable kernels: 8-wide arrays.
 mod generic {
     const L: usize = 8;
+    const MRX: usize = super::MR;
     type V = [f32; L];
 
     #[inline(always)]
@@ -317,6 +328,7 @@ mod generic {
 mod avx512 {
     use core::arch::x86_64::*;
     const L: usize = 16;
+    const MRX: usize = super::MR;
     type V = __m512;
 
     #[inline]
@@ -383,6 +395,7 @@ mod avx512 {
 mod avx2 {
     use core::arch::x86_64::*;
     const L: usize = 8;
+    const MRX: usize = 2;
     type V = __m256;
 
     #[inline]
@@ -444,6 +457,7 @@ mod avx2 {
 mod neon {
     use core::arch::aarch64::*;
     const L: usize = 4;
+    const MRX: usize = super::MR;
     type V = float32x4_t;
 
     #[inline]

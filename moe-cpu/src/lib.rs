@@ -745,3 +745,28 @@ impl<T: Element> MoeStages<T> for Cpu {
         Portable(self).add_assign(dst, src)
     }
 }
+
+/// Internals exposed for the benches; not part of the API.
+#[doc(hidden)]
+pub mod __bench {
+    use super::*;
+
+    /// Seconds for `reps` runs of one work item of `m` rows by `n` columns over `k` (all data
+    /// in cache after the first run): the microkernel throughput without memory traffic.
+    pub fn block_seconds<T: Element>(isa: Isa, m: usize, n: usize, k: usize, reps: usize) -> f64 {
+        let m = m.min(MB);
+        let n = n.min(NB);
+        let a: Vec<T> = (0..m * k).map(|i| T::from_f32((i % 7) as f32 * 0.1)).collect();
+        let b: Vec<T> = (0..n * k).map(|i| T::from_f32((i % 5) as f32 * 0.1)).collect();
+        let rows: Vec<usize> = (0..m).collect();
+        let blk = Block { a: &a, a_rows: &rows, k, b: [Some(&b), None], n0: 0, nb: n };
+        let mut tiles: Box<Tiles> = Box::new([[0.0; MB * NB]; 2]);
+        gemm::run_block(isa, &blk, &mut tiles);
+        let t0 = std::time::Instant::now();
+        for _ in 0..reps {
+            gemm::run_block(isa, &blk, &mut tiles);
+            std::hint::black_box(&mut tiles);
+        }
+        t0.elapsed().as_secs_f64()
+    }
+}
