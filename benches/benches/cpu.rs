@@ -119,7 +119,9 @@ fn bench_shape<T: Element>(
             });
             let whole = RefCell::new(Seen::default());
             g.bench_function("layer", |b| {
-                b.iter_custom(|n| timed(&whole, n, || pool.install(|| layer.forward(&cpu).unwrap())))
+                b.iter_custom(|n| {
+                    timed(&whole, n, || pool.install(|| layer.forward(&cpu).unwrap()))
+                })
             });
             g.finish();
             let (gm, lm) = (gemm.borrow().median(), whole.borrow().median());

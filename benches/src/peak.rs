@@ -85,3 +85,11 @@ pub fn fma_peak_gflops(threads: usize) -> (f64, &'static str) {
     }
     (best, name)
 }
+
+/// One run of the widest chain kernel on the calling thread: GFLOP/s (wall) and the ISA.
+pub fn fma_peak_gflops_here(iters: u64) -> (f64, &'static str) {
+    let (flops, name, f) = kernel();
+    let t0 = Instant::now();
+    std::hint::black_box(f(std::hint::black_box(iters)));
+    (flops * iters as f64 / t0.elapsed().as_secs_f64() / 1e9, name)
+}

@@ -36,6 +36,20 @@ pub(crate) const NR: usize = 6;
 
 const _: () = assert!(NB % NR == 0 && KC % 16 == 0);
 
+/// From this many rows, AVX-512 work items use the broadcast (outer-product) kernel: 12 × 32
+/// register tile, weights transposed into `[k][32]` panels while packing (16 × 16 in-register
+/// transposes), A rows broadcast from the packed rows. No horizontal sums, and 4 B of A plus
+/// 128 B of B per 24 FMAs instead of 10 vectors.
+pub(crate) const BC_MIN_ROWS: usize = 16;
+/// K block of the broadcast kernel.
+pub(crate) const KC_BC: usize = 256;
+/// Rows of the broadcast kernel's register tile.
+pub(crate) const MR_BC: usize = 12;
+/// Columns of a transposed weight panel (two 16-lane vectors).
+pub(crate) const NP_BC: usize = 32;
+
+const _: () = assert!(NB % NP_BC == 0 && KC_BC % 16 == 0 && KC_BC <= KC);
+
 /// One work item: rows `a_rows` of `a` (row length `k`) times rows `n0..n0 + nb` of each
 /// present `b` matrix (`[N, k]`).
 pub(crate) struct Block<'a, T> {
@@ -125,7 +139,13 @@ pub(crate) fn run_block<T: Element>(isa: Isa, blk: &Block<'_, T>, out: &mut Tile
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the caller checked that the CPU has AVX-512 (`Isa::available`); the bounds of
         // every row read are checked by the caller (asserted above in debug builds).
-        Isa::Avx512 => unsafe { avx512::run_block(blk, out) },
+        Isa::Avx512 => unsafe {
+            if blk.a_rows.len() >= BC_MIN_ROWS {
+                avx512::run_block_bc(blk, out)
+            } else {
+                avx512::run_block(blk, out)
+            }
+        },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above, for AVX2 + FMA + F16C.
         Isa::Avx2 => unsafe { avx2::run_block(blk, out) },
@@ -389,6 +409,192 @@ mod avx512 {
     }
 
     engine!(#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,fma,f16c,avx2")]);
+
+    use super::{KC_BC, MR_BC, NP_BC};
+
+    /// 16 floats of `src` from `at` (fewer than 16 left: the rest are zeros), widened.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+    unsafe fn load16<T: Element>(src: &[T], at: usize) -> V {
+        let n = src.len().saturating_sub(at).min(16);
+        let m: __mmask16 = if n == 16 { 0xFFFF } else { ((1u32 << n) - 1) as __mmask16 };
+        // SAFETY: masked-off lanes are not read; the `n` lanes read lie in `src`.
+        unsafe {
+            let p = src.as_ptr().add(at.min(src.len()));
+            match T::DTYPE {
+                DType::F32 => _mm512_maskz_loadu_ps(m, p as *const f32),
+                DType::BF16 => {
+                    let h = _mm256_maskz_loadu_epi16(m, p as *const i16);
+                    _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
+                }
+                DType::F16 => _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p as *const i16)),
+            }
+        }
+    }
+
+    /// In-register transpose of a 16 × 16 block (`r[i]` lane `j` → `r[j]` lane `i`).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn transpose16(r: &mut [V; 16]) {
+        let mut t = [_mm512_setzero_ps(); 16];
+        for i in 0..8 {
+            t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+        }
+        // r[4i + q], 128-bit lane L: rows 4i..4i+3 of column 4L + q.
+        for i in 0..4 {
+            let (a, b) = (_mm512_castps_pd(t[4 * i]), _mm512_castps_pd(t[4 * i + 1]));
+            let (c, d) = (_mm512_castps_pd(t[4 * i + 2]), _mm512_castps_pd(t[4 * i + 3]));
+            r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+            r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+            r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+            r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+        }
+        let mut o = [_mm512_setzero_ps(); 16];
+        for q in 0..4 {
+            let (x0, x1, x2, x3) = (r[q], r[4 + q], r[8 + q], r[12 + q]);
+            let s0 = _mm512_shuffle_f32x4(x0, x1, 0x44);
+            let s1 = _mm512_shuffle_f32x4(x0, x1, 0xEE);
+            let s2 = _mm512_shuffle_f32x4(x2, x3, 0x44);
+            let s3 = _mm512_shuffle_f32x4(x2, x3, 0xEE);
+            o[q] = _mm512_shuffle_f32x4(s0, s2, 0x88);
+            o[4 + q] = _mm512_shuffle_f32x4(s0, s2, 0xDD);
+            o[8 + q] = _mm512_shuffle_f32x4(s1, s3, 0x88);
+            o[12 + q] = _mm512_shuffle_f32x4(s1, s3, 0xDD);
+        }
+        *r = o;
+    }
+
+    /// `c[i * NB + j] (+)= sum_{k < kc} a[i * KS + k] bt[k * 32 + j]` for `i < M`, `j < 32`.
+    #[inline]
+    #[target_feature(enable = "avx512f,fma")]
+    unsafe fn micro_bc<const M: usize>(
+        a: *const f32,
+        bt: *const f32,
+        kc: usize,
+        c: *mut f32,
+        first: bool,
+    ) {
+        // SAFETY (whole body): the caller passes M packed rows of at least kc floats at stride
+        // KS, a transposed panel of kc × 32 floats (64-byte aligned rows), and a tile with M
+        // rows of NB >= 32 columns from `c`.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); 2]; M];
+            for k in 0..kc {
+                let b0 = _mm512_load_ps(bt.add(k * NP_BC));
+                let b1 = _mm512_load_ps(bt.add(k * NP_BC + 16));
+                for (i, row) in acc.iter_mut().enumerate() {
+                    let av = _mm512_set1_ps(*a.add(i * KS + k));
+                    row[0] = _mm512_fmadd_ps(av, b0, row[0]);
+                    row[1] = _mm512_fmadd_ps(av, b1, row[1]);
+                }
+            }
+            for (i, row) in acc.iter().enumerate() {
+                let cr = c.add(i * NB);
+                if first {
+                    _mm512_storeu_ps(cr, row[0]);
+                    _mm512_storeu_ps(cr.add(16), row[1]);
+                } else {
+                    _mm512_storeu_ps(cr, _mm512_add_ps(_mm512_loadu_ps(cr), row[0]));
+                    _mm512_storeu_ps(
+                        cr.add(16),
+                        _mm512_add_ps(_mm512_loadu_ps(cr.add(16)), row[1]),
+                    );
+                }
+            }
+        }
+    }
+
+    /// One work item with the broadcast kernel (at least [`super::BC_MIN_ROWS`] rows).
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,fma,f16c,avx2")]
+    pub(crate) unsafe fn run_block_bc<T: Element>(blk: &Block<'_, T>, out: &mut Tiles) {
+        let (k, mb, nb) = (blk.k, blk.a_rows.len(), blk.nb);
+        if k == 0 {
+            for t in out.iter_mut() {
+                t.fill(0.0);
+            }
+            return;
+        }
+        let mut a_buf = MaybeUninit::<Aligned<{ MB * KS }>>::uninit();
+        let mut bt_buf = MaybeUninit::<Aligned<{ NB * KC_BC }>>::uninit();
+        let ap = a_buf.as_mut_ptr() as *mut f32;
+        let btp = bt_buf.as_mut_ptr() as *mut f32;
+        let panels = nb.div_ceil(NP_BC);
+        let mut k0 = 0;
+        while k0 < k {
+            let kc = KC_BC.min(k - k0);
+            let kcp = kc.div_ceil(16) * 16;
+            for (i, &r) in blk.a_rows.iter().enumerate() {
+                // SAFETY: row i < MB of the A buffer, kc <= KS floats; written before read.
+                let dst = unsafe { core::slice::from_raw_parts_mut(ap.add(i * KS), kc) };
+                // SAFETY: same features as this function.
+                unsafe { widen(&blk.a[r * k + k0..r * k + k0 + kc], dst) };
+            }
+            let first = k0 == 0;
+            for (bi, b) in blk.b.iter().enumerate() {
+                let Some(b) = b else { continue };
+                // Transpose the weight rows n0..n0 + nb (zero rows past nb) into panels of
+                // [kcp][32] floats.
+                for p in 0..panels {
+                    for g in 0..2 {
+                        let j0 = p * NP_BC + g * 16;
+                        let mut c = 0;
+                        while c < kcp {
+                            let mut r = [_mm512_setzero_ps(); 16];
+                            for (jj, v) in r.iter_mut().enumerate() {
+                                if j0 + jj < nb {
+                                    let at = (blk.n0 + j0 + jj) * k + k0;
+                                    // SAFETY: same features; reads stay in the row's kc floats.
+                                    *v = unsafe { load16(&b[at..at + kc], c) };
+                                }
+                            }
+                            transpose16(&mut r);
+                            for (kk, v) in r.iter().enumerate() {
+                                // SAFETY: panel p, row c + kk < kcp <= KC_BC, columns
+                                // g*16..g*16+16: inside the buffer, 64-byte aligned.
+                                unsafe {
+                                    _mm512_store_ps(
+                                        btp.add(p * KC_BC * NP_BC + (c + kk) * NP_BC + g * 16),
+                                        *v,
+                                    )
+                                };
+                            }
+                            c += 16;
+                        }
+                    }
+                }
+                for p in 0..panels {
+                    let mut i = 0;
+                    while i < mb {
+                        // SAFETY: rows i..i + m of the A buffer hold kc floats; panel p holds
+                        // kc rows of 32; the tile has room for 32 columns from p * 32 (NB is a
+                        // multiple of 32).
+                        unsafe {
+                            let a = ap.add(i * KS) as *const f32;
+                            let bt = btp.add(p * KC_BC * NP_BC) as *const f32;
+                            let c = out[bi].as_mut_ptr().add(i * NB + p * NP_BC);
+                            match (mb - i).min(MR_BC) {
+                                12 => micro_bc::<12>(a, bt, kc, c, first),
+                                11 => micro_bc::<11>(a, bt, kc, c, first),
+                                10 => micro_bc::<10>(a, bt, kc, c, first),
+                                9 => micro_bc::<9>(a, bt, kc, c, first),
+                                8 => micro_bc::<8>(a, bt, kc, c, first),
+                                7 => micro_bc::<7>(a, bt, kc, c, first),
+                                6 => micro_bc::<6>(a, bt, kc, c, first),
+                                5 => micro_bc::<5>(a, bt, kc, c, first),
+                                4 => micro_bc::<4>(a, bt, kc, c, first),
+                                3 => micro_bc::<3>(a, bt, kc, c, first),
+                                2 => micro_bc::<2>(a, bt, kc, c, first),
+                                _ => micro_bc::<1>(a, bt, kc, c, first),
+                            }
+                        }
+                        i += MR_BC;
+                    }
+                }
+            }
+            k0 += KC_BC;
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
