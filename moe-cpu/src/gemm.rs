@@ -19,8 +19,10 @@
 
 use moe_core::Element;
 
-/// Rows of a work item.
-pub(crate) const MB: usize = 128;
+/// Rows of a work item (one expert's rows share each packed weight panel).
+pub(crate) const MB: usize = 512;
+/// Rows of A packed at once (the A buffer of the dot-product kernels).
+pub(crate) const MP: usize = 128;
 /// Columns of a work item (a multiple of [`NR`]).
 pub(crate) const NB: usize = 96;
 /// K block (a multiple of every vector width).
@@ -40,12 +42,16 @@ const _: () = assert!(NB % NR == 0 && KC % 16 == 0);
 /// register tile, weights transposed into `[k][32]` panels while packing (16 × 16 in-register
 /// transposes), A rows broadcast from the packed rows. No horizontal sums, and 4 B of A plus
 /// 128 B of B per 24 FMAs instead of 10 vectors.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) const BC_MIN_ROWS: usize = 16;
 /// K block of the broadcast kernel.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) const KC_BC: usize = 256;
 /// Rows of the broadcast kernel's register tile.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) const MR_BC: usize = 12;
 /// Columns of a transposed weight panel (two 16-lane vectors).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) const NP_BC: usize = 32;
 
 const _: () = assert!(NB % NP_BC == 0 && KC_BC % 16 == 0 && KC_BC <= KC);
@@ -73,6 +79,11 @@ pub(crate) struct Aligned<const N: usize>(pub [f32; N]);
 
 /// The f32 result tiles of a work item, `[MB][NB]` for each B.
 pub(crate) type Tiles = [[f32; MB * NB]; 2];
+
+/// Where a work item writes its results: for each B, rows `i < a_rows.len()` at `i * NB`.
+/// Every element of those rows in columns `< nb` is written (the first K block stores, later
+/// ones add), so the buffers may start uninitialized.
+pub(crate) type Out = [*mut f32; 2];
 
 /// An instruction set the microkernels are compiled for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -131,7 +142,11 @@ impl Isa {
 ///
 /// The caller has checked `isa.available()`, that every A row lies in `a`, and every B row in
 /// `n0..n0 + nb` lies in its matrix.
-pub(crate) fn run_block<T: Element>(isa: Isa, blk: &Block<'_, T>, out: &mut Tiles) {
+///
+/// # Safety
+/// Each `out[bi]` of a present `blk.b[bi]` must be valid for writes (and reads after them) of
+/// `blk.a_rows.len() * NB` floats.
+pub(crate) unsafe fn run_block<T: Element>(isa: Isa, blk: &Block<'_, T>, out: Out) {
     debug_assert!(blk.a_rows.len() <= MB && blk.nb <= NB);
     debug_assert!(blk.a_rows.iter().all(|&r| (r + 1) * blk.k <= blk.a.len()));
     debug_assert!(blk.b.iter().flatten().all(|b| (blk.n0 + blk.nb) * blk.k <= b.len()));
@@ -162,7 +177,7 @@ pub(crate) fn run_block<T: Element>(isa: Isa, blk: &Block<'_, T>, out: &mut Tile
 /// module's `#[target_feature]`s.
 macro_rules! engine {
     ($(#[$attr:meta])*) => {
-        use super::{Aligned, Block, KC, KS, MB, NB, NR, Tiles};
+        use super::{Aligned, Block, KC, KS, MP, NB, NR, Out};
         use core::mem::MaybeUninit;
         use moe_core::{DType, Element};
 
@@ -233,17 +248,35 @@ macro_rules! engine {
             }
         }
 
-        /// One work item (see the module docs).
+        /// One work item (see the module docs), in row blocks of [`MP`].
         $(#[$attr])*
-        pub(crate) unsafe fn run_block<T: Element>(blk: &Block<'_, T>, out: &mut Tiles) {
-            let (k, mb, nb) = (blk.k, blk.a_rows.len(), blk.nb);
-            if k == 0 {
-                for t in out.iter_mut() {
-                    t.fill(0.0);
+        pub(crate) unsafe fn run_block<T: Element>(blk: &Block<'_, T>, out: Out) {
+            let mb = blk.a_rows.len();
+            if blk.k == 0 {
+                for (bi, o) in out.iter().enumerate() {
+                    if blk.b[bi].is_some() {
+                        // SAFETY: the caller's buffers hold mb rows of NB floats.
+                        unsafe { core::ptr::write_bytes(*o, 0, mb * NB) };
+                    }
                 }
                 return;
             }
-            let mut a_buf = MaybeUninit::<Aligned<{ MB * KS }>>::uninit();
+            let mut r0 = 0;
+            while r0 < mb {
+                let r1 = (r0 + MP).min(mb);
+                // SAFETY: rows r0..r1 of the caller's buffers.
+                let o = unsafe { [out[0].add(r0 * NB), out[1].add(r0 * NB)] };
+                // SAFETY: same features; the caller's contract for these rows.
+                unsafe { run_rows(blk, &blk.a_rows[r0..r1], o) };
+                r0 = r1;
+            }
+        }
+
+        /// Rows `a_rows` (at most [`MP`]) of a work item.
+        $(#[$attr])*
+        unsafe fn run_rows<T: Element>(blk: &Block<'_, T>, a_rows: &[usize], out: Out) {
+            let (k, mb, nb) = (blk.k, a_rows.len(), blk.nb);
+            let mut a_buf = MaybeUninit::<Aligned<{ MP * KS }>>::uninit();
             let mut b_buf = MaybeUninit::<Aligned<{ NR * KS }>>::uninit();
             let ap = a_buf.as_mut_ptr() as *mut f32;
             let bp = b_buf.as_mut_ptr() as *mut f32;
@@ -251,8 +284,8 @@ macro_rules! engine {
             while k0 < k {
                 let kc = KC.min(k - k0);
                 let kcp = kc.div_ceil(L) * L;
-                for (i, &r) in blk.a_rows.iter().enumerate() {
-                    // SAFETY: row i < MB of the A buffer, kcp <= KC floats; written before read.
+                for (i, &r) in a_rows.iter().enumerate() {
+                    // SAFETY: row i < MP of the A buffer, kcp <= KC floats; written before read.
                     let dst = unsafe { core::slice::from_raw_parts_mut(ap.add(i * KS), kcp) };
                     // SAFETY: same features as this function.
                     unsafe { widen(&blk.a[r * k + k0..r * k + k0 + kc], &mut dst[..kc]) };
@@ -284,7 +317,7 @@ macro_rules! engine {
                             // columns from j (NB is a multiple of NR).
                             unsafe {
                                 let a = ap.add(i * KS) as *const f32;
-                                let c = out[bi].as_mut_ptr().add(i * NB + j);
+                                let c = out[bi].add(i * NB + j);
                                 match (mb - i).min(MRX) {
                                     4 => micro::<4>(a, bp, kcp, c, first),
                                     3 => micro::<3>(a, bp, kcp, c, first),
@@ -465,7 +498,7 @@ mod avx512 {
         *r = o;
     }
 
-    /// `c[i * NB + j] (+)= sum_{k < kc} a[i * KS + k] bt[k * 32 + j]` for `i < M`, `j < 32`.
+    /// `c[i * NB + j] (+)= sum_{k < kc} a[i * KSB + k] bt[k * 32 + j]` for `i < M`, `j < 32`.
     #[inline]
     #[target_feature(enable = "avx512f,fma")]
     unsafe fn micro_bc<const M: usize>(
@@ -476,7 +509,7 @@ mod avx512 {
         first: bool,
     ) {
         // SAFETY (whole body): the caller passes M packed rows of at least kc floats at stride
-        // KS, a transposed panel of kc × 32 floats (64-byte aligned rows), and a tile with M
+        // KSB, a transposed panel of kc × 32 floats (64-byte aligned rows), and a tile with M
         // rows of NB >= 32 columns from `c`.
         unsafe {
             let mut acc = [[_mm512_setzero_ps(); 2]; M];
@@ -484,7 +517,7 @@ mod avx512 {
                 let b0 = _mm512_load_ps(bt.add(k * NP_BC));
                 let b1 = _mm512_load_ps(bt.add(k * NP_BC + 16));
                 for (i, row) in acc.iter_mut().enumerate() {
-                    let av = _mm512_set1_ps(*a.add(i * KS + k));
+                    let av = _mm512_set1_ps(*a.add(i * KSB + k));
                     row[0] = _mm512_fmadd_ps(av, b0, row[0]);
                     row[1] = _mm512_fmadd_ps(av, b1, row[1]);
                 }
@@ -505,18 +538,21 @@ mod avx512 {
         }
     }
 
-    /// One work item with the broadcast kernel (at least [`super::BC_MIN_ROWS`] rows).
+    /// Row stride of the broadcast kernel's A buffer.
+    const KSB: usize = KC_BC + 16;
+
+    /// One work item with the broadcast kernel (at least [`super::BC_MIN_ROWS`] rows): each
+    /// K block of the weights is transposed once and used by all the item's rows.
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,fma,f16c,avx2")]
-    pub(crate) unsafe fn run_block_bc<T: Element>(blk: &Block<'_, T>, out: &mut Tiles) {
+    pub(crate) unsafe fn run_block_bc<T: Element>(blk: &Block<'_, T>, out: Out) {
         let (k, mb, nb) = (blk.k, blk.a_rows.len(), blk.nb);
         if k == 0 {
-            for t in out.iter_mut() {
-                t.fill(0.0);
-            }
+            // SAFETY: same features; the dot-product path handles K = 0.
+            unsafe { run_block(blk, out) };
             return;
         }
-        let mut a_buf = MaybeUninit::<Aligned<{ MB * KS }>>::uninit();
-        let mut bt_buf = MaybeUninit::<Aligned<{ NB * KC_BC }>>::uninit();
+        let mut a_buf = MaybeUninit::<Aligned<{ MP * KSB }>>::uninit();
+        let mut bt_buf = MaybeUninit::<Aligned<{ 2 * NB * KC_BC }>>::uninit();
         let ap = a_buf.as_mut_ptr() as *mut f32;
         let btp = bt_buf.as_mut_ptr() as *mut f32;
         let panels = nb.div_ceil(NP_BC);
@@ -524,17 +560,12 @@ mod avx512 {
         while k0 < k {
             let kc = KC_BC.min(k - k0);
             let kcp = kc.div_ceil(16) * 16;
-            for (i, &r) in blk.a_rows.iter().enumerate() {
-                // SAFETY: row i < MB of the A buffer, kc <= KS floats; written before read.
-                let dst = unsafe { core::slice::from_raw_parts_mut(ap.add(i * KS), kc) };
-                // SAFETY: same features as this function.
-                unsafe { widen(&blk.a[r * k + k0..r * k + k0 + kc], dst) };
-            }
             let first = k0 == 0;
             for (bi, b) in blk.b.iter().enumerate() {
                 let Some(b) = b else { continue };
                 // Transpose the weight rows n0..n0 + nb (zero rows past nb) into panels of
                 // [kcp][32] floats.
+                let bt = btp.wrapping_add(bi * NB * KC_BC);
                 for p in 0..panels {
                     for g in 0..2 {
                         let j0 = p * NP_BC + g * 16;
@@ -550,11 +581,11 @@ mod avx512 {
                             }
                             transpose16(&mut r);
                             for (kk, v) in r.iter().enumerate() {
-                                // SAFETY: panel p, row c + kk < kcp <= KC_BC, columns
+                                // SAFETY: B bi, panel p, row c + kk < kcp <= KC_BC, columns
                                 // g*16..g*16+16: inside the buffer, 64-byte aligned.
                                 unsafe {
                                     _mm512_store_ps(
-                                        btp.add(p * KC_BC * NP_BC + (c + kk) * NP_BC + g * 16),
+                                        bt.add(p * KC_BC * NP_BC + (c + kk) * NP_BC + g * 16),
                                         *v,
                                     )
                                 };
@@ -563,34 +594,50 @@ mod avx512 {
                         }
                     }
                 }
-                for p in 0..panels {
-                    let mut i = 0;
-                    while i < mb {
-                        // SAFETY: rows i..i + m of the A buffer hold kc floats; panel p holds
-                        // kc rows of 32; the tile has room for 32 columns from p * 32 (NB is a
-                        // multiple of 32).
-                        unsafe {
-                            let a = ap.add(i * KS) as *const f32;
-                            let bt = btp.add(p * KC_BC * NP_BC) as *const f32;
-                            let c = out[bi].as_mut_ptr().add(i * NB + p * NP_BC);
-                            match (mb - i).min(MR_BC) {
-                                12 => micro_bc::<12>(a, bt, kc, c, first),
-                                11 => micro_bc::<11>(a, bt, kc, c, first),
-                                10 => micro_bc::<10>(a, bt, kc, c, first),
-                                9 => micro_bc::<9>(a, bt, kc, c, first),
-                                8 => micro_bc::<8>(a, bt, kc, c, first),
-                                7 => micro_bc::<7>(a, bt, kc, c, first),
-                                6 => micro_bc::<6>(a, bt, kc, c, first),
-                                5 => micro_bc::<5>(a, bt, kc, c, first),
-                                4 => micro_bc::<4>(a, bt, kc, c, first),
-                                3 => micro_bc::<3>(a, bt, kc, c, first),
-                                2 => micro_bc::<2>(a, bt, kc, c, first),
-                                _ => micro_bc::<1>(a, bt, kc, c, first),
+            }
+            let mut r0 = 0;
+            while r0 < mb {
+                let r1 = (r0 + MP).min(mb);
+                for (i, &r) in blk.a_rows[r0..r1].iter().enumerate() {
+                    // SAFETY: row i < MP of the A buffer, kc <= KSB floats; written before read.
+                    let dst = unsafe { core::slice::from_raw_parts_mut(ap.add(i * KSB), kc) };
+                    // SAFETY: same features as this function.
+                    unsafe { widen(&blk.a[r * k + k0..r * k + k0 + kc], dst) };
+                }
+                for bi in 0..2 {
+                    if blk.b[bi].is_none() {
+                        continue;
+                    }
+                    for p in 0..panels {
+                        let mut i = 0;
+                        while i < r1 - r0 {
+                            // SAFETY: rows i..i + m of the A buffer hold kc floats; panel p of
+                            // B bi holds kc rows of 32; the caller's tile has room for 32
+                            // columns from p * 32 of row r0 + i (NB is a multiple of 32).
+                            unsafe {
+                                let a = ap.add(i * KSB) as *const f32;
+                                let bt = btp.add(bi * NB * KC_BC + p * KC_BC * NP_BC) as *const f32;
+                                let c = out[bi].add((r0 + i) * NB + p * NP_BC);
+                                match (r1 - r0 - i).min(MR_BC) {
+                                    12 => micro_bc::<12>(a, bt, kc, c, first),
+                                    11 => micro_bc::<11>(a, bt, kc, c, first),
+                                    10 => micro_bc::<10>(a, bt, kc, c, first),
+                                    9 => micro_bc::<9>(a, bt, kc, c, first),
+                                    8 => micro_bc::<8>(a, bt, kc, c, first),
+                                    7 => micro_bc::<7>(a, bt, kc, c, first),
+                                    6 => micro_bc::<6>(a, bt, kc, c, first),
+                                    5 => micro_bc::<5>(a, bt, kc, c, first),
+                                    4 => micro_bc::<4>(a, bt, kc, c, first),
+                                    3 => micro_bc::<3>(a, bt, kc, c, first),
+                                    2 => micro_bc::<2>(a, bt, kc, c, first),
+                                    _ => micro_bc::<1>(a, bt, kc, c, first),
+                                }
                             }
+                            i += MR_BC;
                         }
-                        i += MR_BC;
                     }
                 }
+                r0 = r1;
             }
             k0 += KC_BC;
         }

@@ -17,6 +17,7 @@ mod portable;
 pub use gemm::Isa;
 
 use bytemuck::Pod;
+use core::mem::MaybeUninit;
 use gemm::{Block, MB, NB, Tiles};
 use moe_core::backend::{Backend, ExpertRows, MlpWeights, MoeStages, PermuteBuffers};
 use moe_core::math::{self, RouteScratch};
@@ -334,11 +335,20 @@ impl<T: Element> Grouped<'_, T> {
             let b0 = self.b[0].map(|b| &b[g * per..(g + 1) * per]);
             let b1 = self.b[1].map(|b| &b[g * per..(g + 1) * per]);
             let blk = Block { a: self.a, a_rows: &a_rows[..m], k, b: [b0, b1], n0, nb };
-            let mut tiles: Tiles = [[0.0; MB * NB]; 2];
-            gemm::run_block(isa, &blk, &mut tiles);
+            // Not zeroed: the kernels write every element the epilogue reads.
+            let mut tiles = MaybeUninit::<Tiles>::uninit();
+            let base = tiles.as_mut_ptr() as *mut f32;
+            let out = [base, base.wrapping_add(MB * NB)];
+            // SAFETY: each tile holds MB >= m rows of NB floats; `isa` is available (from
+            // `Cpu::isa`) and the row and weight bounds were checked by the caller.
+            unsafe { gemm::run_block(isa, &blk, out) };
             for (i, &row) in o_rows[..m].iter().enumerate() {
-                let main = &tiles[0][i * NB..i * NB + nb];
-                let gate = self.b[1].map(|_| &tiles[1][i * NB..i * NB + nb]);
+                // SAFETY: row i < m, columns < nb of the tiles of the present B's were written
+                // by `run_block`.
+                let main = unsafe { core::slice::from_raw_parts(out[0].add(i * NB), nb) };
+                // SAFETY: as above, for the gate B when present.
+                let gate = self.b[1]
+                    .map(|_| unsafe { core::slice::from_raw_parts(out[1].add(i * NB), nb) });
                 epi(g, row, n0, main, gate);
             }
         };
@@ -761,10 +771,14 @@ pub mod __bench {
         let rows: Vec<usize> = (0..m).collect();
         let blk = Block { a: &a, a_rows: &rows, k, b: [Some(&b), None], n0: 0, nb: n };
         let mut tiles: Box<Tiles> = Box::new([[0.0; MB * NB]; 2]);
-        gemm::run_block(isa, &blk, &mut tiles);
+        let out = [tiles[0].as_mut_ptr(), tiles[1].as_mut_ptr()];
+        let isa = if isa.available() { isa } else { Isa::Generic };
+        // SAFETY: MB rows of NB floats per tile; `isa` is available; A and B hold every row.
+        unsafe { gemm::run_block(isa, &blk, out) };
         let t0 = std::time::Instant::now();
         for _ in 0..reps {
-            gemm::run_block(isa, &blk, &mut tiles);
+            // SAFETY: as above.
+            unsafe { gemm::run_block(isa, &blk, out) };
             std::hint::black_box(&mut tiles);
         }
         t0.elapsed().as_secs_f64()
