@@ -3,6 +3,14 @@ use moe_benches::*;
 use moe_cpu::Cpu;
 use std::time::Instant;
 
+/// Process CPU seconds (user + system) from /proc/self/stat.
+fn cpu_s() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let f: Vec<&str> = s.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(f64::NAN);
+    (t(11) + t(12)) / 100.0
+}
+
 fn main() {
     let t: usize = std::env::var("T").ok().and_then(|v| v.parse().ok()).unwrap_or(1024);
     let which: usize = std::env::var("S").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
@@ -37,13 +45,17 @@ fn main() {
                 println!("{} T={t} th={th} {:>14}: {:.3} ms", sh.name, st.name(), best * 1e3);
             }
             let mut best = f64::MAX;
-            for _ in 0..env("REP", 3) {
+            let c0 = cpu_s();
+            let reps = env("REP", 3);
+            for _ in 0..reps {
                 let t0 = Instant::now();
                 l.stage(&cpu, Stage::ExpertUp).unwrap();
                 l.stage(&cpu, Stage::ExpertDown).unwrap();
                 best = best.min(t0.elapsed().as_secs_f64());
             }
             let f = expert_flops(&sh.config, t);
+            let cpu_per = (cpu_s() - c0) / reps as f64;
+            println!("expert GEMMs per CPU second: {:.1} GFLOP/s ({cpu_per:.3} CPU s each)", f / cpu_per / 1e9);
             println!("expert GEMMs: {:.3} ms = {:.1} GFLOP/s", best * 1e3, f / best / 1e9);
             let t0 = Instant::now();
             l.forward(&cpu).unwrap();
