@@ -170,10 +170,10 @@ fn main() {
     };
     let _ = writeln!(out, "shape,dtype,tokens,threads,layer_ms,gemm_ms,gemm_gflops,gemm_pct_peak");
     for sh in canonical() {
-        if let Some(s) = &o.shapes {
-            if !s.iter().any(|p| sh.name.starts_with(p.as_str())) {
-                continue;
-            }
+        if let Some(s) = &o.shapes
+            && !s.iter().any(|p| sh.name.starts_with(p.as_str()))
+        {
+            continue;
         }
         for d in &o.dtypes {
             match d.as_str() {

@@ -55,7 +55,10 @@ fn main() {
             }
             let f = expert_flops(&sh.config, t);
             let cpu_per = (cpu_s() - c0) / reps as f64;
-            println!("expert GEMMs per CPU second: {:.1} GFLOP/s ({cpu_per:.3} CPU s each)", f / cpu_per / 1e9);
+            println!(
+                "expert GEMMs per CPU second: {:.1} GFLOP/s ({cpu_per:.3} CPU s each)",
+                f / cpu_per / 1e9
+            );
             println!("expert GEMMs: {:.3} ms = {:.1} GFLOP/s", best * 1e3, f / best / 1e9);
             let t0 = Instant::now();
             l.forward(&cpu).unwrap();

@@ -36,7 +36,7 @@ pub(crate) const MR: usize = 4;
 /// Columns (weight rows) of a microkernel tile.
 pub(crate) const NR: usize = 6;
 
-const _: () = assert!(NB % NR == 0 && KC % 16 == 0);
+const _: () = assert!(NB.is_multiple_of(NR) && KC.is_multiple_of(16));
 
 /// From this many rows, AVX-512 work items use the broadcast (outer-product) kernel: 12 × 32
 /// register tile, weights transposed into `[k][32]` panels while packing (16 × 16 in-register
@@ -54,7 +54,7 @@ pub(crate) const MR_BC: usize = 12;
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) const NP_BC: usize = 32;
 
-const _: () = assert!(NB % NP_BC == 0 && KC_BC % 16 == 0 && KC_BC <= KC);
+const _: () = assert!(NB.is_multiple_of(NP_BC) && KC_BC.is_multiple_of(16) && KC_BC <= KC);
 
 /// One work item: rows `a_rows` of `a` (row length `k`) times rows `n0..n0 + nb` of each
 /// present `b` matrix (`[N, k]`).
@@ -209,8 +209,8 @@ macro_rules! engine {
             c: *mut f32,
             first: bool,
         ) {
-            // SAFETY (whole body): the caller passes buffers holding M (resp. NR) initialized
-            // rows of `kcp` floats at stride KS, and a tile with M rows of NB >= NR columns.
+            // SAFETY: the caller passes buffers holding M (resp. NR) initialized rows of `kcp`
+            // floats at stride KS, and a tile with M rows of NB >= NR columns.
             unsafe {
                 let mut acc = [[zero(); NR]; M];
                 let mut k = 0;
@@ -297,9 +297,9 @@ macro_rules! engine {
                     while j < nb {
                         let nr = NR.min(nb - j);
                         for jj in 0..NR {
+                            let row = bp.wrapping_add(jj * KS);
                             // SAFETY: row jj < NR of the B buffer, kcp <= KC floats.
-                            let dst =
-                                unsafe { core::slice::from_raw_parts_mut(bp.add(jj * KS), kcp) };
+                            let dst = unsafe { core::slice::from_raw_parts_mut(row, kcp) };
                             if jj < nr {
                                 let at = (blk.n0 + j + jj) * k + k0;
                                 // SAFETY: same features as this function.
@@ -508,7 +508,7 @@ mod avx512 {
         c: *mut f32,
         first: bool,
     ) {
-        // SAFETY (whole body): the caller passes M packed rows of at least kc floats at stride
+        // SAFETY: the caller passes M packed rows of at least kc floats at stride
         // KSB, a transposed panel of kc × 32 floats (64-byte aligned rows), and a tile with M
         // rows of NB >= 32 columns from `c`.
         unsafe {
@@ -604,7 +604,7 @@ mod avx512 {
                     // SAFETY: same features as this function.
                     unsafe { widen(&blk.a[r * k + k0..r * k + k0 + kc], dst) };
                 }
-                for bi in 0..2 {
+                for (bi, &o) in out.iter().enumerate() {
                     if blk.b[bi].is_none() {
                         continue;
                     }
@@ -617,7 +617,7 @@ mod avx512 {
                             unsafe {
                                 let a = ap.add(i * KSB) as *const f32;
                                 let bt = btp.add(bi * NB * KC_BC + p * KC_BC * NP_BC) as *const f32;
-                                let c = out[bi].add((r0 + i) * NB + p * NP_BC);
+                                let c = o.add((r0 + i) * NB + p * NP_BC);
                                 match (r1 - r0 - i).min(MR_BC) {
                                     12 => micro_bc::<12>(a, bt, kc, c, first),
                                     11 => micro_bc::<11>(a, bt, kc, c, first),
