@@ -38,12 +38,13 @@ pub(crate) const NR: usize = 6;
 
 const _: () = assert!(NB.is_multiple_of(NR) && KC.is_multiple_of(16));
 
-/// From this many rows, AVX-512 work items use the broadcast (outer-product) kernel: 12 × 32
+/// From this many rows (below it, transposing the weights costs more than it saves),
+/// AVX-512 work items use the broadcast (outer-product) kernel: 12 × 32
 /// register tile, weights transposed into `[k][32]` panels while packing (16 × 16 in-register
 /// transposes), A rows broadcast from the packed rows. No horizontal sums, and 4 B of A plus
 /// 128 B of B per 24 FMAs instead of 10 vectors.
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-pub(crate) const BC_MIN_ROWS: usize = 16;
+pub(crate) const BC_MIN_ROWS: usize = 96;
 /// K block of the broadcast kernel.
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) const KC_BC: usize = 256;
