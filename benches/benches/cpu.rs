@@ -3,7 +3,7 @@
 //! FMA peak) and the whole layer, with 1 and 2 threads.
 //!
 //! `cargo bench -p moe-benches --features cpu`; `MOE_BENCH_QUICK=1` for a run of a few minutes
-//! (T in {1, 128}, 2 threads, fewer samples). Narrow a run with `MOE_BENCH_SHAPES=qwen,mixtral`,
+//! (T in {1, 128}, 2 threads, per-stage benches at T = 1 only, shorter measurement). Narrow a run with `MOE_BENCH_SHAPES=qwen,mixtral`,
 //! `MOE_BENCH_T=1,128`, `MOE_BENCH_DTYPES=f32`, `MOE_BENCH_THREADS=2`,
 //! `MOE_BENCH_STAGES=0`. The layer and GEMM figures are also written as CSV to
 //! `target/moe-benches-cpu.csv` (or `MOE_BENCH_CSV`), for `benches/compare.py`.
@@ -99,7 +99,7 @@ fn bench_shape<T: Element>(
             let id = format!("{}/{dtype}/T{t}/th{th}", sh.name);
             let mut g = c.benchmark_group(format!("cpu/{id}"));
             g.sampling_mode(SamplingMode::Flat);
-            if o.stages {
+            if o.stages && !(o.quick && t != o.tokens[0]) {
                 for st in Stage::ALL {
                     g.bench_function(st.name(), |b| {
                         b.iter(|| pool.install(|| layer.stage(&cpu, st).unwrap()))
