@@ -30,6 +30,10 @@ pub(crate) const KC: usize = 1024;
 /// Row stride of the packing buffers: KC plus one cache line, so that the rows a microkernel
 /// streams do not all map to the same L1 set (4 KiB aliasing).
 pub(crate) const KS: usize = KC + 16;
+/// Up to this many rows, work items read the weights in place (no packing copy).
+pub(crate) const DIRECT_ROWS: usize = 16;
+/// Elements prefetched ahead on each weight row by the few-rows kernel.
+pub(crate) const PREFETCH_AHEAD: usize = 512;
 /// Rows of a microkernel tile (at most; AVX2 uses 2, its 16 registers hold 2 × NR
 /// accumulators).
 pub(crate) const MR: usize = 4;
@@ -178,7 +182,7 @@ pub(crate) unsafe fn run_block<T: Element>(isa: Isa, blk: &Block<'_, T>, out: Ou
 /// module's `#[target_feature]`s.
 macro_rules! engine {
     ($(#[$attr:meta])*) => {
-        use super::{Aligned, Block, KC, KS, MP, NB, NR, Out};
+        use super::{Aligned, Block, DIRECT_ROWS, KC, KS, MP, NB, NR, Out, PREFETCH_AHEAD};
         use core::mem::MaybeUninit;
         use moe_core::{DType, Element};
 
@@ -249,6 +253,113 @@ macro_rules! engine {
             }
         }
 
+        /// Few rows (decode): the weight rows are read in place and widened in registers (no
+        /// packing copy), with software prefetch ahead on each of the NR streams.
+        /// `c[i * NB + j] (+)= sum_{k < kc} a[i * KS + k] B_j[k]` for `i < M`, `j < NR`.
+        $(#[$attr])*
+        #[inline]
+        unsafe fn micro_direct<const M: usize, T: Element>(
+            a: *const f32,
+            brow: [*const T; NR],
+            kc: usize,
+            c: *mut f32,
+            first: bool,
+        ) {
+            // SAFETY: the caller passes M packed rows of at least kc floats at stride KS, NR
+            // weight rows of at least kc elements, and a tile with M rows of NB >= NR columns.
+            // Prefetches never fault.
+            unsafe {
+                let mut acc = [[zero(); NR]; M];
+                let full = kc / L * L;
+                let mut k = 0;
+                while k < full {
+                    let mut av = [zero(); M];
+                    for (i, v) in av.iter_mut().enumerate() {
+                        *v = load(a.add(i * KS + k));
+                    }
+                    for j in 0..NR {
+                        prefetch(brow[j].wrapping_add(k + PREFETCH_AHEAD) as *const u8);
+                        let bj = load_t(brow[j].add(k));
+                        for (row, &ai) in acc.iter_mut().zip(av.iter()) {
+                            row[j] = fma(ai, bj, row[j]);
+                        }
+                    }
+                    k += L;
+                }
+                for (i, row) in acc.iter().enumerate() {
+                    let s0 = hsum4(row[0], row[1], row[2], row[3]);
+                    let s1 = hsum4(row[4], row[5], zero(), zero());
+                    let mut sums = [s0[0], s0[1], s0[2], s0[3], s1[0], s1[1]];
+                    for kk in full..kc {
+                        let av = *a.add(i * KS + kk);
+                        for (j, s) in sums.iter_mut().enumerate() {
+                            *s += av * (*brow[j].add(kk)).to_f32();
+                        }
+                    }
+                    let cr = c.add(i * NB);
+                    for (j, &s) in sums.iter().enumerate() {
+                        if first {
+                            *cr.add(j) = s;
+                        } else {
+                            *cr.add(j) += s;
+                        }
+                    }
+                }
+            }
+        }
+
+        /// A work item of at most [`DIRECT_ROWS`] rows (see [`micro_direct`]); the row tiles
+        /// after the first find the weight rows in L1.
+        $(#[$attr])*
+        unsafe fn run_direct<T: Element>(blk: &Block<'_, T>, out: Out) {
+            let (k, mb, nb) = (blk.k, blk.a_rows.len(), blk.nb);
+            let mut a_buf = MaybeUninit::<Aligned<{ DIRECT_ROWS * KS }>>::uninit();
+            let ap = a_buf.as_mut_ptr() as *mut f32;
+            let mut k0 = 0;
+            while k0 < k {
+                let kc = KC.min(k - k0);
+                for (i, &r) in blk.a_rows.iter().enumerate() {
+                    // SAFETY: row i < DIRECT_ROWS of the A buffer, kc <= KS floats; written
+                    // before read.
+                    let dst = unsafe { core::slice::from_raw_parts_mut(ap.add(i * KS), kc) };
+                    // SAFETY: same features as this function.
+                    unsafe { widen(&blk.a[r * k + k0..r * k + k0 + kc], dst) };
+                }
+                for (bi, b) in blk.b.iter().enumerate() {
+                    let Some(b) = b else { continue };
+                    let mut j = 0;
+                    while j < nb {
+                        let nr = NR.min(nb - j);
+                        let first_row = (blk.n0 + j) * k + k0;
+                        // Rows past nb repeat the first row (their columns are never read).
+                        let mut brow = [b[first_row..first_row + kc].as_ptr(); NR];
+                        for (jj, p) in brow.iter_mut().enumerate().take(nr) {
+                            let at = (blk.n0 + j + jj) * k + k0;
+                            *p = b[at..at + kc].as_ptr();
+                        }
+                        let mut i = 0;
+                        while i < mb {
+                            // SAFETY: rows i..i + m of kc floats in the A buffer; NR rows of
+                            // kc elements; the caller's tile has room for NR columns from j.
+                            unsafe {
+                                let a = ap.add(i * KS) as *const f32;
+                                let c = out[bi].add(i * NB + j);
+                                match (mb - i).min(MRX) {
+                                    4 => micro_direct::<4, T>(a, brow, kc, c, k0 == 0),
+                                    3 => micro_direct::<3, T>(a, brow, kc, c, k0 == 0),
+                                    2 => micro_direct::<2, T>(a, brow, kc, c, k0 == 0),
+                                    _ => micro_direct::<1, T>(a, brow, kc, c, k0 == 0),
+                                }
+                            }
+                            i += MRX;
+                        }
+                        j += NR;
+                    }
+                }
+                k0 += KC;
+            }
+        }
+
         /// One work item (see the module docs), in row blocks of [`MP`].
         $(#[$attr])*
         pub(crate) unsafe fn run_block<T: Element>(blk: &Block<'_, T>, out: Out) {
@@ -260,6 +371,11 @@ macro_rules! engine {
                         unsafe { core::ptr::write_bytes(*o, 0, mb * NB) };
                     }
                 }
+                return;
+            }
+            if mb <= DIRECT_ROWS {
+                // SAFETY: same features; the caller's contract.
+                unsafe { run_direct(blk, out) };
                 return;
             }
             let mut r0 = 0;
@@ -375,6 +491,18 @@ mod generic {
         }
     }
 
+    #[inline(always)]
+    unsafe fn load_t<T: moe_core::Element>(p: *const T) -> V {
+        let mut v = [0f32; L];
+        for (l, x) in v.iter_mut().enumerate() {
+            // SAFETY: the caller guarantees `L` readable elements at `p`.
+            *x = unsafe { *p.add(l) }.to_f32();
+        }
+        v
+    }
+    #[inline(always)]
+    fn prefetch(_p: *const u8) {}
+
     engine!();
 }
 
@@ -440,6 +568,29 @@ mod avx512 {
         for j in i..n {
             dst[j] = half::f16::from_bits(src[j]).to_f32();
         }
+    }
+
+    /// Reads 16 elements at `p`, widened.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,f16c,avx2")]
+    unsafe fn load_t<T: moe_core::Element>(p: *const T) -> V {
+        // SAFETY: the caller guarantees 16 readable elements at `p`.
+        unsafe {
+            match T::DTYPE {
+                moe_core::DType::F32 => _mm512_loadu_ps(p as *const f32),
+                moe_core::DType::BF16 => {
+                    let h = _mm256_loadu_si256(p as *const __m256i);
+                    _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
+                }
+                moe_core::DType::F16 => _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)),
+            }
+        }
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn prefetch(p: *const u8) {
+        // A prefetch never faults, whatever the address.
+        _mm_prefetch::<_MM_HINT_T0>(p as *const i8)
     }
 
     engine!(#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,fma,f16c,avx2")]);
@@ -704,6 +855,29 @@ mod avx2 {
         }
     }
 
+    /// Reads 8 elements at `p`, widened.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load_t<T: moe_core::Element>(p: *const T) -> V {
+        // SAFETY: the caller guarantees 8 readable elements at `p`.
+        unsafe {
+            match T::DTYPE {
+                moe_core::DType::F32 => _mm256_loadu_ps(p as *const f32),
+                moe_core::DType::BF16 => {
+                    let h = _mm_loadu_si128(p as *const __m128i);
+                    _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+                }
+                moe_core::DType::F16 => _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
+            }
+        }
+    }
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn prefetch(p: *const u8) {
+        // A prefetch never faults, whatever the address.
+        _mm_prefetch::<_MM_HINT_T0>(p as *const i8)
+    }
+
     engine!(#[target_feature(enable = "avx2,fma,f16c")]);
 }
 
@@ -747,6 +921,21 @@ mod neon {
             *d = half::f16::from_bits(s).to_f32();
         }
     }
+
+    /// Reads 4 elements at `p`, widened.
+    #[inline]
+    #[target_feature(enable = "neon")]
+    unsafe fn load_t<T: moe_core::Element>(p: *const T) -> V {
+        let mut v = [0f32; L];
+        for (l, x) in v.iter_mut().enumerate() {
+            // SAFETY: the caller guarantees 4 readable elements at `p`.
+            *x = unsafe { *p.add(l) }.to_f32();
+        }
+        // SAFETY: `v` holds 4 floats.
+        unsafe { vld1q_f32(v.as_ptr()) }
+    }
+    #[inline]
+    fn prefetch(_p: *const u8) {}
 
     engine!(#[target_feature(enable = "neon")]);
 }
