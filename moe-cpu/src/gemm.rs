@@ -1,15 +1,22 @@
 //! The fast path: `C = A · Bᵀ` with both operands K-contiguous (activations `[rows, K]`, weights
 //! `[N, K]`), cache-blocked, with SIMD microkernels chosen at run time.
 //!
-//! # Blocking
+//! # Blocking and kernels
 //!
-//! A work item is one block of at most [`MB`] rows (of one expert) by at most [`NB`] columns.
-//! For each K block of at most [`KC`] elements, the item widens (f16/bf16 → f32) and gathers its
-//! rows of A into a stack buffer `[MB][KC]`, then for every micro-panel of [`NR`] weight rows
-//! widens them into a stack buffer `[NR][KC]` (kept in L1) and sweeps the row micro-tiles of
-//! [`MR`] rows over it. The microkernel keeps `MR × NR` vector accumulators along K (the
-//! dot-product form, so neither operand is transposed while packing), reduces them horizontally
-//! at the end of the K block and adds them to the item's f32 tile.
+//! A work item is one expert's block of at most [`MB`] rows by at most [`NB`] columns (weight
+//! rows); its f32 result tiles then go through the stage's epilogue (activation, routing
+//! weight, bias, rounding). Three kernels, chosen by the item's row count (never by the thread
+//! count):
+//!
+//! * up to [`DIRECT_ROWS`] rows (decode): the weight rows are read in place and widened in
+//!   registers (f16/bf16 → f32), [`NR`] streams with software prefetch, against the item's rows
+//!   widened into a stack buffer; `MR × NR` vector accumulators along K, reduced horizontally
+//!   at the end of each [`KC`] block;
+//! * more rows: the same dot-product microkernel on packed operands: per K block the rows of A
+//!   are widened into `[MP][KS]` and each micro-panel of [`NR`] weight rows into `[NR][KS]`
+//!   (L1), both 64-byte aligned with a padded stride (no split loads, no 4 KiB aliasing);
+//! * AVX-512 and at least [`BC_MIN_ROWS`] rows: the broadcast (outer-product) kernel, weights
+//!   transposed once per K block into `[k][32]` panels shared by all the item's rows.
 //!
 //! # Determinism
 //!
