@@ -1,14 +1,52 @@
 //! # moe-cpu
 //!
-//! The portable CPU backend: every stage of [`moe_core::MoeStages`] for `f32`, `half::f16` and
+//! The CPU backend: every stage of [`moe_core::MoeStages`] for `f32`, `half::f16` and
 //! `half::bf16`, over plain slices the caller owns. Arithmetic and accumulation in f32, every
-//! sum in a fixed order (bitwise deterministic), no allocation in any stage.
+//! sum in a fixed order (bitwise deterministic, whatever the thread count), no allocation in any
+//! stage.
+//!
+//! The matrix products (router, expert GEMMs, shared expert, latent projections) run on packed,
+//! cache-blocked SIMD microkernels chosen at run time (AVX-512 or AVX2+FMA on x86-64, NEON on
+//! aarch64, portable Rust elsewhere); f16/bf16 operands are widened to f32 while packing.
+//! [`Cpu::parallel`] spreads the work over the current rayon pool. The portable scalar path
+//! ([`Kernels::Portable`]) is kept as the reference the fast paths are tested against.
+
+mod gemm;
+mod portable;
+
+pub use gemm::Isa;
 
 use bytemuck::Pod;
+use core::mem::MaybeUninit;
+use gemm::{Block, MB, NB, Tiles};
 use moe_core::backend::{Backend, ExpertRows, MlpWeights, MoeStages, PermuteBuffers};
 use moe_core::math::{self, RouteScratch};
 use moe_core::reduce::HostSlices;
 use moe_core::{Element, MlpConfig, MoeConfig, MoeError, MoePlan, Result};
+use portable::Portable;
+use rayon::prelude::*;
+
+/// Which kernels the backend runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Kernels {
+    /// The best instruction set of this machine ([`Isa::detect`]).
+    #[default]
+    Auto,
+    /// The portable scalar first version (the reference).
+    Portable,
+    /// The blocked kernels for this instruction set; the portable path if the CPU lacks it.
+    Isa(Isa),
+}
+
+/// How the backend uses threads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Threads {
+    /// Everything on the calling thread (no rayon call, no allocation).
+    #[default]
+    Single,
+    /// Work items spread over the current rayon pool (`ThreadPool::install` chooses it).
+    Rayon,
+}
 
 /// The CPU backend.
 #[derive(Clone, Copy, Debug)]
@@ -16,18 +54,52 @@ pub struct Cpu {
     /// Reject a non-finite value in the layer input `x` with [`MoeError::NonFiniteInput`]
     /// (default true; costs one pass over `x`).
     pub check_finite_input: bool,
+    /// The kernels (default [`Kernels::Auto`]).
+    pub kernels: Kernels,
+    /// The threading (default [`Threads::Single`]).
+    pub threads: Threads,
 }
 
 impl Default for Cpu {
     fn default() -> Self {
-        Cpu { check_finite_input: true }
+        Cpu { check_finite_input: true, kernels: Kernels::Auto, threads: Threads::Single }
     }
 }
 
 impl Cpu {
-    /// The backend with default options.
+    /// The backend with default options: the best kernels, on the calling thread.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The best kernels, with work spread over the current rayon pool (the global pool, or the
+    /// pool whose `install` the forward runs in).
+    pub fn parallel() -> Self {
+        Cpu { threads: Threads::Rayon, ..Self::default() }
+    }
+
+    /// The portable scalar path, on the calling thread.
+    pub fn portable() -> Self {
+        Cpu { kernels: Kernels::Portable, ..Self::default() }
+    }
+
+    /// The same backend with kernels `k`.
+    pub fn with_kernels(self, k: Kernels) -> Self {
+        Cpu { kernels: k, ..self }
+    }
+
+    /// The same backend with threading `t`.
+    pub fn with_threads(self, t: Threads) -> Self {
+        Cpu { threads: t, ..self }
+    }
+
+    /// The instruction set the blocked kernels use, or `None` for the portable path.
+    pub fn isa(&self) -> Option<Isa> {
+        match self.kernels {
+            Kernels::Auto => Some(Isa::detect()),
+            Kernels::Portable => None,
+            Kernels::Isa(i) => i.available().then_some(i),
+        }
     }
 }
 
@@ -183,6 +255,137 @@ impl Cpu {
     }
 }
 
+/// An output buffer written by several work items at disjoint places.
+struct Shared<U>(*mut U, usize);
+
+// SAFETY: work items write disjoint element ranges (see `Shared::slice`), and `U: Send`.
+unsafe impl<U: Send> Send for Shared<U> {}
+// SAFETY: as above.
+unsafe impl<U: Send> Sync for Shared<U> {}
+
+impl<U> Shared<U> {
+    fn new(s: &mut [U]) -> Self {
+        Shared(s.as_mut_ptr(), s.len())
+    }
+
+    /// `len` elements from `at`.
+    ///
+    /// # Safety
+    /// No other live reference may overlap `at..at + len` (each work item owns its tile).
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice(&self, at: usize, len: usize) -> &mut [U] {
+        assert!(at + len <= self.1, "validated before the work items start");
+        // SAFETY: in bounds (checked above); exclusive by the caller's contract.
+        unsafe { core::slice::from_raw_parts_mut(self.0.add(at), len) }
+    }
+}
+
+/// A grouped `C = A · Bᵀ`: group `g` (an expert) owns the output rows `rows(g)` and the weight
+/// block `g` of each present `b` (`[groups, n, k]`); output row `r` reads A row `a_row(r)`
+/// (skipped when `None`). `epi(g, r, n0, main, gate)` receives the f32 results of row `r`,
+/// columns `n0..n0 + main.len()`, of `b[0]` (and `b[1]`).
+struct Grouped<'a, T> {
+    a: &'a [T],
+    k: usize,
+    b: [Option<&'a [T]>; 2],
+    n: usize,
+    groups: usize,
+}
+
+impl<T: Element> Grouped<'_, T> {
+    fn run<R, M, E>(&self, isa: Isa, threads: Threads, rows: R, a_row: M, epi: E)
+    where
+        R: Fn(usize) -> core::ops::Range<usize> + Sync,
+        M: Fn(usize) -> Option<usize> + Sync,
+        E: Fn(usize, usize, usize, &[f32], Option<&[f32]>) + Sync,
+    {
+        let (k, n) = (self.k, self.n);
+        let ncb = n.div_ceil(NB);
+        let items_of = |g: usize| rows(g).len().div_ceil(MB) * ncb;
+        let item = |it: usize| {
+            let (mut g, mut rem) = (0, it);
+            while g < self.groups {
+                let c = items_of(g);
+                if rem < c {
+                    break;
+                }
+                rem -= c;
+                g += 1;
+            }
+            if g >= self.groups {
+                return;
+            }
+            let (rb, cb) = (rem / ncb, rem % ncb);
+            let r = rows(g);
+            let r0 = r.start + rb * MB;
+            let r1 = (r0 + MB).min(r.end);
+            let (n0, nb) = (cb * NB, NB.min(n - cb * NB));
+            let (mut a_rows, mut o_rows, mut m) = ([0usize; MB], [0usize; MB], 0);
+            for row in r0..r1 {
+                if let Some(ar) = a_row(row) {
+                    a_rows[m] = ar;
+                    o_rows[m] = row;
+                    m += 1;
+                }
+            }
+            if m == 0 {
+                return;
+            }
+            let per = n * k;
+            let b0 = self.b[0].map(|b| &b[g * per..(g + 1) * per]);
+            let b1 = self.b[1].map(|b| &b[g * per..(g + 1) * per]);
+            let blk = Block { a: self.a, a_rows: &a_rows[..m], k, b: [b0, b1], n0, nb };
+            // Not zeroed: the kernels write every element the epilogue reads.
+            let mut tiles = MaybeUninit::<Tiles>::uninit();
+            let base = tiles.as_mut_ptr() as *mut f32;
+            let out = [base, base.wrapping_add(MB * NB)];
+            // SAFETY: each tile holds MB >= m rows of NB floats; `isa` is available (from
+            // `Cpu::isa`) and the row and weight bounds were checked by the caller.
+            unsafe { gemm::run_block(isa, &blk, out) };
+            for (i, &row) in o_rows[..m].iter().enumerate() {
+                // SAFETY: row i < m, columns < nb of the tiles of the present B's were written
+                // by `run_block`.
+                let main = unsafe { core::slice::from_raw_parts(out[0].add(i * NB), nb) };
+                // SAFETY: as above, for the gate B when present.
+                let gate = self.b[1]
+                    .map(|_| unsafe { core::slice::from_raw_parts(out[1].add(i * NB), nb) });
+                epi(g, row, n0, main, gate);
+            }
+        };
+        let total: usize = (0..self.groups).map(items_of).sum();
+        match threads {
+            Threads::Single => (0..total).for_each(item),
+            Threads::Rayon => (0..total).into_par_iter().for_each(item),
+        }
+    }
+}
+
+/// Check the expert row blocks and return, for each valid row, nothing: errors if a row the
+/// GEMM writes or reads lies outside its buffer. `valid(row)` maps a row to its slot.
+fn check_rows(
+    offsets: &[i32],
+    el: usize,
+    sorted_slots: &[i32],
+    mut valid: impl FnMut(usize, usize) -> Result<()>,
+) -> Result<()> {
+    need("expert_offsets", offsets, el + 1)?;
+    for e in 0..el {
+        for row in expert_range(offsets, e, sorted_slots.len())? {
+            if let Ok(slot) = usize::try_from(sorted_slots[row]) {
+                valid(row, slot)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Sizes of the per-token routing scratch held on the stack by each parallel routing task.
+const ROUTE_STACK: usize = 4096;
+/// Tokens per parallel routing task.
+const ROUTE_CHUNK: usize = 16;
+/// Columns per stack accumulator in the combine.
+const COMBINE_CHUNK: usize = 512;
+
 impl<T: Element> MoeStages<T> for Cpu {
     fn router_logits(
         &self,
@@ -194,6 +397,9 @@ impl<T: Element> MoeStages<T> for Cpu {
         bias: Option<&[T]>,
         logits: &mut [f32],
     ) -> Result<()> {
+        let Some(isa) = self.isa() else {
+            return Portable(self).router_logits(tokens, hidden, experts, x, weight, bias, logits);
+        };
         need("x", x, tokens * hidden)?;
         need("router.weight", weight, experts * hidden)?;
         need_opt("router.bias", bias, experts)?;
@@ -204,13 +410,21 @@ impl<T: Element> MoeStages<T> for Cpu {
         {
             return Err(MoeError::NonFiniteInput { what: "x", index: i });
         }
-        for t in 0..tokens {
-            let xt = &x[t * hidden..(t + 1) * hidden];
-            for e in 0..experts {
-                logits[t * experts + e] = dot(xt, &weight[e * hidden..(e + 1) * hidden])
-                    + bias.map_or(0.0, |b| b[e].to_f32());
-            }
-        }
+        let out = Shared::new(&mut logits[..tokens * experts]);
+        let g = Grouped { a: x, k: hidden, b: [Some(weight), None], n: experts, groups: 1 };
+        g.run(
+            isa,
+            self.threads,
+            |_| 0..tokens,
+            Some,
+            |_, t, n0, v, _| {
+                // SAFETY: row t, columns n0..n0 + len belong to this work item only.
+                let dst = unsafe { out.slice(t * experts + n0, v.len()) };
+                for (j, (d, &v)) in dst.iter_mut().zip(v).enumerate() {
+                    *d = v + bias.map_or(0.0, |b| b[n0 + j].to_f32());
+                }
+            },
+        );
         Ok(())
     }
 
@@ -226,29 +440,51 @@ impl<T: Element> MoeStages<T> for Cpu {
     ) -> Result<()> {
         let (e, k) = (c.experts, c.top_k);
         let ng = c.router.groups.map_or(0, |g| g.n_group);
-        need("logits", logits, tokens * e)?;
-        need_opt("router.selection_bias", selection_bias, e)?;
-        need("route_scratch", scratch, 2 * e + ng + k)?;
-        need("topk_ids", topk_ids, tokens * k)?;
-        need("topk_weights", topk_weights, tokens * k)?;
-        let (scores, rest) = scratch.split_at_mut(e);
-        let (selection, rest) = rest.split_at_mut(e);
-        let (groups, staging) = rest.split_at_mut(ng);
-        for t in 0..tokens {
-            math::route_token(
+        let lane = 2 * e + ng + k;
+        if self.threads == Threads::Single || lane > ROUTE_STACK || tokens < 2 * ROUTE_CHUNK {
+            return Portable(self).route(
                 c,
-                &logits[t * e..(t + 1) * e],
+                tokens,
+                logits,
                 selection_bias,
-                RouteScratch {
-                    scores: &mut *scores,
-                    selection: &mut *selection,
-                    groups: &mut *groups,
-                    staging: &mut *staging,
-                },
-                &mut topk_ids[t * k..(t + 1) * k],
-                &mut topk_weights[t * k..(t + 1) * k],
+                scratch,
+                topk_ids,
+                topk_weights,
             );
         }
+        need("logits", logits, tokens * e)?;
+        need_opt("router.selection_bias", selection_bias, e)?;
+        need("route_scratch", scratch, lane)?;
+        need("topk_ids", topk_ids, tokens * k)?;
+        need("topk_weights", topk_weights, tokens * k)?;
+        // Each task routes its tokens with its own stack scratch; a token's result depends on
+        // its logits only, so the split does not change any bit.
+        topk_ids[..tokens * k]
+            .par_chunks_mut(ROUTE_CHUNK * k)
+            .zip(topk_weights[..tokens * k].par_chunks_mut(ROUTE_CHUNK * k))
+            .enumerate()
+            .for_each(|(ci, (ids, ws))| {
+                let mut buf = [0f32; ROUTE_STACK];
+                let (scores, rest) = buf.split_at_mut(e);
+                let (selection, rest) = rest.split_at_mut(e);
+                let (groups, staging) = rest.split_at_mut(ng);
+                for (j, (ids, ws)) in ids.chunks_mut(k).zip(ws.chunks_mut(k)).enumerate() {
+                    let t = ci * ROUTE_CHUNK + j;
+                    math::route_token(
+                        c,
+                        &logits[t * e..(t + 1) * e],
+                        selection_bias,
+                        RouteScratch {
+                            scores: &mut *scores,
+                            selection: &mut *selection,
+                            groups: &mut *groups,
+                            staging: &mut *staging,
+                        },
+                        ids,
+                        ws,
+                    );
+                }
+            });
         Ok(())
     }
 
@@ -260,68 +496,8 @@ impl<T: Element> MoeStages<T> for Cpu {
         expert_map: Option<&[i32]>,
         out: PermuteBuffers<'_, Self>,
     ) -> Result<()> {
-        let c = plan.config();
-        let (k, el, align) = (c.top_k, c.local_experts(), plan.row_align());
-        let slots = tokens * k;
-        let PermuteBuffers { expert_offsets, expert_cursor, sorted_slots, slot_rows } = out;
-        need("topk_ids", topk_ids, slots)?;
-        need("expert_offsets", expert_offsets, el + 1)?;
-        need("expert_cursor", expert_cursor, el)?;
-        need("slot_rows", slot_rows, slots)?;
-        need("sorted_slots", sorted_slots, plan.rows_capacity(tokens))?;
-        let cursor = &mut expert_cursor[..el];
-        cursor.fill(0);
-        if let Some(map) = expert_map {
-            need("expert_map", map, c.experts)?;
-            for (g, &l) in map[..c.experts].iter().enumerate() {
-                if l < -1 || l >= el as i32 || (l >= 0 && cursor[l as usize] != 0) {
-                    return Err(MoeError::InvalidExpertMap { expert: g, value: l });
-                }
-                if l >= 0 {
-                    cursor[l as usize] = 1;
-                }
-            }
-            cursor.fill(0);
-        }
-        let local = |id: i32| -> Result<Option<usize>> {
-            if id < -1 || id >= c.experts as i32 {
-                return Err(MoeError::InvalidParameter {
-                    what: "topk_ids",
-                    value: id as f64,
-                    rule: "-1 <= id < experts",
-                });
-            }
-            Ok(match (id, expert_map) {
-                (-1, _) => None,
-                (id, Some(m)) => usize::try_from(m[id as usize]).ok(),
-                (id, None) => Some(id as usize),
-            })
-        };
-        for &id in &topk_ids[..slots] {
-            if let Some(l) = local(id)? {
-                cursor[l] += 1;
-            }
-        }
-        let mut at = 0usize;
-        for l in 0..el {
-            expert_offsets[l] = at as i32;
-            at += (cursor[l] as usize).div_ceil(align) * align;
-            cursor[l] = 0;
-        }
-        expert_offsets[el] = at as i32;
-        sorted_slots[..at].fill(-1);
-        for (slot, &id) in topk_ids[..slots].iter().enumerate() {
-            slot_rows[slot] = match local(id)? {
-                Some(l) => {
-                    let row = expert_offsets[l] as usize + cursor[l] as usize;
-                    cursor[l] += 1;
-                    sorted_slots[row] = slot as i32;
-                    row as i32
-                }
-                None => -1,
-            };
-        }
-        Ok(())
+        // Already O(T K + E): one counting pass, a prefix sum, one scatter pass.
+        Portable(self).permute(plan, tokens, topk_ids, expert_map, out)
     }
 
     fn expert_up(
@@ -333,33 +509,48 @@ impl<T: Element> MoeStages<T> for Cpu {
         rows: ExpertRows<'_, Self>,
         hidden: &mut [T],
     ) -> Result<()> {
+        let Some(isa) = self.isa() else {
+            return Portable(self).expert_up(plan, tokens, x, w, rows, hidden);
+        };
         let c = plan.config();
+        let mlp = &c.expert.mlp;
         let (d, inter, el, k) =
             (c.expert_width(), c.local_intermediate(), c.local_experts(), c.top_k);
         need("expert input", x, tokens * d)?;
-        Self::check_mlp(w, c.expert.mlp.gated, el, inter, d)?;
+        Self::check_mlp(w, mlp.gated, el, inter, d)?;
         need_opt("topk_weights", rows.weights, tokens * k)?;
-        for e in 0..el {
-            for row in expert_range(rows.expert_offsets, e, rows.sorted_slots.len())? {
-                let Ok(slot) = usize::try_from(rows.sorted_slots[row]) else { continue };
-                let t = slot / k;
-                if t >= tokens {
-                    continue;
-                }
-                need("hidden", hidden, (row + 1) * inter)?;
-                let s = rows.weights.map_or(1.0, |wt| wt[slot]);
-                Self::up_rows(
-                    &c.expert.mlp,
-                    d,
-                    inter,
-                    e,
-                    &x[t * d..(t + 1) * d],
-                    s,
-                    w,
-                    &mut hidden[row * inter..(row + 1) * inter],
-                );
+        let (offsets, slots) = (rows.expert_offsets, rows.sorted_slots);
+        let hl = hidden.len();
+        check_rows(offsets, el, slots, |row, slot| {
+            if slot / k < tokens && (row + 1) * inter > hl {
+                return Err(MoeError::ShapeMismatch {
+                    what: "hidden",
+                    expected: (row + 1) * inter,
+                    got: hl,
+                });
             }
-        }
+            Ok(())
+        })?;
+        let out = Shared::new(hidden);
+        let gate = if mlp.gated { w.gate } else { None };
+        let g = Grouped { a: x, k: d, b: [Some(w.up), gate], n: inter, groups: el };
+        let a_row =
+            |row: usize| usize::try_from(slots[row]).ok().map(|s| s / k).filter(|&t| t < tokens);
+        let range = |e: usize| offsets[e] as usize..offsets[e + 1] as usize;
+        g.run(isa, self.threads, range, a_row, |e, row, n0, up, gate| {
+            let s = rows.weights.map_or(1.0, |wt| wt[slots[row] as usize]);
+            // SAFETY: row `row`, columns n0..n0 + len belong to this work item only.
+            let dst = unsafe { out.slice(row * inter + n0, up.len()) };
+            for (j, d) in dst.iter_mut().enumerate() {
+                let i = e * inter + n0 + j;
+                let u = s * up[j] + w.up_bias.map_or(0.0, |b| b[i].to_f32());
+                let gt = match gate {
+                    Some(gv) => s * gv[j] + w.gate_bias.map_or(0.0, |b| b[i].to_f32()),
+                    None => 0.0,
+                };
+                *d = T::from_f32(math::mlp_hidden(mlp, gt, u));
+            }
+        });
         Ok(())
     }
 
@@ -372,30 +563,45 @@ impl<T: Element> MoeStages<T> for Cpu {
         rows: ExpertRows<'_, Self>,
         out: &mut [T],
     ) -> Result<()> {
+        let Some(isa) = self.isa() else {
+            return Portable(self).expert_down(plan, tokens, hidden, w, rows, out);
+        };
         let c = plan.config();
         let (d, inter, el, k) =
             (c.expert_width(), c.local_intermediate(), c.local_experts(), c.top_k);
         need("experts.down", w.down, el * d * inter)?;
         need_opt("experts.down_bias", w.down_bias, el * d)?;
         need_opt("topk_weights", rows.weights, tokens * k)?;
-        for e in 0..el {
-            let wd = &w.down[e * d * inter..(e + 1) * d * inter];
-            for row in expert_range(rows.expert_offsets, e, rows.sorted_slots.len())? {
-                let Ok(slot) = usize::try_from(rows.sorted_slots[row]) else { continue };
-                if slot >= tokens * k {
-                    continue;
-                }
+        let (offsets, slots) = (rows.expert_offsets, rows.sorted_slots);
+        let (hl, ol) = (hidden.len(), out.len());
+        check_rows(offsets, el, slots, |row, slot| {
+            if slot < tokens * k {
                 need("hidden", hidden, (row + 1) * inter)?;
-                need("expert_out", out, (row + 1) * d)?;
-                let h = &hidden[row * inter..(row + 1) * inter];
-                let s = rows.weights.map_or(1.0, |wt| wt[slot]);
-                for o in 0..d {
-                    let v = dot(h, &wd[o * inter..(o + 1) * inter])
-                        + w.down_bias.map_or(0.0, |b| b[e * d + o].to_f32());
-                    out[row * d + o] = T::from_f32(s * v);
+                if (row + 1) * d > ol {
+                    return Err(MoeError::ShapeMismatch {
+                        what: "expert_out",
+                        expected: (row + 1) * d,
+                        got: ol,
+                    });
                 }
             }
-        }
+            let _ = hl;
+            Ok(())
+        })?;
+        let dst_all = Shared::new(out);
+        let g = Grouped { a: hidden, k: inter, b: [Some(w.down), None], n: d, groups: el };
+        let a_row =
+            |row: usize| usize::try_from(slots[row]).ok().filter(|&s| s < tokens * k).map(|_| row);
+        let range = |e: usize| offsets[e] as usize..offsets[e + 1] as usize;
+        g.run(isa, self.threads, range, a_row, |e, row, n0, v, _| {
+            let s = rows.weights.map_or(1.0, |wt| wt[slots[row] as usize]);
+            // SAFETY: row `row`, columns n0..n0 + len belong to this work item only.
+            let dst = unsafe { dst_all.slice(row * d + n0, v.len()) };
+            for (j, (o, &v)) in dst.iter_mut().zip(v).enumerate() {
+                let b = w.down_bias.map_or(0.0, |b| b[e * d + n0 + j].to_f32());
+                *o = T::from_f32(s * (v + b));
+            }
+        });
         Ok(())
     }
 
@@ -409,6 +615,9 @@ impl<T: Element> MoeStages<T> for Cpu {
         scale: f32,
         out: &mut [T],
     ) -> Result<()> {
+        if self.isa().is_none() || width == 0 {
+            return Portable(self).combine(plan, tokens, width, expert_out, slot_rows, scale, out);
+        }
         let k = plan.config().top_k;
         need("slot_rows", slot_rows, tokens * k)?;
         need("out", out, tokens * width)?;
@@ -417,17 +626,32 @@ impl<T: Element> MoeStages<T> for Cpu {
                 need("expert_out", expert_out, (r as usize + 1) * width)?;
             }
         }
-        for t in 0..tokens {
+        // Per element: 0 + the rows in slot order, then one scale and rounding (as the
+        // portable path, so the same bits), vectorized along the width.
+        let token = |(t, o): (usize, &mut [T])| {
             let rs = &slot_rows[t * k..(t + 1) * k];
-            for o in 0..width {
-                let mut acc = 0f32;
+            let mut c0 = 0;
+            while c0 < width {
+                let n = COMBINE_CHUNK.min(width - c0);
+                let mut acc = [0f32; COMBINE_CHUNK];
                 for &r in rs {
                     if r >= 0 {
-                        acc += expert_out[r as usize * width + o].to_f32();
+                        let src = &expert_out[r as usize * width + c0..][..n];
+                        for (a, s) in acc.iter_mut().zip(src) {
+                            *a += s.to_f32();
+                        }
                     }
                 }
-                out[t * width + o] = T::from_f32(scale * acc);
+                for (d, &a) in o[c0..c0 + n].iter_mut().zip(&acc) {
+                    *d = T::from_f32(scale * a);
+                }
+                c0 += n;
             }
+        };
+        let out = &mut out[..tokens * width];
+        match self.threads {
+            Threads::Single => out.chunks_mut(width).enumerate().for_each(token),
+            Threads::Rayon => out.par_chunks_mut(width).enumerate().for_each(token),
         }
         Ok(())
     }
@@ -442,21 +666,34 @@ impl<T: Element> MoeStages<T> for Cpu {
         w: &MlpWeights<'_, Self, T>,
         hidden: &mut [T],
     ) -> Result<()> {
+        let Some(isa) = self.isa() else {
+            return Portable(self).mlp_up(mlp, tokens, in_dim, inter, x, w, hidden);
+        };
         need("x", x, tokens * in_dim)?;
         need("hidden", hidden, tokens * inter)?;
         Self::check_mlp(w, mlp.gated, 1, inter, in_dim)?;
-        for t in 0..tokens {
-            Self::up_rows(
-                mlp,
-                in_dim,
-                inter,
-                0,
-                &x[t * in_dim..(t + 1) * in_dim],
-                1.0,
-                w,
-                &mut hidden[t * inter..(t + 1) * inter],
-            );
-        }
+        let out = Shared::new(&mut hidden[..tokens * inter]);
+        let gate = if mlp.gated { w.gate } else { None };
+        let g = Grouped { a: x, k: in_dim, b: [Some(w.up), gate], n: inter, groups: 1 };
+        g.run(
+            isa,
+            self.threads,
+            |_| 0..tokens,
+            Some,
+            |_, t, n0, up, gate| {
+                // SAFETY: row t, columns n0..n0 + len belong to this work item only.
+                let dst = unsafe { out.slice(t * inter + n0, up.len()) };
+                for (j, d) in dst.iter_mut().enumerate() {
+                    let i = n0 + j;
+                    let u = up[j] + w.up_bias.map_or(0.0, |b| b[i].to_f32());
+                    let gt = match gate {
+                        Some(gv) => gv[j] + w.gate_bias.map_or(0.0, |b| b[i].to_f32()),
+                        None => 0.0,
+                    };
+                    *d = T::from_f32(math::mlp_hidden(mlp, gt, u));
+                }
+            },
+        );
         Ok(())
     }
 
@@ -473,22 +710,33 @@ impl<T: Element> MoeStages<T> for Cpu {
         accumulate: bool,
         out: &mut [T],
     ) -> Result<()> {
+        let Some(isa) = self.isa() else {
+            return Portable(self).linear(
+                tokens, in_dim, out_dim, x, weight, bias, row_scale, scale, accumulate, out,
+            );
+        };
         need("linear.x", x, tokens * in_dim)?;
         need("linear.weight", weight, out_dim * in_dim)?;
         need_opt("linear.bias", bias, out_dim)?;
         need_opt("linear.row_scale", row_scale, tokens)?;
         need("linear.out", out, tokens * out_dim)?;
-        for t in 0..tokens {
-            let xt = &x[t * in_dim..(t + 1) * in_dim];
-            let s = scale * row_scale.map_or(1.0, |r| r[t]);
-            for o in 0..out_dim {
-                let v = s
-                    * (dot(xt, &weight[o * in_dim..(o + 1) * in_dim])
-                        + bias.map_or(0.0, |b| b[o].to_f32()));
-                let dst = &mut out[t * out_dim + o];
-                *dst = T::from_f32(if accumulate { dst.to_f32() + v } else { v });
-            }
-        }
+        let dst_all = Shared::new(&mut out[..tokens * out_dim]);
+        let g = Grouped { a: x, k: in_dim, b: [Some(weight), None], n: out_dim, groups: 1 };
+        g.run(
+            isa,
+            self.threads,
+            |_| 0..tokens,
+            Some,
+            |_, t, n0, v, _| {
+                let s = scale * row_scale.map_or(1.0, |r| r[t]);
+                // SAFETY: row t, columns n0..n0 + len belong to this work item only.
+                let dst = unsafe { dst_all.slice(t * out_dim + n0, v.len()) };
+                for (j, (d, &v)) in dst.iter_mut().zip(v).enumerate() {
+                    let v = s * (v + bias.map_or(0.0, |b| b[n0 + j].to_f32()));
+                    *d = T::from_f32(if accumulate { d.to_f32() + v } else { v });
+                }
+            },
+        );
         Ok(())
     }
 
@@ -500,20 +748,39 @@ impl<T: Element> MoeStages<T> for Cpu {
         weight: &[T],
         gate: &mut [f32],
     ) -> Result<()> {
-        need("x", x, tokens * hidden)?;
-        need("shared.gate_weight", weight, hidden)?;
-        need("shared_gate", gate, tokens)?;
-        for t in 0..tokens {
-            gate[t] = math::sigmoid(dot(&x[t * hidden..(t + 1) * hidden], &weight[..hidden]));
-        }
-        Ok(())
+        Portable(self).sigmoid_gate(tokens, hidden, x, weight, gate)
     }
 
     fn add_assign(&self, dst: &mut [T], src: &[T]) -> Result<()> {
-        need("add_assign.src", src, dst.len())?;
-        for (d, s) in dst.iter_mut().zip(src) {
-            *d = T::from_f32(d.to_f32() + s.to_f32());
+        Portable(self).add_assign(dst, src)
+    }
+}
+
+/// Internals exposed for the benches; not part of the API.
+#[doc(hidden)]
+pub mod __bench {
+    use super::*;
+
+    /// Seconds for `reps` runs of one work item of `m` rows by `n` columns over `k` (all data
+    /// in cache after the first run): the microkernel throughput without memory traffic.
+    pub fn block_seconds<T: Element>(isa: Isa, m: usize, n: usize, k: usize, reps: usize) -> f64 {
+        let m = m.min(MB);
+        let n = n.min(NB);
+        let a: Vec<T> = (0..m * k).map(|i| T::from_f32((i % 7) as f32 * 0.1)).collect();
+        let b: Vec<T> = (0..n * k).map(|i| T::from_f32((i % 5) as f32 * 0.1)).collect();
+        let rows: Vec<usize> = (0..m).collect();
+        let blk = Block { a: &a, a_rows: &rows, k, b: [Some(&b), None], n0: 0, nb: n };
+        let mut tiles: Box<Tiles> = Box::new([[0.0; MB * NB]; 2]);
+        let out = [tiles[0].as_mut_ptr(), tiles[1].as_mut_ptr()];
+        let isa = if isa.available() { isa } else { Isa::Generic };
+        // SAFETY: MB rows of NB floats per tile; `isa` is available; A and B hold every row.
+        unsafe { gemm::run_block(isa, &blk, out) };
+        let t0 = std::time::Instant::now();
+        for _ in 0..reps {
+            // SAFETY: as above.
+            unsafe { gemm::run_block(isa, &blk, out) };
+            std::hint::black_box(&mut tiles);
         }
-        Ok(())
+        t0.elapsed().as_secs_f64()
     }
 }

@@ -1,0 +1,190 @@
+//! CPU benches: this machine's FMA peak (1 and 2 threads), then for each canonical shape, element
+//! type (f32, bf16) and token count: every stage, the two expert GEMMs (with their share of the
+//! FMA peak) and the whole layer, with 1 and 2 threads.
+//!
+//! `cargo bench -p moe-benches --features cpu`; `MOE_BENCH_QUICK=1` for a run of a few minutes
+//! (T in {1, 128}, 2 threads, per-stage benches at T = 1 only, shorter measurement). Narrow a run with `MOE_BENCH_SHAPES=qwen,mixtral`,
+//! `MOE_BENCH_T=1,128`, `MOE_BENCH_DTYPES=f32`, `MOE_BENCH_THREADS=2`,
+//! `MOE_BENCH_STAGES=0`. The layer and GEMM figures are also written as CSV to
+//! `target/moe-benches-cpu.csv` (or `MOE_BENCH_CSV`), for `benches/compare.py`.
+
+use criterion::{Criterion, SamplingMode};
+use moe_benches::*;
+use moe_core::{Element, MoeStages};
+use moe_cpu::Cpu;
+use std::cell::RefCell;
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+struct Opts {
+    quick: bool,
+    shapes: Option<Vec<String>>,
+    tokens: Vec<usize>,
+    dtypes: Vec<String>,
+    threads: Vec<usize>,
+    stages: bool,
+}
+
+fn list(var: &str) -> Option<Vec<String>> {
+    std::env::var(var).ok().map(|v| v.split(',').map(|s| s.trim().to_string()).collect())
+}
+
+fn opts() -> Opts {
+    let quick = std::env::var("MOE_BENCH_QUICK").is_ok_and(|v| v != "0");
+    let nums = |var: &str, d: &[usize]| {
+        list(var).map_or(d.to_vec(), |v| v.iter().filter_map(|s| s.parse().ok()).collect())
+    };
+    Opts {
+        quick,
+        shapes: list("MOE_BENCH_SHAPES"),
+        tokens: nums("MOE_BENCH_T", if quick { &[1, 128] } else { &[1, 16, 128, 1024] }),
+        dtypes: list("MOE_BENCH_DTYPES").unwrap_or(vec!["f32".into(), "bf16".into()]),
+        threads: nums("MOE_BENCH_THREADS", if quick { &[2] } else { &[1, 2] }),
+        stages: std::env::var("MOE_BENCH_STAGES").map_or(true, |v| v != "0"),
+    }
+}
+
+/// Median and minimum seconds per iteration seen by a bench.
+#[derive(Default)]
+struct Seen(Vec<f64>);
+
+impl Seen {
+    fn median(&self) -> f64 {
+        let mut v = self.0.clone();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    }
+}
+
+fn timed(seen: &RefCell<Seen>, iters: u64, mut f: impl FnMut()) -> Duration {
+    let mut total = Duration::ZERO;
+    for _ in 0..iters {
+        let t0 = Instant::now();
+        f();
+        let d = t0.elapsed();
+        seen.borrow_mut().0.push(d.as_secs_f64());
+        total += d;
+    }
+    total
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bench_shape<T: Element>(
+    c: &mut Criterion,
+    o: &Opts,
+    sh: &Shape,
+    dtype: &str,
+    peaks: &[(usize, f64)],
+    csv: &mut dyn Write,
+) where
+    Cpu: MoeStages<T>,
+{
+    let tmax = *o.tokens.iter().max().unwrap_or(&1);
+    let t_build = Instant::now();
+    let mut layer = match Layer::<T>::new(&sh.config, tmax, 7) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("{}: {e}", sh.name);
+            return;
+        }
+    };
+    eprintln!("{} {dtype}: weights ready in {:.1} s", sh.name, t_build.elapsed().as_secs_f64());
+    for &t in &o.tokens {
+        layer.retoken(t, 7).unwrap();
+        for &th in &o.threads {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(th).build().unwrap();
+            let cpu = Cpu::parallel();
+            let peak = peaks.iter().find(|p| p.0 == th).map_or(f64::NAN, |p| p.1);
+            pool.install(|| layer.forward(&cpu).unwrap());
+            let id = format!("{}/{dtype}/T{t}/th{th}", sh.name);
+            let mut g = c.benchmark_group(format!("cpu/{id}"));
+            g.sampling_mode(SamplingMode::Flat);
+            if o.stages && !(o.quick && t != o.tokens[0]) {
+                for st in Stage::ALL {
+                    g.bench_function(st.name(), |b| {
+                        b.iter(|| pool.install(|| layer.stage(&cpu, st).unwrap()))
+                    });
+                }
+            }
+            let gemm = RefCell::new(Seen::default());
+            g.bench_function("expert_gemms", |b| {
+                b.iter_custom(|n| {
+                    timed(&gemm, n, || {
+                        pool.install(|| {
+                            layer.stage(&cpu, Stage::ExpertUp).unwrap();
+                            layer.stage(&cpu, Stage::ExpertDown).unwrap();
+                        })
+                    })
+                })
+            });
+            let whole = RefCell::new(Seen::default());
+            g.bench_function("layer", |b| {
+                b.iter_custom(|n| {
+                    timed(&whole, n, || pool.install(|| layer.forward(&cpu).unwrap()))
+                })
+            });
+            g.finish();
+            let (gm, lm) = (gemm.borrow().median(), whole.borrow().median());
+            let gflops = expert_flops(&sh.config, t) / gm / 1e9;
+            println!(
+                "RESULT {id}: expert GEMMs {:.3} ms = {gflops:.1} GFLOP/s = {:.1}% of the {th}-thread FMA peak ({peak:.0}); layer {:.3} ms",
+                gm * 1e3,
+                100.0 * gflops / peak,
+                lm * 1e3
+            );
+            let _ = writeln!(
+                csv,
+                "{},{dtype},{t},{th},{:.6},{:.6},{gflops:.3},{:.3}",
+                sh.name,
+                lm * 1e3,
+                gm * 1e3,
+                100.0 * gflops / peak
+            );
+        }
+    }
+}
+
+fn main() {
+    let o = opts();
+    let mut c = Criterion::default().configure_from_args().sample_size(10);
+    c = if o.quick {
+        c.warm_up_time(Duration::from_millis(200)).measurement_time(Duration::from_millis(800))
+    } else {
+        c.warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3))
+    };
+    let mut peaks = vec![];
+    for th in [1usize, 2] {
+        let (p, isa) = peak::fma_peak_gflops(th);
+        println!("PEAK f32 FMA, {th} thread(s): {p:.1} GFLOP/s ({isa})");
+        peaks.push((th, p));
+    }
+    println!("ISA used by the kernels: {:?}", moe_cpu::Isa::detect());
+    let path = std::env::var("MOE_BENCH_CSV").unwrap_or_else(|_| {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../target/moe-benches-cpu.csv").to_string()
+    });
+    let mut csv = std::fs::File::create(&path).map(std::io::BufWriter::new).ok();
+    let mut sink = std::io::sink();
+    let out: &mut dyn Write = match csv.as_mut() {
+        Some(f) => f,
+        None => &mut sink,
+    };
+    let _ = writeln!(out, "shape,dtype,tokens,threads,layer_ms,gemm_ms,gemm_gflops,gemm_pct_peak");
+    for sh in canonical() {
+        if let Some(s) = &o.shapes
+            && !s.iter().any(|p| sh.name.starts_with(p.as_str()))
+        {
+            continue;
+        }
+        for d in &o.dtypes {
+            match d.as_str() {
+                "f32" => bench_shape::<f32>(&mut c, &o, &sh, "f32", &peaks, out),
+                "bf16" => bench_shape::<half::bf16>(&mut c, &o, &sh, "bf16", &peaks, out),
+                "f16" => bench_shape::<half::f16>(&mut c, &o, &sh, "f16", &peaks, out),
+                other => eprintln!("unknown dtype {other}"),
+            }
+            let _ = out.flush();
+        }
+    }
+    c.final_summary();
+    println!("CSV: {path}");
+}

@@ -1,0 +1,68 @@
+//! Quick look at one shape: `cargo run --release -p moe-benches --features cpu --example probe`.
+use moe_benches::*;
+use moe_cpu::Cpu;
+use std::time::Instant;
+
+/// Process CPU seconds (user + system) from /proc/self/stat.
+fn cpu_s() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let f: Vec<&str> = s.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(f64::NAN);
+    (t(11) + t(12)) / 100.0
+}
+
+fn main() {
+    let t: usize = std::env::var("T").ok().and_then(|v| v.parse().ok()).unwrap_or(1024);
+    let which: usize = std::env::var("S").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+    let env = |k: &str, d: usize| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
+    let sh = if which == 99 {
+        let mut c = canonical()[0];
+        c.config.hidden = env("H", 2048);
+        c.config.experts = env("E", 1);
+        c.config.top_k = env("K", 1);
+        c.config.expert.mlp.intermediate = env("I", 768);
+        c
+    } else {
+        canonical()[which]
+    };
+    for th in [1usize, 2].into_iter().take(env("PEAK", 2)) {
+        let (p, isa) = peak::fma_peak_gflops(th);
+        println!("peak {th} threads: {p:.1} GFLOP/s ({isa})");
+    }
+    let mut l = Layer::<f32>::new(&sh.config, t, 1).unwrap();
+    for th in [1usize, 2].into_iter().take(env("TH", 2)) {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(th).build().unwrap();
+        let cpu = Cpu::parallel();
+        pool.install(|| {
+            l.forward(&cpu).unwrap();
+            for st in Stage::ALL {
+                let mut best = f64::MAX;
+                for _ in 0..env("REP", 3) {
+                    let t0 = Instant::now();
+                    l.stage(&cpu, st).unwrap();
+                    best = best.min(t0.elapsed().as_secs_f64());
+                }
+                println!("{} T={t} th={th} {:>14}: {:.3} ms", sh.name, st.name(), best * 1e3);
+            }
+            let mut best = f64::MAX;
+            let c0 = cpu_s();
+            let reps = env("REP", 3);
+            for _ in 0..reps {
+                let t0 = Instant::now();
+                l.stage(&cpu, Stage::ExpertUp).unwrap();
+                l.stage(&cpu, Stage::ExpertDown).unwrap();
+                best = best.min(t0.elapsed().as_secs_f64());
+            }
+            let f = expert_flops(&sh.config, t);
+            let cpu_per = (cpu_s() - c0) / reps as f64;
+            println!(
+                "expert GEMMs per CPU second: {:.1} GFLOP/s ({cpu_per:.3} CPU s each)",
+                f / cpu_per / 1e9
+            );
+            println!("expert GEMMs: {:.3} ms = {:.1} GFLOP/s", best * 1e3, f / best / 1e9);
+            let t0 = Instant::now();
+            l.forward(&cpu).unwrap();
+            println!("layer: {:.3} ms", t0.elapsed().as_secs_f64() * 1e3);
+        });
+    }
+}

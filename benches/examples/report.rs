@@ -1,0 +1,111 @@
+//! The numbers of the report, timed like `benches/torch_cpu.py` (one warm-up run, then at least
+//! 3 runs and about 2 s, median): for each selected shape, dtype, T and thread count, the two
+//! expert GEMMs (GFLOP/s and % of the FMA peak measured just before) and the whole layer.
+//! Same environment variables as the criterion bench; CSV on stdout (and `MOE_BENCH_CSV`).
+//!
+//! `cargo run --release -p moe-benches --features cpu --example report`
+use moe_benches::*;
+use moe_core::{Element, MoeStages};
+use moe_cpu::Cpu;
+use std::io::Write;
+use std::time::Instant;
+
+fn list(var: &str, d: &[&str]) -> Vec<String> {
+    std::env::var(var).map_or(d.iter().map(|s| s.to_string()).collect(), |v| {
+        v.split(',').map(|s| s.trim().to_string()).collect()
+    })
+}
+
+fn median_ms(mut f: impl FnMut()) -> f64 {
+    let t0 = Instant::now();
+    f();
+    if t0.elapsed().as_secs_f64() > 5.0 {
+        let t0 = Instant::now();
+        f();
+        return t0.elapsed().as_secs_f64() * 1e3;
+    }
+    let mut v = vec![];
+    let start = Instant::now();
+    while v.len() < 3 || (start.elapsed().as_secs_f64() < 2.0 && v.len() < 15) {
+        let t0 = Instant::now();
+        f();
+        v.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn run<T: Element>(sh: &Shape, d: &str, tokens: &[usize], threads: &[usize], out: &mut dyn Write)
+where
+    Cpu: MoeStages<T>,
+{
+    let tmax = *tokens.iter().max().unwrap_or(&1);
+    let mut layer = Layer::<T>::new(&sh.config, tmax, 7).unwrap();
+    for &t in tokens {
+        layer.retoken(t, 7).unwrap();
+        for &th in threads {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(th).build().unwrap();
+            let (peak, _) = peak::fma_peak_gflops(th);
+            let cpu = Cpu::parallel();
+            let (gm, lm) = pool.install(|| {
+                layer.forward(&cpu).unwrap();
+                let gm = median_ms(|| {
+                    layer.stage(&cpu, Stage::ExpertUp).unwrap();
+                    layer.stage(&cpu, Stage::ExpertDown).unwrap();
+                });
+                let lm = median_ms(|| layer.forward(&cpu).unwrap());
+                (gm, lm)
+            });
+            let gf = expert_flops(&sh.config, t) / gm / 1e6;
+            let row = format!(
+                "{},{d},{t},{th},{lm:.4},{gm:.4},{gf:.2},{:.2}",
+                sh.name,
+                100.0 * gf / peak
+            );
+            println!("{row}");
+            let _ = writeln!(out, "{row}");
+            let _ = out.flush();
+        }
+    }
+}
+
+fn main() {
+    let shapes = list("MOE_BENCH_SHAPES", &[""]);
+    let tokens: Vec<usize> = list("MOE_BENCH_T", &["1", "16", "128", "1024"])
+        .iter()
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    let threads: Vec<usize> =
+        list("MOE_BENCH_THREADS", &["2"]).iter().filter_map(|s| s.parse().ok()).collect();
+    let dtypes = list("MOE_BENCH_DTYPES", &["f32", "bf16"]);
+    let path = std::env::var("MOE_BENCH_CSV").ok();
+    let mut file = path.as_ref().and_then(|p| {
+        let new = !std::path::Path::new(p).exists();
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(p).ok()?;
+        if new {
+            let _ = writeln!(
+                f,
+                "shape,dtype,tokens,threads,layer_ms,gemm_ms,gemm_gflops,gemm_pct_peak"
+            );
+        }
+        Some(f)
+    });
+    let mut sink = std::io::sink();
+    let out: &mut dyn Write = match file.as_mut() {
+        Some(f) => f,
+        None => &mut sink,
+    };
+    println!("shape,dtype,tokens,threads,layer_ms,gemm_ms,gemm_gflops,gemm_pct_peak");
+    for sh in canonical() {
+        if !shapes.iter().any(|p| sh.name.starts_with(p.as_str())) {
+            continue;
+        }
+        for d in &dtypes {
+            match d.as_str() {
+                "f32" => run::<f32>(&sh, d, &tokens, &threads, out),
+                "bf16" => run::<half::bf16>(&sh, d, &tokens, &threads, out),
+                _ => run::<half::f16>(&sh, d, &tokens, &threads, out),
+            }
+        }
+    }
+}

@@ -1,0 +1,353 @@
+//! Shapes, weights and runners (CPU backend).
+
+use moe_core::backend::{ExpertRows, PermuteBuffers, split_workspace};
+use moe_core::*;
+
+/// One canonical shape.
+#[derive(Clone, Copy, Debug)]
+pub struct Shape {
+    /// Name used in bench ids (says when the shape is scaled down).
+    pub name: &'static str,
+    /// The layer.
+    pub config: MoeConfig,
+}
+
+fn mlp(i: usize, act: Activation, bias: bool) -> MlpConfig {
+    MlpConfig { intermediate: i, gated: true, activation: act, bias }
+}
+
+fn base(h: usize, e: usize, k: usize, i: usize) -> MoeConfig {
+    MoeConfig {
+        hidden: h,
+        experts: e,
+        top_k: k,
+        router: RouterConfig::default(),
+        expert: ExpertConfig { mlp: mlp(i, Activation::Silu, false), apply_weight_on_input: false },
+        shared: None,
+        latent: None,
+        parallel: ParallelConfig::default(),
+    }
+}
+
+/// The canonical shapes. Where the f32 weights of all experts would not fit next to the
+/// PyTorch baseline in this machine's 24 GiB, the expert count is scaled down (the name says
+/// so); widths, intermediate sizes and top-k are the models'.
+pub fn canonical() -> Vec<Shape> {
+    let qwen = base(2048, 128, 8, 768);
+    let mut gpt = base(2880, 32, 4, 2880);
+    gpt.router.bias = true;
+    gpt.router.weights = WeightSource::SoftmaxTopkLogits;
+    gpt.router.reduce = TopkReduce::None;
+    gpt.expert.mlp = mlp(2880, Activation::SwigluOai { alpha: 1.702, limit: 7.0 }, true);
+    let mut mixtral = base(4096, 8, 2, 14336);
+    mixtral.router.weights = WeightSource::SoftmaxTopkLogits;
+    mixtral.router.reduce = TopkReduce::None;
+    let mut ds = base(7168, 32, 8, 2048);
+    ds.router.scoring = Scoring::Sigmoid;
+    ds.router.selection_bias = true;
+    ds.router.groups = Some(GroupLimit { n_group: 8, topk_group: 4, score: GroupScore::Top2Sum });
+    ds.router.reduce = TopkReduce::Sum { eps: 1e-20 };
+    ds.router.scale = RoutedScale { factor: 2.5, placement: ScalePlacement::OnOutput };
+    ds.shared =
+        Some(SharedConfig { mlp: mlp(2048, Activation::Silu, false), gate: SharedGate::None });
+    vec![
+        Shape { name: "qwen3_30b_a3b", config: qwen },
+        Shape { name: "gpt_oss_120b_e32of128", config: gpt },
+        Shape { name: "mixtral_8x7b", config: mixtral },
+        Shape { name: "deepseek_v3_e32of256", config: ds },
+    ]
+}
+
+/// A small fast generator (xorshift64*), for weights.
+pub struct Rng(u64);
+
+impl Rng {
+    /// Seeded generator.
+    pub fn new(seed: u64) -> Self {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    /// Uniform in [-1, 1).
+    pub fn next_f32(&mut self) -> f32 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        let v = self.0.wrapping_mul(0x2545_F491_4F6C_DD1D);
+        ((v >> 40) as f32) * (2.0 / (1u64 << 24) as f32) - 1.0
+    }
+    /// `n` values uniform in `[-s, s)`, in element type `T`.
+    pub fn tensor<T: Element>(&mut self, n: usize, s: f32) -> Vec<T> {
+        (0..n).map(|_| T::from_f32(s * self.next_f32())).collect()
+    }
+}
+
+/// An MLP's weights in element type `T`.
+pub struct Mlp<T> {
+    /// `[n, I, D]`.
+    pub gate: Option<Vec<T>>,
+    /// `[n, I, D]`.
+    pub up: Vec<T>,
+    /// `[n, D, I]`.
+    pub down: Vec<T>,
+    /// `[n, I]`.
+    pub gate_bias: Option<Vec<T>>,
+    /// `[n, I]`.
+    pub up_bias: Option<Vec<T>>,
+    /// `[n, D]`.
+    pub down_bias: Option<Vec<T>>,
+}
+
+impl<T: Element> Mlp<T> {
+    fn random(r: &mut Rng, m: &MlpConfig, n: usize, width: usize) -> Self {
+        let i = m.intermediate;
+        let (si, so) = (1.0 / (width as f32).sqrt(), 1.0 / (i as f32).sqrt());
+        Mlp {
+            gate: m.gated.then(|| r.tensor(n * i * width, si)),
+            up: r.tensor(n * i * width, si),
+            down: r.tensor(n * width * i, so),
+            gate_bias: (m.bias && m.gated).then(|| r.tensor(n * i, 0.1)),
+            up_bias: m.bias.then(|| r.tensor(n * i, 0.1)),
+            down_bias: m.bias.then(|| r.tensor(n * width, 0.1)),
+        }
+    }
+
+    /// Views over these weights.
+    pub fn views(&self) -> MlpWeights<'_, moe_cpu::Cpu, T> {
+        MlpWeights {
+            gate: self.gate.as_deref(),
+            up: &self.up,
+            down: &self.down,
+            gate_bias: self.gate_bias.as_deref(),
+            up_bias: self.up_bias.as_deref(),
+            down_bias: self.down_bias.as_deref(),
+        }
+    }
+}
+
+/// A layer's weights in element type `T` (no latent, no expert map).
+pub struct Weights<T> {
+    /// `[E, H]`.
+    pub router: Vec<T>,
+    /// `[E]`.
+    pub router_bias: Option<Vec<T>>,
+    /// `[E]`.
+    pub selection_bias: Option<Vec<f32>>,
+    /// Routed experts.
+    pub experts: Mlp<T>,
+    /// Shared expert.
+    pub shared: Option<Mlp<T>>,
+}
+
+impl<T: Element> Weights<T> {
+    /// Random weights for `c` (scaled like a trained layer: unit-variance activations).
+    pub fn random(c: &MoeConfig, seed: u64) -> Self {
+        let mut r = Rng::new(seed);
+        let (h, e) = (c.hidden, c.experts);
+        Weights {
+            router: r.tensor(e * h, 1.0 / (h as f32).sqrt()),
+            router_bias: c.router.bias.then(|| r.tensor(e, 0.2)),
+            selection_bias: c.router.selection_bias.then(|| r.tensor(e, 0.1)),
+            experts: Mlp::random(&mut r, &c.expert.mlp, c.experts, h),
+            shared: c.shared.map(|s| Mlp::random(&mut r, &s.mlp, 1, h)),
+        }
+    }
+
+    /// Views for the CPU backend.
+    pub fn views(&self) -> MoeWeights<'_, moe_cpu::Cpu, T> {
+        MoeWeights {
+            router: &self.router,
+            router_bias: self.router_bias.as_deref(),
+            selection_bias: self.selection_bias.as_deref(),
+            experts: self.experts.views(),
+            shared: self.shared.as_ref().map(|m| SharedWeights { mlp: m.views(), gate: None }),
+            latent: None,
+            expert_map: None,
+        }
+    }
+}
+
+/// FLOPs of the routed expert GEMMs for `tokens` tokens (every slot routed): GEMM1 (gate and
+/// up) plus GEMM2.
+pub fn expert_flops(c: &MoeConfig, tokens: usize) -> f64 {
+    let rows = (tokens * c.top_k) as f64;
+    let mats = if c.expert.mlp.gated { 3.0 } else { 2.0 };
+    2.0 * rows * mats * (c.hidden * c.expert.mlp.intermediate) as f64
+}
+
+/// A layer ready to run: plan, weights, input, output, workspace.
+pub struct Layer<T> {
+    /// Configuration.
+    pub config: MoeConfig,
+    /// Plan for `tokens`.
+    pub plan: MoePlan,
+    /// Weights.
+    pub weights: Weights<T>,
+    /// Tokens per forward.
+    pub tokens: usize,
+    /// `[T, H]` input.
+    pub x: Vec<T>,
+    /// `[T, H]` output.
+    pub out: Vec<T>,
+    /// Workspace.
+    pub ws: Vec<u8>,
+}
+
+impl<T: Element> Layer<T> {
+    /// A layer of shape `c` on `tokens` random tokens.
+    pub fn new(c: &MoeConfig, tokens: usize, seed: u64) -> Result<Self> {
+        let plan = MoePlan::new(c, tokens)?;
+        let ws = vec![0u8; plan.workspace_bytes(T::DTYPE)?];
+        let weights = Weights::random(c, seed);
+        let x = Rng::new(seed ^ 0xA5A5).tensor(tokens * c.hidden, 1.0);
+        Ok(Layer {
+            config: *c,
+            plan,
+            weights,
+            tokens,
+            x,
+            out: vec![T::default(); tokens * c.hidden],
+            ws,
+        })
+    }
+
+    /// Same weights, another token count.
+    pub fn retoken(&mut self, tokens: usize, seed: u64) -> Result<()> {
+        self.plan = MoePlan::new(&self.config, tokens)?;
+        self.ws = vec![0u8; self.plan.workspace_bytes(T::DTYPE)?];
+        self.x = Rng::new(seed ^ 0xA5A5).tensor(tokens * self.config.hidden, 1.0);
+        self.out = vec![T::default(); tokens * self.config.hidden];
+        self.tokens = tokens;
+        Ok(())
+    }
+
+    /// One whole-layer forward.
+    pub fn forward(&mut self, cpu: &moe_cpu::Cpu) -> Result<()>
+    where
+        moe_cpu::Cpu: MoeStages<T>,
+    {
+        forward(
+            cpu,
+            &self.plan,
+            &self.weights.views(),
+            self.tokens,
+            &self.x[..],
+            &mut self.out[..],
+            &mut self.ws[..],
+            &SingleRank,
+        )
+        .map(|_| ())
+    }
+}
+
+/// A stage of the layer, for per-stage benches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// Router logits GEMM.
+    RouterLogits,
+    /// Scoring and top-k.
+    Route,
+    /// Counting sort of the slots by expert.
+    Permute,
+    /// Grouped GEMM 1 with the fused activation.
+    ExpertUp,
+    /// Grouped GEMM 2 with the fused routing weight.
+    ExpertDown,
+    /// Weighted sum of each token's expert outputs.
+    Combine,
+}
+
+impl Stage {
+    /// Every stage.
+    pub const ALL: [Stage; 6] = [
+        Stage::RouterLogits,
+        Stage::Route,
+        Stage::Permute,
+        Stage::ExpertUp,
+        Stage::ExpertDown,
+        Stage::Combine,
+    ];
+
+    /// Short name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::RouterLogits => "router_logits",
+            Stage::Route => "route",
+            Stage::Permute => "permute",
+            Stage::ExpertUp => "expert_up",
+            Stage::ExpertDown => "expert_down",
+            Stage::Combine => "combine",
+        }
+    }
+}
+
+impl<T: Element> Layer<T>
+where
+    moe_cpu::Cpu: MoeStages<T>,
+{
+    /// Run one stage on the workspace left by a previous [`Layer::forward`].
+    pub fn stage(&mut self, cpu: &moe_cpu::Cpu, stage: Stage) -> Result<()> {
+        let c = self.config;
+        let w = self.weights.views();
+        let s = split_workspace::<moe_cpu::Cpu, T>(&self.plan.layout(T::DTYPE)?, &mut self.ws[..])?;
+        let t = self.tokens;
+        let x = &self.x[..];
+        match stage {
+            Stage::RouterLogits => {
+                cpu.router_logits(t, c.hidden, c.experts, x, w.router, w.router_bias, s.logits)
+            }
+            Stage::Route => cpu.route(
+                &c,
+                t,
+                s.logits,
+                w.selection_bias,
+                s.route_scratch,
+                s.topk_ids,
+                s.topk_weights,
+            ),
+            Stage::Permute => cpu.permute(
+                &self.plan,
+                t,
+                s.topk_ids,
+                w.expert_map,
+                PermuteBuffers {
+                    expert_offsets: s.expert_offsets,
+                    expert_cursor: s.expert_cursor,
+                    sorted_slots: s.sorted_slots,
+                    slot_rows: s.slot_rows,
+                },
+            ),
+            Stage::ExpertUp => cpu.expert_up(
+                &self.plan,
+                t,
+                x,
+                &w.experts,
+                ExpertRows {
+                    expert_offsets: s.expert_offsets,
+                    sorted_slots: s.sorted_slots,
+                    weights: None,
+                },
+                s.hidden,
+            ),
+            Stage::ExpertDown => cpu.expert_down(
+                &self.plan,
+                t,
+                s.hidden,
+                &w.experts,
+                ExpertRows {
+                    expert_offsets: s.expert_offsets,
+                    sorted_slots: s.sorted_slots,
+                    weights: Some(s.topk_weights),
+                },
+                s.expert_out,
+            ),
+            Stage::Combine => cpu.combine(
+                &self.plan,
+                t,
+                c.hidden,
+                s.expert_out,
+                s.slot_rows,
+                c.output_scale() as f32,
+                &mut self.out[..],
+            ),
+        }
+    }
+}

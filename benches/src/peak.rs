@@ -1,0 +1,95 @@
+//! This machine's f32 FMA peak: independent FMA chains in registers, widest vectors available.
+
+use std::time::Instant;
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn chains_avx512(iters: u64) -> f32 {
+    use core::arch::x86_64::*;
+    let a = _mm512_set1_ps(0.999_999);
+    let b = _mm512_set1_ps(1e-7);
+    let mut acc = [_mm512_set1_ps(1.0); 16];
+    for _ in 0..iters {
+        for v in acc.iter_mut() {
+            *v = _mm512_fmadd_ps(*v, a, b);
+        }
+    }
+    let mut s = _mm512_setzero_ps();
+    for v in acc {
+        s = _mm512_add_ps(s, v);
+    }
+    _mm512_reduce_add_ps(s)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn chains_avx2(iters: u64) -> f32 {
+    use core::arch::x86_64::*;
+    let a = _mm256_set1_ps(0.999_999);
+    let b = _mm256_set1_ps(1e-7);
+    let mut acc = [_mm256_set1_ps(1.0); 12];
+    for _ in 0..iters {
+        for v in acc.iter_mut() {
+            *v = _mm256_fmadd_ps(*v, a, b);
+        }
+    }
+    let mut r = [0f32; 8];
+    let mut s = _mm256_setzero_ps();
+    for v in acc {
+        s = _mm256_add_ps(s, v);
+    }
+    // SAFETY: `r` holds 8 floats.
+    unsafe { _mm256_storeu_ps(r.as_mut_ptr(), s) };
+    r.iter().sum()
+}
+
+/// FLOPs per iteration of the widest chain kernel, and the kernel.
+fn kernel() -> (f64, &'static str, fn(u64) -> f32) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F (checked above).
+            return (16.0 * 16.0 * 2.0, "avx512", |n| unsafe { chains_avx512(n) });
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has AVX2 and FMA (checked above).
+            return (12.0 * 8.0 * 2.0, "avx2", |n| unsafe { chains_avx2(n) });
+        }
+    }
+    (8.0 * 2.0, "scalar", |n| {
+        let mut acc = [1f32; 8];
+        for _ in 0..n {
+            for v in acc.iter_mut() {
+                *v = v.mul_add(0.999_999, 1e-7);
+            }
+        }
+        acc.iter().sum()
+    })
+}
+
+/// The f32 FMA peak in GFLOP/s with `threads` threads running at once (best of 5 runs of about
+/// 0.2 s), and the instruction set used.
+pub fn fma_peak_gflops(threads: usize) -> (f64, &'static str) {
+    let (flops, name, f) = kernel();
+    let iters = 20_000_000u64;
+    let mut best = 0f64;
+    for _ in 0..5 {
+        let t0 = Instant::now();
+        std::thread::scope(|s| {
+            for _ in 0..threads {
+                s.spawn(|| std::hint::black_box(f(std::hint::black_box(iters))));
+            }
+        });
+        let g = flops * iters as f64 * threads as f64 / t0.elapsed().as_secs_f64() / 1e9;
+        best = best.max(g);
+    }
+    (best, name)
+}
+
+/// One run of the widest chain kernel on the calling thread: GFLOP/s (wall) and the ISA.
+pub fn fma_peak_gflops_here(iters: u64) -> (f64, &'static str) {
+    let (flops, name, f) = kernel();
+    let t0 = Instant::now();
+    std::hint::black_box(f(std::hint::black_box(iters)));
+    (flops * iters as f64 / t0.elapsed().as_secs_f64() / 1e9, name)
+}

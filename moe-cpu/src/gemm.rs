@@ -1,0 +1,948 @@
+//! The fast path: `C = A · Bᵀ` with both operands K-contiguous (activations `[rows, K]`, weights
+//! `[N, K]`), cache-blocked, with SIMD microkernels chosen at run time.
+//!
+//! # Blocking and kernels
+//!
+//! A work item is one expert's block of at most [`MB`] rows by at most [`NB`] columns (weight
+//! rows); its f32 result tiles then go through the stage's epilogue (activation, routing
+//! weight, bias, rounding). Three kernels, chosen by the item's row count (never by the thread
+//! count):
+//!
+//! * up to [`DIRECT_ROWS`] rows (decode): the weight rows are read in place and widened in
+//!   registers (f16/bf16 → f32), [`NR`] streams with software prefetch, against the item's rows
+//!   widened into a stack buffer; `MR × NR` vector accumulators along K, reduced horizontally
+//!   at the end of each [`KC`] block;
+//! * more rows: the same dot-product microkernel on packed operands: per K block the rows of A
+//!   are widened into `[MP][KS]` and each micro-panel of [`NR`] weight rows into `[NR][KS]`
+//!   (L1), both 64-byte aligned with a padded stride (no split loads, no 4 KiB aliasing);
+//! * AVX-512 and at least [`BC_MIN_ROWS`] rows: the broadcast (outer-product) kernel, weights
+//!   transposed once per K block into `[k][32]` panels shared by all the item's rows.
+//!
+//! # Determinism
+//!
+//! The blocking never depends on the thread count and every output element is computed by
+//! exactly one work item, so the result has the same bits whatever the number of threads.
+//! (It may differ between instruction sets: the lane count changes the summation order.)
+
+use moe_core::Element;
+
+/// Rows of a work item (one expert's rows share each packed weight panel).
+pub(crate) const MB: usize = 512;
+/// Rows of A packed at once (the A buffer of the dot-product kernels).
+pub(crate) const MP: usize = 128;
+/// Columns of a work item (a multiple of [`NR`]).
+pub(crate) const NB: usize = 96;
+/// K block (a multiple of every vector width).
+pub(crate) const KC: usize = 1024;
+/// Row stride of the packing buffers: KC plus one cache line, so that the rows a microkernel
+/// streams do not all map to the same L1 set (4 KiB aliasing).
+pub(crate) const KS: usize = KC + 16;
+/// Up to this many rows, work items read the weights in place (no packing copy).
+pub(crate) const DIRECT_ROWS: usize = 16;
+/// Elements prefetched ahead on each weight row by the few-rows kernel.
+pub(crate) const PREFETCH_AHEAD: usize = 512;
+/// Rows of a microkernel tile (at most; AVX2 uses 2, its 16 registers hold 2 × NR
+/// accumulators).
+pub(crate) const MR: usize = 4;
+/// Columns (weight rows) of a microkernel tile.
+pub(crate) const NR: usize = 6;
+
+const _: () = assert!(NB.is_multiple_of(NR) && KC.is_multiple_of(16));
+
+/// From this many rows (below it, transposing the weights costs more than it saves),
+/// AVX-512 work items use the broadcast (outer-product) kernel: 12 × 32
+/// register tile, weights transposed into `[k][32]` panels while packing (16 × 16 in-register
+/// transposes), A rows broadcast from the packed rows. No horizontal sums, and 4 B of A plus
+/// 128 B of B per 24 FMAs instead of 10 vectors.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(crate) const BC_MIN_ROWS: usize = 96;
+/// K block of the broadcast kernel.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(crate) const KC_BC: usize = 256;
+/// Rows of the broadcast kernel's register tile.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(crate) const MR_BC: usize = 12;
+/// Columns of a transposed weight panel (two 16-lane vectors).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(crate) const NP_BC: usize = 32;
+
+const _: () = assert!(NB.is_multiple_of(NP_BC) && KC_BC.is_multiple_of(16) && KC_BC <= KC);
+
+/// One work item: rows `a_rows` of `a` (row length `k`) times rows `n0..n0 + nb` of each
+/// present `b` matrix (`[N, k]`).
+pub(crate) struct Block<'a, T> {
+    /// A storage, rows of length `k`.
+    pub a: &'a [T],
+    /// The A rows of this item (at most [`MB`]).
+    pub a_rows: &'a [usize],
+    /// Reduction length.
+    pub k: usize,
+    /// Up to two B matrices sharing A (gate and up projections).
+    pub b: [Option<&'a [T]>; 2],
+    /// First column.
+    pub n0: usize,
+    /// Columns (at most [`NB`]).
+    pub nb: usize,
+}
+
+/// A cache-line aligned array (the microkernel's vector loads must not split cache lines).
+#[repr(C, align(64))]
+pub(crate) struct Aligned<const N: usize>(pub [f32; N]);
+
+/// The f32 result tiles of a work item, `[MB][NB]` for each B.
+pub(crate) type Tiles = [[f32; MB * NB]; 2];
+
+/// Where a work item writes its results: for each B, rows `i < a_rows.len()` at `i * NB`.
+/// Every element of those rows in columns `< nb` is written (the first K block stores, later
+/// ones add), so the buffers may start uninitialized.
+pub(crate) type Out = [*mut f32; 2];
+
+/// An instruction set the microkernels are compiled for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Isa {
+    /// Portable Rust (8-wide arrays the compiler vectorizes for the baseline target).
+    Generic,
+    /// x86-64 AVX2 + FMA (+ F16C for f16).
+    Avx2,
+    /// x86-64 AVX-512 F/BW/DQ/VL.
+    Avx512,
+    /// aarch64 NEON.
+    Neon,
+}
+
+impl Isa {
+    /// Whether this machine can run `self`.
+    pub fn available(self) -> bool {
+        match self {
+            Isa::Generic => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                std::is_x86_feature_detected!("avx2")
+                    && std::is_x86_feature_detected!("fma")
+                    && std::is_x86_feature_detected!("f16c")
+            }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => {
+                std::is_x86_feature_detected!("avx512f")
+                    && std::is_x86_feature_detected!("avx512bw")
+                    && std::is_x86_feature_detected!("avx512dq")
+                    && std::is_x86_feature_detected!("avx512vl")
+                    && std::is_x86_feature_detected!("fma")
+            }
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => std::arch::is_aarch64_feature_detected!("neon"),
+            #[allow(unreachable_patterns)]
+            _ => false,
+        }
+    }
+
+    /// The best instruction set of this machine.
+    pub fn detect() -> Isa {
+        [Isa::Avx512, Isa::Avx2, Isa::Neon]
+            .into_iter()
+            .find(|i| i.available())
+            .unwrap_or(Isa::Generic)
+    }
+
+    /// Every instruction set this machine can run, best last.
+    pub fn all_available() -> impl Iterator<Item = Isa> {
+        [Isa::Generic, Isa::Neon, Isa::Avx2, Isa::Avx512].into_iter().filter(|i| i.available())
+    }
+}
+
+/// Run one work item with `isa` into `out` (`out[bi][i * NB + j]` for row `i`, column `n0 + j`).
+///
+/// The caller has checked `isa.available()`, that every A row lies in `a`, and every B row in
+/// `n0..n0 + nb` lies in its matrix.
+///
+/// # Safety
+/// Each `out[bi]` of a present `blk.b[bi]` must be valid for writes (and reads after them) of
+/// `blk.a_rows.len() * NB` floats.
+pub(crate) unsafe fn run_block<T: Element>(isa: Isa, blk: &Block<'_, T>, out: Out) {
+    debug_assert!(blk.a_rows.len() <= MB && blk.nb <= NB);
+    debug_assert!(blk.a_rows.iter().all(|&r| (r + 1) * blk.k <= blk.a.len()));
+    debug_assert!(blk.b.iter().flatten().all(|b| (blk.n0 + blk.nb) * blk.k <= b.len()));
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the caller checked that the CPU has AVX-512 (`Isa::available`); the bounds of
+        // every row read are checked by the caller (asserted above in debug builds).
+        Isa::Avx512 => unsafe {
+            if blk.a_rows.len() >= BC_MIN_ROWS {
+                avx512::run_block_bc(blk, out)
+            } else {
+                avx512::run_block(blk, out)
+            }
+        },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above, for AVX2 + FMA + F16C.
+        Isa::Avx2 => unsafe { avx2::run_block(blk, out) },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: as above, for NEON.
+        Isa::Neon => unsafe { neon::run_block(blk, out) },
+        // SAFETY: the generic kernels need no CPU feature; bounds as above.
+        _ => unsafe { generic::run_block(blk, out) },
+    }
+}
+
+/// The engine, written once and compiled per instruction set. The including module defines
+/// `L` (lanes), `MRX` (rows of its microkernel tile, at most [`MR`]), `V` (vector type), and `zero`, `load`, `fma`, `hsum4`, `widen_f16` with the
+/// module's `#[target_feature]`s.
+macro_rules! engine {
+    ($(#[$attr:meta])*) => {
+        use super::{Aligned, Block, DIRECT_ROWS, KC, KS, MP, NB, NR, Out, PREFETCH_AHEAD};
+        use core::mem::MaybeUninit;
+        use moe_core::{DType, Element};
+
+        /// Widen `src` into `dst` (same length).
+        $(#[$attr])*
+        #[inline]
+        unsafe fn widen<T: Element>(src: &[T], dst: &mut [f32]) {
+            match T::DTYPE {
+                DType::F32 => dst.copy_from_slice(bytemuck::cast_slice(src)),
+                DType::BF16 => {
+                    let s: &[u16] = bytemuck::cast_slice(src);
+                    for (d, &s) in dst.iter_mut().zip(s) {
+                        *d = f32::from_bits((s as u32) << 16);
+                    }
+                }
+                // SAFETY: same features as this function; equal lengths.
+                DType::F16 => unsafe { widen_f16(bytemuck::cast_slice(src), dst) },
+            }
+        }
+
+        /// `c[i * NB + j] (+)= sum_k a[i * KS + k] b[j * KS + k]` for `i < M`, `j < NR`,
+        /// `k < kcp` (`kcp` a multiple of `L`).
+        $(#[$attr])*
+        #[inline]
+        unsafe fn micro<const M: usize>(
+            a: *const f32,
+            b: *const f32,
+            kcp: usize,
+            c: *mut f32,
+            first: bool,
+        ) {
+            // SAFETY: the caller passes buffers holding M (resp. NR) initialized rows of `kcp`
+            // floats at stride KS, and a tile with M rows of NB >= NR columns.
+            unsafe {
+                let mut acc = [[zero(); NR]; M];
+                let mut k = 0;
+                while k < kcp {
+                    // M A vectors in registers, the NR B vectors streamed one at a time: M * NR
+                    // + M + 1 live vectors (29 with AVX-512, 15 with AVX2).
+                    let mut av = [zero(); M];
+                    for (i, v) in av.iter_mut().enumerate() {
+                        *v = load(a.add(i * KS + k));
+                    }
+                    for j in 0..NR {
+                        let bj = load(b.add(j * KS + k));
+                        for (row, &ai) in acc.iter_mut().zip(av.iter()) {
+                            row[j] = fma(ai, bj, row[j]);
+                        }
+                    }
+                    k += L;
+                }
+                let mut i = 0;
+                while i < M {
+                    let row = &acc[i];
+                    let s0 = hsum4(row[0], row[1], row[2], row[3]);
+                    let s1 = hsum4(row[4], row[5], zero(), zero());
+                    let sums = [s0[0], s0[1], s0[2], s0[3], s1[0], s1[1]];
+                    let cr = c.add(i * NB);
+                    for (j, &s) in sums.iter().enumerate() {
+                        if first {
+                            *cr.add(j) = s;
+                        } else {
+                            *cr.add(j) += s;
+                        }
+                    }
+                    i += 1;
+                }
+            }
+        }
+
+        /// Few rows (decode): the weight rows are read in place and widened in registers (no
+        /// packing copy), with software prefetch ahead on each of the NR streams.
+        /// `c[i * NB + j] (+)= sum_{k < kc} a[i * KS + k] B_j[k]` for `i < M`, `j < NR`.
+        $(#[$attr])*
+        #[inline]
+        unsafe fn micro_direct<const M: usize, T: Element>(
+            a: *const f32,
+            brow: [*const T; NR],
+            kc: usize,
+            c: *mut f32,
+            first: bool,
+        ) {
+            // SAFETY: the caller passes M packed rows of at least kc floats at stride KS, NR
+            // weight rows of at least kc elements, and a tile with M rows of NB >= NR columns.
+            // Prefetches never fault.
+            unsafe {
+                let mut acc = [[zero(); NR]; M];
+                let full = kc / L * L;
+                let mut k = 0;
+                while k < full {
+                    let mut av = [zero(); M];
+                    for (i, v) in av.iter_mut().enumerate() {
+                        *v = load(a.add(i * KS + k));
+                    }
+                    for j in 0..NR {
+                        prefetch(brow[j].wrapping_add(k + PREFETCH_AHEAD) as *const u8);
+                        let bj = load_t(brow[j].add(k));
+                        for (row, &ai) in acc.iter_mut().zip(av.iter()) {
+                            row[j] = fma(ai, bj, row[j]);
+                        }
+                    }
+                    k += L;
+                }
+                for (i, row) in acc.iter().enumerate() {
+                    let s0 = hsum4(row[0], row[1], row[2], row[3]);
+                    let s1 = hsum4(row[4], row[5], zero(), zero());
+                    let mut sums = [s0[0], s0[1], s0[2], s0[3], s1[0], s1[1]];
+                    for kk in full..kc {
+                        let av = *a.add(i * KS + kk);
+                        for (j, s) in sums.iter_mut().enumerate() {
+                            *s += av * (*brow[j].add(kk)).to_f32();
+                        }
+                    }
+                    let cr = c.add(i * NB);
+                    for (j, &s) in sums.iter().enumerate() {
+                        if first {
+                            *cr.add(j) = s;
+                        } else {
+                            *cr.add(j) += s;
+                        }
+                    }
+                }
+            }
+        }
+
+        /// A work item of at most [`DIRECT_ROWS`] rows (see [`micro_direct`]); the row tiles
+        /// after the first find the weight rows in L1.
+        $(#[$attr])*
+        unsafe fn run_direct<T: Element>(blk: &Block<'_, T>, out: Out) {
+            let (k, mb, nb) = (blk.k, blk.a_rows.len(), blk.nb);
+            let mut a_buf = MaybeUninit::<Aligned<{ DIRECT_ROWS * KS }>>::uninit();
+            let ap = a_buf.as_mut_ptr() as *mut f32;
+            let mut k0 = 0;
+            while k0 < k {
+                let kc = KC.min(k - k0);
+                for (i, &r) in blk.a_rows.iter().enumerate() {
+                    // SAFETY: row i < DIRECT_ROWS of the A buffer, kc <= KS floats; written
+                    // before read.
+                    let dst = unsafe { core::slice::from_raw_parts_mut(ap.add(i * KS), kc) };
+                    // SAFETY: same features as this function.
+                    unsafe { widen(&blk.a[r * k + k0..r * k + k0 + kc], dst) };
+                }
+                for (bi, b) in blk.b.iter().enumerate() {
+                    let Some(b) = b else { continue };
+                    let mut j = 0;
+                    while j < nb {
+                        let nr = NR.min(nb - j);
+                        let first_row = (blk.n0 + j) * k + k0;
+                        // Rows past nb repeat the first row (their columns are never read).
+                        let mut brow = [b[first_row..first_row + kc].as_ptr(); NR];
+                        for (jj, p) in brow.iter_mut().enumerate().take(nr) {
+                            let at = (blk.n0 + j + jj) * k + k0;
+                            *p = b[at..at + kc].as_ptr();
+                        }
+                        let mut i = 0;
+                        while i < mb {
+                            // SAFETY: rows i..i + m of kc floats in the A buffer; NR rows of
+                            // kc elements; the caller's tile has room for NR columns from j.
+                            unsafe {
+                                let a = ap.add(i * KS) as *const f32;
+                                let c = out[bi].add(i * NB + j);
+                                match (mb - i).min(MRX) {
+                                    4 => micro_direct::<4, T>(a, brow, kc, c, k0 == 0),
+                                    3 => micro_direct::<3, T>(a, brow, kc, c, k0 == 0),
+                                    2 => micro_direct::<2, T>(a, brow, kc, c, k0 == 0),
+                                    _ => micro_direct::<1, T>(a, brow, kc, c, k0 == 0),
+                                }
+                            }
+                            i += MRX;
+                        }
+                        j += NR;
+                    }
+                }
+                k0 += KC;
+            }
+        }
+
+        /// One work item (see the module docs), in row blocks of [`MP`].
+        $(#[$attr])*
+        pub(crate) unsafe fn run_block<T: Element>(blk: &Block<'_, T>, out: Out) {
+            let mb = blk.a_rows.len();
+            if blk.k == 0 {
+                for (bi, o) in out.iter().enumerate() {
+                    if blk.b[bi].is_some() {
+                        // SAFETY: the caller's buffers hold mb rows of NB floats.
+                        unsafe { core::ptr::write_bytes(*o, 0, mb * NB) };
+                    }
+                }
+                return;
+            }
+            if mb <= DIRECT_ROWS {
+                // SAFETY: same features; the caller's contract.
+                unsafe { run_direct(blk, out) };
+                return;
+            }
+            let mut r0 = 0;
+            while r0 < mb {
+                let r1 = (r0 + MP).min(mb);
+                // SAFETY: rows r0..r1 of the caller's buffers.
+                let o = unsafe { [out[0].add(r0 * NB), out[1].add(r0 * NB)] };
+                // SAFETY: same features; the caller's contract for these rows.
+                unsafe { run_rows(blk, &blk.a_rows[r0..r1], o) };
+                r0 = r1;
+            }
+        }
+
+        /// Rows `a_rows` (at most [`MP`]) of a work item.
+        $(#[$attr])*
+        unsafe fn run_rows<T: Element>(blk: &Block<'_, T>, a_rows: &[usize], out: Out) {
+            let (k, mb, nb) = (blk.k, a_rows.len(), blk.nb);
+            let mut a_buf = MaybeUninit::<Aligned<{ MP * KS }>>::uninit();
+            let mut b_buf = MaybeUninit::<Aligned<{ NR * KS }>>::uninit();
+            let ap = a_buf.as_mut_ptr() as *mut f32;
+            let bp = b_buf.as_mut_ptr() as *mut f32;
+            let mut k0 = 0;
+            while k0 < k {
+                let kc = KC.min(k - k0);
+                let kcp = kc.div_ceil(L) * L;
+                for (i, &r) in a_rows.iter().enumerate() {
+                    // SAFETY: row i < MP of the A buffer, kcp <= KC floats; written before read.
+                    let dst = unsafe { core::slice::from_raw_parts_mut(ap.add(i * KS), kcp) };
+                    // SAFETY: same features as this function.
+                    unsafe { widen(&blk.a[r * k + k0..r * k + k0 + kc], &mut dst[..kc]) };
+                    dst[kc..].fill(0.0);
+                }
+                for (bi, b) in blk.b.iter().enumerate() {
+                    let Some(b) = b else { continue };
+                    let mut j = 0;
+                    while j < nb {
+                        let nr = NR.min(nb - j);
+                        for jj in 0..NR {
+                            let row = bp.wrapping_add(jj * KS);
+                            // SAFETY: row jj < NR of the B buffer, kcp <= KC floats.
+                            let dst = unsafe { core::slice::from_raw_parts_mut(row, kcp) };
+                            if jj < nr {
+                                let at = (blk.n0 + j + jj) * k + k0;
+                                // SAFETY: same features as this function.
+                                unsafe { widen(&b[at..at + kc], &mut dst[..kc]) };
+                                dst[kc..].fill(0.0);
+                            } else {
+                                dst.fill(0.0);
+                            }
+                        }
+                        let mut i = 0;
+                        while i < mb {
+                            let first = k0 == 0;
+                            // SAFETY: rows i..i + m of the A buffer and all NR rows of the B
+                            // buffer hold kcp initialized floats; the tile has room for NR
+                            // columns from j (NB is a multiple of NR).
+                            unsafe {
+                                let a = ap.add(i * KS) as *const f32;
+                                let c = out[bi].add(i * NB + j);
+                                match (mb - i).min(MRX) {
+                                    4 => micro::<4>(a, bp, kcp, c, first),
+                                    3 => micro::<3>(a, bp, kcp, c, first),
+                                    2 => micro::<2>(a, bp, kcp, c, first),
+                                    _ => micro::<1>(a, bp, kcp, c, first),
+                                }
+                            }
+                            i += MRX;
+                        }
+                        j += NR;
+                    }
+                }
+                k0 += KC;
+            }
+        }
+    };
+}
+
+/// Portable kernels: 8-wide arrays.
+mod generic {
+    const L: usize = 8;
+    const MRX: usize = super::MR;
+    type V = [f32; L];
+
+    #[inline(always)]
+    fn zero() -> V {
+        [0.0; L]
+    }
+    /// Reads `L` floats at `p`.
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> V {
+        // SAFETY: the caller guarantees `L` readable floats at `p`.
+        unsafe { (p as *const V).read_unaligned() }
+    }
+    #[inline(always)]
+    fn fma(a: V, b: V, mut c: V) -> V {
+        for l in 0..L {
+            c[l] += a[l] * b[l];
+        }
+        c
+    }
+    #[inline(always)]
+    fn hsum(v: V) -> f32 {
+        ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]))
+    }
+    #[inline(always)]
+    fn hsum4(a: V, b: V, c: V, d: V) -> [f32; 4] {
+        [hsum(a), hsum(b), hsum(c), hsum(d)]
+    }
+    #[inline(always)]
+    unsafe fn widen_f16(src: &[u16], dst: &mut [f32]) {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = half::f16::from_bits(s).to_f32();
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn load_t<T: moe_core::Element>(p: *const T) -> V {
+        let mut v = [0f32; L];
+        for (l, x) in v.iter_mut().enumerate() {
+            // SAFETY: the caller guarantees `L` readable elements at `p`.
+            *x = unsafe { *p.add(l) }.to_f32();
+        }
+        v
+    }
+    #[inline(always)]
+    fn prefetch(_p: *const u8) {}
+
+    engine!();
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use core::arch::x86_64::*;
+    const L: usize = 16;
+    const MRX: usize = super::MR;
+    type V = __m512;
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn zero() -> V {
+        _mm512_setzero_ps()
+    }
+    /// Reads 16 floats at `p`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load(p: *const f32) -> V {
+        // SAFETY: the caller guarantees 16 readable floats at `p`.
+        unsafe { _mm512_loadu_ps(p) }
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn fma(a: V, b: V, c: V) -> V {
+        _mm512_fmadd_ps(a, b, c)
+    }
+    /// The lane sums of four vectors.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn hsum4(a: V, b: V, c: V, d: V) -> [f32; 4] {
+        // Per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] and the same for c, d.
+        let x0 = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+        let x1 = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+        let (x0, x1) = (_mm512_castps_pd(x0), _mm512_castps_pd(x1));
+        // Per 128-bit lane: [a, b, c, d] partial sums.
+        let y = _mm512_add_ps(
+            _mm512_castpd_ps(_mm512_unpacklo_pd(x0, x1)),
+            _mm512_castpd_ps(_mm512_unpackhi_pd(x0, x1)),
+        );
+        let lo = _mm512_castps512_ps256(y);
+        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(y), 1));
+        let z = _mm256_add_ps(lo, hi);
+        let w = _mm_add_ps(_mm256_castps256_ps128(z), _mm256_extractf128_ps(z, 1));
+        let mut r = [0f32; 4];
+        // SAFETY: `r` holds 4 floats.
+        unsafe { _mm_storeu_ps(r.as_mut_ptr(), w) };
+        r
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn widen_f16(src: &[u16], dst: &mut [f32]) {
+        let n = src.len().min(dst.len());
+        let mut i = 0;
+        while i + 16 <= n {
+            // SAFETY: 16 halves readable and 16 floats writable at `i` (i + 16 <= n).
+            unsafe {
+                let h = _mm256_loadu_si256(src.as_ptr().add(i) as *const __m256i);
+                _mm512_storeu_ps(dst.as_mut_ptr().add(i), _mm512_cvtph_ps(h));
+            }
+            i += 16;
+        }
+        for j in i..n {
+            dst[j] = half::f16::from_bits(src[j]).to_f32();
+        }
+    }
+
+    /// Reads 16 elements at `p`, widened.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,f16c,avx2")]
+    unsafe fn load_t<T: moe_core::Element>(p: *const T) -> V {
+        // SAFETY: the caller guarantees 16 readable elements at `p`.
+        unsafe {
+            match T::DTYPE {
+                moe_core::DType::F32 => _mm512_loadu_ps(p as *const f32),
+                moe_core::DType::BF16 => {
+                    let h = _mm256_loadu_si256(p as *const __m256i);
+                    _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
+                }
+                moe_core::DType::F16 => _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)),
+            }
+        }
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn prefetch(p: *const u8) {
+        // A prefetch never faults, whatever the address.
+        _mm_prefetch::<_MM_HINT_T0>(p as *const i8)
+    }
+
+    engine!(#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,fma,f16c,avx2")]);
+
+    use super::{KC_BC, MR_BC, NP_BC};
+
+    /// 16 floats of `src` from `at` (fewer than 16 left: the rest are zeros), widened.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+    unsafe fn load16<T: Element>(src: &[T], at: usize) -> V {
+        let n = src.len().saturating_sub(at).min(16);
+        let m: __mmask16 = if n == 16 { 0xFFFF } else { ((1u32 << n) - 1) as __mmask16 };
+        // SAFETY: masked-off lanes are not read; the `n` lanes read lie in `src`.
+        unsafe {
+            let p = src.as_ptr().add(at.min(src.len()));
+            match T::DTYPE {
+                DType::F32 => _mm512_maskz_loadu_ps(m, p as *const f32),
+                DType::BF16 => {
+                    let h = _mm256_maskz_loadu_epi16(m, p as *const i16);
+                    _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))
+                }
+                DType::F16 => _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p as *const i16)),
+            }
+        }
+    }
+
+    /// In-register transpose of a 16 × 16 block (`r[i]` lane `j` → `r[j]` lane `i`).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn transpose16(r: &mut [V; 16]) {
+        let mut t = [_mm512_setzero_ps(); 16];
+        for i in 0..8 {
+            t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+        }
+        // r[4i + q], 128-bit lane L: rows 4i..4i+3 of column 4L + q.
+        for i in 0..4 {
+            let (a, b) = (_mm512_castps_pd(t[4 * i]), _mm512_castps_pd(t[4 * i + 1]));
+            let (c, d) = (_mm512_castps_pd(t[4 * i + 2]), _mm512_castps_pd(t[4 * i + 3]));
+            r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+            r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+            r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+            r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+        }
+        let mut o = [_mm512_setzero_ps(); 16];
+        for q in 0..4 {
+            let (x0, x1, x2, x3) = (r[q], r[4 + q], r[8 + q], r[12 + q]);
+            let s0 = _mm512_shuffle_f32x4(x0, x1, 0x44);
+            let s1 = _mm512_shuffle_f32x4(x0, x1, 0xEE);
+            let s2 = _mm512_shuffle_f32x4(x2, x3, 0x44);
+            let s3 = _mm512_shuffle_f32x4(x2, x3, 0xEE);
+            o[q] = _mm512_shuffle_f32x4(s0, s2, 0x88);
+            o[4 + q] = _mm512_shuffle_f32x4(s0, s2, 0xDD);
+            o[8 + q] = _mm512_shuffle_f32x4(s1, s3, 0x88);
+            o[12 + q] = _mm512_shuffle_f32x4(s1, s3, 0xDD);
+        }
+        *r = o;
+    }
+
+    /// `c[i * NB + j] (+)= sum_{k < kc} a[i * KSB + k] bt[k * 32 + j]` for `i < M`, `j < 32`.
+    #[inline]
+    #[target_feature(enable = "avx512f,fma")]
+    unsafe fn micro_bc<const M: usize>(
+        a: *const f32,
+        bt: *const f32,
+        kc: usize,
+        c: *mut f32,
+        first: bool,
+    ) {
+        // SAFETY: the caller passes M packed rows of at least kc floats at stride
+        // KSB, a transposed panel of kc × 32 floats (64-byte aligned rows), and a tile with M
+        // rows of NB >= 32 columns from `c`.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); 2]; M];
+            for k in 0..kc {
+                let b0 = _mm512_load_ps(bt.add(k * NP_BC));
+                let b1 = _mm512_load_ps(bt.add(k * NP_BC + 16));
+                for (i, row) in acc.iter_mut().enumerate() {
+                    let av = _mm512_set1_ps(*a.add(i * KSB + k));
+                    row[0] = _mm512_fmadd_ps(av, b0, row[0]);
+                    row[1] = _mm512_fmadd_ps(av, b1, row[1]);
+                }
+            }
+            for (i, row) in acc.iter().enumerate() {
+                let cr = c.add(i * NB);
+                if first {
+                    _mm512_storeu_ps(cr, row[0]);
+                    _mm512_storeu_ps(cr.add(16), row[1]);
+                } else {
+                    _mm512_storeu_ps(cr, _mm512_add_ps(_mm512_loadu_ps(cr), row[0]));
+                    _mm512_storeu_ps(
+                        cr.add(16),
+                        _mm512_add_ps(_mm512_loadu_ps(cr.add(16)), row[1]),
+                    );
+                }
+            }
+        }
+    }
+
+    /// Row stride of the broadcast kernel's A buffer.
+    const KSB: usize = KC_BC + 16;
+
+    /// One work item with the broadcast kernel (at least [`super::BC_MIN_ROWS`] rows): each
+    /// K block of the weights is transposed once and used by all the item's rows.
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,fma,f16c,avx2")]
+    pub(crate) unsafe fn run_block_bc<T: Element>(blk: &Block<'_, T>, out: Out) {
+        let (k, mb, nb) = (blk.k, blk.a_rows.len(), blk.nb);
+        if k == 0 {
+            // SAFETY: same features; the dot-product path handles K = 0.
+            unsafe { run_block(blk, out) };
+            return;
+        }
+        let mut a_buf = MaybeUninit::<Aligned<{ MP * KSB }>>::uninit();
+        let mut bt_buf = MaybeUninit::<Aligned<{ 2 * NB * KC_BC }>>::uninit();
+        let ap = a_buf.as_mut_ptr() as *mut f32;
+        let btp = bt_buf.as_mut_ptr() as *mut f32;
+        let panels = nb.div_ceil(NP_BC);
+        let mut k0 = 0;
+        while k0 < k {
+            let kc = KC_BC.min(k - k0);
+            let kcp = kc.div_ceil(16) * 16;
+            let first = k0 == 0;
+            for (bi, b) in blk.b.iter().enumerate() {
+                let Some(b) = b else { continue };
+                // Transpose the weight rows n0..n0 + nb (zero rows past nb) into panels of
+                // [kcp][32] floats.
+                let bt = btp.wrapping_add(bi * NB * KC_BC);
+                for p in 0..panels {
+                    for g in 0..2 {
+                        let j0 = p * NP_BC + g * 16;
+                        let mut c = 0;
+                        while c < kcp {
+                            let mut r = [_mm512_setzero_ps(); 16];
+                            for (jj, v) in r.iter_mut().enumerate() {
+                                if j0 + jj < nb {
+                                    let at = (blk.n0 + j0 + jj) * k + k0;
+                                    // SAFETY: same features; reads stay in the row's kc floats.
+                                    *v = unsafe { load16(&b[at..at + kc], c) };
+                                }
+                            }
+                            transpose16(&mut r);
+                            for (kk, v) in r.iter().enumerate() {
+                                // SAFETY: B bi, panel p, row c + kk < kcp <= KC_BC, columns
+                                // g*16..g*16+16: inside the buffer, 64-byte aligned.
+                                unsafe {
+                                    _mm512_store_ps(
+                                        bt.add(p * KC_BC * NP_BC + (c + kk) * NP_BC + g * 16),
+                                        *v,
+                                    )
+                                };
+                            }
+                            c += 16;
+                        }
+                    }
+                }
+            }
+            let mut r0 = 0;
+            while r0 < mb {
+                let r1 = (r0 + MP).min(mb);
+                for (i, &r) in blk.a_rows[r0..r1].iter().enumerate() {
+                    // SAFETY: row i < MP of the A buffer, kc <= KSB floats; written before read.
+                    let dst = unsafe { core::slice::from_raw_parts_mut(ap.add(i * KSB), kc) };
+                    // SAFETY: same features as this function.
+                    unsafe { widen(&blk.a[r * k + k0..r * k + k0 + kc], dst) };
+                }
+                for (bi, &o) in out.iter().enumerate() {
+                    if blk.b[bi].is_none() {
+                        continue;
+                    }
+                    for p in 0..panels {
+                        let mut i = 0;
+                        while i < r1 - r0 {
+                            // SAFETY: rows i..i + m of the A buffer hold kc floats; panel p of
+                            // B bi holds kc rows of 32; the caller's tile has room for 32
+                            // columns from p * 32 of row r0 + i (NB is a multiple of 32).
+                            unsafe {
+                                let a = ap.add(i * KSB) as *const f32;
+                                let bt = btp.add(bi * NB * KC_BC + p * KC_BC * NP_BC) as *const f32;
+                                let c = o.add((r0 + i) * NB + p * NP_BC);
+                                match (r1 - r0 - i).min(MR_BC) {
+                                    12 => micro_bc::<12>(a, bt, kc, c, first),
+                                    11 => micro_bc::<11>(a, bt, kc, c, first),
+                                    10 => micro_bc::<10>(a, bt, kc, c, first),
+                                    9 => micro_bc::<9>(a, bt, kc, c, first),
+                                    8 => micro_bc::<8>(a, bt, kc, c, first),
+                                    7 => micro_bc::<7>(a, bt, kc, c, first),
+                                    6 => micro_bc::<6>(a, bt, kc, c, first),
+                                    5 => micro_bc::<5>(a, bt, kc, c, first),
+                                    4 => micro_bc::<4>(a, bt, kc, c, first),
+                                    3 => micro_bc::<3>(a, bt, kc, c, first),
+                                    2 => micro_bc::<2>(a, bt, kc, c, first),
+                                    _ => micro_bc::<1>(a, bt, kc, c, first),
+                                }
+                            }
+                            i += MR_BC;
+                        }
+                    }
+                }
+                r0 = r1;
+            }
+            k0 += KC_BC;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use core::arch::x86_64::*;
+    const L: usize = 8;
+    const MRX: usize = 2;
+    type V = __m256;
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn zero() -> V {
+        _mm256_setzero_ps()
+    }
+    /// Reads 8 floats at `p`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn load(p: *const f32) -> V {
+        // SAFETY: the caller guarantees 8 readable floats at `p`.
+        unsafe { _mm256_loadu_ps(p) }
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn fma(a: V, b: V, c: V) -> V {
+        _mm256_fmadd_ps(a, b, c)
+    }
+    /// The lane sums of four vectors.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum4(a: V, b: V, c: V, d: V) -> [f32; 4] {
+        let x0 = _mm256_add_ps(_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
+        let x1 = _mm256_add_ps(_mm256_unpacklo_ps(c, d), _mm256_unpackhi_ps(c, d));
+        let (x0, x1) = (_mm256_castps_pd(x0), _mm256_castps_pd(x1));
+        let y = _mm256_add_ps(
+            _mm256_castpd_ps(_mm256_unpacklo_pd(x0, x1)),
+            _mm256_castpd_ps(_mm256_unpackhi_pd(x0, x1)),
+        );
+        let w = _mm_add_ps(_mm256_castps256_ps128(y), _mm256_extractf128_ps(y, 1));
+        let mut r = [0f32; 4];
+        // SAFETY: `r` holds 4 floats.
+        unsafe { _mm_storeu_ps(r.as_mut_ptr(), w) };
+        r
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn widen_f16(src: &[u16], dst: &mut [f32]) {
+        let n = src.len().min(dst.len());
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: 8 halves readable and 8 floats writable at `i` (i + 8 <= n).
+            unsafe {
+                let h = _mm_loadu_si128(src.as_ptr().add(i) as *const __m128i);
+                _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+            }
+            i += 8;
+        }
+        for j in i..n {
+            dst[j] = half::f16::from_bits(src[j]).to_f32();
+        }
+    }
+
+    /// Reads 8 elements at `p`, widened.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load_t<T: moe_core::Element>(p: *const T) -> V {
+        // SAFETY: the caller guarantees 8 readable elements at `p`.
+        unsafe {
+            match T::DTYPE {
+                moe_core::DType::F32 => _mm256_loadu_ps(p as *const f32),
+                moe_core::DType::BF16 => {
+                    let h = _mm_loadu_si128(p as *const __m128i);
+                    _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+                }
+                moe_core::DType::F16 => _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
+            }
+        }
+    }
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn prefetch(p: *const u8) {
+        // A prefetch never faults, whatever the address.
+        _mm_prefetch::<_MM_HINT_T0>(p as *const i8)
+    }
+
+    engine!(#[target_feature(enable = "avx2,fma,f16c")]);
+}
+
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use core::arch::aarch64::*;
+    const L: usize = 4;
+    const MRX: usize = super::MR;
+    type V = float32x4_t;
+
+    #[inline]
+    #[target_feature(enable = "neon")]
+    fn zero() -> V {
+        vdupq_n_f32(0.0)
+    }
+    /// Reads 4 floats at `p`.
+    #[inline]
+    #[target_feature(enable = "neon")]
+    unsafe fn load(p: *const f32) -> V {
+        // SAFETY: the caller guarantees 4 readable floats at `p`.
+        unsafe { vld1q_f32(p) }
+    }
+    #[inline]
+    #[target_feature(enable = "neon")]
+    fn fma(a: V, b: V, c: V) -> V {
+        vfmaq_f32(c, a, b)
+    }
+    #[inline]
+    #[target_feature(enable = "neon")]
+    fn hsum4(a: V, b: V, c: V, d: V) -> [f32; 4] {
+        let s = vpaddq_f32(vpaddq_f32(a, b), vpaddq_f32(c, d));
+        let mut r = [0f32; 4];
+        // SAFETY: `r` holds 4 floats.
+        unsafe { vst1q_f32(r.as_mut_ptr(), s) };
+        r
+    }
+    #[inline]
+    #[target_feature(enable = "neon")]
+    unsafe fn widen_f16(src: &[u16], dst: &mut [f32]) {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = half::f16::from_bits(s).to_f32();
+        }
+    }
+
+    /// Reads 4 elements at `p`, widened.
+    #[inline]
+    #[target_feature(enable = "neon")]
+    unsafe fn load_t<T: moe_core::Element>(p: *const T) -> V {
+        let mut v = [0f32; L];
+        for (l, x) in v.iter_mut().enumerate() {
+            // SAFETY: the caller guarantees 4 readable elements at `p`.
+            *x = unsafe { *p.add(l) }.to_f32();
+        }
+        // SAFETY: `v` holds 4 floats.
+        unsafe { vld1q_f32(v.as_ptr()) }
+    }
+    #[inline]
+    fn prefetch(_p: *const u8) {}
+
+    engine!(#[target_feature(enable = "neon")]);
+}
