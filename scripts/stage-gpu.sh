@@ -31,7 +31,7 @@ find "$dest" -maxdepth 1 -type f -delete  # the previous staging (files only; go
 tests="$(cargo_q test -p moe-cuda --features nccl --no-run | executables)"
 mgb="$(cargo_q build -p moe-cuda --features nccl --example multi_gpu_bench | executables)"
 bench="$(cargo_q build -p moe-cuda --example bench | executables)"
-quick="$(cargo_q build -p moe-cuda --example quickstart | executables)"
+quick="$(cargo_q build -p moe-cuda --example cuda_quickstart | executables)"
 for t in $tests; do
     cp "$t" "$dest/"
 done

@@ -3,7 +3,7 @@
 //! f32, f16 and bf16, and print the routing and the error against the golden output. Exits
 //! with a message where no adapter exists.
 //!
-//! `cargo run --release -p moe-wgpu --example quickstart [CASE]`
+//! `cargo run --release -p moe-wgpu --example wgpu_quickstart [CASE]`
 
 use moe_core::conformance::{Case, ElementWeights, golden_dir, load_case, rel_err};
 use moe_core::*;

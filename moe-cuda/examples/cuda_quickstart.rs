@@ -3,7 +3,7 @@
 //! into a CUDA graph and replay it, and print the error against the golden output.
 //! Prints a skip message and exits 0 on a machine without a CUDA driver or device.
 //!
-//! `cargo run --release -p moe-cuda --example quickstart [CASE]`
+//! `cargo run --release -p moe-cuda --example cuda_quickstart [CASE]`
 
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use half::bf16;
