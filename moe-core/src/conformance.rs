@@ -1214,3 +1214,65 @@ pub fn run_rules_suite<B: ConformanceBackend + ?Sized>(backend: &B) -> Result<us
         Err(format!("{} rule checks failed:\n{}", failed.len(), failed.join("\n")))
     }
 }
+
+// ---------------------------------------------------------------- edge shapes
+
+/// A plain gated-silu layer of the given shape (softmax routing, no extras): the base of the
+/// edge-shape cases.
+pub fn edge_config(hidden: usize, experts: usize, top_k: usize, inter: usize) -> MoeConfig {
+    MoeConfig {
+        hidden,
+        experts,
+        top_k,
+        router: RouterConfig::default(),
+        expert: ExpertConfig {
+            mlp: MlpConfig {
+                intermediate: inter,
+                gated: true,
+                activation: Activation::Silu,
+                bias: false,
+            },
+            apply_weight_on_input: false,
+        },
+        shared: None,
+        latent: None,
+        parallel: ParallelConfig::default(),
+    }
+}
+
+/// The edge shapes every backend checks: T = 0, 1, 37; K = 1; K = E; E = 1; E = 512; H and I
+/// not multiples of 8; one group, all groups, groups of one; and one expert that receives every
+/// token while the others receive none.
+pub fn edge_cases() -> Vec<Case> {
+    let make = |name: &str, c: MoeConfig, tokens: usize, seed: u64| {
+        generated_case(name, c, tokens, &mut Rng::new(seed))
+    };
+    let mut cases = vec![
+        make("T=0", edge_config(16, 8, 2, 8), 0, 1),
+        make("T=1", edge_config(16, 8, 2, 8), 1, 2),
+        make("T=37 (no tile multiple)", edge_config(16, 8, 2, 8), 37, 3),
+        make("K=1", edge_config(16, 8, 1, 8), 9, 4),
+        make("K=E", edge_config(16, 8, 8, 8), 9, 5),
+        make("E=1", edge_config(16, 1, 1, 8), 9, 6),
+        make("E=512 K=8", edge_config(16, 512, 8, 8), 16, 7),
+        make("H=13 I=7", edge_config(13, 8, 2, 7), 11, 8),
+    ];
+    let mut g = edge_config(16, 16, 4, 8);
+    g.router.scoring = Scoring::Sigmoid;
+    g.router.groups = Some(GroupLimit { n_group: 1, topk_group: 1, score: GroupScore::Top2Sum });
+    cases.push(make("one group", g, 12, 9));
+    g.router.groups = Some(GroupLimit { n_group: 4, topk_group: 4, score: GroupScore::Top2Sum });
+    cases.push(make("all groups", g, 12, 10));
+    g.router.groups = Some(GroupLimit { n_group: 16, topk_group: 4, score: GroupScore::Max });
+    cases.push(make("groups of one", g, 12, 11));
+    // One expert receives every token, the others none: zero router weight, a large bias on 3.
+    let mut c = edge_config(16, 8, 1, 8);
+    c.router.bias = true;
+    let mut hot = make("one hot expert", c, 20, 12);
+    hot.weights.router.iter_mut().for_each(|w| *w = 0.0);
+    hot.weights.router_bias = Some((0..8).map(|e| if e == 3 { 5.0 } else { 0.0 }).collect());
+    hot.expected = expected_from_reference(&hot).unwrap_or_else(|e| panic!("reference: {e}"));
+    assert!(hot.expected.topk_ids.iter().all(|&i| i == 3), "the hot expert takes every token");
+    cases.push(hot);
+    cases
+}
