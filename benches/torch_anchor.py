@@ -6,7 +6,7 @@ Routing is uniform random top-k (ids as a router would give them), rows pre-perm
 timed region is GEMM1 (gate|up fused) -> gated activation -> GEMM2 (and the shared expert for
 DeepSeek-V3). Router, permute and combine are not included (an optimistic anchor).
 
-Usage: python3 torch_anchor.py [--tokens 1,16,128,1024,4096,16384] [--models qwen3,...]
+Usage: python3 torch_anchor.py [--tokens 1,16,128,1024,4096,16384] [--models qwen3,...] [--csv FILE]
 """
 import argparse
 import sys
@@ -52,6 +52,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", default="1,16,128,1024,4096,16384")
     p.add_argument("--models", default="")
+    p.add_argument("--csv", default="", help="also write model,T,path,ms,floor_ms rows here")
     a = p.parse_args()
     tokens = [int(t) for t in a.tokens.split(",")]
     want = [m for m in a.models.split(",") if m]
@@ -134,6 +135,10 @@ def main():
         if IS:
             del s13, s2
         torch.cuda.empty_cache()
+    if a.csv:
+        with open(a.csv, "w") as f:
+            for name, T, label, t, fl in rows:
+                f.write(f"{name},{T},{label},{t:.4f},{fl:.4f}\n")
     print("\n| model | T | torch path | ms | floor ms | % of floor |")
     print("|---|---|---|---|---|---|")
     for name, T, label, t, fl in rows:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run the staged moe-cuda binaries on a GPU machine (from the staging folder).
-# Usage: ./gpu-run.sh [conformance] [sanitize] [quickstart] [bench] [anchor] [multi_gpu]
+# Usage: ./gpu-run.sh [conformance] [sanitize] [quickstart] [bench] [anchor] [report] [multi_gpu]
 #                    [multi_gpu_bench]                                       (default: conformance)
 set -uo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -58,7 +58,11 @@ for w in $what; do
         timeout "${BENCH_TIMEOUT:-400}" ./multi_gpu_bench ${MULTI_GPU_BENCH_ARGS:-} || rc=1 ;;
     anchor)
         echo "=== torch anchor"
-        PYTHONUNBUFFERED=1 timeout "${ANCHOR_TIMEOUT:-200}" python3 torch_anchor.py ${ANCHOR_ARGS:-} || rc=1 ;;
+        PYTHONUNBUFFERED=1 timeout "${ANCHOR_TIMEOUT:-200}" python3 torch_anchor.py ${ANCHOR_ARGS:-} \
+            --csv "${OUT:-.}/anchor.csv" || rc=1 ;;
+    report)
+        echo "=== report (bench.csv + anchor.csv of this run, and the issue's bar)"
+        python3 gpu_report.py "${OUT:-.}/bench.csv" "${OUT:-.}/anchor.csv" || rc=1 ;;
     esac
 done
 exit $rc

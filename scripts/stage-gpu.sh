@@ -47,7 +47,8 @@ cp "$mgb" "$dest/multi_gpu_bench"
 rm -rf "$dest/golden"
 cp -r "$repo/golden" "$dest/golden"
 cp "$repo/scripts/gpu-run.sh" "$dest/gpu-run.sh"
-cp "$repo/benches/torch_anchor.py" "$dest/torch_anchor.py" 2>/dev/null || true
+cp "$repo/benches/torch_anchor.py" "$dest/torch_anchor.py"
+cp "$repo/benches/gpu_report.py" "$dest/gpu_report.py"
 # keep the staged tree small (the device tool carries at most 64 MiB)
 for f in "$dest"/*-* "$dest/bench" "$dest/quickstart" "$dest/multi_gpu_bench"; do
     [ -f "$f" ] && strip --strip-debug "$f" 2>/dev/null || true
