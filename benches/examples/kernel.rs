@@ -23,8 +23,16 @@ fn main() {
     let (g, _) = moe_benches::peak::fma_peak_gflops_here(20_000_000);
     let peak = g * w0.elapsed().as_secs_f64() * 1e9 / (cpu_ns() - c0);
     println!("peak per CPU second: {peak:.1} GFLOP/s (wall {g:.1})");
+    let only = std::env::var("ISA").unwrap_or_default().to_lowercase();
+    let dts = std::env::var("DT").unwrap_or_default();
     for isa in Isa::all_available() {
+        if !only.is_empty() && format!("{isa:?}").to_lowercase() != only {
+            continue;
+        }
         for bf in [false, true] {
+            if !dts.is_empty() && dts != if bf { "bf16" } else { "f32" } {
+                continue;
+            }
             let c0 = cpu_ns();
             let s = if bf {
                 block_seconds::<half::bf16>(isa, m, n, k, reps)

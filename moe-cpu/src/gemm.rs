@@ -14,9 +14,13 @@
 //!   at the end of each [`KC`] block;
 //! * more rows: the same dot-product microkernel on packed operands: per K block the rows of A
 //!   are widened into `[MP][KS]` and each micro-panel of [`NR`] weight rows into `[NR][KS]`
-//!   (L1), both 64-byte aligned with a padded stride (no split loads, no 4 KiB aliasing);
-//! * AVX-512 and at least [`BC_MIN_ROWS`] rows: the broadcast (outer-product) kernel, weights
-//!   transposed once per K block into `[k][32]` panels shared by all the item's rows.
+//!   (L1), both 64-byte aligned with a padded stride (no split loads, no 4 KiB aliasing); while
+//!   a micro-panel is used, the next one's weight rows are prefetched into L2, a slice per
+//!   microkernel call, so that its copy does not wait on memory;
+//! * AVX-512 and at least [`BC_MIN_ROWS`] rows: the broadcast (outer-product) kernel. Per K
+//!   block of [`KC_BC`], the item's rows are copied once (L2), every 32-column weight panel is
+//!   transposed into `[k][32]` (L2), and each [`MR_BC`]-row group (L1) runs against all the
+//!   panels; the next K block's weight rows are prefetched into L2 meanwhile.
 //!
 //! # Determinism
 //!
@@ -27,11 +31,11 @@
 use moe_core::Element;
 
 /// Rows of a work item (one expert's rows share each packed weight panel).
-pub(crate) const MB: usize = 512;
+pub(crate) const MB: usize = 256;
 /// Rows of A packed at once (the A buffer of the dot-product kernels).
 pub(crate) const MP: usize = 128;
 /// Columns of a work item (a multiple of [`NR`]).
-pub(crate) const NB: usize = 96;
+pub(crate) const NB: usize = 192;
 /// K block (a multiple of every vector width).
 pub(crate) const KC: usize = 1024;
 /// Row stride of the packing buffers: KC plus one cache line, so that the rows a microkernel
@@ -190,6 +194,8 @@ pub(crate) unsafe fn run_block<T: Element>(isa: Isa, blk: &Block<'_, T>, out: Ou
 macro_rules! engine {
     ($(#[$attr:meta])*) => {
         use super::{Aligned, Block, DIRECT_ROWS, KC, KS, MP, NB, NR, Out, PREFETCH_AHEAD};
+        /// Elements of `T` per 64-byte cache line (at least).
+        const LINE: usize = 16;
         use core::mem::MaybeUninit;
         use moe_core::{DType, Element};
 
@@ -433,8 +439,20 @@ macro_rules! engine {
                                 dst.fill(0.0);
                             }
                         }
+                        // The next panel's weight rows (this K block), fetched into L2 a
+                        // slice per microkernel call so that its copy does not wait on memory.
+                        let next = (nb - (j + nr).min(nb)).min(NR);
+                        let lines = kc.div_ceil(LINE);
+                        let calls = mb.div_ceil(MRX);
+                        let per = (next * lines).div_ceil(calls);
                         let mut i = 0;
                         while i < mb {
+                            let q = i / MRX;
+                            for t in q * per..((q + 1) * per).min(next * lines) {
+                                let (jj, l) = (t / lines, t % lines);
+                                let at = (blk.n0 + j + nr + jj) * k + k0 + l * LINE;
+                                prefetch_l2(b.as_ptr().wrapping_add(at) as *const u8);
+                            }
                             let first = k0 == 0;
                             // SAFETY: rows i..i + m of the A buffer and all NR rows of the B
                             // buffer hold kcp initialized floats; the tile has room for NR
@@ -509,6 +527,8 @@ mod generic {
     }
     #[inline(always)]
     fn prefetch(_p: *const u8) {}
+    #[inline(always)]
+    fn prefetch_l2(_p: *const u8) {}
 
     engine!();
 }
@@ -602,6 +622,13 @@ mod avx512 {
 
     engine!(#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,fma,f16c,avx2")]);
 
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn prefetch_l2(p: *const u8) {
+        // A prefetch never faults, whatever the address.
+        _mm_prefetch::<_MM_HINT_T1>(p as *const i8)
+    }
+
     use super::{KC_BC, MR_BC, NP_BC};
 
     /// 16 floats of `src` from `at` (fewer than 16 left: the rest are zeros), widened.
@@ -657,7 +684,8 @@ mod avx512 {
         *r = o;
     }
 
-    /// `c[i * NB + j] (+)= sum_{k < kc} a[i * KSB + k] bt[k * 32 + j]` for `i < M`, `j < 32`.
+    /// `c[i * NB + j] (+)= sum_{k < kc} a[i * KSB + k] bt[k * 32 + j]` for `i < M`, `j < 32`:
+    /// `a` holds packed rows, `bt` a transposed weight panel.
     #[inline]
     #[target_feature(enable = "avx512f,fma")]
     unsafe fn micro_bc<const M: usize>(
@@ -667,19 +695,23 @@ mod avx512 {
         c: *mut f32,
         first: bool,
     ) {
-        // SAFETY: the caller passes M packed rows of at least kc floats at stride
-        // KSB, a transposed panel of kc × 32 floats (64-byte aligned rows), and a tile with M
-        // rows of NB >= 32 columns from `c`.
+        // SAFETY: the caller passes M packed rows of kc floats at stride KSB, a transposed panel of
+        // kc × 32 floats (64-byte aligned rows), and a tile with M rows of NB >= 32 columns
+        // from `c`.
         unsafe {
             let mut acc = [[_mm512_setzero_ps(); 2]; M];
-            for k in 0..kc {
-                let b0 = _mm512_load_ps(bt.add(k * NP_BC));
-                let b1 = _mm512_load_ps(bt.add(k * NP_BC + 16));
+            let mut ak = a;
+            let mut bk = bt;
+            for _ in 0..kc {
+                let b0 = _mm512_load_ps(bk);
+                let b1 = _mm512_load_ps(bk.add(16));
                 for (i, row) in acc.iter_mut().enumerate() {
-                    let av = _mm512_set1_ps(*a.add(i * KSB + k));
+                    let av = _mm512_set1_ps(*ak.add(i * KSB));
                     row[0] = _mm512_fmadd_ps(av, b0, row[0]);
                     row[1] = _mm512_fmadd_ps(av, b1, row[1]);
                 }
+                ak = ak.add(1);
+                bk = bk.add(NP_BC);
             }
             for (i, row) in acc.iter().enumerate() {
                 let cr = c.add(i * NB);
@@ -697,11 +729,14 @@ mod avx512 {
         }
     }
 
-    /// Row stride of the broadcast kernel's A buffer.
+    /// Row stride of the broadcast kernel's A buffer (a K block plus one cache line, so that
+    /// the rows a microkernel reads do not map to the same L1 set).
     const KSB: usize = KC_BC + 16;
 
-    /// One work item with the broadcast kernel (at least [`super::BC_MIN_ROWS`] rows): each
-    /// K block of the weights is transposed once and used by all the item's rows.
+    /// One work item with the broadcast kernel (at least [`super::BC_MIN_ROWS`] rows). Per K
+    /// block, the item's rows are packed once into k-major micro-panels of [`MR_BC`] rows
+    /// (16 × 16 in-register transposes; L2), then each 32-column weight panel is transposed
+    /// into `[k][32]` (L1) and used by every micro-panel.
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,fma,f16c,avx2")]
     pub(crate) unsafe fn run_block_bc<T: Element>(blk: &Block<'_, T>, out: Out) {
         let (k, mb, nb) = (blk.k, blk.a_rows.len(), blk.nb);
@@ -710,24 +745,33 @@ mod avx512 {
             unsafe { run_block(blk, out) };
             return;
         }
-        let mut a_buf = MaybeUninit::<Aligned<{ MP * KSB }>>::uninit();
-        let mut bt_buf = MaybeUninit::<Aligned<{ 2 * NB * KC_BC }>>::uninit();
+        let mut a_buf = MaybeUninit::<Aligned<{ super::MB * KSB }>>::uninit();
+        let mut bt_buf = MaybeUninit::<Aligned<{ KC_BC * NB }>>::uninit();
         let ap = a_buf.as_mut_ptr() as *mut f32;
-        let btp = bt_buf.as_mut_ptr() as *mut f32;
+        let bt = bt_buf.as_mut_ptr() as *mut f32;
         let panels = nb.div_ceil(NP_BC);
+        let groups = mb.div_ceil(MR_BC);
         let mut k0 = 0;
         while k0 < k {
             let kc = KC_BC.min(k - k0);
             let kcp = kc.div_ceil(16) * 16;
             let first = k0 == 0;
+            // Copy (widen) the rows, zero-padded to kcp, at stride KSB.
+            for (i, &r) in blk.a_rows.iter().enumerate() {
+                // SAFETY: row i < MB of the A buffer, kcp <= KSB floats; written before read.
+                let dst = unsafe { core::slice::from_raw_parts_mut(ap.add(i * KSB), kcp) };
+                // SAFETY: same features as this function.
+                unsafe { widen(&blk.a[r * k + k0..r * k + k0 + kc], &mut dst[..kc]) };
+                dst[kc..].fill(0.0);
+            }
             for (bi, b) in blk.b.iter().enumerate() {
                 let Some(b) = b else { continue };
-                // Transpose the weight rows n0..n0 + nb (zero rows past nb) into panels of
-                // [kcp][32] floats.
-                let bt = btp.wrapping_add(bi * NB * KC_BC);
                 for p in 0..panels {
-                    for g in 0..2 {
-                        let j0 = p * NP_BC + g * 16;
+                    // Transpose the weight rows n0 + 32p.. (zero rows past nb) into panel p,
+                    // [kcp][32].
+                    let btp = bt.wrapping_add(p * KC_BC * NP_BC);
+                    for gg in 0..2 {
+                        let j0 = p * NP_BC + gg * 16;
                         let mut c = 0;
                         while c < kcp {
                             let mut r = [_mm512_setzero_ps(); 16];
@@ -740,63 +784,53 @@ mod avx512 {
                             }
                             transpose16(&mut r);
                             for (kk, v) in r.iter().enumerate() {
-                                // SAFETY: B bi, panel p, row c + kk < kcp <= KC_BC, columns
-                                // g*16..g*16+16: inside the buffer, 64-byte aligned.
-                                unsafe {
-                                    _mm512_store_ps(
-                                        bt.add(p * KC_BC * NP_BC + (c + kk) * NP_BC + g * 16),
-                                        *v,
-                                    )
-                                };
+                                // SAFETY: panel p < NB / 32, row c + kk < kcp <= KC_BC,
+                                // columns gg*16..gg*16+16: inside the buffer, 64-byte aligned.
+                                unsafe { _mm512_store_ps(btp.add((c + kk) * NP_BC + gg * 16), *v) };
                             }
                             c += 16;
                         }
                     }
                 }
-            }
-            let mut r0 = 0;
-            while r0 < mb {
-                let r1 = (r0 + MP).min(mb);
-                for (i, &r) in blk.a_rows[r0..r1].iter().enumerate() {
-                    // SAFETY: row i < MP of the A buffer, kc <= KSB floats; written before read.
-                    let dst = unsafe { core::slice::from_raw_parts_mut(ap.add(i * KSB), kc) };
-                    // SAFETY: same features as this function.
-                    unsafe { widen(&blk.a[r * k + k0..r * k + k0 + kc], dst) };
-                }
-                for (bi, &o) in out.iter().enumerate() {
-                    if blk.b[bi].is_none() {
-                        continue;
-                    }
+                // The next K block of these weight rows, fetched into L2 a slice per
+                // microkernel call so that its transposition does not wait on memory.
+                let next_kc = KC_BC.min(k - (k0 + kc).min(k));
+                let lines = next_kc.div_ceil(16);
+                let per = (nb * lines).div_ceil(groups * panels);
+                // Each micro-panel of rows stays in L1 while the weight panels stream from L2.
+                for g in 0..groups {
+                    let i = g * MR_BC;
                     for p in 0..panels {
-                        let mut i = 0;
-                        while i < r1 - r0 {
-                            // SAFETY: rows i..i + m of the A buffer hold kc floats; panel p of
-                            // B bi holds kc rows of 32; the caller's tile has room for 32
-                            // columns from p * 32 of row r0 + i (NB is a multiple of 32).
-                            unsafe {
-                                let a = ap.add(i * KSB) as *const f32;
-                                let bt = btp.add(bi * NB * KC_BC + p * KC_BC * NP_BC) as *const f32;
-                                let c = o.add((r0 + i) * NB + p * NP_BC);
-                                match (r1 - r0 - i).min(MR_BC) {
-                                    12 => micro_bc::<12>(a, bt, kc, c, first),
-                                    11 => micro_bc::<11>(a, bt, kc, c, first),
-                                    10 => micro_bc::<10>(a, bt, kc, c, first),
-                                    9 => micro_bc::<9>(a, bt, kc, c, first),
-                                    8 => micro_bc::<8>(a, bt, kc, c, first),
-                                    7 => micro_bc::<7>(a, bt, kc, c, first),
-                                    6 => micro_bc::<6>(a, bt, kc, c, first),
-                                    5 => micro_bc::<5>(a, bt, kc, c, first),
-                                    4 => micro_bc::<4>(a, bt, kc, c, first),
-                                    3 => micro_bc::<3>(a, bt, kc, c, first),
-                                    2 => micro_bc::<2>(a, bt, kc, c, first),
-                                    _ => micro_bc::<1>(a, bt, kc, c, first),
-                                }
+                        let q = g * panels + p;
+                        for t in q * per..((q + 1) * per).min(nb * lines) {
+                            let (jj, l) = (t / lines, t % lines);
+                            let at = (blk.n0 + jj) * k + k0 + kc + l * 16;
+                            prefetch_l2(b.as_ptr().wrapping_add(at) as *const u8);
+                        }
+                        // SAFETY: rows i..i + M of the A buffer hold kc floats; panel p kc rows of 32;
+                        // the caller's tile has room for 32 columns from p * 32 of rows i..
+                        // (NB is a multiple of 32).
+                        unsafe {
+                            let a = ap.add(i * KSB) as *const f32;
+                            let c = out[bi].add(i * NB + p * NP_BC);
+                            let bt = bt.add(p * KC_BC * NP_BC) as *const f32;
+                            match (mb - i).min(MR_BC) {
+                                12 => micro_bc::<12>(a, bt, kc, c, first),
+                                11 => micro_bc::<11>(a, bt, kc, c, first),
+                                10 => micro_bc::<10>(a, bt, kc, c, first),
+                                9 => micro_bc::<9>(a, bt, kc, c, first),
+                                8 => micro_bc::<8>(a, bt, kc, c, first),
+                                7 => micro_bc::<7>(a, bt, kc, c, first),
+                                6 => micro_bc::<6>(a, bt, kc, c, first),
+                                5 => micro_bc::<5>(a, bt, kc, c, first),
+                                4 => micro_bc::<4>(a, bt, kc, c, first),
+                                3 => micro_bc::<3>(a, bt, kc, c, first),
+                                2 => micro_bc::<2>(a, bt, kc, c, first),
+                                _ => micro_bc::<1>(a, bt, kc, c, first),
                             }
-                            i += MR_BC;
                         }
                     }
                 }
-                r0 = r1;
             }
             k0 += KC_BC;
         }
@@ -885,6 +919,13 @@ mod avx2 {
         _mm_prefetch::<_MM_HINT_T0>(p as *const i8)
     }
 
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn prefetch_l2(p: *const u8) {
+        // A prefetch never faults, whatever the address.
+        _mm_prefetch::<_MM_HINT_T1>(p as *const i8)
+    }
+
     engine!(#[target_feature(enable = "avx2,fma,f16c")]);
 }
 
@@ -943,6 +984,8 @@ mod neon {
     }
     #[inline]
     fn prefetch(_p: *const u8) {}
+    #[inline(always)]
+    fn prefetch_l2(_p: *const u8) {}
 
     engine!(#[target_feature(enable = "neon")]);
 }
