@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Build the moe-cuda test and bench binaries (release, kernels required) and copy them, the
-# golden cases and scripts/gpu-run.sh into a staging folder that a GPU machine without a Rust
-# toolchain can run from.
+# Build the moe-cuda test and bench binaries (release, kernels required) and the moe-wgpu test
+# binaries and wgpu_bench (as wgpu.tar.xz) and copy them, the golden cases and
+# scripts/gpu-run.sh into a staging folder that a GPU machine without a Rust toolchain can run
+# from.
 #
 # Usage: scripts/stage-gpu.sh [STAGE_DIR]     (default: $REPO/gpu-stage)
 # On the GPU machine: cd STAGE_DIR && ./gpu-run.sh [what...]   (see gpu-run.sh)
@@ -32,6 +33,9 @@ tests="$(cargo_q test -p moe-cuda --features nccl --no-run | executables)"
 mgb="$(cargo_q build -p moe-cuda --features nccl --example multi_gpu_bench | executables)"
 bench="$(cargo_q build -p moe-cuda --example bench | executables)"
 quick="$(cargo_q build -p moe-cuda --example cuda_quickstart | executables)"
+# the wgpu backend's tests and bench (run on the GPU's Vulkan driver by `gpu-run.sh wgpu`)
+wtests="$(cargo_q test -p moe-wgpu --no-run | executables)"
+wbench="$(cargo_q build -p moe-wgpu --example wgpu_bench | executables)"
 for t in $tests; do
     cp "$t" "$dest/"
 done
@@ -46,5 +50,15 @@ cp "$repo/benches/torch_anchor.py" "$dest/torch_anchor.py" 2>/dev/null || true
 for f in "$dest"/*-* "$dest/bench" "$dest/quickstart" "$dest/multi_gpu_bench"; do
     [ -f "$f" ] && strip --strip-debug "$f" 2>/dev/null || true
 done
+# The wgpu binaries each carry wgpu and naga (~6-8 MiB stripped): one xz tarball of them all
+# (~5 MiB, xz shares the common code across files); gpu-run.sh unpacks it into wgpu-bin/.
+wtmp="$(mktemp -d)"
+for t in $wtests; do
+    strip --strip-debug -o "$wtmp/wgpu-test-$(basename "$t")" "$t"
+done
+strip --strip-debug -o "$wtmp/wgpu_bench" "$wbench"
+rm -rf "$dest/wgpu-bin"
+tar -cJf "$dest/wgpu.tar.xz" -C "$wtmp" .
+rm -rf "$wtmp"
 ls -la "$dest"
 du -sh "$dest"

@@ -18,10 +18,10 @@
 //! - 1 on Vulkan) cannot be bound: the expert count is halved until every tensor fits, and the
 //! shape's name says so.
 //!
-//! Usage: `wgpu_bench [--quick] [--models qwen3,gpt-oss,mixtral,deepseek] [--tokens 1,16,128,1024]
+//! Usage: `wgpu_bench [--info] [--quick] [--models qwen3,gpt-oss,mixtral,deepseek] [--tokens 1,16,128,1024]
 //! [--dtypes bf16,f16] [--csv FILE] [--cuda-csv FILE] [--peak-tflops X] [--budget-s S]`.
 //! `--quick` runs tiny versions of the shapes at T in {1, 16} (for software adapters such as
-//! lavapipe). `--cuda-csv` reads the CSV of the CUDA bench and prints its figures for the same
+//! lavapipe). `--info` prints the adapter, features and limits and exits. `--cuda-csv` reads the CSV of the CUDA bench and prints its figures for the same
 //! model and T next to these. Exits 0 with a message where no adapter exists.
 #![allow(missing_docs)]
 
@@ -647,6 +647,9 @@ fn main() -> R<()> {
         limits.max_compute_workgroups_per_dimension,
         be.native_f16()
     );
+    if flag("--info") {
+        return Ok(());
+    }
     let stamps = Stamps::new(&be);
     println!("GPU timestamps: {}", if stamps.is_some() { "yes" } else { "no (wall clock only)" });
     let copy_bytes = if quick { 64 << 20 } else { 1u64 << 30 }.min(limits.max_buffer_size / 4 * 4);
