@@ -91,7 +91,7 @@ fn fit(c: &mut MoeConfig, elem: u64, max_binding: u64, max_bytes: u64) -> String
         } else {
             break;
         };
-        if c.experts / 2 < c.top_k || (c.experts / 2) % groups != 0 {
+        if c.experts / 2 < c.top_k || !(c.experts / 2).is_multiple_of(groups) {
             break;
         }
         if why.is_empty() {

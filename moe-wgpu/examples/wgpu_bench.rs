@@ -14,8 +14,8 @@
 //! forward (when it is close to `ms`, the point is bound by the host, not the GPU); `gpu` is the
 //! span of GPU timestamps around the round where the adapter has `TIMESTAMP_QUERY_INSIDE_ENCODERS`.
 //!
-//! A tensor larger than the device's `max_storage_buffer_binding_size` (wgpu caps it at 2 GiB
-//! - 1 on Vulkan) cannot be bound: the expert count is halved until every tensor fits, and the
+//! A tensor larger than the device's `max_storage_buffer_binding_size` (wgpu caps it at
+//! 2^31 - 1 bytes on Vulkan) cannot be bound: the expert count is halved until every tensor fits, and the
 //! shape's name says so.
 //!
 //! Usage: `wgpu_bench [--info] [--quick] [--models qwen3,gpt-oss,mixtral,deepseek] [--tokens 1,16,128,1024]
@@ -132,7 +132,7 @@ fn fit(c: &mut MoeConfig, elem: u64, max_binding: u64, max_buffer: u64) -> Optio
     let tensor = |c: &MoeConfig| (c.experts * c.hidden * c.expert.mlp.intermediate) as u64 * elem;
     let e0 = c.experts;
     let groups = c.router.groups.map_or(1, |g| g.n_group);
-    while tensor(c) > limit && c.experts / 2 >= c.top_k && (c.experts / 2) % groups == 0 {
+    while tensor(c) > limit && c.experts / 2 >= c.top_k && (c.experts / 2).is_multiple_of(groups) {
         c.experts /= 2;
     }
     (c.experts != e0).then(|| format!("E={} (scaled from {e0}: binding limit)", c.experts))
