@@ -29,12 +29,13 @@ for line in sys.stdin:
 }
 mkdir -p "$dest"
 find "$dest" -maxdepth 1 -type f -delete  # the previous staging (files only; golden/ is replaced below)
-tests="$(cargo_q test -p moe-cuda --features nccl --no-run | executables)"
+# `cargo test --no-run` also builds the examples: keep the test binaries (target/*/deps/) only
+tests="$(cargo_q test -p moe-cuda --features nccl --no-run | executables | grep '/deps/')"
 mgb="$(cargo_q build -p moe-cuda --features nccl --example multi_gpu_bench | executables)"
 bench="$(cargo_q build -p moe-cuda --example bench | executables)"
 quick="$(cargo_q build -p moe-cuda --example cuda_quickstart | executables)"
 # the wgpu backend's tests and bench (run on the GPU's Vulkan driver by `gpu-run.sh wgpu`)
-wtests="$(cargo_q test -p moe-wgpu --no-run | executables)"
+wtests="$(cargo_q test -p moe-wgpu --no-run | executables | grep '/deps/')"
 wbench="$(cargo_q build -p moe-wgpu --example wgpu_bench | executables)"
 for t in $tests; do
     cp "$t" "$dest/"

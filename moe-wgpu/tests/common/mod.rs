@@ -40,7 +40,7 @@ fn find(options: Options) -> Option<WgpuBackend> {
                 "{} ({:?}, {:?}, driver {} {})",
                 i.name, i.backend, i.device_type, i.driver, i.driver_info
             );
-            say(&format!("moe-wgpu: adapter {info}, native f16: {}", b.native_f16()));
+            say(&format!("\nmoe-wgpu: adapter {info}, native f16: {}", b.native_f16()));
             check_device_type(i);
             Some(b)
         }
