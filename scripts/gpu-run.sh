@@ -83,7 +83,7 @@ wgpu_bench_run() {
 for w in $what; do
     case "$w" in
     conformance)
-        for t in "$here"/conformance-* "$here"/parallel-*; do
+        for t in "$here"/conformance-* "$here"/parallel-* "$here"/edge_shapes-*; do
             [ -x "$t" ] || continue
             echo "=== $(basename "$t")"
             "$t" --nocapture --test-threads=1 || rc=1

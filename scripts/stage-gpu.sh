@@ -16,26 +16,31 @@ if [ -z "${NVCC:-}" ] && ! command -v nvcc >/dev/null 2>&1; then
 fi
 export MOE_REQUIRE_NVCC=1
 cargo_q() { nice -n 10 cargo "$@" --release --message-format=json-render-diagnostics; }
+# Executables cargo reports; `executables tests` keeps only test harnesses (cargo test --no-run
+# also builds the examples, which are staged under their own names below).
 executables() {
     python3 -c '
 import json, sys
+only_tests = len(sys.argv) > 1
 for line in sys.stdin:
     try:
         m = json.loads(line)
     except ValueError:
         continue
-    if m.get("reason") == "compiler-artifact" and m.get("executable"):
-        print(m["executable"])'
+    if m.get("reason") != "compiler-artifact" or not m.get("executable"):
+        continue
+    if only_tests and not m.get("profile", {}).get("test"):
+        continue
+    print(m["executable"])' "$@"
 }
 mkdir -p "$dest"
 find "$dest" -maxdepth 1 -type f -delete  # the previous staging (files only; golden/ is replaced below)
-# `cargo test --no-run` also builds the examples: keep the test binaries (target/*/deps/) only
-tests="$(cargo_q test -p moe-cuda --features nccl --no-run | executables | grep '/deps/')"
+tests="$(cargo_q test -p moe-cuda --features nccl --no-run | executables tests)"
 mgb="$(cargo_q build -p moe-cuda --features nccl --example multi_gpu_bench | executables)"
 bench="$(cargo_q build -p moe-cuda --example bench | executables)"
 quick="$(cargo_q build -p moe-cuda --example cuda_quickstart | executables)"
 # the wgpu backend's tests and bench (run on the GPU's Vulkan driver by `gpu-run.sh wgpu`)
-wtests="$(cargo_q test -p moe-wgpu --no-run | executables | grep '/deps/')"
+wtests="$(cargo_q test -p moe-wgpu --no-run | executables tests)"
 wbench="$(cargo_q build -p moe-wgpu --example wgpu_bench | executables)"
 for t in $tests; do
     cp "$t" "$dest/"

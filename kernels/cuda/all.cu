@@ -3,4 +3,5 @@
 #include "route.cu"
 #include "permute.cu"
 #include "gemm.cu"
+#include "gemv.cu"
 #include "elementwise.cu"

@@ -92,6 +92,8 @@ pub(crate) struct Kernels {
     route: CudaFunction,
     permute: CudaFunction,
     gemm: [CudaFunction; 3],
+    /// `moe_gemv_*`: dense products of at most [`GEMV_ROWS`] rows per block row.
+    gemv: [CudaFunction; 3],
     /// `[f16, bf16][ungated, gated, gated capped at 128 registers]`.
     tc: [[CudaFunction; 3]; 2],
     /// Whether the pipelined kernels got their shared-memory limit.
@@ -126,6 +128,7 @@ impl Kernels {
             route: f("moe_route")?,
             permute: f("moe_permute")?,
             gemm: three(&["moe_gemm_f32", "moe_gemm_f16", "moe_gemm_bf16"])?,
+            gemv: three(&["moe_gemv_f32", "moe_gemv_f16", "moe_gemv_bf16"])?,
             combine: three(&["moe_combine_f32", "moe_combine_f16", "moe_combine_bf16"])?,
             gate: three(&[
                 "moe_sigmoid_gate_f32",
@@ -155,7 +158,12 @@ pub(crate) enum GemmPath {
     /// `moe_gemm_tc_*`: 128 x 64 tiles, cp.async pipeline, ldmatrix; `capped` selects the
     /// gated variant limited to 128 registers.
     Pipelined { capped: bool },
+    /// `moe_gemv_*`: dense only, one warp per output column, [`GEMV_ROWS`] rows per block.
+    Gemv,
 }
+
+/// Rows one `moe_gemv_*` block computes (`GEMV_MR` of gemv.cu).
+pub(crate) const GEMV_ROWS: u32 = 16;
 
 /// Launches a GEMM: `moe_gemm_*` (one 64 x 64 tile per block, 128 threads) or, for 16-bit
 /// types on the pipelined path, `moe_gemm_tc_*` (128 x 64 tiles, 256 threads).
@@ -166,6 +174,20 @@ pub(crate) fn gemm(
     path: GemmPath,
     p: &GemmParams,
 ) -> Result<()> {
+    if path == GemmPath::Gemv {
+        debug_assert_eq!(p.grouped, 0, "moe_gemv is dense only");
+        let grid = ((p.n as u32).div_ceil(4), (p.m as u32).div_ceil(GEMV_ROWS));
+        if grid.0 == 0 || grid.1 == 0 {
+            return Ok(());
+        }
+        let mut b = s.launch_builder(&k.gemv[ty]);
+        b.arg(p);
+        // SAFETY: as for the tiled kernels below: the callers checked every pointer of `p`
+        // against its view for M x K of A, N x K of W (and the gate), M x N of out; `p` is a
+        // dense product (grouped == 0), the only kind moe_gemv reads; 16-byte loads only when
+        // vec_a / vec_w say K % 8 == 0 and the bases are 16-byte aligned.
+        return unsafe { b.launch(cfg(grid, 128)) }.map(drop).map_err(err("launch moe_gemv"));
+    }
     let (f, tile_m, threads, smem) = match path {
         GemmPath::Pipelined { capped } if ty > 0 && k.tc_ok => {
             let v = if p.gated != 0 { 1 + capped as usize } else { 0 };

@@ -298,12 +298,23 @@ impl Backend for CudaBackend {
 impl CudaBackend {
     /// `rows_ok`: for a grouped GEMM, whether expert blocks are padded to the pipelined tile.
     fn run_gemm<T: CudaElement>(&self, p: launch::GemmParams, rows_ok: bool) -> Result<()> {
-        let path = if T::VEC8 && self.tuning.pipelined && rows_ok && p.vec_a != 0 && p.vec_w != 0 {
+        let path = if Self::gemv_fits::<T>(&p) {
+            launch::GemmPath::Gemv
+        } else if T::VEC8 && self.tuning.pipelined && rows_ok && p.vec_a != 0 && p.vec_w != 0 {
             launch::GemmPath::Pipelined { capped: self.tuning.capped_gated }
         } else {
             launch::GemmPath::Simple
         };
         launch::gemm(&self.stream, &self.kernels, T::INDEX, path, &p)
+    }
+
+    /// Whether a dense product goes to the warp-per-column kernel: at most 16 rows (one block
+    /// row, each weight byte read once), or up to 256 rows when the weight is small enough to
+    /// stay in L2 across the block rows (router logits). Otherwise the tiled kernels, whose
+    /// few, long-running blocks only pay off with many rows.
+    fn gemv_fits<T: CudaElement>(p: &launch::GemmParams) -> bool {
+        let w_bytes = p.n as usize * p.k as usize * size_of::<T>() * (1 + (p.gated != 0) as usize);
+        p.grouped == 0 && (p.m <= 16 || (p.m <= 256 && w_bytes <= 4 << 20))
     }
 
     fn vec_ok<T: CudaElement>(k: usize, ptrs: &[u64]) -> i32 {
