@@ -13,6 +13,12 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$here"
 export MOE_GOLDEN_DIR="$here/golden"
 what="${*:-conformance}"
+# stage-gpu.sh packs the CUDA binaries into cuda.tar.xz (the staged tree must stay small)
+untar() {
+    tar -xJf "$1" -C "$2" 2>/dev/null ||
+        python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' "$1" "$2"
+}
+[ -f "$here/cuda.tar.xz" ] && untar "$here/cuda.tar.xz" "$here"
 conf="$(ls "$here"/conformance-* 2>/dev/null | grep -v '\.d$' | head -n1)"
 rc=0
 # cudarc loads libnccl.so, NCCL's runtime packages ship libnccl.so.2: link it under that name.
@@ -36,9 +42,7 @@ wgpu_setup() {
     wgpu_ready=1
     if [ -f "$here/wgpu.tar.xz" ]; then
         rm -rf "$here/wgpu-bin" && mkdir -p "$here/wgpu-bin"
-        tar -xJf "$here/wgpu.tar.xz" -C "$here/wgpu-bin" 2>/dev/null ||
-            python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' \
-                "$here/wgpu.tar.xz" "$here/wgpu-bin"
+        untar "$here/wgpu.tar.xz" "$here/wgpu-bin"
     fi
     local gl=""
     for d in "$here/../.gl" "$here/.gl"; do

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Build the moe-cuda test and bench binaries (release, kernels required) and the moe-wgpu test
-# binaries and wgpu_bench (as wgpu.tar.xz) and copy them, the golden cases and
+# Build the moe-cuda test and bench binaries (release, kernels required; as cuda.tar.xz) and the
+# moe-wgpu test binaries and wgpu_bench (as wgpu.tar.xz) and copy them, the golden cases and
 # scripts/gpu-run.sh into a staging folder that a GPU machine without a Rust toolchain can run
 # from.
 #
@@ -56,6 +56,14 @@ cp "$repo/benches/torch_anchor.py" "$dest/torch_anchor.py" 2>/dev/null || true
 for f in "$dest"/*-* "$dest/bench" "$dest/quickstart" "$dest/multi_gpu_bench"; do
     [ -f "$f" ] && strip --strip-debug "$f" 2>/dev/null || true
 done
+# The CUDA binaries each carry the same fatbin and runtime (~7 MiB stripped, ~50 MiB in all):
+# one xz tarball of them (~3.5 MiB); gpu-run.sh unpacks it in place before anything runs.
+cuda_bins=()
+for f in "$dest"/*; do
+    [ -f "$f" ] && [ -x "$f" ] && [ "$(basename "$f")" != gpu-run.sh ] && cuda_bins+=("$(basename "$f")")
+done
+tar -cJf "$dest/cuda.tar.xz" -C "$dest" "${cuda_bins[@]}"
+(cd "$dest" && rm -f "${cuda_bins[@]}")
 # The wgpu binaries each carry wgpu and naga (~6-8 MiB stripped): one xz tarball of them all
 # (~5 MiB, xz shares the common code across files); gpu-run.sh unpacks it into wgpu-bin/.
 wtmp="$(mktemp -d)"

@@ -585,7 +585,8 @@ where
         let pct = 100.0 * p.floor_ms / p.ms;
         let gbs = p.bytes / (p.ms * 1e-3) / 1e9;
         let gpu = p.gpu_ms.map_or("-".to_string(), |g| format!("{g:.3}"));
-        let cu = if note.is_none() { cuda.get(&(m.name.to_string(), t)) } else { None };
+        let cu =
+            if note.is_none() && !cx.quick { cuda.get(&(m.name.to_string(), t)) } else { None };
         let cu_s = cu.map_or(String::new(), |(ms, fl)| {
             format!(" | cuda {ms:.3} ms = {:.1}% of its floor", 100.0 * fl / ms)
         });
