@@ -1,12 +1,24 @@
 #!/usr/bin/env bash
 # Run the staged moe-cuda binaries on a GPU machine (from the staging folder).
 # Usage: ./gpu-run.sh [conformance] [sanitize] [quickstart] [bench] [anchor] [report] [multi_gpu]
-#                    [multi_gpu_bench]                                       (default: conformance)
+#                    [multi_gpu_bench] [wgpu] [wgpu_bench]                   (default: conformance)
+#
+# wgpu: the moe-wgpu tests on the GPU's Vulkan driver (never llvmpipe: they must find a
+# discrete adapter), then wgpu_bench; wgpu_bench: only the bench. Vulkan loader .deb files in
+# ../.gl (or ./.gl) are unpacked first. `bench wgpu` in one call puts the CUDA figures next to
+# the wgpu ones. Env: WGPU_BENCH_ARGS, WGPU_BENCH_TIMEOUT (280 s), WGPU_TEST_TIMEOUT (600 s),
+# MOE_WGPU_REQUIRE_DEVICE_TYPE (discrete).
 set -uo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$here"
 export MOE_GOLDEN_DIR="$here/golden"
 what="${*:-conformance}"
+# stage-gpu.sh packs the CUDA binaries into cuda.tar.xz (the staged tree must stay small)
+untar() {
+    tar -xJf "$1" -C "$2" 2>/dev/null ||
+        python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])' "$1" "$2"
+}
+[ -f "$here/cuda.tar.xz" ] && untar "$here/cuda.tar.xz" "$here"
 conf="$(ls "$here"/conformance-* 2>/dev/null | grep -v '\.d$' | head -n1)"
 rc=0
 # cudarc loads libnccl.so, NCCL's runtime packages ship libnccl.so.2: link it under that name.
@@ -21,6 +33,56 @@ nccl_path() {
     else
         echo "NCCL: no libnccl.so.2 found (the multi-GPU tests will skip)"
     fi
+}
+# Unpack the wgpu binaries, install the Vulkan loader, and make sure the loader sees the NVIDIA
+# ICD (checked by asking wgpu_bench which adapter Vulkan gives; no vulkaninfo needed).
+wgpu_ready=""
+wgpu_setup() {
+    [ -n "$wgpu_ready" ] && return 0
+    wgpu_ready=1
+    if [ -f "$here/wgpu.tar.xz" ]; then
+        rm -rf "$here/wgpu-bin" && mkdir -p "$here/wgpu-bin"
+        untar "$here/wgpu.tar.xz" "$here/wgpu-bin"
+    fi
+    local gl=""
+    for d in "$here/../.gl" "$here/.gl"; do
+        [ -d "$d" ] && gl="$d" && break
+    done
+    if [ -n "$gl" ]; then
+        echo "Vulkan: unpacking $(ls "$gl"/*.deb 2>/dev/null | wc -l) .deb files from $gl"
+        for f in "$gl"/*.deb; do dpkg -x "$f" /; done
+        ldconfig
+    fi
+    export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
+    export WGPU_BACKEND=vulkan
+    local probe="$here/wgpu-bin/wgpu_bench"
+    local adapter
+    adapter="$("$probe" --info 2>&1 | grep '^adapter:')"
+    echo "Vulkan adapter (loader defaults): ${adapter:-none}"
+    if ! echo "$adapter" | grep -q 'DiscreteGpu'; then
+        local icd=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
+        [ -f "$icd" ] || icd="$(find /usr/local/nvidia /usr/share/vulkan /etc/vulkan /usr/local/share/vulkan \
+            -name 'nvidia_icd*.json' 2>/dev/null | head -n1)"
+        if [ -n "$icd" ] && [ -f "$icd" ]; then
+            export VK_DRIVER_FILES="$icd" VK_ICD_FILENAMES="$icd"
+            echo "Vulkan: VK_DRIVER_FILES=$icd ($(tr -d '\n ' <"$icd" | head -c 300))"
+            adapter="$("$probe" --info 2>&1 | grep '^adapter:')"
+            echo "Vulkan adapter (NVIDIA ICD): ${adapter:-none}"
+        else
+            echo "Vulkan: no nvidia_icd.json found"
+        fi
+        if ! echo "$adapter" | grep -q 'DiscreteGpu'; then
+            echo "Vulkan: no discrete adapter; loader and driver libraries:"
+            ldconfig -p 2>/dev/null | grep -E 'libvulkan|GLX_nvidia|nvidia-glcore' | head -n 8
+        fi
+    fi
+}
+wgpu_bench_run() {
+    echo "=== wgpu_bench"
+    local cuda=()
+    [ -f "${OUT:-.}/bench.csv" ] && cuda=(--cuda-csv "${OUT:-.}/bench.csv")
+    timeout "${WGPU_BENCH_TIMEOUT:-280}" "$here/wgpu-bin/wgpu_bench" ${WGPU_BENCH_ARGS:-} \
+        --csv "${OUT:-.}/wgpu_bench.csv" "${cuda[@]}" || rc=1
 }
 for w in $what; do
     case "$w" in
@@ -56,6 +118,19 @@ for w in $what; do
         echo "=== multi_gpu_bench"
         nccl_path
         timeout "${BENCH_TIMEOUT:-400}" ./multi_gpu_bench ${MULTI_GPU_BENCH_ARGS:-} || rc=1 ;;
+    wgpu)
+        wgpu_setup
+        for t in "$here"/wgpu-bin/wgpu-test-*; do
+            [ -x "$t" ] || continue
+            echo "=== $(basename "$t")"
+            MOE_WGPU_REQUIRE_ADAPTER=1 \
+                MOE_WGPU_REQUIRE_DEVICE_TYPE="${MOE_WGPU_REQUIRE_DEVICE_TYPE:-discrete}" \
+                timeout "${WGPU_TEST_TIMEOUT:-600}" "$t" --nocapture --test-threads=1 || rc=1
+        done
+        wgpu_bench_run ;;
+    wgpu_bench)
+        wgpu_setup
+        wgpu_bench_run ;;
     anchor)
         echo "=== torch anchor"
         PYTHONUNBUFFERED=1 timeout "${ANCHOR_TIMEOUT:-200}" python3 torch_anchor.py ${ANCHOR_ARGS:-} \

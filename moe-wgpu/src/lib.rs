@@ -372,6 +372,15 @@ impl WgpuBackend {
 
     /// As [`WgpuBackend::request`], with `options`.
     pub fn request_with(options: Options) -> Result<Option<Self>> {
+        Self::request_with_features(options, wgpu::Features::empty())
+    }
+
+    /// As [`WgpuBackend::request_with`], also enabling those of `extra` (e.g.
+    /// `TIMESTAMP_QUERY` for a benchmark) that the adapter has; check
+    /// `backend.device().features()` for what was enabled. The device gets the adapter's own
+    /// limits (`adapter.limits()`: on a discrete GPU, multi-GB `max_buffer_size` and
+    /// `max_storage_buffer_binding_size`), not WebGPU's defaults.
+    pub fn request_with_features(options: Options, extra: wgpu::Features) -> Result<Option<Self>> {
         let instance =
             wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
         let adapter = match block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
@@ -383,7 +392,7 @@ impl WgpuBackend {
             Ok(a) => a,
             Err(_) => return Ok(None),
         };
-        let features = adapter.features() & wgpu::Features::SHADER_F16;
+        let features = adapter.features() & (wgpu::Features::SHADER_F16 | extra);
         let (device, queue) = block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("moe-wgpu"),
             required_features: features,

@@ -36,8 +36,12 @@ fn find(options: Options) -> Option<WgpuBackend> {
     match WgpuBackend::request_with(options) {
         Ok(Some(b)) => {
             let i = b.adapter_info();
-            let info = format!("{} ({:?})", i.name, i.backend);
-            say(&format!("moe-wgpu: adapter {info}, native f16: {}", b.native_f16()));
+            let info = format!(
+                "{} ({:?}, {:?}, driver {} {})",
+                i.name, i.backend, i.device_type, i.driver, i.driver_info
+            );
+            say(&format!("\nmoe-wgpu: adapter {info}, native f16: {}", b.native_f16()));
+            check_device_type(i);
             Some(b)
         }
         Ok(None) => {
@@ -51,6 +55,26 @@ fn find(options: Options) -> Option<WgpuBackend> {
             None
         }
     }
+}
+
+/// `MOE_WGPU_REQUIRE_DEVICE_TYPE` (set on the GPU machine so that the tests cannot silently run
+/// on llvmpipe/lavapipe): `discrete` needs a discrete GPU, `gpu` any adapter that is not a
+/// CPU, `cpu` a CPU adapter. Panics when the chosen adapter does not match.
+fn check_device_type(info: &wgpu::AdapterInfo) {
+    use wgpu::DeviceType;
+    let Ok(want) = std::env::var("MOE_WGPU_REQUIRE_DEVICE_TYPE") else { return };
+    let ok = match want.to_ascii_lowercase().as_str() {
+        "" | "any" => true,
+        "discrete" => info.device_type == DeviceType::DiscreteGpu,
+        "gpu" => !matches!(info.device_type, DeviceType::Cpu | DeviceType::Other),
+        "cpu" => info.device_type == DeviceType::Cpu,
+        other => panic!("MOE_WGPU_REQUIRE_DEVICE_TYPE={other}: expected discrete, gpu, cpu or any"),
+    };
+    assert!(
+        ok,
+        "MOE_WGPU_REQUIRE_DEVICE_TYPE={want} but the adapter is {} ({:?}, {:?})",
+        info.name, info.device_type, info.backend
+    );
 }
 
 /// Print past the test harness's output capture, so a skip is visible in every run.

@@ -1,0 +1,737 @@
+//! Times a whole forward of the wgpu backend on the canonical shapes, in bf16 (and f16 where
+//! the adapter has `SHADER_F16`), and reports each point against the same floor as the CUDA
+//! bench (`moe-cuda/examples/bench.rs`), with the adapter's copy bandwidth measured in the same
+//! run:
+//!
+//! * bytes = distinct experts touched x 3 H I x 2 + shared 3 H Is x 2 + 2 T H x 2
+//! * flops = 2 T K 3 H I (+ 2 T 3 H Is for a shared expert)
+//! * floor = max(bytes / copy bandwidth, flops / peak) (peak: `--peak-tflops`, by default the
+//!   dense bf16 figure of an H100/H200 when the adapter's name says so, otherwise no flop floor)
+//!
+//! Each point: one forward to read the routing (distinct experts touched), 2 warm-up forwards,
+//! then 3 rounds of N forwards submitted back to back and one wait; the median round gives
+//! `ms` (wall clock per forward, the headline figure). `submit` is the host time to enqueue a
+//! forward (when it is close to `ms`, the point is bound by the host, not the GPU); `gpu` is the
+//! span of GPU timestamps around the round where the adapter has `TIMESTAMP_QUERY_INSIDE_ENCODERS`.
+//!
+//! A tensor larger than the device's `max_storage_buffer_binding_size` (wgpu caps it at
+//! 2^31 - 1 bytes on Vulkan) cannot be bound: the expert count is halved until every tensor fits, and the
+//! shape's name says so.
+//!
+//! Usage: `wgpu_bench [--info] [--quick] [--models qwen3,gpt-oss,mixtral,deepseek] [--tokens 1,16,128,1024]
+//! [--dtypes bf16,f16] [--csv FILE] [--cuda-csv FILE] [--peak-tflops X] [--budget-s S]`.
+//! `--quick` runs tiny versions of the shapes at T in {1, 16} (for software adapters such as
+//! lavapipe). `--info` prints the adapter, features and limits and exits. `--cuda-csv` reads the CSV of the CUDA bench and prints its figures for the same
+//! model and T next to these. Exits 0 with a message where no adapter exists.
+#![allow(missing_docs)]
+
+use half::{bf16, f16};
+use moe_core::conformance::Rng;
+use moe_core::*;
+use moe_wgpu::{Options, WgpuBackend, WgpuView, WgpuViewMut};
+use std::collections::HashMap;
+use std::io::Write;
+use std::time::Instant;
+
+type R<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+const USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
+    .union(wgpu::BufferUsages::COPY_SRC)
+    .union(wgpu::BufferUsages::COPY_DST);
+
+fn arg(name: &str) -> Option<String> {
+    let a: Vec<String> = std::env::args().collect();
+    a.iter().position(|x| x == name).and_then(|i| a.get(i + 1).cloned())
+}
+
+fn flag(name: &str) -> bool {
+    std::env::args().any(|a| a == name)
+}
+
+struct Model {
+    name: &'static str,
+    config: MoeConfig,
+}
+
+fn mlp(i: usize, act: Activation, bias: bool) -> MlpConfig {
+    MlpConfig { intermediate: i, gated: true, activation: act, bias }
+}
+
+/// The canonical shapes, configured as in the CUDA bench. `div` divides H and I and `emax`
+/// caps E (the `--quick` shapes).
+fn models(div: usize, emax: usize) -> Vec<Model> {
+    let base = |h: usize, e: usize, k: usize, i: usize, router: RouterConfig, act, bias| {
+        let e = e.min(emax);
+        MoeConfig {
+            hidden: h / div,
+            experts: e,
+            top_k: k.min(e),
+            router,
+            expert: ExpertConfig { mlp: mlp(i / div, act, bias), apply_weight_on_input: false },
+            shared: None,
+            latent: None,
+            parallel: ParallelConfig::default(),
+        }
+    };
+    let softmax = RouterConfig { reduce: TopkReduce::Sum { eps: 0.0 }, ..RouterConfig::default() };
+    let mut ds = base(
+        7168,
+        256,
+        8,
+        2048,
+        RouterConfig {
+            scoring: Scoring::Sigmoid,
+            selection_bias: true,
+            groups: Some(GroupLimit { n_group: 8, topk_group: 4, score: GroupScore::Top2Sum }),
+            reduce: TopkReduce::NOAUX_TC,
+            scale: RoutedScale { factor: 2.5, placement: ScalePlacement::OnOutput },
+            ..RouterConfig::default()
+        },
+        Activation::Silu,
+        false,
+    );
+    ds.shared = Some(SharedConfig {
+        mlp: mlp(2048 / div, Activation::Silu, false),
+        gate: SharedGate::None,
+    });
+    vec![
+        Model {
+            name: "qwen3-30b-a3b",
+            config: base(2048, 128, 8, 768, softmax, Activation::Silu, false),
+        },
+        Model {
+            name: "gpt-oss-120b",
+            config: base(
+                2880,
+                128,
+                4,
+                2880,
+                RouterConfig {
+                    scoring: Scoring::None,
+                    bias: true,
+                    weights: WeightSource::SoftmaxTopkLogits,
+                    reduce: TopkReduce::None,
+                    ..RouterConfig::default()
+                },
+                Activation::SwigluOai { alpha: 1.702, limit: 7.0 },
+                true,
+            ),
+        },
+        Model {
+            name: "mixtral-8x7b",
+            config: base(4096, 8, 2, 14336, softmax, Activation::Silu, false),
+        },
+        Model { name: "deepseek-v3", config: ds },
+    ]
+}
+
+/// Halve the expert count until every tensor of `c` fits one binding and one buffer (keeping
+/// E >= K and E a multiple of the expert-group count). Returns the note for the shape's name.
+fn fit(c: &mut MoeConfig, elem: u64, max_binding: u64, max_buffer: u64) -> Option<String> {
+    let limit = max_binding.min(max_buffer);
+    let tensor = |c: &MoeConfig| (c.experts * c.hidden * c.expert.mlp.intermediate) as u64 * elem;
+    let e0 = c.experts;
+    let groups = c.router.groups.map_or(1, |g| g.n_group);
+    while tensor(c) > limit && c.experts / 2 >= c.top_k && (c.experts / 2).is_multiple_of(groups) {
+        c.experts /= 2;
+    }
+    (c.experts != e0).then(|| format!("E={} (scaled from {e0}: binding limit)", c.experts))
+}
+
+/// Device tensors filled by tiling a random chunk (one per scale) with buffer copies.
+struct Filler {
+    chunk_len: usize,
+    chunks: HashMap<(u32, u8), wgpu::Buffer>,
+    rng: Rng,
+}
+
+impl Filler {
+    fn buffer(be: &WgpuBackend, bytes: u64) -> wgpu::Buffer {
+        be.device().create_buffer(&wgpu::BufferDescriptor {
+            label: Some("wgpu_bench"),
+            size: bytes.div_ceil(4).max(1) * 4,
+            usage: USAGE,
+            mapped_at_creation: false,
+        })
+    }
+
+    fn upload<T: Element>(be: &WgpuBackend, v: &[f64]) -> wgpu::Buffer {
+        let e: Vec<T> = v.iter().map(|&x| T::from_f64(x)).collect();
+        let mut bytes: Vec<u8> = bytemuck::cast_slice(&e).to_vec();
+        bytes.resize(bytes.len().div_ceil(4).max(1) * 4, 0);
+        let b = Self::buffer(be, bytes.len() as u64);
+        be.queue().write_buffer(&b, 0, &bytes);
+        b
+    }
+
+    /// `n` elements of `T`, normals scaled by `scale` (a tiled random chunk).
+    fn tensor<T: Element>(&mut self, be: &WgpuBackend, n: usize, scale: f64) -> wgpu::Buffer {
+        let key = ((scale as f32).to_bits(), size_of::<T>() as u8);
+        if !self.chunks.contains_key(&key) {
+            let host = self.rng.tensor(self.chunk_len, scale);
+            self.chunks.insert(key, Self::upload::<T>(be, &host));
+        }
+        let chunk = &self.chunks[&key];
+        let total = ((n * size_of::<T>()) as u64).div_ceil(4).max(1) * 4;
+        let b = Self::buffer(be, total);
+        let step = chunk.size();
+        let mut enc = be.device().create_command_encoder(&Default::default());
+        let mut at = 0;
+        while at < total {
+            let len = (total - at).min(step);
+            enc.copy_buffer_to_buffer(chunk, 0, &b, at, len);
+            at += len;
+        }
+        be.queue().submit([enc.finish()]);
+        b
+    }
+}
+
+/// GPU timestamps around a round of forwards, where the device can write them in encoders.
+struct Stamps {
+    set: wgpu::QuerySet,
+    resolve: wgpu::Buffer,
+    read: wgpu::Buffer,
+    period_ns: f64,
+}
+
+impl Stamps {
+    fn new(be: &WgpuBackend) -> Option<Stamps> {
+        let need =
+            wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS;
+        if !be.device().features().contains(need) {
+            return None;
+        }
+        let d = be.device();
+        let set = d.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("wgpu_bench"),
+            ty: wgpu::QueryType::Timestamp,
+            count: 2,
+        });
+        let resolve = d.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("wgpu_bench resolve"),
+            size: 16,
+            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        let read = d.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("wgpu_bench read"),
+            size: 16,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        Some(Stamps { set, resolve, read, period_ns: f64::from(be.queue().get_timestamp_period()) })
+    }
+
+    fn write(&self, be: &WgpuBackend, index: u32) {
+        let mut enc = be.device().create_command_encoder(&Default::default());
+        enc.write_timestamp(&self.set, index);
+        if index == 1 {
+            enc.resolve_query_set(&self.set, 0..2, &self.resolve, 0);
+            enc.copy_buffer_to_buffer(&self.resolve, 0, &self.read, 0, 16);
+        }
+        be.queue().submit([enc.finish()]);
+    }
+
+    /// Nanoseconds between the two stamps (after the wait).
+    fn elapsed_ns(&self, be: &WgpuBackend) -> R<f64> {
+        self.read.slice(..).map_async(wgpu::MapMode::Read, |_| {});
+        be.synchronize()?;
+        let v: Vec<u64> = {
+            let m = self.read.slice(..).get_mapped_range().map_err(|e| format!("{e:?}"))?;
+            bytemuck::pod_collect_to_vec(&m)
+        };
+        self.read.unmap();
+        Ok(v[1].wrapping_sub(v[0]) as f64 * self.period_ns)
+    }
+}
+
+fn read_bytes(be: &WgpuBackend, b: &wgpu::Buffer, offset: u64, bytes: u64) -> R<Vec<u8>> {
+    let size = bytes.div_ceil(4).max(1) * 4;
+    let staging = be.device().create_buffer(&wgpu::BufferDescriptor {
+        label: Some("wgpu_bench readback"),
+        size,
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let mut enc = be.device().create_command_encoder(&Default::default());
+    enc.copy_buffer_to_buffer(b, offset, &staging, 0, size);
+    be.queue().submit([enc.finish()]);
+    staging.slice(..).map_async(wgpu::MapMode::Read, |_| {});
+    be.synchronize()?;
+    let v = staging.slice(..).get_mapped_range().map_err(|e| format!("{e:?}"))?.to_vec();
+    Ok(v[..bytes as usize].to_vec())
+}
+
+/// Copy bandwidth (read + write bytes per second) of buffer-to-buffer copies of `bytes`.
+fn copy_bandwidth(be: &WgpuBackend, bytes: u64, stamps: Option<&Stamps>) -> R<(f64, Option<f64>)> {
+    let a = Filler::buffer(be, bytes);
+    let b = Filler::buffer(be, bytes);
+    let copy = |n: usize| {
+        let mut enc = be.device().create_command_encoder(&Default::default());
+        for _ in 0..n {
+            enc.copy_buffer_to_buffer(&a, 0, &b, 0, bytes);
+        }
+        be.queue().submit([enc.finish()]);
+    };
+    copy(2);
+    be.synchronize()?;
+    let iters = 10;
+    let mut rounds = Vec::new();
+    let mut gpu = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        if let Some(s) = stamps {
+            s.write(be, 0);
+        }
+        copy(iters);
+        if let Some(s) = stamps {
+            s.write(be, 1);
+            gpu.push(s.elapsed_ns(be)? * 1e-9);
+        }
+        be.synchronize()?;
+        rounds.push(t.elapsed().as_secs_f64());
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let bw = |s: f64| 2.0 * bytes as f64 * iters as f64 / s;
+    let wall = bw(med(&mut rounds));
+    let gpu = if gpu.is_empty() { None } else { Some(bw(med(&mut gpu))) };
+    Ok((wall, gpu))
+}
+
+/// One measured point.
+struct Point {
+    ms: f64,
+    submit_ms: f64,
+    gpu_ms: Option<f64>,
+    touched: usize,
+    bytes: f64,
+    floor_ms: f64,
+}
+
+struct Weights {
+    router: wgpu::Buffer,
+    router_bias: Option<wgpu::Buffer>,
+    selection_bias: Option<wgpu::Buffer>,
+    gate: wgpu::Buffer,
+    up: wgpu::Buffer,
+    down: wgpu::Buffer,
+    bias: Option<[wgpu::Buffer; 3]>,
+    shared: Option<[wgpu::Buffer; 3]>,
+}
+
+fn weights<T: Element>(be: &WgpuBackend, c: &MoeConfig, f: &mut Filler) -> Weights {
+    let (h, e, i) = (c.hidden, c.experts, c.local_intermediate());
+    let (sh, si) = (1.0 / (h as f64).sqrt(), 1.0 / (i as f64).sqrt());
+    let router = Filler::upload::<T>(be, &f.rng.tensor(e * h, sh));
+    let router_bias = c.router.bias.then(|| Filler::upload::<T>(be, &f.rng.tensor(e, 0.1)));
+    let selection_bias =
+        c.router.selection_bias.then(|| Filler::upload::<f32>(be, &f.rng.tensor(e, 0.01)));
+    let bias = c.expert.mlp.bias.then(|| {
+        [
+            Filler::upload::<T>(be, &f.rng.tensor(e * i, 0.1)),
+            Filler::upload::<T>(be, &f.rng.tensor(e * i, 0.1)),
+            Filler::upload::<T>(be, &f.rng.tensor(e * h, 0.1)),
+        ]
+    });
+    let shared = c.shared.map(|s| {
+        let is = s.mlp.intermediate;
+        [
+            f.tensor::<T>(be, is * h, sh),
+            f.tensor::<T>(be, is * h, sh),
+            f.tensor::<T>(be, h * is, 1.0 / (is as f64).sqrt()),
+        ]
+    });
+    Weights {
+        router,
+        router_bias,
+        selection_bias,
+        gate: f.tensor::<T>(be, e * i * h, sh),
+        up: f.tensor::<T>(be, e * i * h, sh),
+        down: f.tensor::<T>(be, e * h * i, si),
+        bias,
+        shared,
+    }
+}
+
+fn view<U: bytemuck::Pod>(b: &wgpu::Buffer, len: usize) -> R<WgpuView<'_, U>> {
+    Ok(WgpuView::new(b, 0, len)?)
+}
+
+fn views<'a, T: Element>(c: &MoeConfig, w: &'a Weights) -> R<MoeWeights<'a, WgpuBackend, T>> {
+    let (h, e, i) = (c.hidden, c.experts, c.local_intermediate());
+    let mlp = |g: &'a wgpu::Buffer, u: &'a wgpu::Buffer, d: &'a wgpu::Buffer, i: usize| {
+        R::Ok(MlpWeights {
+            gate: Some(view(g, e * i * h)?),
+            up: view(u, e * i * h)?,
+            down: view(d, e * h * i)?,
+            gate_bias: None,
+            up_bias: None,
+            down_bias: None,
+        })
+    };
+    let mut experts = mlp(&w.gate, &w.up, &w.down, i)?;
+    if let Some([g, u, d]) = &w.bias {
+        experts.gate_bias = Some(view(g, e * i)?);
+        experts.up_bias = Some(view(u, e * i)?);
+        experts.down_bias = Some(view(d, e * h)?);
+    }
+    let shared = match (&w.shared, c.shared) {
+        (Some([g, u, d]), Some(s)) => {
+            let is = s.mlp.intermediate;
+            Some(SharedWeights {
+                mlp: MlpWeights {
+                    gate: Some(view(g, is * h)?),
+                    up: view(u, is * h)?,
+                    down: view(d, h * is)?,
+                    gate_bias: None,
+                    up_bias: None,
+                    down_bias: None,
+                },
+                gate: None,
+            })
+        }
+        _ => None,
+    };
+    Ok(MoeWeights {
+        router: view(&w.router, e * h)?,
+        router_bias: w.router_bias.as_ref().map(|b| view(b, e)).transpose()?,
+        selection_bias: w.selection_bias.as_ref().map(|b| view(b, e)).transpose()?,
+        experts,
+        shared,
+        latent: None,
+        expert_map: None,
+    })
+}
+
+struct Ctx<'a> {
+    be: &'a WgpuBackend,
+    stamps: Option<&'a Stamps>,
+    bw: f64,
+    peak: f64,
+    quick: bool,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bench_point<T: Element>(
+    cx: &Ctx<'_>,
+    c: &MoeConfig,
+    plan: &MoePlan,
+    w: &MoeWeights<'_, WgpuBackend, T>,
+    x: &wgpu::Buffer,
+    out: &wgpu::Buffer,
+    ws: &wgpu::Buffer,
+    ws_bytes: usize,
+    tokens: usize,
+) -> R<Point>
+where
+    WgpuBackend: MoeStages<T>,
+{
+    let be = cx.be;
+    let (h, k, i, e) = (c.hidden, c.top_k, c.local_intermediate(), c.experts);
+    let fwd = || -> R<()> {
+        forward(
+            be,
+            plan,
+            w,
+            tokens,
+            view(x, tokens * h)?,
+            WgpuViewMut::new(out, 0, tokens * h)?,
+            WgpuViewMut::<u8>::new(ws, 0, ws_bytes)?,
+            &SingleRank,
+        )?;
+        Ok(())
+    };
+    fwd()?;
+    be.synchronize()?;
+    // the distinct experts touched, from the routing in the workspace (buffer offset 0 is
+    // aligned, so the layout's offsets apply as they are)
+    let layout = plan.layout(T::DTYPE)?;
+    let ids = read_bytes(be, ws, layout.topk_ids.offset as u64, (4 * tokens * k) as u64)?;
+    let mut seen = vec![false; e];
+    for id in bytemuck::pod_collect_to_vec::<u8, i32>(&ids) {
+        if let Some(s) = usize::try_from(id).ok().and_then(|id| seen.get_mut(id)) {
+            *s = true;
+        }
+    }
+    let touched = seen.iter().filter(|&&b| b).count();
+    let is = c.shared_local_intermediate();
+    let elem = size_of::<T>() as f64;
+    let (t, h, i) = (tokens as f64, h as f64, i as f64);
+    let flops = 2.0 * t * k as f64 * 3.0 * h * i + 2.0 * t * 3.0 * h * is as f64;
+    let bytes =
+        touched as f64 * 3.0 * h * i * elem + 3.0 * h * is as f64 * elem + 2.0 * t * h * elem;
+    let floor_s = (bytes / cx.bw).max(if cx.peak > 0.0 { flops / cx.peak } else { 0.0 });
+    // warm-up, then 3 rounds of `iters` forwards back to back and one wait each
+    fwd()?;
+    fwd()?;
+    be.synchronize()?;
+    let t0 = Instant::now();
+    fwd()?;
+    be.synchronize()?;
+    let one = t0.elapsed().as_secs_f64();
+    let target = if cx.quick { 0.05 } else { 0.2 };
+    let iters = ((target / one.max(floor_s).max(1e-6)) as usize).clamp(3, 200);
+    let mut rounds = Vec::new();
+    for _ in 0..3 {
+        let t0 = Instant::now();
+        if let Some(s) = cx.stamps {
+            s.write(be, 0);
+        }
+        for _ in 0..iters {
+            fwd()?;
+        }
+        let submit = t0.elapsed().as_secs_f64();
+        let gpu = match cx.stamps {
+            Some(s) => {
+                s.write(be, 1);
+                Some(s.elapsed_ns(be)? * 1e-9)
+            }
+            None => None,
+        };
+        be.synchronize()?;
+        let wall = t0.elapsed().as_secs_f64();
+        rounds.push((wall, submit, gpu));
+    }
+    rounds.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let (wall, submit, gpu) = rounds[1];
+    let per = |s: f64| s * 1e3 / iters as f64;
+    Ok(Point {
+        ms: per(wall),
+        submit_ms: per(submit),
+        gpu_ms: gpu.map(per),
+        touched,
+        bytes,
+        floor_ms: floor_s * 1e3,
+    })
+}
+
+/// The CUDA bench's CSV: (model, T) -> (graph ms, floor ms).
+fn cuda_rows(path: &str) -> R<HashMap<(String, usize), (f64, f64)>> {
+    let mut m = HashMap::new();
+    for line in std::fs::read_to_string(path)?.lines() {
+        let f: Vec<&str> = line.split(',').collect();
+        if f.len() < 7 {
+            continue;
+        }
+        if let (Ok(t), Ok(ms), Ok(floor)) = (f[1].parse(), f[2].parse(), f[6].parse()) {
+            m.insert((f[0].to_string(), t), (ms, floor));
+        }
+    }
+    Ok(m)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_model<T: Element>(
+    cx: &Ctx<'_>,
+    m: &Model,
+    tokens: &[usize],
+    filler: &mut Filler,
+    cuda: &HashMap<(String, usize), (f64, f64)>,
+    csv: &mut Option<std::fs::File>,
+    deadline: Instant,
+) -> R<()>
+where
+    WgpuBackend: MoeStages<T>,
+{
+    let be = cx.be;
+    let limits = be.device().limits();
+    let mut c = m.config;
+    let note = fit(
+        &mut c,
+        size_of::<T>() as u64,
+        limits.max_storage_buffer_binding_size,
+        limits.max_buffer_size,
+    );
+    let name = match &note {
+        Some(n) => format!("{} {n}", m.name),
+        None => m.name.to_string(),
+    };
+    let dt = T::DTYPE.name();
+    let tmax = tokens.iter().copied().max().unwrap_or(1);
+    let plan = MoePlan::new(&c, tmax)?;
+    let ws_bytes = plan.workspace_bytes(T::DTYPE)?;
+    let t0 = Instant::now();
+    let w = weights::<T>(be, &c, filler);
+    let x = filler.tensor::<T>(be, tmax * c.hidden, 1.0);
+    let out = Filler::buffer(be, (tmax * c.hidden * size_of::<T>()) as u64);
+    let ws = Filler::buffer(be, ws_bytes as u64);
+    be.synchronize()?;
+    println!(
+        "# {name} [{dt}]: H={} I={} E={} K={}{} (weights ready in {:.1} s)",
+        c.hidden,
+        c.local_intermediate(),
+        c.experts,
+        c.top_k,
+        c.shared.map_or(String::new(), |s| format!(" + shared I={}", s.mlp.intermediate)),
+        t0.elapsed().as_secs_f64()
+    );
+    let wv = views::<T>(&c, &w)?;
+    for &t in tokens {
+        if Instant::now() > deadline {
+            println!("{name:<44} {dt:<4} T={t:<5} skipped: past the time budget (--budget-s)");
+            continue;
+        }
+        let p = match bench_point::<T>(cx, &c, &plan, &wv, &x, &out, &ws, ws_bytes, t) {
+            Ok(p) => p,
+            Err(e) => {
+                println!("{name:<44} {dt:<4} T={t:<5} error: {e}");
+                continue;
+            }
+        };
+        let pct = 100.0 * p.floor_ms / p.ms;
+        let gbs = p.bytes / (p.ms * 1e-3) / 1e9;
+        let gpu = p.gpu_ms.map_or("-".to_string(), |g| format!("{g:.3}"));
+        let cu =
+            if note.is_none() && !cx.quick { cuda.get(&(m.name.to_string(), t)) } else { None };
+        let cu_s = cu.map_or(String::new(), |(ms, fl)| {
+            format!(" | cuda {ms:.3} ms = {:.1}% of its floor", 100.0 * fl / ms)
+        });
+        println!(
+            "{name:<44} {dt:<4} T={t:<5} {:>9.3} ms (submit {:>7.3}, gpu {gpu:>8}) {gbs:>7.1} GB/s floor {:>7.3} ms = {pct:>5.1}% of floor | experts {}{cu_s}",
+            p.ms, p.submit_ms, p.floor_ms, p.touched
+        );
+        if let Some(f) = csv.as_mut() {
+            writeln!(
+                f,
+                "{},{dt},{t},{:.4},{:.4},{},{:.1},{:.4},{:.2},{},{},{}",
+                name.replace(',', ";"),
+                p.ms,
+                p.submit_ms,
+                p.gpu_ms.map_or(String::new(), |g| format!("{g:.4}")),
+                gbs,
+                p.floor_ms,
+                pct,
+                p.touched,
+                cu.map_or(String::new(), |c| format!("{:.4}", c.0)),
+                cu.map_or(String::new(), |c| format!("{:.2}", 100.0 * c.1 / c.0)),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn main() -> R<()> {
+    let quick = flag("--quick");
+    let want = [wgpu::Features::TIMESTAMP_QUERY, wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS];
+    let be = match WgpuBackend::request_with_features(Options::default(), want[0] | want[1]) {
+        Ok(Some(b)) => b,
+        Ok(None) => {
+            println!("wgpu_bench: skipped: no wgpu adapter");
+            return Ok(());
+        }
+        Err(e) => {
+            println!("wgpu_bench: skipped: no usable wgpu device: {e}");
+            return Ok(());
+        }
+    };
+    let info = be.adapter_info();
+    println!(
+        "adapter: {} ({:?}, {:?}), driver: {} {}, vendor 0x{:04x} device 0x{:04x}",
+        info.name,
+        info.backend,
+        info.device_type,
+        info.driver,
+        info.driver_info,
+        info.vendor,
+        info.device
+    );
+    let limits = be.device().limits();
+    println!("device features: {:?}", be.device().features());
+    println!(
+        "limits: max_buffer_size {} B, max_storage_buffer_binding_size {} B, max_compute_workgroups_per_dimension {}, native f16: {}",
+        limits.max_buffer_size,
+        limits.max_storage_buffer_binding_size,
+        limits.max_compute_workgroups_per_dimension,
+        be.native_f16()
+    );
+    if flag("--info") {
+        return Ok(());
+    }
+    let stamps = Stamps::new(&be);
+    println!("GPU timestamps: {}", if stamps.is_some() { "yes" } else { "no (wall clock only)" });
+    let copy_bytes = if quick { 64 << 20 } else { 1u64 << 30 }.min(limits.max_buffer_size / 4 * 4);
+    let (bw, bw_gpu) = copy_bandwidth(&be, copy_bytes, stamps.as_ref())?;
+    println!(
+        "copy bandwidth (buffer to buffer, {} MiB, read + write): {:.0} GB/s{}",
+        copy_bytes >> 20,
+        bw / 1e9,
+        bw_gpu.map_or(String::new(), |g| format!(" (GPU timestamps: {:.0} GB/s)", g / 1e9))
+    );
+    // the floor uses the wall-clock copy rate, as the CUDA bench uses its event-timed one
+    let name = info.name.to_ascii_uppercase();
+    let peak = match arg("--peak-tflops").and_then(|p| p.parse::<f64>().ok()) {
+        Some(p) => p * 1e12,
+        None if name.contains("H100") || name.contains("H200") => 989e12,
+        None => 0.0,
+    };
+    if peak > 0.0 {
+        println!(
+            "flop floor: {:.0} TFLOP/s (dense bf16; the CUDA bench uses its measured cuBLAS rate)",
+            peak / 1e12
+        );
+    } else {
+        println!("flop floor: none (pass --peak-tflops); the floor is the bandwidth floor");
+    }
+    let tokens: Vec<usize> = arg("--tokens")
+        .map(|t| t.split(',').filter_map(|v| v.parse().ok()).collect())
+        .unwrap_or_else(|| if quick { vec![1, 16] } else { vec![1, 16, 128, 1024] });
+    let models_want: Option<Vec<String>> =
+        arg("--models").map(|m| m.split(',').map(String::from).collect());
+    let dtypes = arg("--dtypes").unwrap_or_else(|| "bf16,f16".to_string());
+    let cuda = match arg("--cuda-csv") {
+        Some(p) => cuda_rows(&p).unwrap_or_else(|e| {
+            println!("--cuda-csv {p}: {e} (no CUDA figures)");
+            HashMap::new()
+        }),
+        None => HashMap::new(),
+    };
+    let mut csv = arg("--csv").map(std::fs::File::create).transpose()?;
+    if let Some(f) = csv.as_mut() {
+        writeln!(
+            f,
+            "shape,dtype,tokens,ms,submit_ms,gpu_ms,gbs,floor_ms,pct_floor,experts_touched,cuda_ms,cuda_pct_floor"
+        )?;
+    }
+    let budget = arg("--budget-s").and_then(|s| s.parse().ok()).unwrap_or(200.0);
+    let deadline = Instant::now() + std::time::Duration::from_secs_f64(budget);
+    let cx = Ctx { be: &be, stamps: stamps.as_ref(), bw, peak, quick };
+    let mut filler = Filler {
+        chunk_len: if quick { (1 << 16) + 6 } else { (1 << 23) + 6 },
+        chunks: HashMap::new(),
+        rng: Rng::new(0x9E37_79B9_7F4A_7C15),
+    };
+    let (div, emax) = if quick { (16, 16) } else { (1, usize::MAX) };
+    for m in models(div, emax) {
+        if models_want.as_ref().is_some_and(|w| !w.iter().any(|n| m.name.starts_with(n.as_str()))) {
+            continue;
+        }
+        for dt in dtypes.split(',') {
+            let r = match dt {
+                "bf16" => {
+                    run_model::<bf16>(&cx, &m, &tokens, &mut filler, &cuda, &mut csv, deadline)
+                }
+                "f16" if be.native_f16() => {
+                    run_model::<f16>(&cx, &m, &tokens, &mut filler, &cuda, &mut csv, deadline)
+                }
+                "f16" => {
+                    println!("# {} [f16]: skipped: the adapter has no SHADER_F16", m.name);
+                    Ok(())
+                }
+                "f32" => run_model::<f32>(&cx, &m, &tokens, &mut filler, &cuda, &mut csv, deadline),
+                other => {
+                    println!("unknown dtype {other} (bf16, f16, f32)");
+                    Ok(())
+                }
+            };
+            if let Err(e) = r {
+                println!("# {} [{dt}]: error: {e}", m.name);
+            }
+            be.synchronize()?;
+        }
+    }
+    Ok(())
+}
