@@ -18,6 +18,7 @@ const SOURCES: &[&str] = &[
     "cuda/permute.cu",
     "cuda/gemm.cu",
     "cuda/gemv.cu",
+    "cuda/gemm_decode.cu",
     "cuda/elementwise.cu",
 ];
 

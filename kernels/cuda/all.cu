@@ -4,4 +4,5 @@
 #include "permute.cu"
 #include "gemm.cu"
 #include "gemv.cu"
+#include "gemm_decode.cu"
 #include "elementwise.cu"

@@ -22,6 +22,7 @@
 // Assumptions: A, W, biases in the element type; 16-byte vector loads only when the host says
 //        K % 8 == 0 and the base pointers are 16-byte aligned (vec_a / vec_w), otherwise
 //        scalar loads with bounds checks. Padding rows (slot -1) are neither read nor written.
+#pragma once
 #include "common.cuh"
 
 #define GEMM_BM 64

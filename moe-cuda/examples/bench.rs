@@ -7,7 +7,10 @@
 //! * floor = max(bytes / copy bandwidth, flops / matmul rate)
 //!
 //! Usage: `bench [--models qwen3,gpt-oss,mixtral,deepseek] [--tokens 1,16,128,1024,4096,16384]
-//! [--csv FILE]`. Prints a skip message and exits 0 without a CUDA driver or device.
+//! [--csv FILE] [--decode]`. `--decode` (or `MOE_BENCH_DECODE=1`) runs the whole-layer table
+//! with the decode GEMM enabled (`GemmTuning::decode`: its host rule picks the kernel for small
+//! token counts). The `kernels ...` lines compare the GEMM kernels at T = 1, 16, 128 and 4096.
+//! Prints a skip message and exits 0 without a CUDA driver or device.
 #![allow(missing_docs)]
 
 use cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode};
@@ -573,7 +576,10 @@ fn main() -> R<()> {
     // SAFETY: no slice exists yet; the bench uses one stream.
     unsafe { ctx.disable_event_tracking() };
     let s = ctx.new_stream()?;
-    let be = CudaBackend::new(s.clone())?;
+    let decode_table = std::env::args().any(|a| a == "--decode")
+        || std::env::var("MOE_BENCH_DECODE").is_ok_and(|v| v == "1");
+    let be = CudaBackend::new(s.clone())?
+        .with_tuning(GemmTuning { decode: decode_table, ..Default::default() });
     let timer = Timer { stream: s.clone() };
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     let filler = Filler::new(&s, &mut rng)?;
@@ -585,6 +591,7 @@ fn main() -> R<()> {
     let mut csv = arg("--csv").map(std::fs::File::create).transpose()?;
 
     println!("device: {}", ctx.name()?);
+    println!("layer table GEMM tuning: {:?}", be.tuning());
     let bw = copy_bandwidth(&s, &timer)?;
     println!("copy bandwidth (D2D, read + write): {:.0} GB/s", bw / 1e9);
     let own = own_gemm_rate(&be, &s, &timer, &filler, &mut rng)?;
@@ -612,7 +619,7 @@ fn main() -> R<()> {
         let plan = CudaBackend::plan(&m.config, tmax)?;
         let plan_tc = be
             .clone()
-            .with_tuning(GemmTuning { pipelined: true, capped_gated: false })
+            .with_tuning(GemmTuning { pipelined: true, ..Default::default() })
             .make_plan(&m.config, tmax)?;
         let w = weights(&m.config, &s, &filler, &mut rng)?;
         let x = filler.tensor(&s, tmax * m.config.hidden, 1.0, &mut rng)?;
@@ -657,13 +664,17 @@ fn main() -> R<()> {
             }
             rows.push(r);
         }
-        // the GEMM kernel variants on two token counts
-        for &t in tokens.iter().filter(|&&t| t == 16 || t == 4096) {
+        // the GEMM kernel variants on some token counts
+        for &t in tokens.iter().filter(|&&t| [1, 16, 128, 4096].contains(&t)) {
             let mut line = format!("kernels {:<14} T={:<6}", m.name, t);
             for (name, tuning) in [
-                ("pipelined", GemmTuning { pipelined: true, capped_gated: false }),
-                ("pipelined-capped", GemmTuning { pipelined: true, capped_gated: true }),
-                ("simple", GemmTuning { pipelined: false, capped_gated: false }),
+                ("pipelined", GemmTuning { pipelined: true, ..Default::default() }),
+                (
+                    "pipelined-capped",
+                    GemmTuning { pipelined: true, capped_gated: true, ..Default::default() },
+                ),
+                ("simple", GemmTuning::default()),
+                ("decode", GemmTuning { decode: true, ..Default::default() }),
             ] {
                 let b = be.clone().with_tuning(tuning);
                 let p = if tuning.pipelined { &plan_tc } else { &plan };

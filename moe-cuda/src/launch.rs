@@ -98,6 +98,10 @@ pub(crate) struct Kernels {
     tc: [[CudaFunction; 3]; 2],
     /// Whether the pipelined kernels got their shared-memory limit.
     tc_ok: bool,
+    /// `moe_gemm_dec{1,2,4,8}_*`: `[f16, bf16][NF index]` (gemm_decode.cu).
+    dec: [[CudaFunction; 4]; 2],
+    /// Whether the decode kernels got their shared-memory limit.
+    dec_ok: bool,
     combine: [CudaFunction; 3],
     gate: [CudaFunction; 3],
     add: [CudaFunction; 3],
@@ -122,9 +126,37 @@ impl Kernels {
             )
             .is_ok()
         });
+        let four = |n: [&'static str; 4]| -> Result<[CudaFunction; 4]> {
+            Ok([f(n[0])?, f(n[1])?, f(n[2])?, f(n[3])?])
+        };
+        let dec = [
+            four([
+                "moe_gemm_dec1_f16",
+                "moe_gemm_dec2_f16",
+                "moe_gemm_dec4_f16",
+                "moe_gemm_dec8_f16",
+            ])?,
+            four([
+                "moe_gemm_dec1_bf16",
+                "moe_gemm_dec2_bf16",
+                "moe_gemm_dec4_bf16",
+                "moe_gemm_dec8_bf16",
+            ])?,
+        ];
+        let dec_ok = dec.iter().all(|v| {
+            v.iter().zip(DEC_SMEM).all(|(f, smem)| {
+                f.set_attribute(
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    smem as i32,
+                )
+                .is_ok()
+            })
+        });
         Ok(Kernels {
             tc,
             tc_ok,
+            dec,
+            dec_ok,
             route: f("moe_route")?,
             permute: f("moe_permute")?,
             gemm: three(&["moe_gemm_f32", "moe_gemm_f16", "moe_gemm_bf16"])?,
@@ -150,6 +182,10 @@ fn cfg(grid: (u32, u32), block: u32) -> LaunchConfig {
 const TC_SMEM_GATED: u32 = 3 * (128 + 128) * 40 * 2;
 const TC_SMEM: u32 = 3 * (128 + 64) * 40 * 2;
 
+/// Dynamic shared memory of `moe_gemm_dec{1,2,4,8}_*` (`DecCfg<NF>::SMEM_BYTES` of
+/// gemm_decode.cu): 4 warps x stages (4, 4, 4, 3) x (64 weight + 8 NF token rows) x 64 bytes.
+pub(crate) const DEC_SMEM: [u32; 4] = [73728, 81920, 98304, 98304];
+
 /// Which GEMM kernel a launch uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum GemmPath {
@@ -160,6 +196,10 @@ pub(crate) enum GemmPath {
     Pipelined { capped: bool },
     /// `moe_gemv_*`: dense only, one warp per output column, [`GEMV_ROWS`] rows per block.
     Gemv,
+    /// `moe_gemm_dec{1,2,4,8}_*` (gemm_decode.cu): swap-AB tensor cores, weights streamed once
+    /// per pass of `8 << nf_log2` rows. `groups`: the host's bound on the groups (experts) with
+    /// rows, min(local experts, T K) (dense: 1); the grid is `groups` x feature strips.
+    Decode { nf_log2: u32, groups: u32 },
 }
 
 /// Rows one `moe_gemv_*` block computes (`GEMV_MR` of gemv.cu).
@@ -174,6 +214,12 @@ pub(crate) fn gemm(
     path: GemmPath,
     p: &GemmParams,
 ) -> Result<()> {
+    if let GemmPath::Decode { nf_log2, groups } = path
+        && ty > 0
+        && k.dec_ok
+    {
+        return gemm_decode(s, k, ty, nf_log2.min(3) as usize, groups, p);
+    }
     if path == GemmPath::Gemv {
         debug_assert_eq!(p.grouped, 0, "moe_gemv is dense only");
         let grid = ((p.n as u32).div_ceil(4), (p.m as u32).div_ceil(GEMV_ROWS));
@@ -210,6 +256,39 @@ pub(crate) fn gemm(
     // K % 8 == 0 and 16-byte aligned A and W (the caller selects them only then) and get
     // their dynamic shared memory (raised at load) here.
     unsafe { b.launch(c) }.map(drop).map_err(err("launch moe_gemm"))
+}
+
+/// Launches `moe_gemm_dec*`: 128 threads, one block per (group with rows, feature strip of 64
+/// outputs, gated 32); blocks past the groups that have rows exit at once.
+fn gemm_decode(
+    s: &CudaStream,
+    k: &Kernels,
+    ty: usize,
+    nf: usize,
+    groups: u32,
+    p: &GemmParams,
+) -> Result<()> {
+    let feat = if p.gated != 0 { 32u32 } else { 64 };
+    let strips = (p.n as u32).div_ceil(feat);
+    let blocks = strips.checked_mul(groups).filter(|&b| b < i32::MAX as u32);
+    let Some(blocks) = blocks else {
+        return Err(moe_core::MoeError::Unsupported {
+            backend: "cuda",
+            what: "decode GEMM grid larger than 2^31 blocks",
+        });
+    };
+    if blocks == 0 || p.m == 0 {
+        return Ok(());
+    }
+    let mut b = s.launch_builder(&k.dec[ty - 1][nf]);
+    b.arg(p);
+    let mut c = cfg((blocks, 1), 128);
+    c.shared_mem_bytes = DEC_SMEM[nf];
+    // SAFETY: as for `gemm`: the callers checked every pointer of `p` against its view; the
+    // decode kernels need K % 8 == 0 and 16-byte aligned A and W (the caller selects them only
+    // then; vec_a and vec_w say so) and get their dynamic shared memory (raised at load) here.
+    // Blocks beyond the groups that have rows read only expert_offsets and exit.
+    unsafe { b.launch(c) }.map(drop).map_err(err("launch moe_gemm_dec"))
 }
 
 /// Launches `moe_route` (one warp per token, 4 per block).

@@ -119,6 +119,33 @@ pub struct GemmTuning {
     /// For gated GEMMs on the pipelined path, the variant capped at 128 registers (two blocks
     /// per SM, some register spills) instead of one block of 176 registers.
     pub capped_gated: bool,
+    /// Use the memory-bound decode kernel (`moe_gemm_dec*`, kernels/cuda/gemm_decode.cu) for
+    /// 16-bit GEMMs with few rows per group, chosen on the host by [`decode_fragments`] from
+    /// shapes alone (no device data is read, so a forward stays graph-capturable). Off by
+    /// default until it has run on a GPU; other GEMMs keep the choice above.
+    pub decode: bool,
+}
+
+/// The decode kernel's rule: the n8 row fragments per pass (1, 2, 4 or 8, i.e. 8 to 64 rows
+/// per pass over the weights), or `None` to keep the tiled kernels. From host-known numbers
+/// only: `rows_bound`, the most rows one group can have (grouped: T, since a token picks an
+/// expert at most once; dense: M); `slots`, the rows in all (grouped T K, dense M); `groups`,
+/// the (local) experts (dense 1).
+///
+/// Rule: decode when the mean rows per group with rows, `slots / min(groups, slots)`, is at
+/// most 32 or `rows_bound <= 64`. The pass size covers `min(rows_bound, 3 mean + 8)` rows
+/// (about the largest of independently routed groups; more rows in a skewed group cost
+/// another pass over that expert's weights, not correctness), capped at 64.
+pub fn decode_fragments(rows_bound: usize, slots: usize, groups: usize) -> Option<u32> {
+    if slots == 0 || rows_bound == 0 || groups == 0 {
+        return None;
+    }
+    let mean = slots.div_ceil(groups.min(slots));
+    if mean > 32 && rows_bound > 64 {
+        return None;
+    }
+    let est = rows_bound.min(3 * mean + 8);
+    Some([1u32, 2, 4, 8].into_iter().find(|nf| 8 * *nf as usize >= est).unwrap_or(8))
 }
 
 /// The CUDA backend: the loaded kernels and the stream every stage is launched on.
@@ -297,7 +324,42 @@ impl Backend for CudaBackend {
 
 impl CudaBackend {
     /// `rows_ok`: for a grouped GEMM, whether expert blocks are padded to the pipelined tile.
+    /// A dense GEMM (M = its rows) may take the decode kernel; grouped ones go through
+    /// [`Self::run_grouped_gemm`].
     fn run_gemm<T: CudaElement>(&self, p: launch::GemmParams, rows_ok: bool) -> Result<()> {
+        let m = p.m.max(0) as usize;
+        self.run_gemm_with::<T>(p, rows_ok, (m, m, 1))
+    }
+
+    /// A grouped GEMM of `tokens` tokens routed to `top_k` of `p.grouped` local experts.
+    fn run_grouped_gemm<T: CudaElement>(
+        &self,
+        p: launch::GemmParams,
+        rows_ok: bool,
+        tokens: usize,
+        top_k: usize,
+    ) -> Result<()> {
+        self.run_gemm_with::<T>(p, rows_ok, (tokens, tokens * top_k, p.grouped.max(0) as usize))
+    }
+
+    /// `shape`: (rows_bound, slots, groups) of [`decode_fragments`].
+    fn run_gemm_with<T: CudaElement>(
+        &self,
+        p: launch::GemmParams,
+        rows_ok: bool,
+        shape: (usize, usize, usize),
+    ) -> Result<()> {
+        let (rows_bound, slots, groups) = shape;
+        let decode = if T::VEC8 && self.tuning.decode && p.vec_a != 0 && p.vec_w != 0 {
+            decode_fragments(rows_bound, slots, groups)
+        } else {
+            None
+        };
+        if let Some(nf) = decode {
+            let groups = groups.min(slots).min(u32::MAX as usize) as u32;
+            let path = launch::GemmPath::Decode { nf_log2: nf.trailing_zeros(), groups };
+            return launch::gemm(&self.stream, &self.kernels, T::INDEX, path, &p);
+        }
         let path = if Self::gemv_fits::<T>(&p) {
             launch::GemmPath::Gemv
         } else if T::VEC8 && self.tuning.pipelined && rows_ok && p.vec_a != 0 && p.vec_w != 0 {
@@ -500,7 +562,12 @@ impl<T: CudaElement> MoeStages<T> for CudaBackend {
             vec_w: Self::vec_ok::<T>(d, &[weights.up.ptr, wg]),
             ..Default::default()
         };
-        self.run_gemm::<T>(p, plan.row_align().is_multiple_of(Self::ROW_ALIGN_PIPELINED))
+        self.run_grouped_gemm::<T>(
+            p,
+            plan.row_align().is_multiple_of(Self::ROW_ALIGN_PIPELINED),
+            tokens,
+            k,
+        )
     }
 
     fn expert_down(
@@ -542,7 +609,12 @@ impl<T: CudaElement> MoeStages<T> for CudaBackend {
             vec_w: Self::vec_ok::<T>(i, &[weights.down.ptr]),
             ..Default::default()
         };
-        self.run_gemm::<T>(p, plan.row_align().is_multiple_of(Self::ROW_ALIGN_PIPELINED))
+        self.run_grouped_gemm::<T>(
+            p,
+            plan.row_align().is_multiple_of(Self::ROW_ALIGN_PIPELINED),
+            tokens,
+            k,
+        )
     }
 
     fn combine(
@@ -729,6 +801,24 @@ mod tests {
         let w = DevViewMut::<i32>::raw(0x2000, 4);
         let (x, y) = <CudaBackend as Backend>::split_at(w, 9);
         assert_eq!((x.len, y.len), (4, 0));
+    }
+
+    #[test]
+    fn decode_rule() {
+        // Mixtral (E 8, K 2): T 1 -> 8 rows, T 16 -> 16, T 128 (mean 32) -> 64-row passes
+        assert_eq!(decode_fragments(1, 2, 8), Some(1));
+        assert_eq!(decode_fragments(16, 32, 8), Some(2));
+        assert_eq!(decode_fragments(128, 256, 8), Some(8));
+        assert_eq!(decode_fragments(1024, 2048, 8), None);
+        // Qwen3 (E 128, K 8): T 128 -> mean 8 -> 32-row passes; T 1024 -> mean 64 -> tiled
+        assert_eq!(decode_fragments(128, 1024, 128), Some(4));
+        assert_eq!(decode_fragments(1024, 8192, 128), None);
+        // DeepSeek-V3 routed (E 256, K 8) and its shared expert (dense M = T)
+        assert_eq!(decode_fragments(16, 128, 256), Some(2));
+        assert_eq!(decode_fragments(128, 1024, 256), Some(4));
+        assert_eq!(decode_fragments(64, 64, 1), Some(8));
+        assert_eq!(decode_fragments(65, 65, 1), None);
+        assert_eq!(decode_fragments(0, 0, 8), None);
     }
 
     #[test]

@@ -36,8 +36,9 @@ fn conformance_rules() {
 #[test]
 fn conformance_golden_other_kernels() {
     for tuning in [
-        GemmTuning { pipelined: true, capped_gated: false },
-        GemmTuning { pipelined: true, capped_gated: true },
+        GemmTuning { pipelined: true, capped_gated: false, ..Default::default() },
+        GemmTuning { pipelined: true, capped_gated: true, ..Default::default() },
+        GemmTuning { decode: true, ..Default::default() },
     ] {
         let Some(r) = common::runner_with("conformance_golden_other_kernels", tuning) else {
             return;
@@ -53,7 +54,11 @@ fn conformance_golden_other_kernels() {
 /// tiles per expert, token counts that are not tile multiples) against the float64 reference.
 #[test]
 fn conformance_larger_shapes() {
-    for tuning in [GemmTuning::default(), GemmTuning { pipelined: true, capped_gated: false }] {
+    for tuning in [
+        GemmTuning::default(),
+        GemmTuning { pipelined: true, capped_gated: false, ..Default::default() },
+        GemmTuning { decode: true, ..Default::default() },
+    ] {
         let Some(r) = common::runner_with("conformance_larger_shapes", tuning) else { return };
         larger_shapes(&r);
     }
@@ -117,6 +122,131 @@ fn larger_configs() -> Vec<MoeConfig> {
     };
     d.expert.apply_weight_on_input = true;
     vec![a, b, c, d]
+}
+
+/// The decode GEMM (`GemmTuning::decode`) on decode shapes: T in {1, 2, 7, 16, 33}, K in
+/// {1, 2, 8}, E in {8, 64}, H and I multiples of 8 but not of 64 (K tails of the 32-wide
+/// step), gated and ungated, biases, the routing weight on the input and on the output, a
+/// shared expert (dense decode GEMMs) on every other case; plus skewed routing (a router bias
+/// sends every token to expert 0: several row passes and, at T = 200, two row chunks). bf16,
+/// f16, and f32 (which falls back to the tiled kernel) against the float64 reference.
+#[test]
+fn conformance_decode_shapes() {
+    let tuning = GemmTuning { decode: true, ..Default::default() };
+    let Some(r) = common::runner_with("conformance_decode_shapes", tuning) else { return };
+    let mut failed = Vec::new();
+    let mut n = 0;
+    for (ci, (config, tokens, skew)) in decode_configs().into_iter().enumerate() {
+        let mut rng = Rng::new(0xdec0 + ci as u64);
+        let mut case = generated_case(&format!("decode-{ci}-t{tokens}"), config, tokens, &mut rng);
+        if skew && let Some(b) = case.weights.router_bias.as_mut() {
+            b[0] = 8.0;
+        }
+        for dtype in DType::ALL {
+            let res = check_case(&r, &rounded_case(&case, dtype), dtype);
+            n += 1;
+            if !res.passed {
+                println!("{}", res.line);
+                failed.push(res.line);
+            }
+        }
+    }
+    println!("{} of {n} decode-shape checks passed", n - failed.len());
+    assert!(failed.is_empty(), "{failed:#?}");
+}
+
+/// The decode-shape cases are valid layers the reference runs (checked without a GPU too), and
+/// the skewed ones really send every token to expert 0.
+#[test]
+fn decode_shapes_are_valid_cases() {
+    for (ci, (config, tokens, skew)) in decode_configs().into_iter().enumerate() {
+        config.validate().unwrap_or_else(|e| panic!("decode case {ci}: {e}"));
+        if skew {
+            let mut rng = Rng::new(1);
+            let mut case = generated_case("skew", config, tokens, &mut rng);
+            case.weights.router_bias.as_mut().expect("router bias")[0] = 8.0;
+            let case = rounded_case(&case, DType::BF16);
+            let k = config.top_k;
+            assert!((0..tokens).all(|t| case.expected.topk_ids[t * k..(t + 1) * k].contains(&0)));
+        }
+    }
+}
+
+fn decode_configs() -> Vec<(MoeConfig, usize, bool)> {
+    let mut out = Vec::new();
+    let mut i = 0usize;
+    for &tokens in &[1usize, 2, 7, 16, 33] {
+        for &top_k in &[1usize, 2, 8] {
+            for &experts in &[8usize, 64] {
+                let gated = i.is_multiple_of(2);
+                let on_input = (i / 2).is_multiple_of(2);
+                let (h, inter) = [(136, 200), (264, 72), (72, 328)][i % 3];
+                let activation = if gated {
+                    [Activation::Silu, Activation::SwigluOai { alpha: 1.702, limit: 7.0 }][i % 2]
+                } else {
+                    [Activation::Gelu, Activation::Relu2][(i / 3) % 2]
+                };
+                let mut c = MoeConfig {
+                    hidden: h,
+                    experts,
+                    top_k,
+                    router: RouterConfig {
+                        reduce: TopkReduce::Sum { eps: 0.0 },
+                        ..RouterConfig::default()
+                    },
+                    expert: ExpertConfig {
+                        mlp: MlpConfig { intermediate: inter, gated, activation, bias: true },
+                        apply_weight_on_input: on_input,
+                    },
+                    shared: None,
+                    latent: None,
+                    parallel: ParallelConfig::default(),
+                };
+                if i % 2 == 1 {
+                    c.shared = Some(SharedConfig {
+                        mlp: MlpConfig {
+                            intermediate: 120,
+                            gated: true,
+                            activation: Activation::Silu,
+                            bias: false,
+                        },
+                        gate: SharedGate::SigmoidLinear,
+                    });
+                }
+                out.push((c, tokens, false));
+                i += 1;
+            }
+        }
+    }
+    // skewed: every token routes to expert 0 (router bias), top-1 and top-2
+    for (tokens, top_k, experts, gated) in
+        [(33usize, 1usize, 8usize, true), (33, 2, 64, false), (200, 1, 64, true), (16, 8, 64, true)]
+    {
+        let c = MoeConfig {
+            hidden: 136,
+            experts,
+            top_k,
+            router: RouterConfig {
+                bias: true,
+                reduce: TopkReduce::Sum { eps: 0.0 },
+                ..RouterConfig::default()
+            },
+            expert: ExpertConfig {
+                mlp: MlpConfig {
+                    intermediate: 200,
+                    gated,
+                    activation: Activation::Silu,
+                    bias: true,
+                },
+                apply_weight_on_input: false,
+            },
+            shared: None,
+            latent: None,
+            parallel: ParallelConfig::default(),
+        };
+        out.push((c, tokens, true));
+    }
+    out
 }
 
 #[test]

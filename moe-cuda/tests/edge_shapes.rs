@@ -21,7 +21,11 @@ fn make(name: &str, c: MoeConfig, tokens: usize, seed: u64) -> Case {
 fn conformance_edge_shapes() {
     let mut cases = edge_cases();
     cases.push(make("H=300 I=70 (many K tiles)", edge_config(300, 8, 2, 70), 40, 14));
-    for tuning in [GemmTuning::default(), GemmTuning { pipelined: true, capped_gated: false }] {
+    for tuning in [
+        GemmTuning::default(),
+        GemmTuning { pipelined: true, ..Default::default() },
+        GemmTuning { decode: true, ..Default::default() },
+    ] {
         let Some(r) = common::runner_with("conformance_edge_shapes", tuning) else { return };
         let mut failed = Vec::new();
         for case in &cases {
