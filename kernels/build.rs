@@ -17,6 +17,7 @@ const SOURCES: &[&str] = &[
     "cuda/route.cu",
     "cuda/permute.cu",
     "cuda/gemm.cu",
+    "cuda/gemm_sm90.cu",
     "cuda/elementwise.cu",
 ];
 

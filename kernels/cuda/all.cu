@@ -3,4 +3,5 @@
 #include "route.cu"
 #include "permute.cu"
 #include "gemm.cu"
+#include "gemm_sm90.cu"
 #include "elementwise.cu"

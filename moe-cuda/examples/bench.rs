@@ -612,7 +612,7 @@ fn main() -> R<()> {
         let plan = CudaBackend::plan(&m.config, tmax)?;
         let plan_tc = be
             .clone()
-            .with_tuning(GemmTuning { pipelined: true, capped_gated: false })
+            .with_tuning(GemmTuning { pipelined: true, ..Default::default() })
             .make_plan(&m.config, tmax)?;
         let w = weights(&m.config, &s, &filler, &mut rng)?;
         let x = filler.tensor(&s, tmax * m.config.hidden, 1.0, &mut rng)?;
@@ -661,9 +661,12 @@ fn main() -> R<()> {
         for &t in tokens.iter().filter(|&&t| t == 16 || t == 4096) {
             let mut line = format!("kernels {:<14} T={:<6}", m.name, t);
             for (name, tuning) in [
-                ("pipelined", GemmTuning { pipelined: true, capped_gated: false }),
-                ("pipelined-capped", GemmTuning { pipelined: true, capped_gated: true }),
-                ("simple", GemmTuning { pipelined: false, capped_gated: false }),
+                ("pipelined", GemmTuning { pipelined: true, ..Default::default() }),
+                (
+                    "pipelined-capped",
+                    GemmTuning { pipelined: true, capped_gated: true, ..Default::default() },
+                ),
+                ("simple", GemmTuning::default()),
             ] {
                 let b = be.clone().with_tuning(tuning);
                 let p = if tuning.pipelined { &plan_tc } else { &plan };

@@ -119,6 +119,13 @@ pub struct GemmTuning {
     /// For gated GEMMs on the pipelined path, the variant capped at 128 registers (two blocks
     /// per SM, some register spills) instead of one block of 176 registers.
     pub capped_gated: bool,
+    /// Use the Hopper wgmma kernel (`moe_gemm_wg_*`, sm_90a: persistent, 128 x 256 tiles,
+    /// warp-specialized cp.async ring, wgmma.m64n256k16) where it is eligible: a compute
+    /// capability 9.0 device, bf16/f16, K % 64 == 0, 16-byte aligned A and W, N >= 128, and
+    /// for grouped GEMMs expert blocks padded to 128 rows (a plan from
+    /// [`CudaBackend::make_plan`]). Every other GEMM falls back to the pipelined kernel
+    /// (where eligible) or the simple one. NOT yet run on a GPU.
+    pub wgmma: bool,
 }
 
 /// The CUDA backend: the loaded kernels and the stream every stage is launched on.
@@ -161,7 +168,7 @@ impl CudaBackend {
         let module = ctx
             .load_module(Ptx::from_binary(moe_kernels::FATBIN.to_vec()))
             .map_err(err("cuModuleLoadData"))?;
-        let kernels = Arc::new(launch::Kernels::load(module)?);
+        let kernels = Arc::new(launch::Kernels::load(module, &ctx)?);
         cache.push((key, Arc::downgrade(&kernels)));
         Ok(CudaBackend { stream, kernels, tuning: GemmTuning::default() })
     }
@@ -188,9 +195,13 @@ impl CudaBackend {
     }
 
     /// The row alignment this backend's tuning wants ([`Self::ROW_ALIGN_PIPELINED`] with the
-    /// pipelined kernel, else [`Self::ROW_ALIGN`]).
+    /// pipelined or the wgmma kernel, else [`Self::ROW_ALIGN`]).
     pub fn row_align(&self) -> usize {
-        if self.tuning.pipelined { Self::ROW_ALIGN_PIPELINED } else { Self::ROW_ALIGN }
+        if self.tuning.pipelined || self.tuning.wgmma {
+            Self::ROW_ALIGN_PIPELINED
+        } else {
+            Self::ROW_ALIGN
+        }
     }
 
     /// A plan padded for this backend's tuning.
@@ -298,12 +309,28 @@ impl Backend for CudaBackend {
 impl CudaBackend {
     /// `rows_ok`: for a grouped GEMM, whether expert blocks are padded to the pipelined tile.
     fn run_gemm<T: CudaElement>(&self, p: launch::GemmParams, rows_ok: bool) -> Result<()> {
-        let path = if T::VEC8 && self.tuning.pipelined && rows_ok && p.vec_a != 0 && p.vec_w != 0 {
+        let aligned = T::VEC8 && rows_ok && p.vec_a != 0 && p.vec_w != 0;
+        let path = if self.tuning.wgmma && aligned && self.wgmma_eligible(&p) {
+            launch::GemmPath::Wgmma
+        } else if self.tuning.pipelined && aligned {
             launch::GemmPath::Pipelined { capped: self.tuning.capped_gated }
         } else {
             launch::GemmPath::Simple
         };
         launch::gemm(&self.stream, &self.kernels, T::INDEX, path, &p)
+    }
+
+    /// The wgmma kernel's eligibility beyond 16-bit type, 16-byte alignment (vec_a / vec_w:
+    /// K % 8 == 0 and aligned A, W) and 128-row expert blocks: K a multiple of its 64-wide K
+    /// step, N at least 128 (narrower outputs waste most of a 256-column tile), and a compute
+    /// capability 9.0 device.
+    fn wgmma_eligible(&self, p: &launch::GemmParams) -> bool {
+        p.k > 0 && p.k % 64 == 0 && p.n >= 128 && self.kernels.wgmma_available()
+    }
+
+    /// Whether this device can run the wgmma kernel (compute capability 9.0).
+    pub fn wgmma_available(&self) -> bool {
+        self.kernels.wgmma_available()
     }
 
     fn vec_ok<T: CudaElement>(k: usize, ptrs: &[u64]) -> i32 {
