@@ -32,7 +32,7 @@ for w in $what; do
         done ;;
     sanitize)
         echo "=== compute-sanitizer memcheck (golden, other kernels, graph, larger shapes, wgmma shapes)"
-        compute-sanitizer --tool memcheck --print-limit 20 "$conf" --test-threads=1 golden graph larger wgmma 2>"$conf" --test-threads=1 golden graph larger 2>&11 | tail -n 25 || rc=1
+        compute-sanitizer --tool memcheck --print-limit 20 "$conf" --test-threads=1 golden graph larger wgmma 2>&1 | tail -n 25 || rc=1
         echo "=== compute-sanitizer racecheck (golden)"
         compute-sanitizer --tool racecheck --print-limit 20 "$conf" --test-threads=1 golden 2>&1 | tail -n 25 || rc=1 ;;
     quickstart)
