@@ -19,6 +19,7 @@ const SOURCES: &[&str] = &[
     "cuda/gemm.cu",
     "cuda/gemv.cu",
     "cuda/gemm_decode.cu",
+    "cuda/gemm_sm90.cu",
     "cuda/elementwise.cu",
 ];
 

@@ -93,8 +93,8 @@ for w in $what; do
             "$t" --nocapture --test-threads=1 || rc=1
         done ;;
     sanitize)
-        echo "=== compute-sanitizer memcheck (golden, other kernels, graph, larger and decode shapes)"
-        compute-sanitizer --tool memcheck --print-limit 20 "$conf" --test-threads=1 golden graph larger decode 2>&1 | tail -n 25 || rc=1
+        echo "=== compute-sanitizer memcheck (golden, other kernels, graph, larger, decode and wgmma shapes)"
+        compute-sanitizer --tool memcheck --print-limit 20 "$conf" --test-threads=1 golden graph larger decode wgmma 2>&1 | tail -n 25 || rc=1
         echo "=== compute-sanitizer racecheck (golden)"
         compute-sanitizer --tool racecheck --print-limit 20 "$conf" --test-threads=1 golden 2>&1 | tail -n 25 || rc=1
         echo "=== compute-sanitizer racecheck (decode GEMM shapes)"

@@ -5,4 +5,5 @@
 #include "gemm.cu"
 #include "gemv.cu"
 #include "gemm_decode.cu"
+#include "gemm_sm90.cu"
 #include "elementwise.cu"

@@ -29,30 +29,55 @@ template <> MOE_DEVICE __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return _
 
 MOE_DEVICE float sigmoidf_(float x) { return 1.0f / (1.0f + expf(-x)); }
 
-MOE_DEVICE float activate(int act, float x, float alpha, float limit);
-
-// h = f(gate, up) of a gated MLP (math::gated).
-MOE_DEVICE float gated_act(int act, float gate, float up, float alpha, float limit) {
-    if (act == ACT_SWIGLU_OAI) {
-        float g = fminf(gate, limit);
-        float u = fminf(fmaxf(up, -limit), limit);
-        return (u + 1.0f) * g * sigmoidf_(alpha * g);
-    }
-    return activate(act, gate, alpha, limit) * up;
+// sigmoid(x) without a call: IEEE division has an out-of-line slow path (a CALL in SASS),
+// which the wgmma GEMM's epilogue cannot afford while 128 accumulators are live. Approximate
+// reciprocal plus one Newton step (within about 1 ulp of 1 / d; d = inf gives 0 like 1 / inf).
+MOE_DEVICE float sigmoid_nocall(float x) {
+    const float d = 1.0f + expf(-x);
+    float r = __fdividef(1.0f, d);
+    if (d < 1e30f) r = fmaf(r, fmaf(-d, r, 1.0f), r);
+    return r;
 }
 
-// The activation of an ungated MLP (math::activate).
-MOE_DEVICE float activate(int act, float x, float alpha, float limit) {
+template <bool NOCALL> MOE_DEVICE float sigmoid_t(float x) {
+    return NOCALL ? sigmoid_nocall(x) : sigmoidf_(x);
+}
+
+// swiglu_oai(gate, up) (math::gated for SwigluOai).
+template <bool NOCALL>
+MOE_DEVICE float swiglu_oai_t(float gate, float up, float alpha, float limit) {
+    float g = fminf(gate, limit);
+    float u = fminf(fmaxf(up, -limit), limit);
+    return (u + 1.0f) * g * sigmoid_t<NOCALL>(alpha * g);
+}
+
+// The activation of an ungated MLP (math::activate). (No mutual recursion with gated_act_t,
+// so both always inline.)
+template <bool NOCALL> MOE_DEVICE float activate_t(int act, float x, float alpha, float limit) {
     switch (act) {
-    case ACT_SILU: return x * sigmoidf_(x);
+    case ACT_SILU: return x * sigmoid_t<NOCALL>(x);
     case ACT_GELU: return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
     case ACT_GELU_TANH: {
         const float c = 0.7978845608028654f;
         return 0.5f * x * (1.0f + tanhf(c * (x + 0.044715f * x * x * x)));
     }
     case ACT_RELU2: { float r = fmaxf(x, 0.0f); return r * r; }
-    default: return gated_act(ACT_SWIGLU_OAI, x, x, alpha, limit);
+    default: return swiglu_oai_t<NOCALL>(x, x, alpha, limit);
     }
+}
+
+// h = f(gate, up) of a gated MLP (math::gated). NOCALL: sigmoid_nocall (see above).
+template <bool NOCALL>
+MOE_DEVICE float gated_act_t(int act, float gate, float up, float alpha, float limit) {
+    if (act == ACT_SWIGLU_OAI) return swiglu_oai_t<NOCALL>(gate, up, alpha, limit);
+    return activate_t<NOCALL>(act, gate, alpha, limit) * up;
+}
+
+MOE_DEVICE float gated_act(int act, float gate, float up, float alpha, float limit) {
+    return gated_act_t<false>(act, gate, up, alpha, limit);
+}
+MOE_DEVICE float activate(int act, float x, float alpha, float limit) {
+    return activate_t<false>(act, x, alpha, limit);
 }
 
 // (value, index) argmax rule of math::argmax_no_nan: NaN never wins, larger wins, lower index

@@ -100,27 +100,32 @@ MOE_DEVICE int setup_rows(const GemmParams& p, TileRowsT<BM>& tr, int m0) {
     return expert;
 }
 
-template <typename T, int BM>
-MOE_DEVICE void epi_store(const GemmParams& p, const TileRowsT<BM>& tr, int rl, int col, float g,
-                          float u, const T* bias_up, const T* bias_gate) {
-    const int r = tr.orow[rl];
-    if (r < 0 || col >= p.N) return;
-    const float rw = tr.rw[rl];
+// The epilogue value of one output (row weight rw, column col, gate / up accumulators); shared
+// by every GEMM kernel (also gemm_sm90.cu, with NOCALL = true: no out-of-line division).
+template <typename T, bool NOCALL = false>
+MOE_DEVICE float epi_value(const GemmParams& p, float rw, int col, float g, float u,
+                           const T* bias_up, const T* bias_gate) {
     float y;
     if (p.epilogue == 1) {
         const float s = p.weight_mode == 1 ? rw : 1.0f;
         const float up = u * s + (bias_up ? to_f32(bias_up[col]) : 0.0f);
         if (p.gated) {
             const float gt = g * s + (bias_gate ? to_f32(bias_gate[col]) : 0.0f);
-            y = gated_act(p.act, gt, up, p.alpha, p.limit);
+            y = gated_act_t<NOCALL>(p.act, gt, up, p.alpha, p.limit);
         } else {
-            y = activate(p.act, up, p.alpha, p.limit);
+            y = activate_t<NOCALL>(p.act, up, p.alpha, p.limit);
         }
     } else {
         y = u + (bias_up ? to_f32(bias_up[col]) : 0.0f);
         if (p.weight_mode == 2) y *= rw;
         y *= p.scale;
     }
+    return y;
+}
+
+// Writes (or accumulates into) output element (r, col).
+template <typename T>
+MOE_DEVICE void epi_write(const GemmParams& p, int r, int col, float y) {
     const size_t o = (size_t)r * p.N + col;
     if (p.out_f32) {
         float* out = (float*)p.out;
@@ -131,6 +136,14 @@ MOE_DEVICE void epi_store(const GemmParams& p, const TileRowsT<BM>& tr, int rl, 
         if (p.accumulate) y += to_f32(out[o]);
         out[o] = from_f32<T>(y);
     }
+}
+
+template <typename T, int BM>
+MOE_DEVICE void epi_store(const GemmParams& p, const TileRowsT<BM>& tr, int rl, int col, float g,
+                          float u, const T* bias_up, const T* bias_gate) {
+    const int r = tr.orow[rl];
+    if (r < 0 || col >= p.N) return;
+    epi_write<T>(p, r, col, epi_value<T>(p, tr.rw[rl], col, g, u, bias_up, bias_gate));
 }
 
 // ------------------------------------------------------------------ tensor-core path (16-bit)

@@ -6,7 +6,9 @@
 //!
 //! Kernels (all `extern "C"`): `moe_route`, `moe_permute`, `moe_gemm_{f32,f16,bf16}`,
 //! `moe_gemm_tc_{f16,bf16}`, `moe_gemm_tc_gated{,2}_{f16,bf16}`,
-//! `moe_gemm_dec{1,2,4,8}_{f16,bf16}` (gemm_decode.cu), `moe_combine_*`, `moe_sigmoid_gate_*`, `moe_add_assign_*`. Their parameter structs are
+//! `moe_gemm_dec{1,2,4,8}_{f16,bf16}` (gemm_decode.cu), `moe_gemm_wg{,_gated}_{f16,bf16}` (sm_90a
+//! wgmma; empty stubs in the sm_80 / compute_80 code), `moe_gemv_*`, `moe_combine_*`,
+//! `moe_sigmoid_gate_*`, `moe_add_assign_*`. Their parameter structs are
 //! documented in the sources; `moe-cuda` mirrors them.
 
 /// The fatbin, or an empty slice when the crate was built without nvcc.

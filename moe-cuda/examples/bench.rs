@@ -576,10 +576,34 @@ fn main() -> R<()> {
     // SAFETY: no slice exists yet; the bench uses one stream.
     unsafe { ctx.disable_event_tracking() };
     let s = ctx.new_stream()?;
-    let decode_table = std::env::args().any(|a| a == "--decode")
+    let decode_flag = std::env::args().any(|a| a == "--decode")
         || std::env::var("MOE_BENCH_DECODE").is_ok_and(|v| v == "1");
-    let be = CudaBackend::new(s.clone())?
-        .with_tuning(GemmTuning { decode: decode_table, ..Default::default() });
+    // `--tuning simple|pipelined|pipelined-capped|wgmma|decode|best` (or MOE_GEMM_TUNING;
+    // `--decode` / MOE_BENCH_DECODE=1 = decode): the GEMM kernels of the
+    // whole-layer table (default: the backend's default, the simple kernel)
+    let tuning_name = arg("--tuning")
+        .or_else(|| std::env::var("MOE_GEMM_TUNING").ok())
+        .unwrap_or_else(|| if decode_flag { "decode" } else { "simple" }.into());
+    let tuning = match tuning_name.as_str() {
+        "simple" => GemmTuning::default(),
+        "pipelined" => GemmTuning { pipelined: true, ..Default::default() },
+        "pipelined-capped" => {
+            GemmTuning { pipelined: true, capped_gated: true, ..Default::default() }
+        }
+        "wgmma" => GemmTuning { wgmma: true, ..Default::default() },
+        "decode" => GemmTuning { decode: true, ..Default::default() },
+        // every faster path where it is eligible: decode for few rows per expert, wgmma on
+        // sm_90, the pipelined kernel elsewhere
+        "best" => GemmTuning { decode: true, wgmma: true, pipelined: true, ..Default::default() },
+        other => {
+            return Err(format!(
+                "unknown --tuning {other} (simple, pipelined, pipelined-capped, wgmma, decode, best)"
+            )
+            .into());
+        }
+    };
+    let be0 = CudaBackend::new(s.clone())?;
+    let be = be0.clone().with_tuning(tuning);
     let timer = Timer { stream: s.clone() };
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     let filler = Filler::new(&s, &mut rng)?;
@@ -591,11 +615,22 @@ fn main() -> R<()> {
     let mut csv = arg("--csv").map(std::fs::File::create).transpose()?;
 
     println!("device: {}", ctx.name()?);
-    println!("layer table GEMM tuning: {:?}", be.tuning());
+    println!(
+        "layer table GEMM tuning: {tuning_name} ({tuning:?}); wgmma kernel available: {}",
+        be.wgmma_available()
+    );
     let bw = copy_bandwidth(&s, &timer)?;
     println!("copy bandwidth (D2D, read + write): {:.0} GB/s", bw / 1e9);
     let own = own_gemm_rate(&be, &s, &timer, &filler, &mut rng)?;
-    println!("moe-cuda dense bf16 GEMM 8192^3: {:.0} TFLOP/s", own / 1e12);
+    println!("moe-cuda dense bf16 GEMM 8192^3 ({tuning_name}): {:.0} TFLOP/s", own / 1e12);
+    for (name, t) in [
+        ("simple", GemmTuning::default()),
+        ("pipelined", GemmTuning { pipelined: true, ..Default::default() }),
+        ("wgmma", GemmTuning { wgmma: true, ..Default::default() }),
+    ] {
+        let r = own_gemm_rate(&be0.clone().with_tuning(t), &s, &timer, &filler, &mut rng)?;
+        println!("kernels dense bf16 GEMM 8192^3 {name}: {:.0} TFLOP/s", r / 1e12);
+    }
     let rate = match cublas_rate(&s, &timer, &filler, &mut rng) {
         Ok(r) => {
             println!(
@@ -616,7 +651,8 @@ fn main() -> R<()> {
             continue;
         }
         let tmax = *tokens.iter().max().unwrap_or(&1);
-        let plan = CudaBackend::plan(&m.config, tmax)?;
+        let plan = be.make_plan(&m.config, tmax)?;
+        let plan_simple = CudaBackend::plan(&m.config, tmax)?;
         let plan_tc = be
             .clone()
             .with_tuning(GemmTuning { pipelined: true, ..Default::default() })
@@ -627,7 +663,8 @@ fn main() -> R<()> {
         let ws_bytes = plan
             .layout(moe_core::DType::BF16)?
             .total_bytes
-            .max(plan_tc.layout(moe_core::DType::BF16)?.total_bytes);
+            .max(plan_tc.layout(moe_core::DType::BF16)?.total_bytes)
+            .max(plan_simple.layout(moe_core::DType::BF16)?.total_bytes);
         let mut ws = s.alloc_zeros::<u8>(ws_bytes)?;
         for &t in &tokens {
             let r = bench_tokens(
@@ -665,9 +702,10 @@ fn main() -> R<()> {
             rows.push(r);
         }
         // the GEMM kernel variants on some token counts
-        for &t in tokens.iter().filter(|&&t| [1, 16, 128, 4096].contains(&t)) {
+        for &t in tokens.iter().filter(|&&t| [1, 16, 128, 4096, 16384].contains(&t)) {
             let mut line = format!("kernels {:<14} T={:<6}", m.name, t);
             for (name, tuning) in [
+                ("wgmma", GemmTuning { wgmma: true, ..Default::default() }),
                 ("pipelined", GemmTuning { pipelined: true, ..Default::default() }),
                 (
                     "pipelined-capped",
@@ -676,8 +714,8 @@ fn main() -> R<()> {
                 ("simple", GemmTuning::default()),
                 ("decode", GemmTuning { decode: true, ..Default::default() }),
             ] {
-                let b = be.clone().with_tuning(tuning);
-                let p = if tuning.pipelined { &plan_tc } else { &plan };
+                let b = be0.clone().with_tuning(tuning);
+                let p = if tuning.pipelined || tuning.wgmma { &plan_tc } else { &plan_simple };
                 let r = bench_tokens(
                     &b, &s, &timer, &m, p, &w, &x, &mut out, &mut ws, t, bw, rate, false,
                 )?;

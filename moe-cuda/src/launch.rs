@@ -2,9 +2,9 @@
 //! sources (`kernels/cuda/*.cu`; field order and types must match them exactly).
 
 use crate::err;
-use cudarc::driver::sys::CUfunction_attribute;
+use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{
-    CudaFunction, CudaModule, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaModule, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use moe_core::Result;
 use std::sync::Arc;
@@ -102,13 +102,20 @@ pub(crate) struct Kernels {
     dec: [[CudaFunction; 4]; 2],
     /// Whether the decode kernels got their shared-memory limit.
     dec_ok: bool,
+    /// `[f16, bf16][ungated, gated]` wgmma kernels (`gemm_sm90.cu`).
+    wg: [[CudaFunction; 2]; 2],
+    /// Whether the device is compute capability 9.0 (the sm_90a code of the wgmma kernels
+    /// runs) and the wgmma kernels got their shared-memory limit.
+    wg_ok: bool,
+    /// Multiprocessors: the persistent wgmma grid.
+    sms: u32,
     combine: [CudaFunction; 3],
     gate: [CudaFunction; 3],
     add: [CudaFunction; 3],
 }
 
 impl Kernels {
-    pub(crate) fn load(module: Arc<CudaModule>) -> Result<Kernels> {
+    pub(crate) fn load(module: Arc<CudaModule>, ctx: &CudaContext) -> Result<Kernels> {
         let f = |name: &'static str| module.load_function(name).map_err(err("cuModuleGetFunction"));
         let three = |base: &'static [&'static str; 3]| -> Result<[CudaFunction; 3]> {
             Ok([f(base[0])?, f(base[1])?, f(base[2])?])
@@ -152,11 +159,34 @@ impl Kernels {
                 .is_ok()
             })
         });
+        let wg = [
+            [f("moe_gemm_wg_f16")?, f("moe_gemm_wg_gated_f16")?],
+            [f("moe_gemm_wg_bf16")?, f("moe_gemm_wg_gated_bf16")?],
+        ];
+        let attr = |a| ctx.attribute(a).map_err(err("cuDeviceGetAttribute"));
+        let cc = (
+            attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
+            attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
+        );
+        let sms = attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?.max(1) as u32;
+        // Only sm_90 runs the sm_90a code (elsewhere the kernels are empty stubs): never
+        // launch them on another device.
+        let wg_ok = cc == (9, 0)
+            && wg.iter().flatten().all(|f| {
+                f.set_attribute(
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    WG_SMEM as i32,
+                )
+                .is_ok()
+            });
         Ok(Kernels {
             tc,
             tc_ok,
             dec,
             dec_ok,
+            wg,
+            wg_ok,
+            sms,
             route: f("moe_route")?,
             permute: f("moe_permute")?,
             gemm: three(&["moe_gemm_f32", "moe_gemm_f16", "moe_gemm_bf16"])?,
@@ -181,6 +211,9 @@ fn cfg(grid: (u32, u32), block: u32) -> LaunchConfig {
 /// x 40 halves.
 const TC_SMEM_GATED: u32 = 3 * (128 + 128) * 40 * 2;
 const TC_SMEM: u32 = 3 * (128 + 64) * 40 * 2;
+/// Dynamic shared memory of the wgmma kernels (`WG_SMEM_BYTES` of gemm_sm90.cu): 4 stages of
+/// (128 A rows + 256 B rows) x 64 halves, plus 1024 bytes for the 1024-byte alignment.
+const WG_SMEM: u32 = 4 * (128 + 256) * 64 * 2 + 1024;
 
 /// Dynamic shared memory of `moe_gemm_dec{1,2,4,8}_*` (`DecCfg<NF>::SMEM_BYTES` of
 /// gemm_decode.cu): 4 warps x stages (4, 4, 4, 3) x (64 weight + 8 NF token rows) x 64 bytes.
@@ -200,6 +233,19 @@ pub(crate) enum GemmPath {
     /// per pass of `8 << nf_log2` rows. `groups`: the host's bound on the groups (experts) with
     /// rows, min(local experts, T K) (dense: 1); the grid is `groups` x feature strips.
     Decode { nf_log2: u32, groups: u32 },
+    /// `moe_gemm_wg_*` (sm_90a): persistent, 128 x 256 tiles (gated 128 x 128 gate + up),
+    /// wgmma from a 4-stage cp.async ring; needs K % 64 == 0, 16-byte aligned A and W,
+    /// N >= 128 and expert blocks padded to 128 rows (the caller checks; see
+    /// `CudaBackend::run_gemm`). On a device other than compute capability 9.0 this falls
+    /// back to the pipelined kernel.
+    Wgmma,
+}
+
+impl Kernels {
+    /// Whether the wgmma kernels can run on this device.
+    pub(crate) fn wgmma_available(&self) -> bool {
+        self.wg_ok
+    }
 }
 
 /// Rows one `moe_gemv_*` block computes (`GEMV_MR` of gemv.cu).
@@ -234,6 +280,28 @@ pub(crate) fn gemm(
         // vec_a / vec_w say K % 8 == 0 and the bases are 16-byte aligned.
         return unsafe { b.launch(cfg(grid, 128)) }.map(drop).map_err(err("launch moe_gemv"));
     }
+    if path == GemmPath::Wgmma && ty > 0 && k.wg_ok {
+        // upper bound of the tile count (M is the row capacity); the real list is derived on
+        // the device from expert_offsets, so the grid is fixed and the launch graph-capturable
+        let bn = if p.gated != 0 { 128 } else { 256 };
+        let tiles = u64::from((p.m as u32).div_ceil(128)) * u64::from((p.n as u32).div_ceil(bn));
+        let grid = tiles.min(u64::from(k.sms)) as u32;
+        if grid == 0 {
+            return Ok(());
+        }
+        let f = &k.wg[ty - 1][(p.gated != 0) as usize];
+        let mut b = s.launch_builder(f);
+        b.arg(p);
+        let mut c = cfg((grid, 1), 384);
+        c.shared_mem_bytes = WG_SMEM;
+        // SAFETY: as for the other GEMM kernels below (pointers checked against their views by
+        // the callers); in addition the caller selected this path only for K % 64 == 0,
+        // 16-byte aligned A and W, N >= 128 and expert blocks padded to 128 rows, on a compute
+        // capability 9.0 device (wg_ok) whose dynamic shared memory limit was raised to
+        // WG_SMEM at load.
+        return unsafe { b.launch(c) }.map(drop).map_err(err("launch moe_gemm_wg"));
+    }
+    let path = if path == GemmPath::Wgmma { GemmPath::Pipelined { capped: false } } else { path };
     let (f, tile_m, threads, smem) = match path {
         GemmPath::Pipelined { capped } if ty > 0 && k.tc_ok => {
             let v = if p.gated != 0 { 1 + capped as usize } else { 0 };

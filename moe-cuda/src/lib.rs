@@ -124,6 +124,13 @@ pub struct GemmTuning {
     /// shapes alone (no device data is read, so a forward stays graph-capturable). Off by
     /// default until it has run on a GPU; other GEMMs keep the choice above.
     pub decode: bool,
+    /// Use the Hopper wgmma kernel (`moe_gemm_wg_*`, sm_90a: persistent, 128 x 256 tiles,
+    /// warp-specialized cp.async ring, wgmma.m64n256k16) where it is eligible: a compute
+    /// capability 9.0 device, bf16/f16, K % 64 == 0, 16-byte aligned A and W, N >= 128, and
+    /// for grouped GEMMs expert blocks padded to 128 rows (a plan from
+    /// [`CudaBackend::make_plan`]). Every other GEMM falls back to the pipelined kernel
+    /// (where eligible) or the simple one. NOT yet run on a GPU.
+    pub wgmma: bool,
 }
 
 /// The decode kernel's rule: the n8 row fragments per pass (1, 2, 4 or 8, i.e. 8 to 64 rows
@@ -188,7 +195,7 @@ impl CudaBackend {
         let module = ctx
             .load_module(Ptx::from_binary(moe_kernels::FATBIN.to_vec()))
             .map_err(err("cuModuleLoadData"))?;
-        let kernels = Arc::new(launch::Kernels::load(module)?);
+        let kernels = Arc::new(launch::Kernels::load(module, &ctx)?);
         cache.push((key, Arc::downgrade(&kernels)));
         Ok(CudaBackend { stream, kernels, tuning: GemmTuning::default() })
     }
@@ -215,9 +222,13 @@ impl CudaBackend {
     }
 
     /// The row alignment this backend's tuning wants ([`Self::ROW_ALIGN_PIPELINED`] with the
-    /// pipelined kernel, else [`Self::ROW_ALIGN`]).
+    /// pipelined or the wgmma kernel, else [`Self::ROW_ALIGN`]).
     pub fn row_align(&self) -> usize {
-        if self.tuning.pipelined { Self::ROW_ALIGN_PIPELINED } else { Self::ROW_ALIGN }
+        if self.tuning.pipelined || self.tuning.wgmma {
+            Self::ROW_ALIGN_PIPELINED
+        } else {
+            Self::ROW_ALIGN
+        }
     }
 
     /// A plan padded for this backend's tuning.
@@ -360,9 +371,12 @@ impl CudaBackend {
             let path = launch::GemmPath::Decode { nf_log2: nf.trailing_zeros(), groups };
             return launch::gemm(&self.stream, &self.kernels, T::INDEX, path, &p);
         }
+        let aligned = T::VEC8 && rows_ok && p.vec_a != 0 && p.vec_w != 0;
         let path = if Self::gemv_fits::<T>(&p) {
             launch::GemmPath::Gemv
-        } else if T::VEC8 && self.tuning.pipelined && rows_ok && p.vec_a != 0 && p.vec_w != 0 {
+        } else if self.tuning.wgmma && aligned && self.wgmma_eligible(&p) {
+            launch::GemmPath::Wgmma
+        } else if self.tuning.pipelined && aligned {
             launch::GemmPath::Pipelined { capped: self.tuning.capped_gated }
         } else {
             launch::GemmPath::Simple
@@ -377,6 +391,19 @@ impl CudaBackend {
     fn gemv_fits<T: CudaElement>(p: &launch::GemmParams) -> bool {
         let w_bytes = p.n as usize * p.k as usize * size_of::<T>() * (1 + (p.gated != 0) as usize);
         p.grouped == 0 && (p.m <= 16 || (p.m <= 256 && w_bytes <= 4 << 20))
+    }
+
+    /// The wgmma kernel's eligibility beyond 16-bit type, 16-byte alignment (vec_a / vec_w:
+    /// K % 8 == 0 and aligned A, W) and 128-row expert blocks: K a multiple of its 64-wide K
+    /// step, N at least 128 (narrower outputs waste most of a 256-column tile), and a compute
+    /// capability 9.0 device.
+    fn wgmma_eligible(&self, p: &launch::GemmParams) -> bool {
+        p.k > 0 && p.k % 64 == 0 && p.n >= 128 && self.kernels.wgmma_available()
+    }
+
+    /// Whether this device can run the wgmma kernel (compute capability 9.0).
+    pub fn wgmma_available(&self) -> bool {
+        self.kernels.wgmma_available()
     }
 
     fn vec_ok<T: CudaElement>(k: usize, ptrs: &[u64]) -> i32 {

@@ -31,14 +31,16 @@ fn conformance_rules() {
     }
 }
 
-/// The golden cases again on the other GEMM kernels (the pipelined tensor-core kernel, and
-/// its register-capped gated variant).
+/// The golden cases again on the other GEMM kernels (the pipelined tensor-core kernel, its
+/// register-capped gated variant, and the Hopper wgmma kernel, which falls back to the
+/// pipelined one off compute capability 9.0 and for ineligible shapes).
 #[test]
 fn conformance_golden_other_kernels() {
     for tuning in [
-        GemmTuning { pipelined: true, capped_gated: false, ..Default::default() },
         GemmTuning { pipelined: true, capped_gated: true, ..Default::default() },
         GemmTuning { decode: true, ..Default::default() },
+        GemmTuning { pipelined: true, ..Default::default() },
+        GemmTuning { wgmma: true, ..Default::default() },
     ] {
         let Some(r) = common::runner_with("conformance_golden_other_kernels", tuning) else {
             return;
@@ -56,8 +58,9 @@ fn conformance_golden_other_kernels() {
 fn conformance_larger_shapes() {
     for tuning in [
         GemmTuning::default(),
-        GemmTuning { pipelined: true, capped_gated: false, ..Default::default() },
         GemmTuning { decode: true, ..Default::default() },
+        GemmTuning { pipelined: true, ..Default::default() },
+        GemmTuning { wgmma: true, ..Default::default() },
     ] {
         let Some(r) = common::runner_with("conformance_larger_shapes", tuning) else { return };
         larger_shapes(&r);
@@ -302,4 +305,75 @@ where
         assert!(same, "graph replay differs from the direct run for {}", case.name);
     }
     let _ = (DType::BF16, r.name());
+}
+
+/// The wgmma kernel (`GemmTuning { wgmma: true, .. }`) on shapes that exercise it: many K
+/// steps (H = 1024: 16 steps of 64), several M and N tiles per expert, a skewed routing (a
+/// router bias sends nearly every token to expert 0, experts 5..7 get no rows at all),
+/// partial N tiles, the gated and the ungated epilogue (bias, routing weight on the input),
+/// and a dense shared-expert GEMM with a partial M tile; bf16 and f16 vs the float64
+/// reference. Off compute capability 9.0 the same tuning falls back to the pipelined kernel
+/// (the test still passes; the printed line says which).
+#[test]
+fn conformance_wgmma_shapes() {
+    let tuning = GemmTuning { wgmma: true, ..Default::default() };
+    let Some(r) = common::runner_with("conformance_wgmma_shapes", tuning) else { return };
+    println!(
+        "conformance_wgmma_shapes: wgmma kernel {}",
+        if r.backend.wgmma_available() { "available (sm_90)" } else { "NOT available: fallback" }
+    );
+    let mlp = |i, gated, activation, bias| MlpConfig { intermediate: i, gated, activation, bias };
+    let base = |h, e, k, expert_mlp| MoeConfig {
+        hidden: h,
+        experts: e,
+        top_k: k,
+        router: RouterConfig {
+            bias: true,
+            reduce: TopkReduce::Sum { eps: 0.0 },
+            ..RouterConfig::default()
+        },
+        expert: ExpertConfig { mlp: expert_mlp, apply_weight_on_input: false },
+        shared: None,
+        latent: None,
+        parallel: ParallelConfig::default(),
+    };
+    // gated: GEMM1 N = 640 (5 tiles of 128 gate + up columns), K = 1024; GEMM2 N = 1024
+    // (4 tiles of 256), K = 640 (10 steps)
+    let a = base(1024, 8, 2, mlp(640, true, Activation::Silu, false));
+    // ungated with biases and the routing weight on the input; GEMM1 N = 1280 (5 tiles of
+    // 256), GEMM2 N = 768 (3 tiles); a gated shared expert (dense GEMMs, M = 333)
+    let mut b = base(768, 8, 2, mlp(1280, false, Activation::Gelu, true));
+    b.expert.apply_weight_on_input = true;
+    b.shared = Some(SharedConfig {
+        mlp: mlp(384, true, Activation::SwigluOai { alpha: 1.702, limit: 7.0 }, false),
+        gate: SharedGate::SigmoidLinear,
+    });
+    let mut failed = Vec::new();
+    for (i, (config, tokens)) in [(a, 600usize), (b, 333)].into_iter().enumerate() {
+        let mut rng = Rng::new(0x3090 + i as u64);
+        let mut case = generated_case(&format!("wgmma-{i}"), config, tokens, &mut rng);
+        // skew the routing: expert 0 gets (nearly) every token, experts 5..7 none
+        let e = case.config.experts;
+        case.weights.router_bias = Some(
+            (0..e)
+                .map(|j| {
+                    if j == 0 {
+                        6.0
+                    } else if j >= 5 {
+                        -40.0
+                    } else {
+                        0.0
+                    }
+                })
+                .collect(),
+        );
+        for dtype in [DType::BF16, DType::F16] {
+            let res = check_case(&r, &rounded_case(&case, dtype), dtype);
+            println!("{}", res.line);
+            if !res.passed {
+                failed.push(res.line);
+            }
+        }
+    }
+    assert!(failed.is_empty(), "{failed:#?}");
 }
