@@ -585,16 +585,16 @@ fn main() -> R<()> {
         .or_else(|| std::env::var("MOE_GEMM_TUNING").ok())
         .unwrap_or_else(|| if decode_flag { "decode" } else { "simple" }.into());
     let tuning = match tuning_name.as_str() {
-        "simple" => GemmTuning::default(),
-        "pipelined" => GemmTuning { pipelined: true, ..Default::default() },
+        "simple" => GemmTuning::SIMPLE,
+        "pipelined" => GemmTuning { pipelined: true, ..GemmTuning::SIMPLE },
         "pipelined-capped" => {
-            GemmTuning { pipelined: true, capped_gated: true, ..Default::default() }
+            GemmTuning { pipelined: true, capped_gated: true, ..GemmTuning::SIMPLE }
         }
-        "wgmma" => GemmTuning { wgmma: true, ..Default::default() },
-        "decode" => GemmTuning { decode: true, ..Default::default() },
+        "wgmma" => GemmTuning { wgmma: true, ..GemmTuning::SIMPLE },
+        "decode" => GemmTuning { decode: true, ..GemmTuning::SIMPLE },
         // every faster path where it is eligible: decode for few rows per expert, wgmma on
         // sm_90, the pipelined kernel elsewhere
-        "best" => GemmTuning { decode: true, wgmma: true, pipelined: true, ..Default::default() },
+        "best" => GemmTuning::BEST,
         other => {
             return Err(format!(
                 "unknown --tuning {other} (simple, pipelined, pipelined-capped, wgmma, decode, best)"
@@ -625,8 +625,8 @@ fn main() -> R<()> {
     println!("moe-cuda dense bf16 GEMM 8192^3 ({tuning_name}): {:.0} TFLOP/s", own / 1e12);
     for (name, t) in [
         ("simple", GemmTuning::default()),
-        ("pipelined", GemmTuning { pipelined: true, ..Default::default() }),
-        ("wgmma", GemmTuning { wgmma: true, ..Default::default() }),
+        ("pipelined", GemmTuning { pipelined: true, ..GemmTuning::SIMPLE }),
+        ("wgmma", GemmTuning { wgmma: true, ..GemmTuning::SIMPLE }),
     ] {
         let r = own_gemm_rate(&be0.clone().with_tuning(t), &s, &timer, &filler, &mut rng)?;
         println!("kernels dense bf16 GEMM 8192^3 {name}: {:.0} TFLOP/s", r / 1e12);
@@ -655,7 +655,7 @@ fn main() -> R<()> {
         let plan_simple = CudaBackend::plan(&m.config, tmax)?;
         let plan_tc = be
             .clone()
-            .with_tuning(GemmTuning { pipelined: true, ..Default::default() })
+            .with_tuning(GemmTuning { pipelined: true, ..GemmTuning::SIMPLE })
             .make_plan(&m.config, tmax)?;
         let w = weights(&m.config, &s, &filler, &mut rng)?;
         let x = filler.tensor(&s, tmax * m.config.hidden, 1.0, &mut rng)?;
@@ -705,14 +705,14 @@ fn main() -> R<()> {
         for &t in tokens.iter().filter(|&&t| [1, 16, 128, 4096, 16384].contains(&t)) {
             let mut line = format!("kernels {:<14} T={:<6}", m.name, t);
             for (name, tuning) in [
-                ("wgmma", GemmTuning { wgmma: true, ..Default::default() }),
-                ("pipelined", GemmTuning { pipelined: true, ..Default::default() }),
+                ("wgmma", GemmTuning { wgmma: true, ..GemmTuning::SIMPLE }),
+                ("pipelined", GemmTuning { pipelined: true, ..GemmTuning::SIMPLE }),
                 (
                     "pipelined-capped",
-                    GemmTuning { pipelined: true, capped_gated: true, ..Default::default() },
+                    GemmTuning { pipelined: true, capped_gated: true, ..GemmTuning::SIMPLE },
                 ),
                 ("simple", GemmTuning::default()),
-                ("decode", GemmTuning { decode: true, ..Default::default() }),
+                ("decode", GemmTuning { decode: true, ..GemmTuning::SIMPLE }),
             ] {
                 let b = be0.clone().with_tuning(tuning);
                 let p = if tuning.pipelined || tuning.wgmma { &plan_tc } else { &plan_simple };

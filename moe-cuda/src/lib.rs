@@ -133,6 +133,17 @@ pub struct GemmTuning {
     pub wgmma: bool,
 }
 
+impl GemmTuning {
+    /// The simple 64 x 64 kernel for every GEMM (all choices off).
+    pub const SIMPLE: GemmTuning =
+        GemmTuning { pipelined: false, capped_gated: false, decode: false, wgmma: false };
+    /// Every faster path where it is eligible: the decode kernel for few rows per expert,
+    /// wgmma on compute capability 9.0, the pipelined kernel (capped gated variant) elsewhere,
+    /// the simple kernel for what none of them takes (f32, odd K, unaligned views).
+    pub const BEST: GemmTuning =
+        GemmTuning { pipelined: true, capped_gated: true, decode: true, wgmma: true };
+}
+
 /// The decode kernel's rule: the n8 row fragments per pass (1, 2, 4 or 8, i.e. 8 to 64 rows
 /// per pass over the weights), or `None` to keep the tiled kernels. From host-known numbers
 /// only: `rows_bound`, the most rows one group can have (grouped: T, since a token picks an

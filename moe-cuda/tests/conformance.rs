@@ -37,10 +37,11 @@ fn conformance_rules() {
 #[test]
 fn conformance_golden_other_kernels() {
     for tuning in [
-        GemmTuning { pipelined: true, capped_gated: true, ..Default::default() },
-        GemmTuning { decode: true, ..Default::default() },
-        GemmTuning { pipelined: true, ..Default::default() },
-        GemmTuning { wgmma: true, ..Default::default() },
+        GemmTuning { pipelined: true, capped_gated: true, ..GemmTuning::SIMPLE },
+        GemmTuning { decode: true, ..GemmTuning::SIMPLE },
+        GemmTuning { pipelined: true, ..GemmTuning::SIMPLE },
+        GemmTuning { wgmma: true, ..GemmTuning::SIMPLE },
+        GemmTuning::BEST,
     ] {
         let Some(r) = common::runner_with("conformance_golden_other_kernels", tuning) else {
             return;
@@ -57,10 +58,11 @@ fn conformance_golden_other_kernels() {
 #[test]
 fn conformance_larger_shapes() {
     for tuning in [
-        GemmTuning::default(),
-        GemmTuning { decode: true, ..Default::default() },
-        GemmTuning { pipelined: true, ..Default::default() },
-        GemmTuning { wgmma: true, ..Default::default() },
+        GemmTuning::SIMPLE,
+        GemmTuning { decode: true, ..GemmTuning::SIMPLE },
+        GemmTuning { pipelined: true, ..GemmTuning::SIMPLE },
+        GemmTuning { wgmma: true, ..GemmTuning::SIMPLE },
+        GemmTuning::BEST,
     ] {
         let Some(r) = common::runner_with("conformance_larger_shapes", tuning) else { return };
         larger_shapes(&r);
@@ -135,7 +137,7 @@ fn larger_configs() -> Vec<MoeConfig> {
 /// f16, and f32 (which falls back to the tiled kernel) against the float64 reference.
 #[test]
 fn conformance_decode_shapes() {
-    let tuning = GemmTuning { decode: true, ..Default::default() };
+    let tuning = GemmTuning { decode: true, ..GemmTuning::SIMPLE };
     let Some(r) = common::runner_with("conformance_decode_shapes", tuning) else { return };
     let mut failed = Vec::new();
     let mut n = 0;
@@ -254,10 +256,12 @@ fn decode_configs() -> Vec<(MoeConfig, usize, bool)> {
 
 #[test]
 fn conformance_property() {
-    let Some(r) = common::runner("conformance_property") else { return };
-    match run_property_suite(&r, 60, 0x5eed) {
-        Ok(n) => println!("{n} property checks passed"),
-        Err(e) => panic!("{e}"),
+    for tuning in [GemmTuning::SIMPLE, GemmTuning::BEST] {
+        let Some(r) = common::runner_with("conformance_property", tuning) else { return };
+        match run_property_suite(&r, 60, 0x5eed) {
+            Ok(n) => println!("{n} property checks passed with {tuning:?}"),
+            Err(e) => panic!("{tuning:?}: {e}"),
+        }
     }
 }
 
@@ -265,11 +269,15 @@ fn conformance_property() {
 /// twice on a poisoned output, and require the result to be bitwise identical to a direct run.
 #[test]
 fn conformance_cuda_graph_replay() {
-    let Some(r) = common::runner("conformance_cuda_graph_replay") else { return };
-    let cases = load_dir(&golden_dir()).unwrap_or_else(|e| panic!("{e}"));
-    for case in &cases {
-        graph_case::<half::bf16>(&r, case);
-        graph_case::<f32>(&r, case);
+    for tuning in [GemmTuning::SIMPLE, GemmTuning::BEST] {
+        let Some(r) = common::runner_with("conformance_cuda_graph_replay", tuning) else {
+            return;
+        };
+        let cases = load_dir(&golden_dir()).unwrap_or_else(|e| panic!("{e}"));
+        for case in &cases {
+            graph_case::<half::bf16>(&r, case);
+            graph_case::<f32>(&r, case);
+        }
     }
 }
 
@@ -316,7 +324,7 @@ where
 /// (the test still passes; the printed line says which).
 #[test]
 fn conformance_wgmma_shapes() {
-    let tuning = GemmTuning { wgmma: true, ..Default::default() };
+    let tuning = GemmTuning { wgmma: true, ..GemmTuning::SIMPLE };
     let Some(r) = common::runner_with("conformance_wgmma_shapes", tuning) else { return };
     println!(
         "conformance_wgmma_shapes: wgmma kernel {}",

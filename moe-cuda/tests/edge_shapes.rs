@@ -22,9 +22,11 @@ fn conformance_edge_shapes() {
     let mut cases = edge_cases();
     cases.push(make("H=300 I=70 (many K tiles)", edge_config(300, 8, 2, 70), 40, 14));
     for tuning in [
-        GemmTuning::default(),
-        GemmTuning { pipelined: true, ..Default::default() },
-        GemmTuning { decode: true, ..Default::default() },
+        GemmTuning::SIMPLE,
+        GemmTuning { pipelined: true, ..GemmTuning::SIMPLE },
+        GemmTuning { decode: true, ..GemmTuning::SIMPLE },
+        GemmTuning { wgmma: true, ..GemmTuning::SIMPLE },
+        GemmTuning::BEST,
     ] {
         let Some(r) = common::runner_with("conformance_edge_shapes", tuning) else { return };
         let mut failed = Vec::new();
