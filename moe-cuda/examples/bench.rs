@@ -7,9 +7,10 @@
 //! * floor = max(bytes / copy bandwidth, flops / matmul rate)
 //!
 //! Usage: `bench [--models qwen3,gpt-oss,mixtral,deepseek] [--tokens 1,16,128,1024,4096,16384]
-//! [--csv FILE] [--decode]`. `--decode` (or `MOE_BENCH_DECODE=1`) runs the whole-layer table
-//! with the decode GEMM enabled (`GemmTuning::decode`: its host rule picks the kernel for small
-//! token counts). The `kernels ...` lines compare the GEMM kernels at T = 1, 16, 128 and 4096.
+//! [--csv FILE] [--tuning simple|pipelined|pipelined-capped|wgmma|decode|best] [--decode]
+//! [--kernel-tokens 1,16,128,4096,16384]`. `--tuning` picks the GEMM kernels of the whole-layer
+//! table (`--decode` = `--tuning decode`; `best` = `GemmTuning::BEST`). The `kernels ...` lines
+//! compare the GEMM kernels at the `--kernel-tokens` counts.
 //! Prints a skip message and exits 0 without a CUDA driver or device.
 #![allow(missing_docs)]
 
@@ -612,6 +613,10 @@ fn main() -> R<()> {
         .unwrap_or_else(|| vec![1, 16, 128, 1024, 4096, 16384]);
     let want: Option<Vec<String>> =
         arg("--models").map(|m| m.split(',').map(String::from).collect());
+    // `--kernel-tokens 16,4096`: the token counts of the per-kernel comparison lines
+    let kernel_tokens: Vec<usize> = arg("--kernel-tokens")
+        .map(|t| t.split(',').filter_map(|v| v.parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 16, 128, 4096, 16384]);
     let mut csv = arg("--csv").map(std::fs::File::create).transpose()?;
 
     println!("device: {}", ctx.name()?);
@@ -702,7 +707,7 @@ fn main() -> R<()> {
             rows.push(r);
         }
         // the GEMM kernel variants on some token counts
-        for &t in tokens.iter().filter(|&&t| [1, 16, 128, 4096, 16384].contains(&t)) {
+        for &t in tokens.iter().filter(|t| kernel_tokens.contains(t)) {
             let mut line = format!("kernels {:<14} T={:<6}", m.name, t);
             for (name, tuning) in [
                 ("wgmma", GemmTuning { wgmma: true, ..GemmTuning::SIMPLE }),
