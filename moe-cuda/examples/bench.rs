@@ -581,10 +581,10 @@ fn main() -> R<()> {
         || std::env::var("MOE_BENCH_DECODE").is_ok_and(|v| v == "1");
     // `--tuning simple|pipelined|pipelined-capped|wgmma|decode|best` (or MOE_GEMM_TUNING;
     // `--decode` / MOE_BENCH_DECODE=1 = decode): the GEMM kernels of the
-    // whole-layer table (default: the backend's default, the simple kernel)
+    // whole-layer table (default: best, the backend's default)
     let tuning_name = arg("--tuning")
         .or_else(|| std::env::var("MOE_GEMM_TUNING").ok())
-        .unwrap_or_else(|| if decode_flag { "decode" } else { "simple" }.into());
+        .unwrap_or_else(|| if decode_flag { "decode" } else { "best" }.into());
     let tuning = match tuning_name.as_str() {
         "simple" => GemmTuning::SIMPLE,
         "pipelined" => GemmTuning { pipelined: true, ..GemmTuning::SIMPLE },

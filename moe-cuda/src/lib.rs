@@ -105,12 +105,11 @@ static MODULES: Cache = Mutex::new(Vec::new());
 
 /// GEMM kernel choices (for tuning and comparisons).
 ///
-/// The default is the simple kernel, the one verified on an H100 (conformance, property,
-/// graph, compute-sanitizer). The pipelined kernel compiles for sm_80/sm_90a and is covered by
-/// the same tests (`conformance_golden_other_kernels`, `conformance_larger_shapes` and the
-/// bench's kernel comparison) but has NOT yet run on a GPU: opt in with
-/// `GemmTuning { pipelined: true, .. }` once those tests have passed on hardware.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// The default is [`GemmTuning::BEST`]: every kernel below where it is eligible, each verified
+/// on an H100 (golden, property, edge-shape, graph-replay tests; compute-sanitizer).
+/// [`GemmTuning::SIMPLE`] runs the simple 64 x 64 kernel everywhere (the reference choice the
+/// tests compare the others with).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GemmTuning {
     /// Use the pipelined tensor-core kernel (128 x 64 tiles, cp.async, ldmatrix) for 16-bit
     /// types when K % 8 == 0 and the operands are 16-byte aligned. Otherwise (and always for
@@ -121,16 +120,23 @@ pub struct GemmTuning {
     pub capped_gated: bool,
     /// Use the memory-bound decode kernel (`moe_gemm_dec*`, kernels/cuda/gemm_decode.cu) for
     /// 16-bit GEMMs with few rows per group, chosen on the host by [`decode_fragments`] from
-    /// shapes alone (no device data is read, so a forward stays graph-capturable). Off by
-    /// default until it has run on a GPU; other GEMMs keep the choice above.
+    /// shapes alone (no device data is read, so a forward stays graph-capturable); other GEMMs
+    /// keep the choice above.
     pub decode: bool,
     /// Use the Hopper wgmma kernel (`moe_gemm_wg_*`, sm_90a: persistent, 128 x 256 tiles,
     /// warp-specialized cp.async ring, wgmma.m64n256k16) where it is eligible: a compute
     /// capability 9.0 device, bf16/f16, K % 64 == 0, 16-byte aligned A and W, N >= 128, and
     /// for grouped GEMMs expert blocks padded to 128 rows (a plan from
     /// [`CudaBackend::make_plan`]). Every other GEMM falls back to the pipelined kernel
-    /// (where eligible) or the simple one. NOT yet run on a GPU.
+    /// (where eligible) or the simple one. With `pipelined` also on, shapes where wgmma
+    /// measured slower than the pipelined kernel go to the latter (`CudaBackend::wgmma_pays`).
     pub wgmma: bool,
+}
+
+impl Default for GemmTuning {
+    fn default() -> Self {
+        GemmTuning::BEST
+    }
 }
 
 impl GemmTuning {
@@ -385,7 +391,11 @@ impl CudaBackend {
         let aligned = T::VEC8 && rows_ok && p.vec_a != 0 && p.vec_w != 0;
         let path = if Self::gemv_fits::<T>(&p) {
             launch::GemmPath::Gemv
-        } else if self.tuning.wgmma && aligned && self.wgmma_eligible(&p) {
+        } else if self.tuning.wgmma
+            && aligned
+            && self.wgmma_eligible(&p)
+            && (!self.tuning.pipelined || Self::wgmma_pays(&p))
+        {
             launch::GemmPath::Wgmma
         } else if self.tuning.pipelined && aligned {
             launch::GemmPath::Pipelined { capped: self.tuning.capped_gated }
@@ -410,6 +420,15 @@ impl CudaBackend {
     /// capability 9.0 device.
     fn wgmma_eligible(&self, p: &launch::GemmParams) -> bool {
         p.k > 0 && p.k % 64 == 0 && p.n >= 128 && self.kernels.wgmma_available()
+    }
+
+    /// Whether the wgmma kernel is expected to beat the pipelined one: K and N both at least
+    /// 1024. Measured on an H100 (run 4, bf16, T = 4096): Qwen3-30B-A3B (I = 768: GEMM1
+    /// N = 768, GEMM2 K = 768) 2.92 ms with wgmma vs 2.39 ms pipelined; gpt-oss-120b
+    /// (I = 2880) 5.77 vs 7.33 ms; Mixtral 10.07 vs 16.34 ms. Short K loops and few 256-wide
+    /// column tiles leave the persistent kernel's prologue and epilogue exposed.
+    fn wgmma_pays(p: &launch::GemmParams) -> bool {
+        p.k >= 1024 && p.n >= 1024
     }
 
     /// Whether this device can run the wgmma kernel (compute capability 9.0).
