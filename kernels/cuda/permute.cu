@@ -54,6 +54,9 @@ extern "C" __global__ void __launch_bounds__(1024) moe_permute(const PermutePara
         int le = s < hi ? local_expert(p, (int)s) : -1;
         unsigned peers = __match_any_sync(0xffffffffu, le);
         if (le >= 0 && (peers & lt_mask) == 0) cnt[warp * EL + le] += __popc(peers);
+        // the next iteration's leader of the same expert may be another lane: order the
+        // shared-memory update before its read (match_any_sync is no memory barrier)
+        __syncwarp();
     }
     __syncthreads();
     // per-warp bases within each expert; padded sizes into off[e]

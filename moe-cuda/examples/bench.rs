@@ -629,7 +629,7 @@ fn main() -> R<()> {
     let own = own_gemm_rate(&be, &s, &timer, &filler, &mut rng)?;
     println!("moe-cuda dense bf16 GEMM 8192^3 ({tuning_name}): {:.0} TFLOP/s", own / 1e12);
     for (name, t) in [
-        ("simple", GemmTuning::default()),
+        ("simple", GemmTuning::SIMPLE),
         ("pipelined", GemmTuning { pipelined: true, ..GemmTuning::SIMPLE }),
         ("wgmma", GemmTuning { wgmma: true, ..GemmTuning::SIMPLE }),
     ] {
@@ -716,7 +716,7 @@ fn main() -> R<()> {
                     "pipelined-capped",
                     GemmTuning { pipelined: true, capped_gated: true, ..GemmTuning::SIMPLE },
                 ),
-                ("simple", GemmTuning::default()),
+                ("simple", GemmTuning::SIMPLE),
                 ("decode", GemmTuning { decode: true, ..GemmTuning::SIMPLE }),
             ] {
                 let b = be0.clone().with_tuning(tuning);
