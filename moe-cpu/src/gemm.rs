@@ -30,6 +30,9 @@
 
 use moe_core::Element;
 
+#[cfg(all(target_arch = "x86_64", not(miri)))]
+mod amx;
+
 /// Rows of a work item (one expert's rows share each packed weight panel).
 pub(crate) const MB: usize = 256;
 /// Rows of A packed at once (the A buffer of the dot-product kernels).
@@ -69,6 +72,10 @@ pub(crate) const MR_BC: usize = 12;
 /// Columns of a transposed weight panel (two 16-lane vectors).
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) const NP_BC: usize = 32;
+
+/// From this many rows, bf16 work items run on the AMX tile unit when [`Isa::Amx`] is chosen.
+#[cfg_attr(not(all(target_arch = "x86_64", not(miri))), allow(dead_code))]
+pub(crate) const AMX_MIN_ROWS: usize = 1;
 
 const _: () = assert!(NB.is_multiple_of(NP_BC) && KC_BC.is_multiple_of(16) && KC_BC <= KC);
 
@@ -110,6 +117,10 @@ pub enum Isa {
     Avx2,
     /// x86-64 AVX-512 F/BW/DQ/VL.
     Avx512,
+    /// x86-64 AVX-512 plus the AMX-BF16 tile unit: bf16 GEMMs run on the tiles (bf16 products,
+    /// f32 sums); f32 and f16 run the AVX-512 kernels. Needs the CPU features, the OS tile state
+    /// and Linux's tile-data permission (asked on first use); `MOE_CPU_AMX=0` turns it off.
+    Amx,
     /// aarch64 NEON.
     Neon,
 }
@@ -133,6 +144,8 @@ impl Isa {
                     && std::is_x86_feature_detected!("avx512vl")
                     && std::is_x86_feature_detected!("fma")
             }
+            #[cfg(all(target_arch = "x86_64", not(miri)))]
+            Isa::Amx => amx::available(),
             #[cfg(target_arch = "aarch64")]
             Isa::Neon => std::arch::is_aarch64_feature_detected!("neon"),
             #[allow(unreachable_patterns)]
@@ -142,7 +155,7 @@ impl Isa {
 
     /// The best instruction set of this machine.
     pub fn detect() -> Isa {
-        [Isa::Avx512, Isa::Avx2, Isa::Neon]
+        [Isa::Amx, Isa::Avx512, Isa::Avx2, Isa::Neon]
             .into_iter()
             .find(|i| i.available())
             .unwrap_or(Isa::Generic)
@@ -150,7 +163,9 @@ impl Isa {
 
     /// Every instruction set this machine can run, best last.
     pub fn all_available() -> impl Iterator<Item = Isa> {
-        [Isa::Generic, Isa::Neon, Isa::Avx2, Isa::Avx512].into_iter().filter(|i| i.available())
+        [Isa::Generic, Isa::Neon, Isa::Avx2, Isa::Avx512, Isa::Amx]
+            .into_iter()
+            .filter(|i| i.available())
     }
 }
 
@@ -172,6 +187,18 @@ pub(crate) unsafe fn run_block<T: Element>(isa: Isa, blk: &Block<'_, T>, out: Ou
         // every row read are checked by the caller (asserted above in debug builds).
         Isa::Avx512 => unsafe {
             if blk.a_rows.len() >= BC_MIN_ROWS {
+                avx512::run_block_bc(blk, out)
+            } else {
+                avx512::run_block(blk, out)
+            }
+        },
+        #[cfg(all(target_arch = "x86_64", not(miri)))]
+        // SAFETY: the caller checked `Isa::Amx.available()` (AMX-BF16, the tile permission and
+        // AVX-512); bounds as above. bf16 items go to the tile unit, the rest to AVX-512.
+        Isa::Amx => unsafe {
+            if T::DTYPE == moe_core::DType::BF16 && blk.k > 0 && blk.a_rows.len() >= AMX_MIN_ROWS {
+                amx::run_block(blk, out)
+            } else if blk.a_rows.len() >= BC_MIN_ROWS {
                 avx512::run_block_bc(blk, out)
             } else {
                 avx512::run_block(blk, out)
@@ -654,7 +681,7 @@ mod avx512 {
     /// In-register transpose of a 16 × 16 block (`r[i]` lane `j` → `r[j]` lane `i`).
     #[inline]
     #[target_feature(enable = "avx512f")]
-    fn transpose16(r: &mut [V; 16]) {
+    pub(super) fn transpose16(r: &mut [V; 16]) {
         let mut t = [_mm512_setzero_ps(); 16];
         for i in 0..8 {
             t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
