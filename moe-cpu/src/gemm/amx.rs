@@ -2,9 +2,11 @@
 //!
 //! # Layout
 //!
-//! The weights are `[N, K]`, K-contiguous: exactly the layout of an AMX "A" operand (16 rows of
-//! 32 bf16), so weight tiles are loaded **in place** from the weight matrix (row stride `2K`
-//! bytes), with no packing copy. The activation rows play the "B" operand: per K block of
+//! The weights are `[N, K]`, K-contiguous: the layout of an AMX "A" operand (16 rows of 32
+//! bf16), so the weights need no interleaving: per K block and pair of 16-row n-tiles, the
+//! weight rows are copied (with zero padding past the item's columns and the K block) into a
+//! tile-ordered L1 buffer, while the next pair's rows are prefetched into L2 (a line per line
+//! copied). The activation rows play the "B" operand: per K block of
 //! [`KA`], the item's rows are gathered and packed once into the VNNI layout (pairs of K
 //! interleaved: `[m-tile][k-step][k/2][16 rows][2]`, 16 × 16 transposes of 32-bit pairs) and
 //! reused by every weight tile. Each `tdpbf16ps` thus computes a transposed 16 × 16 result tile
@@ -12,9 +14,8 @@
 //! between K blocks), then transposes it into the caller's `[row][NB]` tiles, where the stage's
 //! usual epilogue runs.
 //!
-//! Tails: weight tiles that would read past the item's columns (N tail) or past the K block
-//! (K tail) are staged into zero-padded buffers; padded activation rows and K positions are
-//! zeros, so padding contributes exact zeros.
+//! Tails: weight rows past the item's columns, activation rows past the item's rows and K
+//! positions past the K block are packed as zeros, so padding contributes exact zeros.
 //!
 //! # Determinism
 //!
@@ -164,31 +165,20 @@ unsafe fn tdp<const C: u8, const A: u8, const B: u8>() {
     }
 }
 
-/// Where the weight tiles of one n-tile come from for the full k-steps of the block: a pointer
-/// to (row 0, k-step 0) and the row stride in bytes.
-#[derive(Clone, Copy)]
-struct WSrc {
-    p: *const u8,
-    stride: usize,
-}
-
 /// The 2 × 2 (at most) register-tile kernel over one K block: `Cᵀ` tiles `(t, m)` for n-tiles
 /// `t < NN` and m-tiles `m < MM` (tile `t * 2 + m`; weights in tiles 4 + t, packed rows in
 /// 6 + m). Tiles live at `c + t * 16 * cs + m * 64` (row stride `cs` bytes); they start at zero
-/// when `first`, else are loaded. Steps `< full` read the weights from `w`, later ones from the
-/// staged strip `strip` (`[NB rows][32]`, already offset to this n-group).
+/// when `first`, else are loaded. Weight tile (t, s) is the 1 KiB at `w[t] + s * 1024`, packed
+/// row tile (m, s) the 1 KiB at `a[m] + s * 1024`.
 ///
 /// # Safety
-/// A configured tile state; every pointer valid for the rows it covers (see the caller).
+/// A configured tile state; every pointer valid for the tiles it covers (see the caller).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 unsafe fn kernel<const NN: usize, const MM: usize>(
     c: *mut u8,
     cs: usize,
     first: bool,
-    w: [WSrc; 2],
-    full: usize,
-    strip: *const u8,
+    w: [*const u8; 2],
     a: [*const u8; 2],
     steps: usize,
 ) {
@@ -219,20 +209,16 @@ unsafe fn kernel<const NN: usize, const MM: usize>(
             }
         }
         for s in 0..steps {
-            let (w0, w1, ws) = if s < full {
-                (w[0].p.add(s * 64), w[1].p.add(s * 64), [w[0].stride, w[1].stride])
-            } else {
-                (strip, strip.add(TR * 64), [64, 64])
-            };
-            tload::<4>(w0, ws[0]);
-            tload::<6>(a[0].add(s * TR * 64), 64);
+            let o = s * TR * 64;
+            tload::<4>(w[0].add(o), 64);
+            tload::<6>(a[0].add(o), 64);
             tdp::<0, 4, 6>();
             if MM == 2 {
-                tload::<7>(a[1].add(s * TR * 64), 64);
+                tload::<7>(a[1].add(o), 64);
                 tdp::<1, 4, 7>();
             }
             if NN == 2 {
-                tload::<5>(w1, ws[1]);
+                tload::<5>(w[1].add(o), 64);
                 tdp::<2, 5, 6>();
                 if MM == 2 {
                     tdp::<3, 5, 7>();
@@ -279,14 +265,11 @@ pub(crate) unsafe fn run_block<T: Element>(blk: &Block<'_, T>, out: Out) {
     let mut a_buf = MaybeUninit::<Aligned<{ MB * KA / 2 }>>::uninit();
     // Cᵀ accumulators: [n][MB] f32 for each B.
     let mut c_buf = MaybeUninit::<Aligned<{ 2 * NB * MB }>>::uninit();
-    // The partial n-tile's weight rows for the full k-steps: [16][KA] bf16.
-    let mut wp_buf = MaybeUninit::<Aligned<{ TR * KA / 2 }>>::uninit();
-    // The K-tail strip of every weight row of the item: [NB][32] bf16.
-    let mut ws_buf = MaybeUninit::<Aligned<{ NB * KT / 2 }>>::uninit();
+    // The weight rows of one n-group (two n-tiles), packed: [n-tile][k-step][16 rows][32].
+    let mut w_buf = MaybeUninit::<Aligned<{ 2 * TR * KA / 2 }>>::uninit();
     let ap = a_buf.as_mut_ptr() as *mut u16;
     let cp = c_buf.as_mut_ptr() as *mut f32;
-    let wp = wp_buf.as_mut_ptr() as *mut u16;
-    let wsp = ws_buf.as_mut_ptr() as *mut u16;
+    let wp = w_buf.as_mut_ptr() as *mut u16;
     let cs = MB * 4;
     // SAFETY: `CFG` is a valid 64-byte palette-1 configuration; the tile state was permitted
     // (`available`).
@@ -295,7 +278,6 @@ pub(crate) unsafe fn run_block<T: Element>(blk: &Block<'_, T>, out: Out) {
     while k0 < k {
         let kc = KA.min(k - k0);
         let steps = kc.div_ceil(KT);
-        let full = kc / KT;
         // Pack the rows (zero rows past mb, zeros past kc).
         for mt in 0..mtn {
             for s in 0..steps {
@@ -320,75 +302,53 @@ pub(crate) unsafe fn run_block<T: Element>(blk: &Block<'_, T>, out: Out) {
             let Some(b) = b else { continue };
             let b: &[u16] = bytemuck::cast_slice(b);
             let rows_of = |j: usize| &b[(n0 + j) * k + k0..(n0 + j) * k + k0 + kc];
-            if !nb.is_multiple_of(TR) && full > 0 {
-                let t0 = (ntn - 1) * TR;
-                for jj in 0..TR {
-                    // SAFETY: row jj < 16 of the buffer, full * 32 <= KA bf16.
-                    let dst =
-                        unsafe { core::slice::from_raw_parts_mut(wp.add(jj * KA), full * KT) };
-                    if t0 + jj < nb {
-                        dst.copy_from_slice(&rows_of(t0 + jj)[..full * KT]);
-                    } else {
-                        dst.fill(0);
-                    }
-                }
-            }
-            if full < steps {
-                for jj in 0..ntn * TR {
-                    // SAFETY: row jj < NB of the strip, 32 bf16.
-                    let dst = unsafe { core::slice::from_raw_parts_mut(wsp.add(jj * KT), KT) };
-                    dst.fill(0);
-                    if jj < nb {
-                        let tail = &rows_of(jj)[full * KT..];
-                        dst[..tail.len()].copy_from_slice(tail);
-                    }
-                }
-            }
-            let wsrc = |t: usize| {
-                if (t + 1) * TR <= nb {
-                    WSrc { p: rows_of(t * TR).as_ptr() as *const u8, stride: 2 * k }
-                } else {
-                    WSrc { p: wp as *const u8, stride: 2 * KA }
-                }
-            };
             let cb = cp.wrapping_add(bi * NB * MB);
-            let groups = mtn.div_ceil(2);
             let mut nt = 0;
             while nt < ntn {
                 let nn = (ntn - nt).min(2);
-                let w = [wsrc(nt), wsrc((nt + nn - 1).min(ntn - 1))];
-                // The next n-group's weight rows of this K block, fetched into L2 a slice per
-                // m-group so that its tiles do not wait on memory.
-                let next = (nb.min((nt + nn + 2) * TR)).saturating_sub((nt + nn) * TR);
-                let lines = kc.div_ceil(KT);
-                let per = (next * lines).div_ceil(groups);
+                // Pack the weight rows of n-tiles nt.. (rows past nb and K past kc: zeros).
+                for jj in 0..nn * TR {
+                    let (t, r) = (jj / TR, jj % TR);
+                    let j = nt * TR + jj;
+                    let src = if j < nb { rows_of(j) } else { &[][..] };
+                    // The same row of the next n-group (or, after the last, of the first
+                    // n-group in the next K block), fetched into L2 while this one is copied.
+                    let (pj, pk) = if j + 2 * TR < ntn * TR {
+                        (j + 2 * TR, k0)
+                    } else {
+                        (j + 2 * TR - ntn * TR, k0 + KA)
+                    };
+                    let pf = b.as_ptr().wrapping_add((n0 + pj) * k + pk);
+                    for s in 0..steps {
+                        _mm_prefetch::<_MM_HINT_T1>(pf.wrapping_add(s * KT) as *const i8);
+                        let v = load_pairs(src, s * KT);
+                        // SAFETY: tile t < 2, step s < KA / 32, row r < 16 of the buffer;
+                        // 64-byte aligned.
+                        unsafe {
+                            _mm512_store_ps(wp.add(((t * steps + s) * TR + r) * KT) as *mut f32, v)
+                        };
+                    }
+                }
+                let w = [wp as *const u8, wp.wrapping_add(steps * TR * KT) as *const u8];
                 let mut mt = 0;
                 while mt < mtn {
                     let mm = (mtn - mt).min(2);
-                    let g = mt / 2;
-                    for q in g * per..((g + 1) * per).min(next * lines) {
-                        let (jj, l) = (q / lines, q % lines);
-                        let at = (n0 + (nt + nn) * TR + jj) * k + k0 + l * KT;
-                        _mm_prefetch::<_MM_HINT_T1>(b.as_ptr().wrapping_add(at) as *const i8);
-                    }
                     let ptrs = [
                         ap.wrapping_add(mt * steps * TR * KT) as *const u8,
                         ap.wrapping_add((mt + 1) * steps * TR * KT) as *const u8,
                     ];
                     let c = cb.wrapping_add(nt * TR * MB + mt * TR) as *mut u8;
-                    let strip = wsp.wrapping_add(nt * TR * KT) as *const u8;
                     let first = k0 == 0;
                     // SAFETY: tiles configured above. C tiles: rows nt*16.. (< NB) of the Cᵀ
-                    // buffer, columns mt*16.. (< MB). Weight tiles: full n-tiles read rows
-                    // n0 + t*16.. (< n0 + nb) at k0 + s*32 + 32 <= k0 + kc; the partial one the
-                    // staged rows; the tail step the staged strip. Packed row tiles (mt + m, s)
-                    // lie in the buffer (mt + m < mtn, s < steps).
+                    // buffer, columns mt*16.. (< MB). Weight tiles (t < nn, s < steps) and
+                    // packed row tiles (mt + m < mtn, s < steps) lie in their buffers, written
+                    // above.
                     unsafe {
                         match (nn, mm) {
-                            (2, 2) => kernel::<2, 2>(c, cs, first, w, full, strip, ptrs, steps),
-                            (2, _) => kernel::<2, 1>(c, cs, first, w, full, strip, ptrs, steps),
-                            (_, 2) => kernel::<1, 2>(c, cs, first, w, full, strip, ptrs, steps),
-                            _ => kernel::<1, 1>(c, cs, first, w, full, strip, ptrs, steps),
+                            (2, 2) => kernel::<2, 2>(c, cs, first, w, ptrs, steps),
+                            (2, _) => kernel::<2, 1>(c, cs, first, w, ptrs, steps),
+                            (_, 2) => kernel::<1, 2>(c, cs, first, w, ptrs, steps),
+                            _ => kernel::<1, 1>(c, cs, first, w, ptrs, steps),
                         }
                     }
                     mt += 2;
