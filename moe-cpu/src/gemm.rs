@@ -5,8 +5,8 @@
 //!
 //! A work item is one expert's block of at most [`MB`] rows by at most [`NB`] columns (weight
 //! rows); its f32 result tiles then go through the stage's epilogue (activation, routing
-//! weight, bias, rounding). Three kernels, chosen by the item's row count (never by the thread
-//! count):
+//! weight, bias, rounding). Four kernels, chosen by the item's row count and element type
+//! (never by the thread count):
 //!
 //! * up to [`DIRECT_ROWS`] rows (decode): the weight rows are read in place and widened in
 //!   registers (f16/bf16 → f32), [`NR`] streams with software prefetch, against the item's rows
@@ -20,7 +20,10 @@
 //! * AVX-512 and at least [`BC_MIN_ROWS`] rows: the broadcast (outer-product) kernel. Per K
 //!   block of [`KC_BC`], the item's rows are copied once (L2), every 32-column weight panel is
 //!   transposed into `[k][32]` (L2), and each [`MR_BC`]-row group (L1) runs against all the
-//!   panels; the next K block's weight rows are prefetched into L2 meanwhile.
+//!   panels; the next K block's weight rows are prefetched into L2 meanwhile;
+//! * [`Isa::Amx`], bf16 operands and at least [`AMX_MIN_ROWS`] rows: the AMX-BF16 tile kernel
+//!   (module `amx`: weights as the tiles' A operand, the item's rows packed once per K block
+//!   into the VNNI B layout, transposed f32 results).
 //!
 //! # Determinism
 //!
