@@ -1,5 +1,6 @@
 //! Quick look at one shape: `cargo run --release -p moe-benches --features cpu --example probe`.
 use moe_benches::*;
+use moe_core::{Element, MoeStages};
 use moe_cpu::Cpu;
 use std::time::Instant;
 
@@ -29,7 +30,17 @@ fn main() {
         let (p, isa) = peak::fma_peak_gflops(th);
         println!("peak {th} threads: {p:.1} GFLOP/s ({isa})");
     }
-    let mut l = Layer::<f32>::new(&sh.config, t, 1).unwrap();
+    match std::env::var("DT").as_deref() {
+        Ok("bf16") => body::<half::bf16>(&sh, t, &env),
+        _ => body::<f32>(&sh, t, &env),
+    }
+}
+
+fn body<T: Element>(sh: &Shape, t: usize, env: &(dyn Fn(&str, usize) -> usize + Sync))
+where
+    Cpu: MoeStages<T>,
+{
+    let mut l = Layer::<T>::new(&sh.config, t, 1).unwrap();
     for th in [1usize, 2].into_iter().take(env("TH", 2)) {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(th).build().unwrap();
         let cpu = Cpu::parallel();

@@ -7,7 +7,9 @@
 //!
 //! The matrix products (router, expert GEMMs, shared expert, latent projections) run on packed,
 //! cache-blocked SIMD microkernels chosen at run time (AVX-512 or AVX2+FMA on x86-64, NEON on
-//! aarch64, portable Rust elsewhere); f16/bf16 operands are widened to f32 while packing.
+//! aarch64, portable Rust elsewhere); f16/bf16 operands are widened to f32 while packing. With
+//! bf16 operands on a CPU with AMX-BF16 ([`Isa::Amx`], Linux), work items of at least 6 rows run
+//! on the tile unit instead (bf16 products, f32 sums); `MOE_CPU_AMX=0` turns that off.
 //! [`Cpu::parallel`] spreads the work over the current rayon pool. The portable scalar path
 //! ([`Kernels::Portable`]) is kept as the reference the fast paths are tested against.
 
