@@ -423,7 +423,7 @@ fn wg_grid(k: &Kernels, p: &GemmParams) -> u32 {
 
 /// Launches `moe_gemm_wgt_*`: encodes the tensor maps (host only: graph-capturable, the maps
 /// travel in the kernel parameters) of W_up (and W_gate) as [E, N, K] with box 64 x 128 x 1,
-/// and of A as [M, K] with box 64 x 128 when A is not gathered (`a_gather == 0`).
+/// and of A as [M, K] with box 64 x 128 when A is not gathered (`a_gather == 0`) and M >= 128.
 fn gemm_wgmma_tma(s: &CudaStream, k: &Kernels, ty: usize, p: &GemmParams) -> Result<()> {
     let grid = wg_grid(k, p);
     if grid == 0 {
@@ -440,7 +440,9 @@ fn gemm_wgmma_tma(s: &CudaStream, k: &Kernels, ty: usize, p: &GemmParams) -> Res
     } else {
         TmaMap::default()
     };
-    let a_tma = (p.a_gather == 0 && m > 0) as i32;
+    // A by TMA only without a row gather and with at least one full box of rows (M >= 128:
+    // the box never exceeds the tensor, so the bytes of a stage are always the full boxes)
+    let a_tma = (p.a_gather == 0 && m >= 128) as i32;
     let tm_a = if a_tma != 0 {
         TmaMap::tiled(ty, p.a, &[kk, m], &[kk * 2], &[64, 128])?
     } else {
