@@ -20,6 +20,7 @@ const SOURCES: &[&str] = &[
     "cuda/gemv.cu",
     "cuda/gemm_decode.cu",
     "cuda/gemm_sm90.cu",
+    "cuda/gemm_sm90_tma.cu",
     "cuda/elementwise.cu",
 ];
 

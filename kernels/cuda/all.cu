@@ -6,4 +6,5 @@
 #include "gemv.cu"
 #include "gemm_decode.cu"
 #include "gemm_sm90.cu"
+#include "gemm_sm90_tma.cu"
 #include "elementwise.cu"

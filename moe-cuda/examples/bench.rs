@@ -7,7 +7,8 @@
 //! * floor = max(bytes / copy bandwidth, flops / matmul rate)
 //!
 //! Usage: `bench [--models qwen3,gpt-oss,mixtral,deepseek] [--tokens 1,16,128,1024,4096,16384]
-//! [--csv FILE] [--tuning simple|pipelined|pipelined-capped|wgmma|decode|best] [--decode]
+//! [--csv FILE] [--tuning simple|pipelined|pipelined-capped|wgmma|wgmma-tma|decode|best|best-tma]
+//! [--decode]
 //! [--kernel-tokens 1,16,128,4096,16384]`. `--tuning` picks the GEMM kernels of the whole-layer
 //! table (`--decode` = `--tuning decode`; `best` = `GemmTuning::BEST`). The `kernels ...` lines
 //! compare the GEMM kernels at the `--kernel-tokens` counts.
@@ -579,7 +580,7 @@ fn main() -> R<()> {
     let s = ctx.new_stream()?;
     let decode_flag = std::env::args().any(|a| a == "--decode")
         || std::env::var("MOE_BENCH_DECODE").is_ok_and(|v| v == "1");
-    // `--tuning simple|pipelined|pipelined-capped|wgmma|decode|best` (or MOE_GEMM_TUNING;
+    // `--tuning simple|pipelined|pipelined-capped|wgmma|wgmma-tma|decode|best|best-tma` (or MOE_GEMM_TUNING;
     // `--decode` / MOE_BENCH_DECODE=1 = decode): the GEMM kernels of the
     // whole-layer table (default: best, the backend's default)
     let tuning_name = arg("--tuning")
@@ -592,13 +593,18 @@ fn main() -> R<()> {
             GemmTuning { pipelined: true, capped_gated: true, ..GemmTuning::SIMPLE }
         }
         "wgmma" => GemmTuning { wgmma: true, ..GemmTuning::SIMPLE },
+        // the TMA variant of the wgmma kernel (opt-in, not yet measured)
+        "wgmma-tma" => GemmTuning { wgmma_tma: true, ..GemmTuning::SIMPLE },
+        // BEST with the TMA variant in place of the cp.async wgmma kernel
+        "best-tma" => GemmTuning { wgmma_tma: true, ..GemmTuning::BEST },
         "decode" => GemmTuning { decode: true, ..GemmTuning::SIMPLE },
         // every faster path where it is eligible: decode for few rows per expert, wgmma on
         // sm_90, the pipelined kernel elsewhere
         "best" => GemmTuning::BEST,
         other => {
             return Err(format!(
-                "unknown --tuning {other} (simple, pipelined, pipelined-capped, wgmma, decode, best)"
+                "unknown --tuning {other} (simple, pipelined, pipelined-capped, wgmma, wgmma-tma, \
+                 decode, best, best-tma)"
             )
             .into());
         }
@@ -621,8 +627,10 @@ fn main() -> R<()> {
 
     println!("device: {}", ctx.name()?);
     println!(
-        "layer table GEMM tuning: {tuning_name} ({tuning:?}); wgmma kernel available: {}",
-        be.wgmma_available()
+        "layer table GEMM tuning: {tuning_name} ({tuning:?}); wgmma kernel available: {}; \
+         TMA variant available: {}",
+        be.wgmma_available(),
+        be.wgmma_tma_available()
     );
     let bw = copy_bandwidth(&s, &timer)?;
     println!("copy bandwidth (D2D, read + write): {:.0} GB/s", bw / 1e9);
@@ -632,6 +640,7 @@ fn main() -> R<()> {
         ("simple", GemmTuning::SIMPLE),
         ("pipelined", GemmTuning { pipelined: true, ..GemmTuning::SIMPLE }),
         ("wgmma", GemmTuning { wgmma: true, ..GemmTuning::SIMPLE }),
+        ("wgmma-tma", GemmTuning { wgmma_tma: true, ..GemmTuning::SIMPLE }),
     ] {
         let r = own_gemm_rate(&be0.clone().with_tuning(t), &s, &timer, &filler, &mut rng)?;
         println!("kernels dense bf16 GEMM 8192^3 {name}: {:.0} TFLOP/s", r / 1e12);
@@ -710,6 +719,7 @@ fn main() -> R<()> {
         for &t in tokens.iter().filter(|t| kernel_tokens.contains(t)) {
             let mut line = format!("kernels {:<14} T={:<6}", m.name, t);
             for (name, tuning) in [
+                ("wgmma-tma", GemmTuning { wgmma_tma: true, ..GemmTuning::SIMPLE }),
                 ("wgmma", GemmTuning { wgmma: true, ..GemmTuning::SIMPLE }),
                 ("pipelined", GemmTuning { pipelined: true, ..GemmTuning::SIMPLE }),
                 (
@@ -720,7 +730,8 @@ fn main() -> R<()> {
                 ("decode", GemmTuning { decode: true, ..GemmTuning::SIMPLE }),
             ] {
                 let b = be0.clone().with_tuning(tuning);
-                let p = if tuning.pipelined || tuning.wgmma { &plan_tc } else { &plan_simple };
+                let tc = tuning.pipelined || tuning.wgmma || tuning.wgmma_tma;
+                let p = if tc { &plan_tc } else { &plan_simple };
                 let r = bench_tokens(
                     &b, &s, &timer, &m, p, &w, &x, &mut out, &mut ws, t, bw, rate, false,
                 )?;

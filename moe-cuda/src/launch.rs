@@ -2,7 +2,7 @@
 //! sources (`kernels/cuda/*.cu`; field order and types must match them exactly).
 
 use crate::err;
-use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+use cudarc::driver::sys::{self, CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaStream, DeviceRepr, LaunchConfig, PushKernelArg,
 };
@@ -39,6 +39,60 @@ pub(crate) struct GemmParams {
     pub out_f32: i32,
     pub vec_a: i32,
     pub vec_w: i32,
+}
+
+/// A `CUtensorMap` (`MoeTmaMap` of gemm_sm90_tma.cu): 128 opaque bytes, 64-byte aligned,
+/// passed by value to the TMA wgmma kernels.
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct TmaMap {
+    opaque: [u64; 16],
+}
+
+impl TmaMap {
+    /// A tiled tensor map over a row-major 16-bit tensor of `dims` (innermost first, the
+    /// innermost contiguous) with the byte `strides` of the outer dimensions, box `boxes`
+    /// (innermost first), 128-byte swizzle (the box's innermost extent must be 64 elements =
+    /// 128 bytes), out-of-bounds elements read as zero. `ty`: 1 = f16, 2 = bf16.
+    fn tiled(ty: usize, addr: u64, dims: &[u64], strides: &[u64], boxes: &[u32]) -> Result<TmaMap> {
+        debug_assert!(dims.len() == boxes.len() && strides.len() + 1 == dims.len());
+        let dtype = if ty == 2 {
+            sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+        } else {
+            sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16
+        };
+        let elem = [1u32; 3];
+        let mut m = sys::CUtensorMap { opaque: [0; 16] };
+        // SAFETY: a host-only encoding call (no device access): `m` is a writable CUtensorMap,
+        // dims / strides / boxes / elem hold rank, rank - 1, rank and rank entries (rank =
+        // dims.len() <= 3); the address is only recorded in the map. The driver validates the
+        // arguments (16-byte aligned address, strides multiples of 16, box <= 256 per
+        // dimension) and returns an error code otherwise.
+        let r = unsafe {
+            sys::cuTensorMapEncodeTiled(
+                &mut m,
+                dtype,
+                dims.len() as u32,
+                addr as *mut std::ffi::c_void,
+                dims.as_ptr(),
+                strides.as_ptr(),
+                boxes.as_ptr(),
+                elem.as_ptr(),
+                sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+                sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+                sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+            )
+        };
+        if r != sys::CUresult::CUDA_SUCCESS {
+            return Err(moe_core::MoeError::Device {
+                backend: "cuda",
+                what: "cuTensorMapEncodeTiled",
+                code: r as i64,
+            });
+        }
+        Ok(TmaMap { opaque: m.opaque })
+    }
 }
 
 /// `RouteParams` of `route.cu`.
@@ -85,6 +139,9 @@ unsafe impl DeviceRepr for GemmParams {}
 unsafe impl DeviceRepr for RouteParams {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for PermuteParams {}
+// SAFETY: 128 plain bytes with the size and 64-byte alignment of CUtensorMap, the type of the
+// TMA kernels' `MoeTmaMap` parameters (passed by value).
+unsafe impl DeviceRepr for TmaMap {}
 
 /// The kernels of the fatbin, loaded once per context. Index 0/1/2 = f32/f16/bf16.
 pub(crate) struct Kernels {
@@ -107,6 +164,11 @@ pub(crate) struct Kernels {
     /// Whether the device is compute capability 9.0 (the sm_90a code of the wgmma kernels
     /// runs) and the wgmma kernels got their shared-memory limit.
     wg_ok: bool,
+    /// `[f16, bf16][ungated, gated]` wgmma kernels with TMA weight loads
+    /// (`gemm_sm90_tma.cu`); usable where `wg_ok` and `wgt_ok`.
+    wgt: [[CudaFunction; 2]; 2],
+    /// Whether the TMA wgmma kernels got their shared-memory limit.
+    wgt_ok: bool,
     /// Multiprocessors: the persistent wgmma grid.
     sms: u32,
     combine: [CudaFunction; 3],
@@ -163,6 +225,10 @@ impl Kernels {
             [f("moe_gemm_wg_f16")?, f("moe_gemm_wg_gated_f16")?],
             [f("moe_gemm_wg_bf16")?, f("moe_gemm_wg_gated_bf16")?],
         ];
+        let wgt = [
+            [f("moe_gemm_wgt_f16")?, f("moe_gemm_wgt_gated_f16")?],
+            [f("moe_gemm_wgt_bf16")?, f("moe_gemm_wgt_gated_bf16")?],
+        ];
         let attr = |a| ctx.attribute(a).map_err(err("cuDeviceGetAttribute"));
         let cc = (
             attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
@@ -179,6 +245,14 @@ impl Kernels {
                 )
                 .is_ok()
             });
+        let wgt_ok = wg_ok
+            && wgt.iter().flatten().all(|f| {
+                f.set_attribute(
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    WG_SMEM as i32,
+                )
+                .is_ok()
+            });
         Ok(Kernels {
             tc,
             tc_ok,
@@ -186,6 +260,8 @@ impl Kernels {
             dec_ok,
             wg,
             wg_ok,
+            wgt,
+            wgt_ok,
             sms,
             route: f("moe_route")?,
             permute: f("moe_permute")?,
@@ -239,12 +315,22 @@ pub(crate) enum GemmPath {
     /// `CudaBackend::run_gemm`). On a device other than compute capability 9.0 this falls
     /// back to the pipelined kernel.
     Wgmma,
+    /// `moe_gemm_wgt_*` (sm_90a, gemm_sm90_tma.cu): the wgmma kernel with the weights (and,
+    /// for GEMMs without a row gather, A) loaded by TMA and one K step of wgmma in flight.
+    /// Same requirements as [`GemmPath::Wgmma`]; falls back to it (then to the pipelined
+    /// kernel) where the TMA kernels are unavailable.
+    WgmmaTma,
 }
 
 impl Kernels {
     /// Whether the wgmma kernels can run on this device.
     pub(crate) fn wgmma_available(&self) -> bool {
         self.wg_ok
+    }
+
+    /// Whether the TMA variant of the wgmma kernels can run on this device.
+    pub(crate) fn wgmma_tma_available(&self) -> bool {
+        self.wg_ok && self.wgt_ok
     }
 }
 
@@ -280,12 +366,14 @@ pub(crate) fn gemm(
         // vec_a / vec_w say K % 8 == 0 and the bases are 16-byte aligned.
         return unsafe { b.launch(cfg(grid, 128)) }.map(drop).map_err(err("launch moe_gemv"));
     }
+    if path == GemmPath::WgmmaTma && ty > 0 && k.wgmma_tma_available() {
+        return gemm_wgmma_tma(s, k, ty, p);
+    }
+    let path = if path == GemmPath::WgmmaTma { GemmPath::Wgmma } else { path };
     if path == GemmPath::Wgmma && ty > 0 && k.wg_ok {
         // upper bound of the tile count (M is the row capacity); the real list is derived on
         // the device from expert_offsets, so the grid is fixed and the launch graph-capturable
-        let bn = if p.gated != 0 { 128 } else { 256 };
-        let tiles = u64::from((p.m as u32).div_ceil(128)) * u64::from((p.n as u32).div_ceil(bn));
-        let grid = tiles.min(u64::from(k.sms)) as u32;
+        let grid = wg_grid(k, p);
         if grid == 0 {
             return Ok(());
         }
@@ -324,6 +412,54 @@ pub(crate) fn gemm(
     // K % 8 == 0 and 16-byte aligned A and W (the caller selects them only then) and get
     // their dynamic shared memory (raised at load) here.
     unsafe { b.launch(c) }.map(drop).map_err(err("launch moe_gemm"))
+}
+
+/// The persistent grid of the wgmma kernels: min(#SMs, an upper bound of the tile count).
+fn wg_grid(k: &Kernels, p: &GemmParams) -> u32 {
+    let bn = if p.gated != 0 { 128 } else { 256 };
+    let tiles = u64::from((p.m as u32).div_ceil(128)) * u64::from((p.n as u32).div_ceil(bn));
+    tiles.min(u64::from(k.sms)) as u32
+}
+
+/// Launches `moe_gemm_wgt_*`: encodes the tensor maps (host only: graph-capturable, the maps
+/// travel in the kernel parameters) of W_up (and W_gate) as [E, N, K] with box 64 x 128 x 1,
+/// and of A as [M, K] with box 64 x 128 when A is not gathered (`a_gather == 0`) and M >= 128.
+fn gemm_wgmma_tma(s: &CudaStream, k: &Kernels, ty: usize, p: &GemmParams) -> Result<()> {
+    let grid = wg_grid(k, p);
+    if grid == 0 {
+        return Ok(());
+    }
+    let (m, n, kk) = (p.m as u64, p.n as u64, p.k as u64);
+    let e = p.grouped.max(1) as u64;
+    let wdims = [kk, n, e];
+    let wstrides = [kk * 2, n * kk * 2];
+    let wbox = [64u32, 128, 1];
+    let tm_up = TmaMap::tiled(ty, p.w_up, &wdims, &wstrides, &wbox)?;
+    let tm_gate = if p.gated != 0 {
+        TmaMap::tiled(ty, p.w_gate, &wdims, &wstrides, &wbox)?
+    } else {
+        TmaMap::default()
+    };
+    // A by TMA only without a row gather and with at least one full box of rows (M >= 128:
+    // the box never exceeds the tensor, so the bytes of a stage are always the full boxes)
+    let a_tma = (p.a_gather == 0 && m >= 128) as i32;
+    let tm_a = if a_tma != 0 {
+        TmaMap::tiled(ty, p.a, &[kk, m], &[kk * 2], &[64, 128])?
+    } else {
+        TmaMap::default()
+    };
+    let f = &k.wgt[ty - 1][(p.gated != 0) as usize];
+    let mut b = s.launch_builder(f);
+    b.arg(p).arg(&a_tma).arg(&tm_a).arg(&tm_up).arg(&tm_gate);
+    let mut c = cfg((grid, 1), 384);
+    c.shared_mem_bytes = WG_SMEM;
+    // SAFETY: as for the wgmma kernel in `gemm` (same requirements, checked by the caller:
+    // K % 64 == 0, 16-byte aligned A and W, N >= 128, 128-row expert blocks, a compute
+    // capability 9.0 device whose dynamic shared memory limit was raised at load). The tensor
+    // maps cover exactly the checked extents: W (and the gate) E x N x K, A M x K (M the
+    // row capacity the caller checked A against); reads outside them are zero-filled by the
+    // TMA. The argument list matches `moe_gemm_wgt_*` (GemmParams, int, 3 x CUtensorMap).
+    unsafe { b.launch(c) }.map(drop).map_err(err("launch moe_gemm_wgt"))
 }
 
 /// Launches `moe_gemm_dec*`: 128 threads, one block per (group with rows, feature strip of 64

@@ -131,6 +131,13 @@ pub struct GemmTuning {
     /// (where eligible) or the simple one. With `pipelined` also on, shapes where wgmma
     /// measured slower than the pipelined kernel go to the latter (`CudaBackend::wgmma_pays`).
     pub wgmma: bool,
+    /// Use the TMA variant of the Hopper wgmma kernel (`moe_gemm_wgt_*`,
+    /// kernels/cuda/gemm_sm90_tma.cu: the weights, and A where it is not gathered, loaded by
+    /// `cp.async.bulk.tensor` from host-encoded tensor maps; one K step of wgmma kept in
+    /// flight; paired epilogue stores) wherever `wgmma` would take the cp.async one (same
+    /// eligibility; it implies `wgmma`). Opt-in: written after the last H100 run, not yet
+    /// measured (moe-cuda/RESULTS.md).
+    pub wgmma_tma: bool,
 }
 
 impl Default for GemmTuning {
@@ -141,13 +148,23 @@ impl Default for GemmTuning {
 
 impl GemmTuning {
     /// The simple 64 x 64 kernel for every GEMM (all choices off).
-    pub const SIMPLE: GemmTuning =
-        GemmTuning { pipelined: false, capped_gated: false, decode: false, wgmma: false };
+    pub const SIMPLE: GemmTuning = GemmTuning {
+        pipelined: false,
+        capped_gated: false,
+        decode: false,
+        wgmma: false,
+        wgmma_tma: false,
+    };
     /// Every faster path where it is eligible: the decode kernel for few rows per expert,
     /// wgmma on compute capability 9.0, the pipelined kernel (capped gated variant) elsewhere,
     /// the simple kernel for what none of them takes (f32, odd K, unaligned views).
-    pub const BEST: GemmTuning =
-        GemmTuning { pipelined: true, capped_gated: true, decode: true, wgmma: true };
+    pub const BEST: GemmTuning = GemmTuning {
+        pipelined: true,
+        capped_gated: true,
+        decode: true,
+        wgmma: true,
+        wgmma_tma: false,
+    };
 }
 
 /// The decode kernel's rule: the n8 row fragments per pass (1, 2, 4 or 8, i.e. 8 to 64 rows
@@ -241,7 +258,7 @@ impl CudaBackend {
     /// The row alignment this backend's tuning wants ([`Self::ROW_ALIGN_PIPELINED`] with the
     /// pipelined or the wgmma kernel, else [`Self::ROW_ALIGN`]).
     pub fn row_align(&self) -> usize {
-        if self.tuning.pipelined || self.tuning.wgmma {
+        if self.tuning.pipelined || self.tuning.wgmma || self.tuning.wgmma_tma {
             Self::ROW_ALIGN_PIPELINED
         } else {
             Self::ROW_ALIGN
@@ -391,12 +408,12 @@ impl CudaBackend {
         let aligned = T::VEC8 && rows_ok && p.vec_a != 0 && p.vec_w != 0;
         let path = if Self::gemv_fits::<T>(&p) {
             launch::GemmPath::Gemv
-        } else if self.tuning.wgmma
+        } else if (self.tuning.wgmma || self.tuning.wgmma_tma)
             && aligned
             && self.wgmma_eligible(&p)
             && (!self.tuning.pipelined || Self::wgmma_pays(&p))
         {
-            launch::GemmPath::Wgmma
+            if self.tuning.wgmma_tma { launch::GemmPath::WgmmaTma } else { launch::GemmPath::Wgmma }
         } else if self.tuning.pipelined && aligned {
             launch::GemmPath::Pipelined { capped: self.tuning.capped_gated }
         } else {
@@ -434,6 +451,12 @@ impl CudaBackend {
     /// Whether this device can run the wgmma kernel (compute capability 9.0).
     pub fn wgmma_available(&self) -> bool {
         self.kernels.wgmma_available()
+    }
+
+    /// Whether this device can run the TMA variant of the wgmma kernel
+    /// ([`GemmTuning::wgmma_tma`]; otherwise that tuning falls back to the cp.async one).
+    pub fn wgmma_tma_available(&self) -> bool {
+        self.kernels.wgmma_tma_available()
     }
 
     fn vec_ok<T: CudaElement>(k: usize, ptrs: &[u64]) -> i32 {

@@ -41,7 +41,9 @@ fn conformance_golden_other_kernels() {
         GemmTuning { decode: true, ..GemmTuning::SIMPLE },
         GemmTuning { pipelined: true, ..GemmTuning::SIMPLE },
         GemmTuning { wgmma: true, ..GemmTuning::SIMPLE },
+        GemmTuning { wgmma_tma: true, ..GemmTuning::SIMPLE },
         GemmTuning::BEST,
+        GemmTuning { wgmma_tma: true, ..GemmTuning::BEST },
     ] {
         let Some(r) = common::runner_with("conformance_golden_other_kernels", tuning) else {
             return;
@@ -62,6 +64,7 @@ fn conformance_larger_shapes() {
         GemmTuning { decode: true, ..GemmTuning::SIMPLE },
         GemmTuning { pipelined: true, ..GemmTuning::SIMPLE },
         GemmTuning { wgmma: true, ..GemmTuning::SIMPLE },
+        GemmTuning { wgmma_tma: true, ..GemmTuning::SIMPLE },
         GemmTuning::BEST,
     ] {
         let Some(r) = common::runner_with("conformance_larger_shapes", tuning) else { return };
@@ -269,7 +272,9 @@ fn conformance_property() {
 /// twice on a poisoned output, and require the result to be bitwise identical to a direct run.
 #[test]
 fn conformance_cuda_graph_replay() {
-    for tuning in [GemmTuning::SIMPLE, GemmTuning::BEST] {
+    for tuning in
+        [GemmTuning::SIMPLE, GemmTuning::BEST, GemmTuning { wgmma_tma: true, ..GemmTuning::BEST }]
+    {
         let Some(r) = common::runner_with("conformance_cuda_graph_replay", tuning) else {
             return;
         };
@@ -330,6 +335,28 @@ fn conformance_wgmma_shapes() {
         "conformance_wgmma_shapes: wgmma kernel {}",
         if r.backend.wgmma_available() { "available (sm_90)" } else { "NOT available: fallback" }
     );
+    wgmma_shapes(&r);
+}
+
+/// The same shapes on the TMA variant of the wgmma kernel (`GemmTuning { wgmma_tma: true, .. }`:
+/// weights through TMA; A through TMA for GEMM2 and the dense shared-expert GEMMs, gathered
+/// with cp.async for GEMM1; partial N tiles zero-filled by the TMA; paired epilogue stores).
+#[test]
+fn conformance_wgmma_tma_shapes() {
+    let tuning = GemmTuning { wgmma_tma: true, ..GemmTuning::SIMPLE };
+    let Some(r) = common::runner_with("conformance_wgmma_tma_shapes", tuning) else { return };
+    println!(
+        "conformance_wgmma_tma_shapes: TMA wgmma kernel {}",
+        if r.backend.wgmma_tma_available() {
+            "available (sm_90)"
+        } else {
+            "NOT available: fallback"
+        }
+    );
+    wgmma_shapes(&r);
+}
+
+fn wgmma_shapes(r: &common::Runner) {
     let mlp = |i, gated, activation, bias| MlpConfig { intermediate: i, gated, activation, bias };
     let base = |h, e, k, expert_mlp| MoeConfig {
         hidden: h,
@@ -356,8 +383,11 @@ fn conformance_wgmma_shapes() {
         mlp: mlp(384, true, Activation::SwigluOai { alpha: 1.702, limit: 7.0 }, false),
         gate: SharedGate::SigmoidLinear,
     });
+    // partial N tiles: gated GEMM1 N = 704 (5.5 tiles of 128 gate + up columns), GEMM2
+    // N = 1088 (4.25 tiles of 256), K = 704 (11 steps) and 1088 (17 steps)
+    let c = base(1088, 8, 2, mlp(704, true, Activation::Silu, false));
     let mut failed = Vec::new();
-    for (i, (config, tokens)) in [(a, 600usize), (b, 333)].into_iter().enumerate() {
+    for (i, (config, tokens)) in [(a, 600usize), (b, 333), (c, 257)].into_iter().enumerate() {
         let mut rng = Rng::new(0x3090 + i as u64);
         let mut case = generated_case(&format!("wgmma-{i}"), config, tokens, &mut rng);
         // skew the routing: expert 0 gets (nearly) every token, experts 5..7 none
@@ -376,7 +406,7 @@ fn conformance_wgmma_shapes() {
                 .collect(),
         );
         for dtype in [DType::BF16, DType::F16] {
-            let res = check_case(&r, &rounded_case(&case, dtype), dtype);
+            let res = check_case(r, &rounded_case(&case, dtype), dtype);
             println!("{}", res.line);
             if !res.passed {
                 failed.push(res.line);

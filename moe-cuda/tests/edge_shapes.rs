@@ -26,6 +26,7 @@ fn conformance_edge_shapes() {
         GemmTuning { pipelined: true, ..GemmTuning::SIMPLE },
         GemmTuning { decode: true, ..GemmTuning::SIMPLE },
         GemmTuning { wgmma: true, ..GemmTuning::SIMPLE },
+        GemmTuning { wgmma_tma: true, ..GemmTuning::SIMPLE },
         GemmTuning::BEST,
     ] {
         let Some(r) = common::runner_with("conformance_edge_shapes", tuning) else { return };
