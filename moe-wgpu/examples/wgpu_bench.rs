@@ -617,7 +617,15 @@ where
 fn main() -> R<()> {
     let quick = flag("--quick");
     let want = [wgpu::Features::TIMESTAMP_QUERY, wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS];
-    let be = match WgpuBackend::request_with_features(Options::default(), want[0] | want[1]) {
+    // MOE_WGPU_EXPERT_GEMM=tiled|decode|auto (default auto) picks the expert GEMM variant.
+    let expert_gemm = match std::env::var("MOE_WGPU_EXPERT_GEMM").as_deref() {
+        Ok("tiled") => moe_wgpu::ExpertGemm::Tiled,
+        Ok("decode") => moe_wgpu::ExpertGemm::Decode,
+        _ => moe_wgpu::ExpertGemm::Auto,
+    };
+    println!("wgpu_bench: expert GEMM variant {expert_gemm:?}");
+    let options = Options { expert_gemm, ..Options::default() };
+    let be = match WgpuBackend::request_with_features(options, want[0] | want[1]) {
         Ok(Some(b)) => b,
         Ok(None) => {
             println!("wgpu_bench: skipped: no wgpu adapter");

@@ -13,6 +13,12 @@
 //!   from the write to the submit (threads may share a backend) and, when it wraps, the
 //!   backend waits for the device before reusing a slot. A stage does not wait otherwise:
 //!   poll the device ([`WgpuBackend::synchronize`]) or map a buffer to see results.
+//! * Expert GEMMs come in two variants ([`ExpertGemm`], [`Options::expert_gemm`]): a tiled
+//!   one (16 x 64 output tiles through workgroup memory) and a decode one for few rows per
+//!   expert (a workgroup streams a strip of weight rows, K split across its 64 invocations and
+//!   reduced in a fixed order, every row of the expert applied to each loaded chunk, the
+//!   activation and routing-weight epilogues fused). By default the host picks from the
+//!   shapes: decode when `tokens * top_k <= 4 * local_experts`. Both are deterministic.
 //! * Element types: `f32`; `f16` (the WGSL `f16` type when the device has `SHADER_F16`,
 //!   otherwise packed two to a `u32`); `bf16` (packed two to a `u32`, widened by a shift and
 //!   rounded to nearest even in the shader). Arithmetic is f32. A user-supplied top-k reduce
@@ -148,6 +154,15 @@ fn gemm_loops(rows: usize, gy: usize, k: usize) -> u64 {
     m_tiles * (k_tiles * 22 + 8) + 4
 }
 
+/// An upper bound on the loop iterations of one invocation of a decode GEMM variant: passes of
+/// `DECODE_ROWS` rows over `rows`, each a K loop (two elements per invocation and step; ~32
+/// inner iterations per step) and the reduction.
+fn decode_loops(rows: usize, k: usize) -> u64 {
+    let passes = rows.div_ceil(moe_shaders::DECODE_ROWS as usize) as u64 + 1;
+    let k_steps = k.div_ceil(2 * moe_shaders::DECODE_GROUP as usize) as u64;
+    passes * (k_steps * 32 + 160) + 16
+}
+
 /// Block on a wgpu future. Native wgpu resolves its futures on the calling thread, so this
 /// only spins if a backend defers.
 pub fn block_on<F: core::future::Future>(f: F) -> F::Output {
@@ -233,17 +248,36 @@ struct Dispatch<'a> {
     groups: [u32; 3],
 }
 
+/// Which variant of the expert GEMMs (`expert_up`, `expert_down`, the dense MLP's up half)
+/// a backend runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ExpertGemm {
+    /// Chosen per call from the shapes (default): the decode variant when there are at most
+    /// 4 rows per local expert on average (`tokens * top_k <= 4 * local_experts`), the tiled
+    /// one otherwise.
+    #[default]
+    Auto,
+    /// Always the tiled variant (16-row x 64-column output tiles through workgroup memory).
+    Tiled,
+    /// The decode variant wherever it can run (K split across a workgroup, every row of the
+    /// expert applied to each loaded weight chunk); the tiled one only where the decode grid
+    /// would exceed 65535 workgroups or, on llvmpipe, its loop budget. For tests.
+    Decode,
+}
+
 /// Choices made when a backend is created.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Options {
     /// Store `f16` as the WGSL type `f16` when the device has `SHADER_F16` (default); when off
     /// or unavailable, `f16` is packed two to a `u32` and converted in the shader.
     pub native_f16: bool,
+    /// The expert GEMM variant ([`ExpertGemm::Auto`] by default).
+    pub expert_gemm: ExpertGemm,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { native_f16: true }
+        Options { native_f16: true, expert_gemm: ExpertGemm::Auto }
     }
 }
 
@@ -252,6 +286,7 @@ pub struct WgpuBackend {
     device: wgpu::Device,
     queue: wgpu::Queue,
     f16: bool,
+    expert_gemm: ExpertGemm,
     params: wgpu::Buffer,
     dummy: wgpu::Buffer,
     layouts: Vec<wgpu::BindGroupLayout>,
@@ -259,6 +294,7 @@ pub struct WgpuBackend {
     modules: Mutex<HashMap<(Shader, Storage, Storage), wgpu::ShaderModule>>,
     pipelines: Mutex<HashMap<PipelineKey, wgpu::ComputePipeline>>,
     buffers_created: AtomicUsize,
+    decode_dispatches: AtomicUsize,
     next_slot: Mutex<u64>,
     info: wgpu::AdapterInfo,
     loop_cap: Option<u64>,
@@ -349,6 +385,7 @@ impl WgpuBackend {
             device,
             queue,
             f16,
+            expert_gemm: options.expert_gemm,
             params,
             dummy,
             layouts,
@@ -356,6 +393,7 @@ impl WgpuBackend {
             modules: Mutex::new(HashMap::new()),
             pipelines: Mutex::new(HashMap::new()),
             buffers_created: created,
+            decode_dispatches: AtomicUsize::new(0),
             next_slot: Mutex::new(0),
             loop_cap: llvmpipe_loop_cap(&info),
             info,
@@ -412,6 +450,31 @@ impl WgpuBackend {
         &self.info
     }
 
+    /// Whether an expert GEMM over `slots` rows in all (`tokens * top_k`, at most `rows` of
+    /// them in one expert) of `experts` experts, with `columns` decode workgroups per expert
+    /// and reduction length `k`, runs the decode variant.
+    fn use_decode(
+        &self,
+        slots: usize,
+        experts: usize,
+        rows: usize,
+        columns: usize,
+        k: usize,
+    ) -> bool {
+        let wanted = match self.expert_gemm {
+            ExpertGemm::Tiled => false,
+            ExpertGemm::Decode => true,
+            ExpertGemm::Auto => slots <= 4 * experts,
+        };
+        let decode = wanted
+            && columns <= MAX_GROUPS as usize
+            && self.check_loops(decode_loops(rows, k), "").is_ok();
+        if decode {
+            self.decode_dispatches.fetch_add(1, Ordering::Relaxed);
+        }
+        decode
+    }
+
     /// On llvmpipe (lavapipe), whose invocations stop looping after 65535 loop iterations in
     /// total, refuse a dispatch whose invocations may need more (`iterations`, an upper
     /// bound) instead of computing a wrong result.
@@ -447,6 +510,12 @@ impl WgpuBackend {
     /// creates none.
     pub fn buffers_created(&self) -> usize {
         self.buffers_created.load(Ordering::Relaxed)
+    }
+
+    /// Expert GEMM dispatches that ran the decode variant since the backend was made (see
+    /// [`ExpertGemm`]).
+    pub fn decode_gemm_dispatches(&self) -> usize {
+        self.decode_dispatches.load(Ordering::Relaxed)
     }
 
     /// Wait until all submitted work is done.
@@ -713,6 +782,7 @@ impl WgpuBackend {
         tokens: usize,
         topk: usize,
         experts: usize,
+        pad: usize,
         width: usize,
         inter: usize,
         x: WgpuView<'_, T>,
@@ -742,15 +812,25 @@ impl WgpuBackend {
         };
         let dense = rows.is_none();
         let tile = moe_shaders::TILE as usize;
-        let gx = inter.div_ceil(moe_shaders::TILE_N as usize);
-        let gy = tokens.div_ceil(tile).clamp(1, MAX_GROUPS as usize);
-        if gx > MAX_GROUPS as usize || experts > MAX_GROUPS as usize {
+        if experts > MAX_GROUPS as usize {
             return Err(unsupported("more than 65535 column tiles or local experts"));
         }
-        self.check_loops(
-            gemm_loops(tokens + moe_shaders::TILE as usize, gy, width),
-            "an expert GEMM too long for llvmpipe's 65535-iteration loop cap",
-        )?;
+        let dcols = inter.div_ceil(moe_shaders::DECODE_UP_FEATURES as usize);
+        let decode = self.use_decode(tokens * topk, experts, tokens + pad, dcols, width);
+        let (entry, groups) = if decode {
+            ("decode", [dcols as u32, 1, experts as u32])
+        } else {
+            let gx = inter.div_ceil(moe_shaders::TILE_N as usize);
+            let gy = tokens.div_ceil(tile).clamp(1, MAX_GROUPS as usize);
+            if gx > MAX_GROUPS as usize {
+                return Err(unsupported("more than 65535 column tiles or local experts"));
+            }
+            self.check_loops(
+                gemm_loops(tokens + moe_shaders::TILE as usize, gy, width),
+                "an expert GEMM too long for llvmpipe's 65535-iteration loop cap",
+            )?;
+            ("main", [gx as u32, gy as u32, experts as u32])
+        };
         let dummy = || Bind { buffer: &self.dummy, offset: 0, size: 256, base: 0 };
         let (off, sorted, tw) = match rows {
             Some(r) => (
@@ -793,11 +873,11 @@ impl WgpuBackend {
             limit.to_bits(),
         ];
         self.submit(&[Dispatch {
-            pipeline: self.pipeline(Shader::ExpertUp, elem, elem, "main")?,
+            pipeline: self.pipeline(Shader::ExpertUp, elem, elem, entry)?,
             shader: Shader::ExpertUp,
             params,
             binds: vec![xb, gb, ub, bgb, bub, off, sorted, tw, hb],
-            groups: [gx as u32, gy as u32, experts as u32],
+            groups,
         }])
     }
 }
@@ -1065,7 +1145,20 @@ impl<T: Element> MoeStages<T> for WgpuBackend {
         if tokens == 0 {
             return Ok(());
         }
-        self.up_impl(&c.expert.mlp, tokens, c.top_k, el, d, inter, x, weights, Some(&rows), hidden)
+        let pad = plan.row_align();
+        self.up_impl(
+            &c.expert.mlp,
+            tokens,
+            c.top_k,
+            el,
+            pad,
+            d,
+            inter,
+            x,
+            weights,
+            Some(&rows),
+            hidden,
+        )
     }
 
     fn expert_down(
@@ -1095,15 +1188,25 @@ impl<T: Element> MoeStages<T> for WgpuBackend {
             return Ok(());
         }
         let tile = moe_shaders::TILE as usize;
-        let gx = d.div_ceil(moe_shaders::TILE_N as usize);
-        let gy = tokens.div_ceil(tile).clamp(1, MAX_GROUPS as usize);
-        if gx > MAX_GROUPS as usize || el > MAX_GROUPS as usize {
+        if el > MAX_GROUPS as usize {
             return Err(unsupported("more than 65535 column tiles or local experts"));
         }
-        self.check_loops(
-            gemm_loops(tokens + plan.row_align(), gy, inter),
-            "an expert GEMM too long for llvmpipe's 65535-iteration loop cap",
-        )?;
+        let dcols = d.div_ceil(moe_shaders::DECODE_DOWN_COLUMNS as usize);
+        let decode = self.use_decode(tokens * c.top_k, el, tokens + plan.row_align(), dcols, inter);
+        let (entry, groups) = if decode {
+            ("decode", [dcols as u32, 1, el as u32])
+        } else {
+            let gx = d.div_ceil(moe_shaders::TILE_N as usize);
+            let gy = tokens.div_ceil(tile).clamp(1, MAX_GROUPS as usize);
+            if gx > MAX_GROUPS as usize {
+                return Err(unsupported("more than 65535 column tiles or local experts"));
+            }
+            self.check_loops(
+                gemm_loops(tokens + plan.row_align(), gy, inter),
+                "an expert GEMM too long for llvmpipe's 65535-iteration loop cap",
+            )?;
+            ("main", [gx as u32, gy as u32, el as u32])
+        };
         let hb = self.bind(&hidden)?;
         let wb = self.bind(&weights.down)?;
         let bb = self.bind_opt(&weights.down_bias)?;
@@ -1125,11 +1228,11 @@ impl<T: Element> MoeStages<T> for WgpuBackend {
             u32::from(weights.down_bias.is_some()),
         ];
         self.submit(&[Dispatch {
-            pipeline: self.pipeline(Shader::ExpertDown, elem, elem, "main")?,
+            pipeline: self.pipeline(Shader::ExpertDown, elem, elem, entry)?,
             shader: Shader::ExpertDown,
             params,
             binds: vec![hb, wb, bb, ob, sb, tb, yb],
-            groups: [gx as u32, gy as u32, el as u32],
+            groups,
         }])
     }
 
@@ -1190,7 +1293,7 @@ impl<T: Element> MoeStages<T> for WgpuBackend {
             return Ok(());
         }
         self.storage::<T>()?;
-        self.up_impl(mlp, tokens, 1, 1, in_dim, inter, x, weights, None, hidden)
+        self.up_impl(mlp, tokens, 1, 1, 0, in_dim, inter, x, weights, None, hidden)
     }
 
     fn linear(

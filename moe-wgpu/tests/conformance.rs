@@ -34,3 +34,41 @@ fn conformance_golden_packed_f16() {
         Err(e) => panic!("{e}"),
     }
 }
+
+/// The suites with the expert GEMMs' decode variant forced (the automatic choice takes it only
+/// for few rows per expert) and with the tiled variant forced.
+#[test]
+fn conformance_golden_decode_gemm() {
+    let Some(be) = common::decode_backend(false) else { return };
+    match run_golden_suite(&Wgpu(be)) {
+        Ok(n) => println!("{n} golden checks passed (decode GEMMs)"),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+#[test]
+fn conformance_golden_decode_gemm_packed_f16() {
+    let Some(be) = common::decode_backend(true) else { return };
+    match run_golden_suite(&Wgpu(be)) {
+        Ok(n) => println!("{n} golden checks passed (decode GEMMs, f16 packed)"),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+#[test]
+fn conformance_property_decode_gemm() {
+    let Some(be) = common::decode_backend(false) else { return };
+    match run_property_suite(&Wgpu(be), 40, 0xdec0de) {
+        Ok(n) => println!("{n} property checks passed (decode GEMMs)"),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+#[test]
+fn conformance_golden_tiled_gemm() {
+    let Some(be) = common::tiled_backend() else { return };
+    match run_golden_suite(&Wgpu(be)) {
+        Ok(n) => println!("{n} golden checks passed (tiled GEMMs)"),
+        Err(e) => panic!("{e}"),
+    }
+}

@@ -314,6 +314,47 @@ fn conformance_row_align_and_token_counts() {
     }
 }
 
+/// Every recipe in every element type, the decode and row-align cases, with the expert GEMMs'
+/// decode variant forced (f16 also packed), at token counts where the automatic choice would
+/// take either variant.
+#[test]
+fn conformance_recipes_decode_gemm() {
+    for packed in [false, true] {
+        let Some(be) = common::decode_backend(packed) else { return };
+        for (i, (name, c)) in recipes().into_iter().enumerate() {
+            let (w, x) = weights(&c, 7 + i as u64);
+            for (dtype, t) in [(DType::F32, 37), (DType::F16, 5), (DType::BF16, 1)] {
+                if packed && dtype != DType::F16 {
+                    continue;
+                }
+                check_on(be, name, dtype, &c, &w, &x[..t * c.hidden], t, 1);
+            }
+        }
+    }
+    let Some(be) = common::decode_backend(false) else { return };
+    let (_, c) = recipes().into_iter().nth(2).expect("deepseek recipe");
+    let (w, x) = weights(&c, 99);
+    for (t, align) in [(1, 1), (3, 16), (64, 16), (17, 4)] {
+        check_on(be, "deepseek_v3_like", DType::BF16, &c, &w, &x[..t * c.hidden], t, align);
+    }
+    assert!(be.decode_gemm_dispatches() > 0, "the decode variant never ran");
+}
+
+/// The automatic choice takes the decode variant at one token and the tiled one at many.
+#[test]
+fn expert_gemm_automatic_choice() {
+    let Some(be) = common::tiled_backend() else { return };
+    let Some(auto) = backend() else { return };
+    let (_, c) = recipes().into_iter().nth(2).expect("deepseek recipe");
+    let (w, x) = weights(&c, 5);
+    check_on(be, "deepseek_v3_like tiled", DType::F32, &c, &w, &x[..c.hidden], 1, 1);
+    assert_eq!(be.decode_gemm_dispatches(), 0, "ExpertGemm::Tiled ran the decode variant");
+    // Other tests share `auto`: count only increases, so a 1-token forward must add some.
+    let before = auto.decode_gemm_dispatches();
+    check_on(auto, "deepseek_v3_like auto", DType::F32, &c, &w, &x[..c.hidden], 1, 1);
+    assert!(auto.decode_gemm_dispatches() >= before + 2, "auto did not take decode at T=1");
+}
+
 #[test]
 fn conformance_custom_reduce_is_unsupported() {
     let Some(be) = backend() else { return };

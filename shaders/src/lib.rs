@@ -28,9 +28,12 @@ pub const LINEAR: &str = include_str!("../wgsl/linear.wgsl");
 pub const ROUTE: &str = include_str!("../wgsl/route.wgsl");
 /// Permute: entry points `count`, `offsets_main`, `scatter` (run in that order).
 pub const PERMUTE: &str = include_str!("../wgsl/permute.wgsl");
-/// Grouped GEMM 1 with the activation fused (and the dense MLP's up half). Entry point `main`.
+/// Grouped GEMM 1 with the activation fused (and the dense MLP's up half). Entry points
+/// `main` (tiled) and `decode` (few rows per expert: K split across a workgroup of
+/// [`DECODE_GROUP`] invocations, [`DECODE_UP_FEATURES`] features per workgroup).
 pub const EXPERT_UP: &str = include_str!("../wgsl/expert_up.wgsl");
-/// Grouped GEMM 2 with the routing weight fused. Entry point `main`.
+/// Grouped GEMM 2 with the routing weight fused. Entry points `main` (tiled) and `decode`
+/// ([`DECODE_DOWN_COLUMNS`] output columns per workgroup).
 pub const EXPERT_DOWN: &str = include_str!("../wgsl/expert_down.wgsl");
 /// Deterministic combine in slot order. Entry point `main`.
 pub const COMBINE: &str = include_str!("../wgsl/combine.wgsl");
@@ -42,8 +45,8 @@ pub const ALL: [(&str, &str, &[&str]); 7] = [
     ("linear", LINEAR, &["main"]),
     ("route", ROUTE, &["main"]),
     ("permute", PERMUTE, &["count", "offsets_main", "scatter"]),
-    ("expert_up", EXPERT_UP, &["main"]),
-    ("expert_down", EXPERT_DOWN, &["main"]),
+    ("expert_up", EXPERT_UP, &["main", "decode"]),
+    ("expert_down", EXPERT_DOWN, &["main", "decode"]),
     ("combine", COMBINE, &["main"]),
     ("add", ADD, &["main"]),
 ];
@@ -52,6 +55,16 @@ pub const ALL: [(&str, &str, &[&str]); 7] = [
 pub const TILE: u32 = 16;
 /// Columns of the GEMMs' output tile (each invocation holds 4 of them in registers).
 pub const TILE_N: u32 = 64;
+/// Invocations per workgroup of the decode variants of the expert GEMMs (K is split across
+/// them, two elements per invocation and step).
+pub const DECODE_GROUP: u32 = 64;
+/// Rows of an expert the decode variants apply to each loaded weight chunk (one pass).
+pub const DECODE_ROWS: u32 = 4;
+/// Intermediate features (a gate row and an up row each) per workgroup of `expert_up`'s
+/// `decode`.
+pub const DECODE_UP_FEATURES: u32 = 2;
+/// Output columns per workgroup of `expert_down`'s `decode`.
+pub const DECODE_DOWN_COLUMNS: u32 = 4;
 /// Invocations per workgroup of the element-wise shaders (combine, add) and of permute.
 pub const GROUP: u32 = 256;
 /// Invocations per workgroup of the route shader (one token each).
@@ -135,8 +148,9 @@ fn moe_widen_f16(h: u32) -> f32 {
 }
 ";
 
-/// The declaration and accessors `ld_NAME(i) -> f32` (and `st_NAME(i, v: f32)` when `rw`) of
-/// one storage binding of element type `ty`.
+/// The declaration and accessors `ld_NAME(i) -> f32` (and `st_NAME(i, v: f32)` when `rw`,
+/// `ld2_NAME(i) -> vec2<f32>`, elements `i` and `i + 1`, when `ro`) of one storage binding of
+/// element type `ty`.
 fn binding(out: &mut String, b: &str, name: &str, ty: Storage, rw: bool) {
     use core::fmt::Write;
     let decl = |out: &mut String, elem: &str| {
@@ -150,6 +164,12 @@ fn binding(out: &mut String, b: &str, name: &str, ty: Storage, rw: bool) {
             let t = ty.alias();
             decl(out, t);
             let _ = writeln!(out, "fn ld_{name}(i: u32) -> f32 {{ return f32({name}[i]); }}");
+            if !rw {
+                let _ = writeln!(
+                    out,
+                    "fn ld2_{name}(i: u32) -> vec2<f32> {{ return vec2<f32>(f32({name}[i]), f32({name}[i + 1u])); }}"
+                );
+            }
             if rw {
                 let _ = writeln!(out, "fn st_{name}(i: u32, v: f32) {{ {name}[i] = {t}(v); }}");
             }
@@ -177,6 +197,11 @@ fn binding(out: &mut String, b: &str, name: &str, ty: Storage, rw: bool) {
                 let _ = writeln!(
                     out,
                     "fn ld_{name}(i: u32) -> f32 {{ return {widen}(moe_half_of({name}[i >> 1u], i)); }}"
+                );
+                // Elements i and i + 1: one word load when i is even.
+                let _ = writeln!(
+                    out,
+                    "fn ld2_{name}(i: u32) -> vec2<f32> {{ if ((i & 1u) == 0u) {{ let w = {name}[i >> 1u]; return vec2<f32>({widen}(w & 0xffffu), {widen}(w >> 16u)); }} return vec2<f32>(ld_{name}(i), ld_{name}(i + 1u)); }}"
                 );
             }
         }

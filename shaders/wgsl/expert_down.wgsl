@@ -94,3 +94,101 @@ fn main(
         }
     }
 }
+
+// Decode variant, for few rows per expert: a workgroup of DW invocations computes DC output
+// columns of expert e = workgroup_id.z for every row of the expert, DR rows per pass over the
+// weights. K is split across the invocations (two elements per invocation and step); the
+// partial sums are reduced in workgroup memory in a fixed tree order (deterministic).
+const DW: u32 = 64u;
+const DC: u32 = 4u;
+const DR: u32 = 4u;
+var<workgroup> red: array<array<f32, 64>, 16>;
+
+@compute @workgroup_size(64, 1, 1)
+fn decode(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(local_invocation_id) lid: vec3<u32>,
+) {
+    let e = wg.z;
+    let l = lid.x;
+    if (l == 0u) {
+        wstart = u32(offsets[p.ooff + e]);
+        wend = u32(offsets[p.ooff + e + 1u]);
+    }
+    let start = workgroupUniformLoad(&wstart);
+    let end = workgroupUniformLoad(&wend);
+    let c0 = wg.x * DC;
+    let wbase = e * p.d * p.i;
+    for (var m0 = start; m0 < end; m0 += DR) {
+        var slots: array<i32, 4>;
+        for (var r = 0u; r < DR; r++) {
+            let row = m0 + r;
+            var slot = -1;
+            if (row < end) {
+                slot = sorted_slots[p.osort + row];
+            }
+            slots[r] = slot;
+        }
+        // acc[r * DC + c].
+        var acc: array<vec2<f32>, 16>;
+        for (var k = 2u * l; k < p.i; k += 2u * DW) {
+            let pair = k + 1u < p.i;
+            var wv: array<vec2<f32>, 4>;
+            for (var c = 0u; c < DC; c++) {
+                let o = c0 + c;
+                var v = vec2<f32>(0.0);
+                if (o < p.d) {
+                    let wi = p.ow + wbase + o * p.i + k;
+                    if (pair) {
+                        v = ld2_wdown(wi);
+                    } else {
+                        v = vec2<f32>(ld_wdown(wi), 0.0);
+                    }
+                }
+                wv[c] = v;
+            }
+            for (var r = 0u; r < DR; r++) {
+                if (slots[r] >= 0) {
+                    let hi = p.oh + (m0 + r) * p.i + k;
+                    var a = vec2<f32>(0.0);
+                    if (pair) {
+                        a = ld2_hidden(hi);
+                    } else {
+                        a = vec2<f32>(ld_hidden(hi), 0.0);
+                    }
+                    for (var c = 0u; c < DC; c++) {
+                        acc[r * DC + c] += a * wv[c];
+                    }
+                }
+            }
+        }
+        for (var j = 0u; j < 16u; j++) {
+            red[j][l] = acc[j].x + acc[j].y;
+        }
+        workgroupBarrier();
+        for (var h = DW / 2u; h > 0u; h >>= 1u) {
+            if (l < h) {
+                for (var j = 0u; j < 16u; j++) {
+                    red[j][l] += red[j][l + h];
+                }
+            }
+            workgroupBarrier();
+        }
+        if (l < DR * DC) {
+            let r = l / DC;
+            let o = c0 + l % DC;
+            let row = m0 + r;
+            if (slots[r] >= 0 && o < p.d) {
+                var v = red[l][0];
+                if (p.has_b != 0u) {
+                    v += ld_bdown(p.ob + e * p.d + o);
+                }
+                if (p.has_w != 0u) {
+                    v *= tw[p.otw + u32(slots[r])];
+                }
+                st_out(p.oo + row * p.d + o, v);
+            }
+        }
+        workgroupBarrier();
+    }
+}

@@ -189,3 +189,135 @@ fn main(
         }
     }
 }
+
+// Decode variant, for few rows per expert: a workgroup of DW invocations computes DF
+// features (the gate row and the up row of each) of expert e = workgroup_id.z for every row
+// of the expert, DR rows per pass over the weights. K is split across the invocations (two
+// elements per invocation and step, consecutive invocations on consecutive elements); the
+// partial sums are reduced in workgroup memory in a fixed tree order (deterministic).
+const DW: u32 = 64u;
+const DF: u32 = 2u;
+const DR: u32 = 4u;
+var<workgroup> red: array<array<f32, 64>, 16>;
+
+@compute @workgroup_size(64, 1, 1)
+fn decode(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(local_invocation_id) lid: vec3<u32>,
+) {
+    let e = wg.z;
+    let l = lid.x;
+    if (l == 0u) {
+        if (p.dense != 0u) {
+            wstart = 0u;
+            wend = p.tokens;
+        } else {
+            wstart = u32(offsets[p.ooff + e]);
+            wend = u32(offsets[p.ooff + e + 1u]);
+        }
+    }
+    let start = workgroupUniformLoad(&wstart);
+    let end = workgroupUniformLoad(&wend);
+    let f0 = wg.x * DF;
+    let wbase = e * p.n * p.d;
+    for (var m0 = start; m0 < end; m0 += DR) {
+        var slots: array<i32, 4>;
+        var toks: array<u32, 4>;
+        var sc: array<f32, 4>;
+        for (var r = 0u; r < DR; r++) {
+            let row = m0 + r;
+            var slot = -1;
+            if (row < end) {
+                if (p.dense != 0u) {
+                    slot = i32(row);
+                } else {
+                    slot = sorted_slots[p.osort + row];
+                }
+            }
+            var tok = 0u;
+            var s = 1.0;
+            if (slot >= 0) {
+                tok = u32(slot) / p.topk;
+                if (p.on_input != 0u) {
+                    s = tw[p.otw + u32(slot)];
+                }
+            }
+            slots[r] = slot;
+            toks[r] = tok;
+            sc[r] = s;
+        }
+        // acc[(r * DF + f) * 2 + 0] gate, + 1 up.
+        var acc: array<vec2<f32>, 16>;
+        for (var k = 2u * l; k < p.d; k += 2u * DW) {
+            let pair = k + 1u < p.d;
+            var wgv: array<vec2<f32>, 2>;
+            var wuv: array<vec2<f32>, 2>;
+            for (var f = 0u; f < DF; f++) {
+                let n = f0 + f;
+                var gv = vec2<f32>(0.0);
+                var uv = vec2<f32>(0.0);
+                if (n < p.n) {
+                    let wi = wbase + n * p.d + k;
+                    if (pair) {
+                        uv = ld2_wup(p.ou + wi);
+                        if (p.gated != 0u) {
+                            gv = ld2_wgate(p.og + wi);
+                        }
+                    } else {
+                        uv = vec2<f32>(ld_wup(p.ou + wi), 0.0);
+                        if (p.gated != 0u) {
+                            gv = vec2<f32>(ld_wgate(p.og + wi), 0.0);
+                        }
+                    }
+                }
+                wgv[f] = gv;
+                wuv[f] = uv;
+            }
+            for (var r = 0u; r < DR; r++) {
+                if (slots[r] >= 0) {
+                    let xi = p.ox + toks[r] * p.d + k;
+                    var a = vec2<f32>(0.0);
+                    if (pair) {
+                        a = ld2_x(xi);
+                    } else {
+                        a = vec2<f32>(ld_x(xi), 0.0);
+                    }
+                    for (var f = 0u; f < DF; f++) {
+                        let j = (r * DF + f) * 2u;
+                        acc[j] += a * wgv[f];
+                        acc[j + 1u] += a * wuv[f];
+                    }
+                }
+            }
+        }
+        for (var j = 0u; j < 16u; j++) {
+            red[j][l] = acc[j].x + acc[j].y;
+        }
+        workgroupBarrier();
+        for (var h = DW / 2u; h > 0u; h >>= 1u) {
+            if (l < h) {
+                for (var j = 0u; j < 16u; j++) {
+                    red[j][l] += red[j][l + h];
+                }
+            }
+            workgroupBarrier();
+        }
+        if (l < DR * DF) {
+            let r = l / DF;
+            let n = f0 + l % DF;
+            let row = m0 + r;
+            if (slots[r] >= 0 && n < p.n) {
+                var g = sc[r] * red[l * 2u][0];
+                var u = sc[r] * red[l * 2u + 1u][0];
+                if (p.has_b != 0u) {
+                    u += ld_bup(p.obu + e * p.n + n);
+                    if (p.gated != 0u) {
+                        g += ld_bgate(p.obg + e * p.n + n);
+                    }
+                }
+                st_hidden(p.oh + row * p.n + n, hidden_of(g, u));
+            }
+        }
+        workgroupBarrier();
+    }
+}

@@ -8,7 +8,7 @@ use moe_core::{
     DType, Element, LatentWeights, MlpWeights, MoeConfig, MoeError, MoePlan, MoeWeights,
     SharedWeights, SingleRank, TopkReduce,
 };
-use moe_wgpu::{Options, WgpuBackend, WgpuView, WgpuViewMut};
+use moe_wgpu::{ExpertGemm, Options, WgpuBackend, WgpuView, WgpuViewMut};
 use std::sync::OnceLock;
 
 /// The backend on the first adapter, or `None` (with a message) where none exists.
@@ -20,7 +20,23 @@ pub fn backend() -> Option<&'static WgpuBackend> {
 /// A second backend that packs f16 into u32 words even where `SHADER_F16` exists.
 pub fn packed_backend() -> Option<&'static WgpuBackend> {
     static BE: OnceLock<Option<WgpuBackend>> = OnceLock::new();
-    BE.get_or_init(|| make(Options { native_f16: false })).as_ref()
+    BE.get_or_init(|| make(Options { native_f16: false, ..Options::default() })).as_ref()
+}
+
+/// A backend that runs the expert GEMMs' decode variant wherever it can
+/// ([`ExpertGemm::Decode`]); `packed_f16` as in [`packed_backend`].
+pub fn decode_backend(packed_f16: bool) -> Option<&'static WgpuBackend> {
+    static BE: OnceLock<Option<WgpuBackend>> = OnceLock::new();
+    static PACKED: OnceLock<Option<WgpuBackend>> = OnceLock::new();
+    let options = Options { native_f16: !packed_f16, expert_gemm: ExpertGemm::Decode };
+    if packed_f16 { &PACKED } else { &BE }.get_or_init(|| make(options)).as_ref()
+}
+
+/// A backend that always runs the expert GEMMs' tiled variant ([`ExpertGemm::Tiled`]).
+pub fn tiled_backend() -> Option<&'static WgpuBackend> {
+    static BE: OnceLock<Option<WgpuBackend>> = OnceLock::new();
+    BE.get_or_init(|| make(Options { expert_gemm: ExpertGemm::Tiled, ..Options::default() }))
+        .as_ref()
 }
 
 fn make(options: Options) -> Option<WgpuBackend> {
