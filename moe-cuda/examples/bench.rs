@@ -562,6 +562,26 @@ fn bench_tokens(
     Ok(row(stages))
 }
 
+/// The GEMM kernel choices by the names `--tuning` and the comparison lines use.
+fn tuning_by_name(name: &str) -> Option<GemmTuning> {
+    let simple = GemmTuning::SIMPLE;
+    Some(match name {
+        "simple" => simple,
+        "pipelined" => GemmTuning { pipelined: true, ..simple },
+        "pipelined-capped" => GemmTuning { pipelined: true, capped_gated: true, ..simple },
+        "wgmma" => GemmTuning { wgmma: true, ..simple },
+        // the TMA variant of the wgmma kernel (opt-in, not yet measured)
+        "wgmma-tma" => GemmTuning { wgmma_tma: true, ..simple },
+        "decode" => GemmTuning { decode: true, ..simple },
+        // every faster path where it is eligible: decode for few rows per expert, wgmma on
+        // sm_90, the pipelined kernel elsewhere
+        "best" => GemmTuning::BEST,
+        // BEST with the TMA variant in place of the cp.async wgmma kernel
+        "best-tma" => GemmTuning { wgmma_tma: true, ..GemmTuning::BEST },
+        _ => return None,
+    })
+}
+
 fn arg(name: &str) -> Option<String> {
     let a: Vec<String> = std::env::args().collect();
     a.iter().position(|x| x == name).and_then(|i| a.get(i + 1).cloned())
@@ -586,29 +606,12 @@ fn main() -> R<()> {
     let tuning_name = arg("--tuning")
         .or_else(|| std::env::var("MOE_GEMM_TUNING").ok())
         .unwrap_or_else(|| if decode_flag { "decode" } else { "best" }.into());
-    let tuning = match tuning_name.as_str() {
-        "simple" => GemmTuning::SIMPLE,
-        "pipelined" => GemmTuning { pipelined: true, ..GemmTuning::SIMPLE },
-        "pipelined-capped" => {
-            GemmTuning { pipelined: true, capped_gated: true, ..GemmTuning::SIMPLE }
-        }
-        "wgmma" => GemmTuning { wgmma: true, ..GemmTuning::SIMPLE },
-        // the TMA variant of the wgmma kernel (opt-in, not yet measured)
-        "wgmma-tma" => GemmTuning { wgmma_tma: true, ..GemmTuning::SIMPLE },
-        // BEST with the TMA variant in place of the cp.async wgmma kernel
-        "best-tma" => GemmTuning { wgmma_tma: true, ..GemmTuning::BEST },
-        "decode" => GemmTuning { decode: true, ..GemmTuning::SIMPLE },
-        // every faster path where it is eligible: decode for few rows per expert, wgmma on
-        // sm_90, the pipelined kernel elsewhere
-        "best" => GemmTuning::BEST,
-        other => {
-            return Err(format!(
-                "unknown --tuning {other} (simple, pipelined, pipelined-capped, wgmma, wgmma-tma, \
-                 decode, best, best-tma)"
-            )
-            .into());
-        }
-    };
+    let tuning = tuning_by_name(&tuning_name).ok_or_else(|| {
+        format!(
+            "unknown --tuning {tuning_name} (simple, pipelined, pipelined-capped, wgmma, \
+             wgmma-tma, decode, best, best-tma)"
+        )
+    })?;
     let be0 = CudaBackend::new(s.clone())?;
     let be = be0.clone().with_tuning(tuning);
     let timer = Timer { stream: s.clone() };
@@ -636,12 +639,8 @@ fn main() -> R<()> {
     println!("copy bandwidth (D2D, read + write): {:.0} GB/s", bw / 1e9);
     let own = own_gemm_rate(&be, &s, &timer, &filler, &mut rng)?;
     println!("moe-cuda dense bf16 GEMM 8192^3 ({tuning_name}): {:.0} TFLOP/s", own / 1e12);
-    for (name, t) in [
-        ("simple", GemmTuning::SIMPLE),
-        ("pipelined", GemmTuning { pipelined: true, ..GemmTuning::SIMPLE }),
-        ("wgmma", GemmTuning { wgmma: true, ..GemmTuning::SIMPLE }),
-        ("wgmma-tma", GemmTuning { wgmma_tma: true, ..GemmTuning::SIMPLE }),
-    ] {
+    for name in ["simple", "pipelined", "wgmma", "wgmma-tma"] {
+        let t = tuning_by_name(name).expect("a known tuning name");
         let r = own_gemm_rate(&be0.clone().with_tuning(t), &s, &timer, &filler, &mut rng)?;
         println!("kernels dense bf16 GEMM 8192^3 {name}: {:.0} TFLOP/s", r / 1e12);
     }
@@ -718,20 +717,11 @@ fn main() -> R<()> {
         // the GEMM kernel variants on some token counts
         for &t in tokens.iter().filter(|t| kernel_tokens.contains(t)) {
             let mut line = format!("kernels {:<14} T={:<6}", m.name, t);
-            for (name, tuning) in [
-                ("wgmma-tma", GemmTuning { wgmma_tma: true, ..GemmTuning::SIMPLE }),
-                ("wgmma", GemmTuning { wgmma: true, ..GemmTuning::SIMPLE }),
-                ("pipelined", GemmTuning { pipelined: true, ..GemmTuning::SIMPLE }),
-                (
-                    "pipelined-capped",
-                    GemmTuning { pipelined: true, capped_gated: true, ..GemmTuning::SIMPLE },
-                ),
-                ("simple", GemmTuning::SIMPLE),
-                ("decode", GemmTuning { decode: true, ..GemmTuning::SIMPLE }),
-            ] {
-                let b = be0.clone().with_tuning(tuning);
-                let tc = tuning.pipelined || tuning.wgmma || tuning.wgmma_tma;
-                let p = if tc { &plan_tc } else { &plan_simple };
+            for name in ["wgmma-tma", "wgmma", "pipelined", "pipelined-capped", "simple", "decode"]
+            {
+                let b = be0.clone().with_tuning(tuning_by_name(name).expect("a known tuning name"));
+                // the plan padded the way this tuning wants (CudaBackend::row_align)
+                let p = if b.row_align() == plan_tc.row_align() { &plan_tc } else { &plan_simple };
                 let r = bench_tokens(
                     &b, &s, &timer, &m, p, &w, &x, &mut out, &mut ws, t, bw, rate, false,
                 )?;
