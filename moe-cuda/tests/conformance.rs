@@ -31,20 +31,14 @@ fn conformance_rules() {
     }
 }
 
-/// The golden cases again on the other GEMM kernels (the pipelined tensor-core kernel, its
-/// register-capped gated variant, and the Hopper wgmma kernel, which falls back to the
-/// pipelined one off compute capability 9.0 and for ineligible shapes).
+/// The golden cases again on every other GEMM kernel choice (`common::TUNINGS`: the simple,
+/// pipelined and capped, decode, wgmma and wgmma-TMA kernels alone, and the combinations; the
+/// wgmma kernels fall back to the pipelined one off compute capability 9.0 and for ineligible
+/// shapes).
 #[test]
 fn conformance_golden_other_kernels() {
-    for tuning in [
-        GemmTuning { pipelined: true, capped_gated: true, ..GemmTuning::SIMPLE },
-        GemmTuning { decode: true, ..GemmTuning::SIMPLE },
-        GemmTuning { pipelined: true, ..GemmTuning::SIMPLE },
-        GemmTuning { wgmma: true, ..GemmTuning::SIMPLE },
-        GemmTuning { wgmma_tma: true, ..GemmTuning::SIMPLE },
-        GemmTuning::BEST,
-        GemmTuning { wgmma_tma: true, ..GemmTuning::BEST },
-    ] {
+    // conformance_golden runs the default tuning
+    for tuning in common::TUNINGS.into_iter().filter(|t| *t != GemmTuning::default()) {
         let Some(r) = common::runner_with("conformance_golden_other_kernels", tuning) else {
             return;
         };
@@ -59,14 +53,7 @@ fn conformance_golden_other_kernels() {
 /// tiles per expert, token counts that are not tile multiples) against the float64 reference.
 #[test]
 fn conformance_larger_shapes() {
-    for tuning in [
-        GemmTuning::SIMPLE,
-        GemmTuning { decode: true, ..GemmTuning::SIMPLE },
-        GemmTuning { pipelined: true, ..GemmTuning::SIMPLE },
-        GemmTuning { wgmma: true, ..GemmTuning::SIMPLE },
-        GemmTuning { wgmma_tma: true, ..GemmTuning::SIMPLE },
-        GemmTuning::BEST,
-    ] {
+    for tuning in common::TUNINGS {
         let Some(r) = common::runner_with("conformance_larger_shapes", tuning) else { return };
         larger_shapes(&r);
     }

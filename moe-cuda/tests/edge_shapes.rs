@@ -11,7 +11,6 @@ use moe_core::conformance::{
     rounded_case,
 };
 use moe_core::*;
-use moe_cuda::GemmTuning;
 
 fn make(name: &str, c: MoeConfig, tokens: usize, seed: u64) -> Case {
     generated_case(name, c, tokens, &mut Rng::new(seed))
@@ -21,14 +20,7 @@ fn make(name: &str, c: MoeConfig, tokens: usize, seed: u64) -> Case {
 fn conformance_edge_shapes() {
     let mut cases = edge_cases();
     cases.push(make("H=300 I=70 (many K tiles)", edge_config(300, 8, 2, 70), 40, 14));
-    for tuning in [
-        GemmTuning::SIMPLE,
-        GemmTuning { pipelined: true, ..GemmTuning::SIMPLE },
-        GemmTuning { decode: true, ..GemmTuning::SIMPLE },
-        GemmTuning { wgmma: true, ..GemmTuning::SIMPLE },
-        GemmTuning { wgmma_tma: true, ..GemmTuning::SIMPLE },
-        GemmTuning::BEST,
-    ] {
+    for tuning in common::TUNINGS {
         let Some(r) = common::runner_with("conformance_edge_shapes", tuning) else { return };
         let mut failed = Vec::new();
         for case in &cases {

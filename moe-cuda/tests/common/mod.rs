@@ -22,6 +22,24 @@ pub struct Runner {
     pub backend: CudaBackend,
 }
 
+/// Every GEMM kernel choice the tests run: each kernel alone (the others off, so it serves
+/// every GEMM it accepts) and the combined tunings (BEST, the default, and BEST with the TMA
+/// variant of the wgmma kernel).
+pub const TUNINGS: [moe_cuda::GemmTuning; 8] = {
+    use moe_cuda::GemmTuning as G;
+    let s = G::SIMPLE;
+    [
+        s,
+        G { pipelined: true, ..s },
+        G { pipelined: true, capped_gated: true, ..s },
+        G { decode: true, ..s },
+        G { wgmma: true, ..s },
+        G { wgmma_tma: true, ..s },
+        G::BEST,
+        G { wgmma_tma: true, ..G::BEST },
+    ]
+};
+
 /// A runner, or `None` (with a message) where there is no CUDA driver or device.
 pub fn runner(test: &str) -> Option<Runner> {
     runner_with(test, moe_cuda::GemmTuning::default())
