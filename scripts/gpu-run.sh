@@ -98,7 +98,9 @@ for w in $what; do
         echo "=== compute-sanitizer racecheck (golden)"
         compute-sanitizer --tool racecheck --print-limit 20 "$conf" --test-threads=1 golden 2>&1 | tail -n 25 || rc=1
         echo "=== compute-sanitizer racecheck (decode GEMM shapes)"
-        compute-sanitizer --tool racecheck --print-limit 20 "$conf" --test-threads=1 conformance_decode_shapes 2>&1 | tail -n 25 || rc=1 ;;
+        compute-sanitizer --tool racecheck --print-limit 20 "$conf" --test-threads=1 conformance_decode_shapes 2>&1 | tail -n 25 || rc=1
+        echo "=== compute-sanitizer racecheck (wgmma and wgmma+TMA GEMM shapes)"
+        compute-sanitizer --tool racecheck --print-limit 20 "$conf" --test-threads=1 wgmma 2>&1 | tail -n 25 || rc=1 ;;
     quickstart)
         echo "=== quickstart"
         ./quickstart || rc=1 ;;

@@ -7,7 +7,7 @@
 //! * floor = max(bytes / copy bandwidth, flops / matmul rate)
 //!
 //! Usage: `bench [--models qwen3,gpt-oss,mixtral,deepseek] [--tokens 1,16,128,1024,4096,16384]
-//! [--csv FILE] [--tuning simple|pipelined|pipelined-capped|wgmma|wgmma-tma|decode|best|best-tma]
+//! [--csv FILE] [--tuning simple|pipelined|pipelined-capped|wgmma|wgmma-tma|decode|best|best-cp]
 //! [--decode]
 //! [--kernel-tokens 1,16,128,4096,16384]`. `--tuning` picks the GEMM kernels of the whole-layer
 //! table (`--decode` = `--tuning decode`; `best` = `GemmTuning::BEST`). The `kernels ...` lines
@@ -576,8 +576,8 @@ fn tuning_by_name(name: &str) -> Option<GemmTuning> {
         // every faster path where it is eligible: decode for few rows per expert, wgmma on
         // sm_90, the pipelined kernel elsewhere
         "best" => GemmTuning::BEST,
-        // BEST with the TMA variant in place of the cp.async wgmma kernel
-        "best-tma" => GemmTuning { wgmma_tma: true, ..GemmTuning::BEST },
+        // BEST with the cp.async wgmma kernel in place of its TMA variant
+        "best-cp" => GemmTuning { wgmma_tma: false, ..GemmTuning::BEST },
         _ => return None,
     })
 }
@@ -600,7 +600,7 @@ fn main() -> R<()> {
     let s = ctx.new_stream()?;
     let decode_flag = std::env::args().any(|a| a == "--decode")
         || std::env::var("MOE_BENCH_DECODE").is_ok_and(|v| v == "1");
-    // `--tuning simple|pipelined|pipelined-capped|wgmma|wgmma-tma|decode|best|best-tma` (or MOE_GEMM_TUNING;
+    // `--tuning simple|pipelined|pipelined-capped|wgmma|wgmma-tma|decode|best|best-cp` (or MOE_GEMM_TUNING;
     // `--decode` / MOE_BENCH_DECODE=1 = decode): the GEMM kernels of the
     // whole-layer table (default: best, the backend's default)
     let tuning_name = arg("--tuning")
@@ -609,7 +609,7 @@ fn main() -> R<()> {
     let tuning = tuning_by_name(&tuning_name).ok_or_else(|| {
         format!(
             "unknown --tuning {tuning_name} (simple, pipelined, pipelined-capped, wgmma, \
-             wgmma-tma, decode, best, best-tma)"
+             wgmma-tma, decode, best, best-cp)"
         )
     })?;
     let be0 = CudaBackend::new(s.clone())?;

@@ -36,7 +36,7 @@ pub const TUNINGS: [moe_cuda::GemmTuning; 8] = {
         G { wgmma: true, ..s },
         G { wgmma_tma: true, ..s },
         G::BEST,
-        G { wgmma_tma: true, ..G::BEST },
+        G { wgmma_tma: false, ..G::BEST },
     ]
 };
 
