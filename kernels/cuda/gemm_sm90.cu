@@ -65,15 +65,12 @@ MOE_DEVICE void wg_counts(const GemmParams& p, int& mt, int& nt) {
     nt = (p.N + bn - 1) / bn;
 }
 
-MOE_DEVICE WgTile wg_tile(const GemmParams& p, int t, int mt, int nt) {
-    const int per_group = WG_GROUP_M * nt;
-    const int group = t / per_group;
-    const int first = group * WG_GROUP_M;
-    const int gsz = min(WG_GROUP_M, mt - first);
-    const int r = t - group * per_group;
+// The tile at rows m0.. and columns n0..: its expert (binary search over the expert offsets;
+// for m0 at or past the last expert's end, the last expert with an empty row range).
+MOE_DEVICE WgTile wg_tile_at(const GemmParams& p, int m0, int n0) {
     WgTile w;
-    w.m0 = (first + r % gsz) * WG_BM;
-    w.n0 = (r / gsz) * wg_bn(p);
+    w.m0 = m0;
+    w.n0 = n0;
     w.expert = 0;
     w.rows_end = p.M;
     if (p.grouped) {
@@ -86,6 +83,16 @@ MOE_DEVICE WgTile wg_tile(const GemmParams& p, int t, int mt, int nt) {
         w.rows_end = p.expert_offsets[lo + 1];
     }
     return w;
+}
+
+// Tile t of the schedule: groups of WG_GROUP_M M tiles, all N tiles of a group, M fastest.
+MOE_DEVICE WgTile wg_tile(const GemmParams& p, int t, int mt, int nt) {
+    const int per_group = WG_GROUP_M * nt;
+    const int group = t / per_group;
+    const int first = group * WG_GROUP_M;
+    const int gsz = min(WG_GROUP_M, mt - first);
+    const int r = t - group * per_group;
+    return wg_tile_at(p, (first + r % gsz) * WG_BM, (r / gsz) * wg_bn(p));
 }
 
 // A row of output row r (grouped: the slot's token or r; -1 for a padding row).

@@ -67,11 +67,78 @@ MOE_DEVICE void tma_prefetch_map(const MoeTmaMap* map) {
 
 MOE_DEVICE void wg_wait1() { asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory"); }
 
+MOE_DEVICE void tma_load_3d_mc(uint32_t dst, const MoeTmaMap* map, int c0, int c1, int c2, uint64_t* bar,
+                               uint16_t cta_mask) {
+    asm volatile(
+        "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.multicast::cluster"
+        " [%0], [%1, {%2, %3, %4}], [%5], %6;\n" ::"r"(dst),
+        "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(smem_u32(bar)), "h"(cta_mask)
+        : "memory");
+}
+
+// An arrival on `bar` once every cp.async this thread issued so far has landed (counted among
+// the barrier's expected arrivals: .noinc).
+MOE_DEVICE void cp_async_arrive_noinc(uint64_t* bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_u32(bar)) : "memory");
+}
+
+MOE_DEVICE uint32_t cluster_rank() {
+    uint32_t r;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+    return r;
+}
+
+// All non-exited threads of the cluster (release / acquire).
+MOE_DEVICE void cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
+}
+
+// One arrival on the mbarrier at the same shared-memory offset as `bar` in CTA `cta` of the
+// cluster (release at cluster scope).
+MOE_DEVICE void mbar_arrive_remote(uint64_t* bar, uint32_t cta) {
+    asm volatile(
+        "{\n .reg .b32 ra;\n mapa.shared::cluster.u32 ra, %0, %1;\n"
+        " mbarrier.arrive.release.cluster.shared::cluster.b64 _, [ra];\n}\n" ::"r"(smem_u32(bar)),
+        "r"(cta)
+        : "memory");
+}
+
+// mbar_wait with acquire at cluster scope (the barrier also counts the peer CTA's arrivals).
+MOE_DEVICE void mbar_wait_cluster(uint64_t* bar, uint32_t parity) {
+    const uint32_t a = smem_u32(bar);
+    uint32_t done = 0;
+    while (!done) {
+        asm volatile(
+            "{\n .reg .pred p;\n mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
+            " selp.u32 %0, 1, 0, p;\n}\n"
+            : "=r"(done)
+            : "r"(a), "r"(parity)
+            : "memory");
+    }
+}
+
+// ---- schedule. CS = 1: the tile order of gemm_sm90.cu (tile t = unit t). CS = 2 (a cluster
+// of two CTAs): unit u = (set of two consecutive M tiles, N tile), in groups of
+// WG_GROUP_M / 2 sets (all N tiles of a group, sets fastest); the CTA of cluster rank r takes
+// M tile 2 set + r. Cluster c runs units c, c + clusters, ... (both CTAs the same units, so
+// their stage sequences stay in step). A tile past the rows (odd tile count) still runs its
+// K steps (zero-filled or unused A, real B) but writes nothing.
+template <int CS>
+MOE_DEVICE WgTile wgt_unit_tile(const GemmParams& p, int u, int sets, int nt, uint32_t rank) {
+    const int gm = WG_GROUP_M / CS;
+    const int per_group = gm * nt;
+    const int group = u / per_group;
+    const int first = group * gm;
+    const int gsz = min(gm, sets - first);
+    const int r = u - group * per_group;
+    return wg_tile_at(p, (CS * (first + r % gsz) + (int)rank) * WG_BM, (r / gsz) * wg_bn(p));
+}
+
 // ---- producer: warpgroup 0 (thread 0 issues the TMA loads; all 128 gather A unless a_tma)
-template <typename T, bool GATED>
+template <typename T, bool GATED, int CS>
 MOE_DEVICE void wgt_producer(const GemmParams& p, int a_tma, const MoeTmaMap* tm_a,
                              const MoeTmaMap* tm_up, const MoeTmaMap* tm_gate, unsigned char* smem,
-                             uint64_t* full, uint64_t* empty) {
+                             uint64_t* full, uint64_t* empty, uint32_t rank) {
     const int pt = threadIdx.x;  // 0..127
     if (a_tma && pt != 0) return;
     const int c = pt & 7;
@@ -89,10 +156,18 @@ MOE_DEVICE void wgt_producer(const GemmParams& p, int a_tma, const MoeTmaMap* tm
     }
     int mt, nt;
     wg_counts(p, mt, nt);
-    const int total = mt * nt;
+    const int sets = (mt + CS - 1) / CS;
+    const int units = sets * nt;
     uint32_t it = 0;
-    for (int t = blockIdx.x; t < total; t += gridDim.x) {
-        const WgTile w = wg_tile(p, t, mt, nt);
+    for (int u = blockIdx.x / CS; u < units; u += gridDim.x / CS) {
+        const WgTile w = wgt_unit_tile<CS>(p, u, sets, nt, rank);
+        // B shared with the peer CTA (each loads one half, multicast to both) when both tiles
+        // have rows of the same expert; otherwise each CTA loads its whole B.
+        bool mc = false;
+        if (CS > 1) {
+            const WgTile o = wgt_unit_tile<CS>(p, u, sets, nt, rank ^ 1);
+            mc = w.m0 < w.rows_end && o.m0 < o.rows_end && w.expert == o.expert;
+        }
         int a_row[8];
         if (!a_tma) {
 #pragma unroll
@@ -101,22 +176,37 @@ MOE_DEVICE void wgt_producer(const GemmParams& p, int a_tma, const MoeTmaMap* tm
                 a_row[i] = (int)wg_arow(p, w, w.m0 + rb + 16 * i, slot);
             }
         }
+        // A box rows (a_tma: M >= 128; a tile at or past M, which has no rows, loads the last
+        // full box instead, never used; a partial last tile reads past M: zero-filled)
+        const int am0 = w.m0 < p.M ? w.m0 : p.M - WG_BM;
         for (int kt = 0; kt < ktiles; ++kt, ++it) {
             const uint32_t s = it % WG_STAGES;
-            mbar_wait(&empty[s], ((it / WG_STAGES) & 1) ^ 1);
+            const uint32_t parity = ((it / WG_STAGES) & 1) ^ 1;
+            if (CS > 1) {
+                mbar_wait_cluster(&empty[s], parity);
+            } else {
+                mbar_wait(&empty[s], parity);
+            }
             const uint32_t sa = sbase + s * WG_STAGE_BYTES;
             const uint32_t sb = sa + WG_A_BYTES;
             const int k0 = kt * WG_BK;
             if (pt == 0) {
                 mbar_arrive_expect_tx(&full[s], tx_bytes);
-                if (GATED) {
+                if (CS > 1 && mc) {
+                    // half `rank` of the staged rows, into both CTAs (same offsets; each CTA's
+                    // full[s] counts the bytes that land in its own ring)
+                    const MoeTmaMap* map = GATED ? (rank == 0 ? tm_gate : tm_up) : tm_up;
+                    const int row = GATED ? w.n0 : w.n0 + (int)rank * WGT_TMA_BOX_ROWS;
+                    tma_load_3d_mc(sb + rank * (WG_B_BYTES / 2), map, k0, row, w.expert, &full[s],
+                                   (uint16_t)((1u << CS) - 1));
+                } else if (GATED) {
                     tma_load_3d(sb, tm_gate, k0, w.n0, w.expert, &full[s]);
                     tma_load_3d(sb + WG_B_BYTES / 2, tm_up, k0, w.n0, w.expert, &full[s]);
                 } else {
                     tma_load_3d(sb, tm_up, k0, w.n0, w.expert, &full[s]);
                     tma_load_3d(sb + WG_B_BYTES / 2, tm_up, k0, w.n0 + WGT_TMA_BOX_ROWS, w.expert, &full[s]);
                 }
-                if (a_tma) tma_load_2d(sa, tm_a, k0, w.m0, &full[s]);
+                if (a_tma) tma_load_2d(sa, tm_a, k0, am0, &full[s]);
             }
             if (!a_tma) {
 #pragma unroll
@@ -128,20 +218,10 @@ MOE_DEVICE void wgt_producer(const GemmParams& p, int a_tma, const MoeTmaMap* tm
                                  "r"(v ? 16 : 0)
                                  : "memory");
                 }
-                cp_async_commit();
-                if (it >= WG_LAG) {
-                    cp_async_wait<WG_LAG>();
-                    fence_proxy_async();
-                    mbar_arrive(&full[(it - WG_LAG) % WG_STAGES]);
-                }
+                // this thread's arrival on the stage's full barrier comes when its copies have
+                // landed: no wait here, so the producer runs up to WG_STAGES stages ahead
+                cp_async_arrive_noinc(&full[s]);
             }
-        }
-    }
-    if (!a_tma) {
-        cp_async_wait<0>();
-        fence_proxy_async();
-        for (uint32_t j = it >= WG_LAG ? it - WG_LAG : 0; j < it; ++j) {
-            mbar_arrive(&full[j % WG_STAGES]);
         }
     }
 }
@@ -172,9 +252,9 @@ MOE_DEVICE void epi_write2(const GemmParams& p, int r, int col, float y0, float 
 }
 
 // ---- consumers: warpgroups 1 and 2
-template <typename T, bool GATED>
-MOE_DEVICE void wgt_consumer(const GemmParams& p, unsigned char* smem, uint64_t* full,
-                             uint64_t* empty) {
+template <typename T, bool GATED, int CS>
+MOE_DEVICE void wgt_consumer(const GemmParams& p, int a_tma, unsigned char* smem, uint64_t* full,
+                             uint64_t* empty, uint32_t rank) {
     const int wg = (threadIdx.x >> 7) - 1;
     const int ct = threadIdx.x & 127;
     const int warp = ct >> 5, lane = ct & 31;
@@ -182,16 +262,28 @@ MOE_DEVICE void wgt_consumer(const GemmParams& p, unsigned char* smem, uint64_t*
     const int ktiles = p.K / WG_BK;
     int mt, nt;
     wg_counts(p, mt, nt);
-    const int total = mt * nt;
+    const int sets = (mt + CS - 1) / CS;
+    const int units = sets * nt;
     uint32_t it = 0;
     float acc[128];
-    for (int t = blockIdx.x; t < total; t += gridDim.x) {
-        const WgTile w = wg_tile(p, t, mt, nt);
+    // a stage is released to this CTA's producer and (CS = 2) to the peer's, which may
+    // multicast into this CTA's ring
+    auto release = [&](uint32_t s) {
+        __syncwarp();
+        if (lane == 0) {
+            mbar_arrive(&empty[s]);
+            if (CS > 1) mbar_arrive_remote(&empty[s], rank ^ 1);
+        }
+    };
+    for (int u = blockIdx.x / CS; u < units; u += gridDim.x / CS) {
+        const WgTile w = wgt_unit_tile<CS>(p, u, sets, nt, rank);
 #pragma unroll
         for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
         for (int kt = 0; kt < ktiles; ++kt, ++it) {
             const uint32_t s = it % WG_STAGES;
             mbar_wait(&full[s], (it / WG_STAGES) & 1);
+            // A gathered by the producers' cp.async (generic proxy): make it visible to wgmma
+            if (!a_tma) fence_proxy_async();
             const uint32_t sa = sbase + s * WG_STAGE_BYTES + wg * (64 * 128);
             const uint32_t sb = sbase + s * WG_STAGE_BYTES + WG_A_BYTES;
             const uint64_t da = wg_desc(sa), db = wg_desc(sb);
@@ -205,17 +297,11 @@ MOE_DEVICE void wgt_consumer(const GemmParams& p, unsigned char* smem, uint64_t*
             // K step kt - 1's wgmmas are done (kt's may still run): release its stage
             wg_wait1();
             wg_fence_acc(acc);
-            if (kt > 0) {
-                __syncwarp();
-                if (lane == 0) mbar_arrive(&empty[(it - 1) % WG_STAGES]);
-            }
+            if (kt > 0) release((it - 1) % WG_STAGES);
         }
         wg_wait0();
         wg_fence_acc(acc);
-        if (ktiles > 0) {
-            __syncwarp();
-            if (lane == 0) mbar_arrive(&empty[(it - 1) % WG_STAGES]);
-        }
+        if (ktiles > 0) release((it - 1) % WG_STAGES);
         // epilogue (fragment mapping as gemm_sm90.cu): accumulator 4 j + 2 h + c holds row
         // 16 warp + lane / 4 + 8 h, column 8 j + 2 (lane % 4) + c of this warpgroup's block.
         const size_t bstride = (size_t)w.expert * p.N;
@@ -257,7 +343,7 @@ MOE_DEVICE void wgt_consumer(const GemmParams& p, unsigned char* smem, uint64_t*
     }
 }
 
-template <typename T, bool GATED>
+template <typename T, bool GATED, int CS>
 MOE_DEVICE void gemm_wgt(const GemmParams& p, int a_tma, const MoeTmaMap* tm_a, const MoeTmaMap* tm_up,
                          const MoeTmaMap* tm_gate) {
     extern __shared__ __align__(1024) unsigned char wg_dsmem[];
@@ -267,41 +353,60 @@ MOE_DEVICE void gemm_wgt(const GemmParams& p, int a_tma, const MoeTmaMap* tm_a, 
 #pragma unroll
         for (int s = 0; s < WG_STAGES; ++s) {
             mbar_init(&full[s], a_tma ? 1 : 129);
-            mbar_init(&empty[s], 8);
+            mbar_init(&empty[s], 8 * CS);  // the consumer warps of every CTA that writes here
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
-    __syncthreads();
+    const uint32_t rank = CS > 1 ? cluster_rank() : 0;
+    // the peer's barriers must be initialized before its first remote arrival or multicast
+    if (CS > 1) cluster_sync(); else __syncthreads();
     if (threadIdx.x < 128) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 72;\n" ::: "memory");
-        wgt_producer<T, GATED>(p, a_tma, tm_a, tm_up, tm_gate, smem, full, empty);
+        wgt_producer<T, GATED, CS>(p, a_tma, tm_a, tm_up, tm_gate, smem, full, empty, rank);
     } else {
         asm volatile("setmaxnreg.inc.sync.aligned.u32 216;\n" ::: "memory");
-        wgt_consumer<T, GATED>(p, smem, full, empty);
+        wgt_consumer<T, GATED, CS>(p, a_tma, smem, full, empty, rank);
     }
+    // no CTA leaves while its peer may still arrive on its barriers
+    if (CS > 1) cluster_sync();
 }
 
 #endif  // MOE_WG_ENABLED
 
 #ifdef MOE_WG_ENABLED
-#define MOE_WGT_BODY(T, G) gemm_wgt<T, G>(p, a_tma, &tm_a, &tm_up, &tm_gate)
+#define MOE_WGT_BODY(T, G, CS) gemm_wgt<T, G, CS>(p, a_tma, &tm_a, &tm_up, &tm_gate)
 #else
-#define MOE_WGT_BODY(T, G) (void)p, (void)a_tma, (void)tm_a, (void)tm_up, (void)tm_gate
+#define MOE_WGT_BODY(T, G, CS) (void)p, (void)a_tma, (void)tm_a, (void)tm_up, (void)tm_gate
 #endif
 
-// Entry points (ungated / gated per 16-bit type). tm_up / tm_gate: 3D maps over w_up / w_gate
-// ([E, N, K], box 64 x 128 x 1, 128B swizzle); tm_a: 2D map over A ([M, K], box 64 x 128),
-// read only when a_tma != 0 (then A must not be gathered: p.a_gather == 0).
+// Entry points (ungated / gated per 16-bit type; `wgm`: clusters of two CTAs sharing B by TMA
+// multicast, grid a multiple of 2). tm_up / tm_gate: 3D maps over w_up / w_gate ([E, N, K],
+// box 64 x 128 x 1, 128B swizzle); tm_a: 2D map over A ([M, K], box 64 x 128), read only when
+// a_tma != 0 (then A must not be gathered: p.a_gather == 0, and M >= 128).
+// (compute capability < 9.0 has no clusters; the stubs compiled there are never launched)
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
+#define MOE_CLUSTER2 __cluster_dims__(2, 1, 1)
+#else
+#define MOE_CLUSTER2
+#endif
+#define MOE_WGT_PARAMS                                                                            \
+    const __grid_constant__ GemmParams p, const int a_tma, const __grid_constant__ MoeTmaMap tm_a, \
+        const __grid_constant__ MoeTmaMap tm_up, const __grid_constant__ MoeTmaMap tm_gate
 #define MOE_GEMM_WGT(SUF, T)                                                                      \
-    extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) moe_gemm_wgt_##SUF(               \
-        const __grid_constant__ GemmParams p, const int a_tma, const __grid_constant__ MoeTmaMap tm_a, \
-        const __grid_constant__ MoeTmaMap tm_up, const __grid_constant__ MoeTmaMap tm_gate) {      \
-        MOE_WGT_BODY(T, false);                                                                   \
+    extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) moe_gemm_wgt_##SUF(MOE_WGT_PARAMS) { \
+        MOE_WGT_BODY(T, false, 1);                                                                \
     }                                                                                             \
-    extern "C" __global__ void __launch_bounds__(WG_THREADS, 1) moe_gemm_wgt_gated_##SUF(         \
-        const __grid_constant__ GemmParams p, const int a_tma, const __grid_constant__ MoeTmaMap tm_a, \
-        const __grid_constant__ MoeTmaMap tm_up, const __grid_constant__ MoeTmaMap tm_gate) {      \
-        MOE_WGT_BODY(T, true);                                                                    \
+    extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)                                   \
+        moe_gemm_wgt_gated_##SUF(MOE_WGT_PARAMS) {                                                \
+        MOE_WGT_BODY(T, true, 1);                                                                 \
+    }                                                                                             \
+    extern "C" __global__ void MOE_CLUSTER2 __launch_bounds__(WG_THREADS, 1)                        \
+        moe_gemm_wgm_##SUF(MOE_WGT_PARAMS) {                                                      \
+        MOE_WGT_BODY(T, false, 2);                                                                \
+    }                                                                                             \
+    extern "C" __global__ void MOE_CLUSTER2 __launch_bounds__(WG_THREADS, 1)                        \
+        moe_gemm_wgm_gated_##SUF(MOE_WGT_PARAMS) {                                                \
+        MOE_WGT_BODY(T, true, 2);                                                                 \
     }
 MOE_GEMM_WGT(bf16, __nv_bfloat16)
 MOE_GEMM_WGT(f16, __half)

@@ -7,7 +7,7 @@
 //! * floor = max(bytes / copy bandwidth, flops / matmul rate)
 //!
 //! Usage: `bench [--models qwen3,gpt-oss,mixtral,deepseek] [--tokens 1,16,128,1024,4096,16384]
-//! [--csv FILE] [--tuning simple|pipelined|pipelined-capped|wgmma|wgmma-tma|decode|best|best-cp]
+//! [--csv FILE] [--tuning simple|pipelined|pipelined-capped|wgmma|wgmma-tma|decode|best|best-cp|best-mc|wgmma-mc]
 //! [--decode]
 //! [--kernel-tokens 1,16,128,4096,16384]`. `--tuning` picks the GEMM kernels of the whole-layer
 //! table (`--decode` = `--tuning decode`; `best` = `GemmTuning::BEST`). The `kernels ...` lines
@@ -572,12 +572,15 @@ fn tuning_by_name(name: &str) -> Option<GemmTuning> {
         "wgmma" => GemmTuning { wgmma: true, ..simple },
         // the TMA variant of the wgmma kernel (opt-in, not yet measured)
         "wgmma-tma" => GemmTuning { wgmma_tma: true, ..simple },
+        "wgmma-mc" => GemmTuning { wgmma_multicast: true, ..simple },
         "decode" => GemmTuning { decode: true, ..simple },
         // every faster path where it is eligible: decode for few rows per expert, wgmma on
         // sm_90, the pipelined kernel elsewhere
         "best" => GemmTuning::BEST,
         // BEST with the cp.async wgmma kernel in place of its TMA variant
         "best-cp" => GemmTuning { wgmma_tma: false, ..GemmTuning::BEST },
+        // BEST with the clustered (B multicast) TMA kernel
+        "best-mc" => GemmTuning { wgmma_multicast: true, ..GemmTuning::BEST },
         _ => return None,
     })
 }
@@ -600,7 +603,7 @@ fn main() -> R<()> {
     let s = ctx.new_stream()?;
     let decode_flag = std::env::args().any(|a| a == "--decode")
         || std::env::var("MOE_BENCH_DECODE").is_ok_and(|v| v == "1");
-    // `--tuning simple|pipelined|pipelined-capped|wgmma|wgmma-tma|decode|best|best-cp` (or MOE_GEMM_TUNING;
+    // `--tuning simple|pipelined|pipelined-capped|wgmma|wgmma-tma|decode|best|best-cp|best-mc|wgmma-mc` (or MOE_GEMM_TUNING;
     // `--decode` / MOE_BENCH_DECODE=1 = decode): the GEMM kernels of the
     // whole-layer table (default: best, the backend's default)
     let tuning_name = arg("--tuning")
@@ -609,7 +612,7 @@ fn main() -> R<()> {
     let tuning = tuning_by_name(&tuning_name).ok_or_else(|| {
         format!(
             "unknown --tuning {tuning_name} (simple, pipelined, pipelined-capped, wgmma, \
-             wgmma-tma, decode, best, best-cp)"
+             wgmma-tma, wgmma-mc, decode, best, best-cp, best-mc)"
         )
     })?;
     let be0 = CudaBackend::new(s.clone())?;
@@ -631,15 +634,16 @@ fn main() -> R<()> {
     println!("device: {}", ctx.name()?);
     println!(
         "layer table GEMM tuning: {tuning_name} ({tuning:?}); wgmma kernel available: {}; \
-         TMA variant available: {}",
+         TMA variant available: {}; clustered (multicast) variant available: {}",
         be.wgmma_available(),
-        be.wgmma_tma_available()
+        be.wgmma_tma_available(),
+        be.wgmma_multicast_available()
     );
     let bw = copy_bandwidth(&s, &timer)?;
     println!("copy bandwidth (D2D, read + write): {:.0} GB/s", bw / 1e9);
     let own = own_gemm_rate(&be, &s, &timer, &filler, &mut rng)?;
     println!("moe-cuda dense bf16 GEMM 8192^3 ({tuning_name}): {:.0} TFLOP/s", own / 1e12);
-    for name in ["simple", "pipelined", "wgmma", "wgmma-tma"] {
+    for name in ["simple", "pipelined", "wgmma", "wgmma-tma", "wgmma-mc"] {
         let t = tuning_by_name(name).expect("a known tuning name");
         let r = own_gemm_rate(&be0.clone().with_tuning(t), &s, &timer, &filler, &mut rng)?;
         println!("kernels dense bf16 GEMM 8192^3 {name}: {:.0} TFLOP/s", r / 1e12);
@@ -717,8 +721,7 @@ fn main() -> R<()> {
         // the GEMM kernel variants on some token counts
         for &t in tokens.iter().filter(|t| kernel_tokens.contains(t)) {
             let mut line = format!("kernels {:<14} T={:<6}", m.name, t);
-            for name in ["wgmma-tma", "wgmma", "pipelined", "pipelined-capped", "simple", "decode"]
-            {
+            for name in ["best-mc", "wgmma-mc", "wgmma-tma", "wgmma", "pipelined", "decode"] {
                 let b = be0.clone().with_tuning(tuning_by_name(name).expect("a known tuning name"));
                 // the plan padded the way this tuning wants (CudaBackend::row_align)
                 let p = if b.row_align() == plan_tc.row_align() { &plan_tc } else { &plan_simple };

@@ -169,6 +169,12 @@ pub(crate) struct Kernels {
     wgt: [[CudaFunction; 2]; 2],
     /// Whether the TMA wgmma kernels got their shared-memory limit.
     wgt_ok: bool,
+    /// `[f16, bf16][ungated, gated]` clustered TMA wgmma kernels (B multicast to CTA pairs).
+    wgm: [[CudaFunction; 2]; 2],
+    /// Whether the clustered kernels got their shared-memory limit.
+    wgm_ok: bool,
+    /// Clusters of two that fit on the device at once (0: not yet asked).
+    wgm_clusters: std::sync::atomic::AtomicU32,
     /// Multiprocessors: the persistent wgmma grid.
     sms: u32,
     combine: [CudaFunction; 3],
@@ -229,6 +235,10 @@ impl Kernels {
             [f("moe_gemm_wgt_f16")?, f("moe_gemm_wgt_gated_f16")?],
             [f("moe_gemm_wgt_bf16")?, f("moe_gemm_wgt_gated_bf16")?],
         ];
+        let wgm = [
+            [f("moe_gemm_wgm_f16")?, f("moe_gemm_wgm_gated_f16")?],
+            [f("moe_gemm_wgm_bf16")?, f("moe_gemm_wgm_gated_bf16")?],
+        ];
         let attr = |a| ctx.attribute(a).map_err(err("cuDeviceGetAttribute"));
         let cc = (
             attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
@@ -253,6 +263,14 @@ impl Kernels {
                 )
                 .is_ok()
             });
+        let wgm_ok = wgt_ok
+            && wgm.iter().flatten().all(|f| {
+                f.set_attribute(
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    WG_SMEM as i32,
+                )
+                .is_ok()
+            });
         Ok(Kernels {
             tc,
             tc_ok,
@@ -262,6 +280,9 @@ impl Kernels {
             wg_ok,
             wgt,
             wgt_ok,
+            wgm,
+            wgm_ok,
+            wgm_clusters: std::sync::atomic::AtomicU32::new(0),
             sms,
             route: f("moe_route")?,
             permute: f("moe_permute")?,
@@ -319,7 +340,9 @@ pub(crate) enum GemmPath {
     /// for GEMMs without a row gather, A) loaded by TMA and one K step of wgmma in flight.
     /// Same requirements as [`GemmPath::Wgmma`]; falls back to it (then to the pipelined
     /// kernel) where the TMA kernels are unavailable.
-    WgmmaTma,
+    /// `multicast`: `moe_gemm_wgm_*`, the same kernel in clusters of two CTAs (adjacent M
+    /// tiles) that load one half of the shared weight tile each and multicast it to both.
+    WgmmaTma { multicast: bool },
 }
 
 impl Kernels {
@@ -331,6 +354,11 @@ impl Kernels {
     /// Whether the TMA variant of the wgmma kernels can run on this device.
     pub(crate) fn wgmma_tma_available(&self) -> bool {
         self.wg_ok && self.wgt_ok
+    }
+
+    /// Whether the clustered (multicast) TMA wgmma kernels can run on this device.
+    pub(crate) fn wgmma_multicast_available(&self) -> bool {
+        self.wgmma_tma_available() && self.wgm_ok
     }
 }
 
@@ -366,10 +394,13 @@ pub(crate) fn gemm(
         // vec_a / vec_w say K % 8 == 0 and the bases are 16-byte aligned.
         return unsafe { b.launch(cfg(grid, 128)) }.map(drop).map_err(err("launch moe_gemv"));
     }
-    if path == GemmPath::WgmmaTma && ty > 0 && k.wgmma_tma_available() {
-        return gemm_wgmma_tma(s, k, ty, p);
+    if let GemmPath::WgmmaTma { multicast } = path
+        && ty > 0
+        && k.wgmma_tma_available()
+    {
+        return gemm_wgmma_tma(s, k, ty, multicast && k.wgmma_multicast_available(), p);
     }
-    let path = if path == GemmPath::WgmmaTma { GemmPath::Wgmma } else { path };
+    let path = if matches!(path, GemmPath::WgmmaTma { .. }) { GemmPath::Wgmma } else { path };
     if path == GemmPath::Wgmma && ty > 0 && k.wg_ok {
         // upper bound of the tile count (M is the row capacity); the real list is derived on
         // the device from expert_offsets, so the grid is fixed and the launch graph-capturable
@@ -421,11 +452,41 @@ fn wg_grid(k: &Kernels, p: &GemmParams) -> u32 {
     tiles.min(u64::from(k.sms)) as u32
 }
 
+/// The grid of the clustered kernels: 2 x min(clusters that fit at once, an upper bound of
+/// the units: pairs of M tiles x N tiles).
+fn wgm_grid(s: &CudaStream, k: &Kernels, ty: usize, p: &GemmParams) -> u32 {
+    use std::sync::atomic::Ordering;
+    let bn = if p.gated != 0 { 128 } else { 256 };
+    let units = u64::from((p.m as u32).div_ceil(256)) * u64::from((p.n as u32).div_ceil(bn));
+    let mut fit = k.wgm_clusters.load(Ordering::Relaxed);
+    if fit == 0 {
+        let mut c = cfg((k.sms & !1, 1), 384);
+        c.shared_mem_bytes = WG_SMEM;
+        fit = k.wgm[ty - 1][1]
+            .occupancy_max_active_clusters(c, s)
+            .ok()
+            .filter(|&n| n > 0)
+            .unwrap_or(k.sms / 2)
+            .min(k.sms / 2)
+            .max(1);
+        k.wgm_clusters.store(fit, Ordering::Relaxed);
+    }
+    (units.min(u64::from(fit)) * 2) as u32
+}
+
 /// Launches `moe_gemm_wgt_*`: encodes the tensor maps (host only: graph-capturable, the maps
 /// travel in the kernel parameters) of W_up (and W_gate) as [E, N, K] with box 64 x 128 x 1,
 /// and of A as [M, K] with box 64 x 128 when A is not gathered (`a_gather == 0`) and M >= 128.
-fn gemm_wgmma_tma(s: &CudaStream, k: &Kernels, ty: usize, p: &GemmParams) -> Result<()> {
-    let grid = wg_grid(k, p);
+/// `multicast`: the clustered kernel `moe_gemm_wgm_*` (grid: pairs of CTAs, at most the
+/// clusters that fit on the device at once).
+fn gemm_wgmma_tma(
+    s: &CudaStream,
+    k: &Kernels,
+    ty: usize,
+    multicast: bool,
+    p: &GemmParams,
+) -> Result<()> {
+    let grid = if multicast { wgm_grid(s, k, ty, p) } else { wg_grid(k, p) };
     if grid == 0 {
         return Ok(());
     }
@@ -448,7 +509,8 @@ fn gemm_wgmma_tma(s: &CudaStream, k: &Kernels, ty: usize, p: &GemmParams) -> Res
     } else {
         TmaMap::default()
     };
-    let f = &k.wgt[ty - 1][(p.gated != 0) as usize];
+    let f = if multicast { &k.wgm } else { &k.wgt };
+    let f = &f[ty - 1][(p.gated != 0) as usize];
     let mut b = s.launch_builder(f);
     b.arg(p).arg(&a_tma).arg(&tm_a).arg(&tm_up).arg(&tm_gate);
     let mut c = cfg((grid, 1), 384);
@@ -458,7 +520,9 @@ fn gemm_wgmma_tma(s: &CudaStream, k: &Kernels, ty: usize, p: &GemmParams) -> Res
     // capability 9.0 device whose dynamic shared memory limit was raised at load). The tensor
     // maps cover exactly the checked extents: W (and the gate) E x N x K, A M x K (M the
     // row capacity the caller checked A against); reads outside them are zero-filled by the
-    // TMA. The argument list matches `moe_gemm_wgt_*` (GemmParams, int, 3 x CUtensorMap).
+    // TMA. The argument list matches `moe_gemm_wgt_*` / `moe_gemm_wgm_*` (GemmParams, int,
+    // 3 x CUtensorMap); the clustered kernels get an even grid (their compile-time cluster
+    // size is 2) and derive the same unit list in both CTAs of a cluster.
     unsafe { b.launch(c) }.map(drop).map_err(err("launch moe_gemm_wgt"))
 }
 

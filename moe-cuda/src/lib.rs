@@ -138,6 +138,11 @@ pub struct GemmTuning {
     /// eligibility; it implies `wgmma`). Part of [`GemmTuning::BEST`] since H100 run 7
     /// (dense 8192^3 435 vs 354 TFLOP/s for the cp.async kernel; moe-cuda/RESULTS.md).
     pub wgmma_tma: bool,
+    /// With `wgmma_tma`: the clustered variant (`moe_gemm_wgm_*`): CTA pairs on adjacent M
+    /// tiles of one expert load one half of the shared weight tile each and multicast it to
+    /// both (a third less shared-memory fill traffic from L2 per CTA). Falls back to the
+    /// unclustered TMA kernel where clusters are unavailable.
+    pub wgmma_multicast: bool,
 }
 
 impl Default for GemmTuning {
@@ -154,6 +159,7 @@ impl GemmTuning {
         decode: false,
         wgmma: false,
         wgmma_tma: false,
+        wgmma_multicast: false,
     };
     /// Every faster path where it is eligible: the decode kernel for few rows per expert,
     /// wgmma (its TMA variant) on compute capability 9.0, the pipelined kernel (capped gated variant) elsewhere,
@@ -164,6 +170,7 @@ impl GemmTuning {
         decode: true,
         wgmma: true,
         wgmma_tma: true,
+        wgmma_multicast: false,
     };
 }
 
@@ -258,7 +265,11 @@ impl CudaBackend {
     /// The row alignment this backend's tuning wants ([`Self::ROW_ALIGN_PIPELINED`] with the
     /// pipelined or the wgmma kernel, else [`Self::ROW_ALIGN`]).
     pub fn row_align(&self) -> usize {
-        if self.tuning.pipelined || self.tuning.wgmma || self.tuning.wgmma_tma {
+        if self.tuning.pipelined
+            || self.tuning.wgmma
+            || self.tuning.wgmma_tma
+            || self.tuning.wgmma_multicast
+        {
             Self::ROW_ALIGN_PIPELINED
         } else {
             Self::ROW_ALIGN
@@ -408,12 +419,16 @@ impl CudaBackend {
         let aligned = T::VEC8 && rows_ok && p.vec_a != 0 && p.vec_w != 0;
         let path = if Self::gemv_fits::<T>(&p) {
             launch::GemmPath::Gemv
-        } else if (self.tuning.wgmma || self.tuning.wgmma_tma)
+        } else if (self.tuning.wgmma || self.tuning.wgmma_tma || self.tuning.wgmma_multicast)
             && aligned
             && self.wgmma_eligible(&p)
             && (!self.tuning.pipelined || Self::wgmma_pays(&p))
         {
-            if self.tuning.wgmma_tma { launch::GemmPath::WgmmaTma } else { launch::GemmPath::Wgmma }
+            if self.tuning.wgmma_tma || self.tuning.wgmma_multicast {
+                launch::GemmPath::WgmmaTma { multicast: self.tuning.wgmma_multicast }
+            } else {
+                launch::GemmPath::Wgmma
+            }
         } else if self.tuning.pipelined && aligned {
             launch::GemmPath::Pipelined { capped: self.tuning.capped_gated }
         } else {
@@ -457,6 +472,12 @@ impl CudaBackend {
     /// ([`GemmTuning::wgmma_tma`]; otherwise that tuning falls back to the cp.async one).
     pub fn wgmma_tma_available(&self) -> bool {
         self.kernels.wgmma_tma_available()
+    }
+
+    /// Whether this device can run the clustered TMA wgmma kernel
+    /// ([`GemmTuning::wgmma_multicast`]).
+    pub fn wgmma_multicast_available(&self) -> bool {
+        self.kernels.wgmma_multicast_available()
     }
 
     fn vec_ok<T: CudaElement>(k: usize, ptrs: &[u64]) -> i32 {

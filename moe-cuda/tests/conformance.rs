@@ -259,9 +259,12 @@ fn conformance_property() {
 /// twice on a poisoned output, and require the result to be bitwise identical to a direct run.
 #[test]
 fn conformance_cuda_graph_replay() {
-    for tuning in
-        [GemmTuning::SIMPLE, GemmTuning::BEST, GemmTuning { wgmma_tma: false, ..GemmTuning::BEST }]
-    {
+    for tuning in [
+        GemmTuning::SIMPLE,
+        GemmTuning::BEST,
+        GemmTuning { wgmma_tma: false, ..GemmTuning::BEST },
+        GemmTuning { wgmma_multicast: true, ..GemmTuning::BEST },
+    ] {
         let Some(r) = common::runner_with("conformance_cuda_graph_replay", tuning) else {
             return;
         };
@@ -335,6 +338,26 @@ fn conformance_wgmma_tma_shapes() {
     println!(
         "conformance_wgmma_tma_shapes: TMA wgmma kernel {}",
         if r.backend.wgmma_tma_available() {
+            "available (sm_90)"
+        } else {
+            "NOT available: fallback"
+        }
+    );
+    wgmma_shapes(&r);
+}
+
+/// The same shapes on the clustered TMA kernel (`GemmTuning { wgmma_multicast: true, .. }`:
+/// CTA pairs on adjacent M tiles share the weight tile by TMA multicast where both tiles
+/// have rows of one expert; the skewed routing gives pairs that straddle two experts (no
+/// multicast) and odd tile counts (a rank-1 CTA with no rows), the dense shared-expert
+/// GEMM (M = 333: three M tiles) a pair with one empty tile).
+#[test]
+fn conformance_wgmma_mc_shapes() {
+    let tuning = GemmTuning { wgmma_multicast: true, ..GemmTuning::SIMPLE };
+    let Some(r) = common::runner_with("conformance_wgmma_mc_shapes", tuning) else { return };
+    println!(
+        "conformance_wgmma_mc_shapes: clustered TMA wgmma kernel {}",
+        if r.backend.wgmma_multicast_available() {
             "available (sm_90)"
         } else {
             "NOT available: fallback"

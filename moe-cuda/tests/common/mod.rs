@@ -25,7 +25,7 @@ pub struct Runner {
 /// Every GEMM kernel choice the tests run: each kernel alone (the others off, so it serves
 /// every GEMM it accepts) and the combined tunings (BEST, the default, and BEST with the TMA
 /// variant of the wgmma kernel).
-pub const TUNINGS: [moe_cuda::GemmTuning; 8] = {
+pub const TUNINGS: [moe_cuda::GemmTuning; 10] = {
     use moe_cuda::GemmTuning as G;
     let s = G::SIMPLE;
     [
@@ -37,6 +37,8 @@ pub const TUNINGS: [moe_cuda::GemmTuning; 8] = {
         G { wgmma_tma: true, ..s },
         G::BEST,
         G { wgmma_tma: false, ..G::BEST },
+        G { wgmma_multicast: true, ..s },
+        G { wgmma_multicast: true, ..G::BEST },
     ]
 };
 
