@@ -1256,14 +1256,33 @@ impl<T: Element> MoeStages<T> for WgpuBackend {
         if tokens == 0 {
             return Ok(());
         }
-        let groups = tokens.div_ceil(moe_shaders::ROUTE_GROUP as usize).min(MAX_GROUPS as usize);
-        let per_token =
-            (2 * e + n_group * (e / n_group.max(1) + n_group + 2) + k * (e + 1) + 4 * k + 8) as u64;
-        let strides = tokens.div_ceil(groups * moe_shaders::ROUTE_GROUP as usize) as u64;
-        self.check_loops(
-            strides * (per_token + 1),
-            "a route (top_k x experts) too long for llvmpipe's 65535-iteration loop cap",
-        )?;
+        // One workgroup per token where the experts fit its workgroup memory (`wg`), else one
+        // invocation per token (`main`).
+        let wg_groups = tokens.min(MAX_GROUPS as usize);
+        let wg_strides = tokens.div_ceil(wg_groups) as u64;
+        let lanes = moe_shaders::ROUTE_GROUP as usize;
+        let wg_per_token = (2 * e
+            + 3 * e.div_ceil(lanes)
+            + n_group * (e / n_group.max(1) + n_group + 2)
+            + k * (e.div_ceil(lanes) + 10)
+            + 4 * k
+            + 16) as u64;
+        let use_wg = e <= moe_shaders::ROUTE_WG_EXPERTS as usize
+            && self.check_loops(wg_strides * (wg_per_token + 1), "").is_ok();
+        let (entry, groups) = if use_wg {
+            ("wg", wg_groups)
+        } else {
+            let groups = tokens.div_ceil(lanes).min(MAX_GROUPS as usize);
+            let per_token =
+                (2 * e + n_group * (e / n_group.max(1) + n_group + 2) + k * (e + 1) + 4 * k + 8)
+                    as u64;
+            let strides = tokens.div_ceil(groups * lanes) as u64;
+            self.check_loops(
+                strides * (per_token + 1),
+                "a route (top_k x experts) too long for llvmpipe's 65535-iteration loop cap",
+            )?;
+            ("main", groups)
+        };
         let lb = self.bind(&logits)?;
         let sb = self.bind_opt(&selection_bias)?;
         let ib = self.bind_mut(&topk_ids)?;
@@ -1295,7 +1314,7 @@ impl<T: Element> MoeStages<T> for WgpuBackend {
             (config.weight_scale() as f32).to_bits(),
         ];
         self.submit(&[Dispatch {
-            pipeline: self.pipeline(Shader::Route, Storage::F32, Storage::F32, "main")?,
+            pipeline: self.pipeline(Shader::Route, Storage::F32, Storage::F32, entry)?,
             shader: Shader::Route,
             params,
             binds: vec![lb, sb, ib, wb],

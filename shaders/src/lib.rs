@@ -25,7 +25,9 @@
 /// (router logits, latent fc1/fc2, shared expert down, sigmoid gate). Entry point `main`.
 pub const LINEAR: &str = include_str!("../wgsl/linear.wgsl");
 /// Routing in all modes (scoring, selection bias, group-limited top-k, weight source, top-k
-/// reduce, routed scale on the weights). Entry point `main`.
+/// reduce, routed scale on the weights). Entry points `main` (one invocation per token) and
+/// `wg` (one workgroup of [`ROUTE_GROUP`] invocations per token, up to
+/// [`ROUTE_WG_EXPERTS`] experts; the same results).
 pub const ROUTE: &str = include_str!("../wgsl/route.wgsl");
 /// Permute: entry points `count`, `offsets_main`, `scatter` (run in that order).
 pub const PERMUTE: &str = include_str!("../wgsl/permute.wgsl");
@@ -51,7 +53,7 @@ pub const ADD: &str = include_str!("../wgsl/add.wgsl");
 /// Every shader body with its name and entry points.
 pub const ALL: [(&str, &str, &[&str]); 8] = [
     ("linear", LINEAR, &["main"]),
-    ("route", ROUTE, &["main"]),
+    ("route", ROUTE, &["main", "wg"]),
     ("permute", PERMUTE, &["count", "offsets_main", "scatter"]),
     ("expert_up", EXPERT_UP, &["main", "decode"]),
     ("expert_down", EXPERT_DOWN, &["main", "decode"]),
@@ -94,6 +96,8 @@ pub const DECODE_DOWN_COLUMNS: u32 = 4;
 pub const GROUP: u32 = 256;
 /// Invocations per workgroup of the route shader (one token each).
 pub const ROUTE_GROUP: u32 = 64;
+/// The most experts the route shader's `wg` entry point holds in workgroup memory.
+pub const ROUTE_WG_EXPERTS: u32 = 1024;
 /// The most expert groups the route shader supports.
 pub const MAX_GROUPS: u32 = 256;
 
