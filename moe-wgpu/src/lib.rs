@@ -9,16 +9,21 @@
 //!   ring and a small placeholder for absent optional tensors) are created once per device; a
 //!   forward creates no buffers ([`WgpuBackend::buffers_created`] counts them).
 //! * Each stage writes its parameters with `Queue::write_buffer` into its own slots of a
-//!   4096-slot uniform ring and submits its dispatches in one submission. The ring is locked
+//!   4096-slot uniform ring and submits its dispatches in one compute pass of one submission. The ring is locked
 //!   from the write to the submit (threads may share a backend) and, when it wraps, the
 //!   backend waits for the device before reusing a slot. A stage does not wait otherwise:
 //!   poll the device ([`WgpuBackend::synchronize`]) or map a buffer to see results.
-//! * Expert GEMMs come in two variants ([`ExpertGemm`], [`Options::expert_gemm`]): a tiled
-//!   one (16 x 64 output tiles through workgroup memory) and a decode one for few rows per
-//!   expert (a workgroup streams a strip of weight rows, K split across its 64 invocations and
-//!   reduced in a fixed order, every row of the expert applied to each loaded chunk, the
-//!   activation and routing-weight epilogues fused). By default the host picks from the
-//!   shapes: decode when `tokens * top_k <= 4 * local_experts`. Both are deterministic.
+//! * Expert GEMMs come in three variants ([`ExpertGemm`], [`Options::expert_gemm`]): a tiled
+//!   one (16 x 64 output tiles through workgroup memory); the few-row GEMM
+//!   ([`moe_shaders::GEMV`]: each weight row read once as 16-byte words by 32-256 lanes, held
+//!   in registers and applied to every row of the expert, a fixed-order reduction, the
+//!   activation and routing-weight epilogues fused); and a scalar decode one (the few-row
+//!   path for views not aligned to 16-byte words). By default the host picks from the
+//!   shapes: the few-row GEMM for at most [`GEMV_MAX_ROWS`] rows per local expert on average
+//!   where K and the views are word-aligned, else scalar decode when
+//!   `tokens * top_k <= 4 * local_experts`, else tiled. Linears (router, shared expert down,
+//!   latent) of at most [`GEMV_MAX_ROWS`] tokens also take the few-row GEMM. All are
+//!   deterministic. Route runs one workgroup per token up to 1024 experts.
 //! * Element types: `f32`; `f16` (the WGSL `f16` type when the device has `SHADER_F16`,
 //!   otherwise packed two to a `u32`); `bf16` (packed two to a `u32`, widened by a shift and
 //!   rounded to nearest even in the shader). Arithmetic is f32. A user-supplied top-k reduce
@@ -813,7 +818,7 @@ impl WgpuBackend {
         if k == 0
             || n == 0
             || !k.is_multiple_of(ve)
-            || words.iter().any(|b| b.base as usize % ve != 0)
+            || words.iter().any(|b| !(b.base as usize).is_multiple_of(ve))
         {
             return None;
         }
