@@ -13,6 +13,9 @@
 //! `ms` (wall clock per forward, the headline figure). `submit` is the host time to enqueue a
 //! forward (when it is close to `ms`, the point is bound by the host, not the GPU); `gpu` is the
 //! span of GPU timestamps around the round where the adapter has `TIMESTAMP_QUERY_INSIDE_ENCODERS`.
+//! Each line also gives the compute dispatches of one forward (how many of them the few-row
+//! GEMM, `moe_shaders::GEMV`) and its queue submissions (one per stage). The environment
+//! variable `MOE_WGPU_EXPERT_GEMM=tiled|decode|decode-scalar|auto` picks the expert GEMM variant.
 //!
 //! A tensor larger than the device's `max_storage_buffer_binding_size` (wgpu caps it at
 //! 2^31 - 1 bytes on Vulkan) cannot be bound: the expert count is halved until every tensor fits, and the
@@ -310,6 +313,8 @@ struct Point {
     touched: usize,
     bytes: f64,
     floor_ms: f64,
+    /// Per forward: compute dispatches, of which few-row GEMMs, and queue submissions.
+    counts: (usize, usize, usize),
 }
 
 struct Weights {
@@ -445,7 +450,9 @@ where
         )?;
         Ok(())
     };
+    let (d0, g0, s0) = (be.dispatches(), be.gemv_dispatches(), be.submits());
     fwd()?;
+    let counts = (be.dispatches() - d0, be.gemv_dispatches() - g0, be.submits() - s0);
     be.synchronize()?;
     // the distinct experts touched, from the routing in the workspace (buffer offset 0 is
     // aligned, so the layout's offsets apply as they are)
@@ -506,6 +513,7 @@ where
         touched,
         bytes,
         floor_ms: floor_s * 1e3,
+        counts,
     })
 }
 
@@ -590,8 +598,9 @@ where
         let cu_s = cu.map_or(String::new(), |(ms, fl)| {
             format!(" | cuda {ms:.3} ms = {:.1}% of its floor", 100.0 * fl / ms)
         });
+        let (nd, ng, ns) = p.counts;
         println!(
-            "{name:<44} {dt:<4} T={t:<5} {:>9.3} ms (submit {:>7.3}, gpu {gpu:>8}) {gbs:>7.1} GB/s floor {:>7.3} ms = {pct:>5.1}% of floor | experts {}{cu_s}",
+            "{name:<44} {dt:<4} T={t:<5} {:>9.3} ms (submit {:>7.3}, gpu {gpu:>8}) {gbs:>7.1} GB/s floor {:>7.3} ms = {pct:>5.1}% of floor | experts {} | {nd} dispatches ({ng} gemv), {ns} submits{cu_s}",
             p.ms, p.submit_ms, p.floor_ms, p.touched
         );
         if let Some(f) = csv.as_mut() {
@@ -617,10 +626,12 @@ where
 fn main() -> R<()> {
     let quick = flag("--quick");
     let want = [wgpu::Features::TIMESTAMP_QUERY, wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS];
-    // MOE_WGPU_EXPERT_GEMM=tiled|decode|auto (default auto) picks the expert GEMM variant.
+    // MOE_WGPU_EXPERT_GEMM=tiled|decode|decode-scalar|auto (default auto) picks the expert
+    // GEMM variant.
     let expert_gemm = match std::env::var("MOE_WGPU_EXPERT_GEMM").as_deref() {
         Ok("tiled") => moe_wgpu::ExpertGemm::Tiled,
         Ok("decode") => moe_wgpu::ExpertGemm::Decode,
+        Ok("decode-scalar") => moe_wgpu::ExpertGemm::DecodeScalar,
         _ => moe_wgpu::ExpertGemm::Auto,
     };
     println!("wgpu_bench: expert GEMM variant {expert_gemm:?}");

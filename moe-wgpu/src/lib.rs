@@ -9,16 +9,21 @@
 //!   ring and a small placeholder for absent optional tensors) are created once per device; a
 //!   forward creates no buffers ([`WgpuBackend::buffers_created`] counts them).
 //! * Each stage writes its parameters with `Queue::write_buffer` into its own slots of a
-//!   4096-slot uniform ring and submits its dispatches in one submission. The ring is locked
+//!   4096-slot uniform ring and submits its dispatches in one compute pass of one submission. The ring is locked
 //!   from the write to the submit (threads may share a backend) and, when it wraps, the
 //!   backend waits for the device before reusing a slot. A stage does not wait otherwise:
 //!   poll the device ([`WgpuBackend::synchronize`]) or map a buffer to see results.
-//! * Expert GEMMs come in two variants ([`ExpertGemm`], [`Options::expert_gemm`]): a tiled
-//!   one (16 x 64 output tiles through workgroup memory) and a decode one for few rows per
-//!   expert (a workgroup streams a strip of weight rows, K split across its 64 invocations and
-//!   reduced in a fixed order, every row of the expert applied to each loaded chunk, the
-//!   activation and routing-weight epilogues fused). By default the host picks from the
-//!   shapes: decode when `tokens * top_k <= 4 * local_experts`. Both are deterministic.
+//! * Expert GEMMs come in three variants ([`ExpertGemm`], [`Options::expert_gemm`]): a tiled
+//!   one (16 x 64 output tiles through workgroup memory); the few-row GEMM
+//!   ([`moe_shaders::GEMV`]: each weight row read once as 16-byte words by 32-256 lanes, held
+//!   in registers and applied to every row of the expert, a fixed-order reduction, the
+//!   activation and routing-weight epilogues fused); and a scalar decode one (the few-row
+//!   path for views not aligned to 16-byte words). By default the host picks from the
+//!   shapes: the few-row GEMM for at most [`GEMV_MAX_ROWS`] rows per local expert on average
+//!   where K and the views are word-aligned, else scalar decode when
+//!   `tokens * top_k <= 4 * local_experts`, else tiled. Linears (router, shared expert down,
+//!   latent) of at most [`GEMV_MAX_ROWS`] tokens also take the few-row GEMM. All are
+//!   deterministic. Route runs one workgroup per token up to 1024 experts.
 //! * Element types: `f32`; `f16` (the WGSL `f16` type when the device has `SHADER_F16`,
 //!   otherwise packed two to a `u32`); `bf16` (packed two to a `u32`, widened by a shift and
 //!   rounded to nearest even in the shader). Arithmetic is f32. A user-supplied top-k reduce
@@ -187,10 +192,11 @@ enum Shader {
     ExpertDown,
     Combine,
     Add,
+    Gemv,
 }
 
 impl Shader {
-    const ALL: [Shader; 7] = [
+    const ALL: [Shader; 8] = [
         Shader::Linear,
         Shader::Route,
         Shader::Permute,
@@ -198,6 +204,7 @@ impl Shader {
         Shader::ExpertDown,
         Shader::Combine,
         Shader::Add,
+        Shader::Gemv,
     ];
 
     fn source(self) -> &'static str {
@@ -209,6 +216,7 @@ impl Shader {
             Shader::ExpertDown => moe_shaders::EXPERT_DOWN,
             Shader::Combine => moe_shaders::COMBINE,
             Shader::Add => moe_shaders::ADD,
+            Shader::Gemv => moe_shaders::GEMV,
         }
     }
 
@@ -222,6 +230,7 @@ impl Shader {
             Shader::ExpertDown => 7,
             Shader::Combine => 3,
             Shader::Add => 2,
+            Shader::Gemv => 10,
         }
     }
 
@@ -230,7 +239,9 @@ impl Shader {
     }
 }
 
-type PipelineKey = (Shader, Storage, Storage, &'static str);
+/// A pipeline: shader, element and output storage, entry point, and the `LANES` pipeline
+/// constant of [`Shader::Gemv`] (0 for the other shaders).
+type PipelineKey = (Shader, Storage, Storage, &'static str, u32);
 
 /// One storage binding: the buffer range bound (aligned) and the view's element offset in it.
 struct Bind<'a> {
@@ -253,18 +264,31 @@ struct Dispatch<'a> {
 /// a backend runs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ExpertGemm {
-    /// Chosen per call from the shapes (default): the decode variant when there are at most
-    /// 4 rows per local expert on average (`tokens * top_k <= 4 * local_experts`), the tiled
-    /// one otherwise.
+    /// Chosen per call from the shapes (default): the few-row GEMM ([`moe_shaders::GEMV`],
+    /// weights read once as 16-byte words and held in registers) when there are at most
+    /// [`GEMV_MAX_ROWS`] rows per local expert on average and K and the views are aligned to
+    /// 16-byte words; otherwise the scalar decode variant when there are at most 4 rows per
+    /// local expert on average (`tokens * top_k <= 4 * local_experts`); the tiled one
+    /// otherwise. Linears (router, shared expert down, latent projections) of at most
+    /// [`GEMV_MAX_ROWS`] tokens take the few-row GEMM under the same alignment rule.
     #[default]
     Auto,
-    /// Always the tiled variant (16-row x 64-column output tiles through workgroup memory).
+    /// Always the tiled variant (16-row x 64-column output tiles through workgroup memory),
+    /// for the linears too.
     Tiled,
-    /// The decode variant wherever it can run (K split across a workgroup, every row of the
-    /// expert applied to each loaded weight chunk); the tiled one only where the decode grid
-    /// would exceed 65535 workgroups or, on llvmpipe, its loop budget. For tests.
+    /// The few-row GEMM wherever it can run, else the scalar decode variant wherever it can
+    /// run; the tiled one only where neither can (a grid past 65535 workgroups or, on
+    /// llvmpipe, its loop budget). For tests.
     Decode,
+    /// The scalar decode variant (K split across a workgroup, every row of the expert applied
+    /// to each loaded weight chunk) wherever it can run, the tiled one elsewhere; linears as
+    /// [`ExpertGemm::Auto`]. For tests of the path unaligned views take.
+    DecodeScalar,
 }
+
+/// The most rows (tokens for a linear, rows per local expert on average for an expert GEMM)
+/// for which [`ExpertGemm::Auto`] takes the few-row GEMM.
+pub const GEMV_MAX_ROWS: usize = 64;
 
 /// Choices made when a backend is created.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -296,6 +320,9 @@ pub struct WgpuBackend {
     pipelines: Mutex<HashMap<PipelineKey, wgpu::ComputePipeline>>,
     buffers_created: AtomicUsize,
     decode_dispatches: AtomicUsize,
+    gemv_dispatches: AtomicUsize,
+    dispatches: AtomicUsize,
+    submits: AtomicUsize,
     next_slot: Mutex<u64>,
     info: wgpu::AdapterInfo,
     loop_cap: Option<u64>,
@@ -395,6 +422,9 @@ impl WgpuBackend {
             pipelines: Mutex::new(HashMap::new()),
             buffers_created: created,
             decode_dispatches: AtomicUsize::new(0),
+            gemv_dispatches: AtomicUsize::new(0),
+            dispatches: AtomicUsize::new(0),
+            submits: AtomicUsize::new(0),
             next_slot: Mutex::new(0),
             loop_cap: llvmpipe_loop_cap(&info),
             info,
@@ -464,7 +494,7 @@ impl WgpuBackend {
     ) -> bool {
         let wanted = match self.expert_gemm {
             ExpertGemm::Tiled => false,
-            ExpertGemm::Decode => true,
+            ExpertGemm::Decode | ExpertGemm::DecodeScalar => true,
             ExpertGemm::Auto => slots <= 4 * experts,
         };
         let decode = wanted
@@ -513,10 +543,27 @@ impl WgpuBackend {
         self.buffers_created.load(Ordering::Relaxed)
     }
 
-    /// Expert GEMM dispatches that ran the decode variant since the backend was made (see
-    /// [`ExpertGemm`]).
+    /// Expert GEMM dispatches that ran a decode variant (the scalar one or the few-row GEMM)
+    /// since the backend was made (see [`ExpertGemm`]).
     pub fn decode_gemm_dispatches(&self) -> usize {
         self.decode_dispatches.load(Ordering::Relaxed)
+    }
+
+    /// Dispatches of the few-row GEMM ([`moe_shaders::GEMV`]: expert GEMMs and small linears)
+    /// since the backend was made.
+    pub fn gemv_dispatches(&self) -> usize {
+        self.gemv_dispatches.load(Ordering::Relaxed)
+    }
+
+    /// Compute dispatches recorded since the backend was made (for counting a forward's).
+    pub fn dispatches(&self) -> usize {
+        self.dispatches.load(Ordering::Relaxed)
+    }
+
+    /// Queue submissions made since the backend was made (one per stage; each stage records
+    /// its dispatches in one compute pass).
+    pub fn submits(&self) -> usize {
+        self.submits.load(Ordering::Relaxed)
     }
 
     /// Wait until all submitted work is done.
@@ -543,10 +590,23 @@ impl WgpuBackend {
         out: Storage,
         entry: &'static str,
     ) -> Result<wgpu::ComputePipeline> {
+        self.pipeline_with(shader, elem, out, entry, 0)
+    }
+
+    /// As [`Self::pipeline`], with the `LANES` pipeline constant of [`Shader::Gemv`] when
+    /// `lanes > 0`.
+    fn pipeline_with(
+        &self,
+        shader: Shader,
+        elem: Storage,
+        out: Storage,
+        entry: &'static str,
+        lanes: u32,
+    ) -> Result<wgpu::ComputePipeline> {
         fn lock_err<E>(_: E) -> MoeError {
             MoeError::Device { backend: NAME, what: "pipeline cache lock", code: -1 }
         }
-        let key = (shader, elem, out, entry);
+        let key = (shader, elem, out, entry, lanes);
         if let Some(p) = self.pipelines.lock().map_err(lock_err)?.get(&key) {
             return Ok(p.clone());
         }
@@ -563,13 +623,19 @@ impl WgpuBackend {
                 })
                 .clone())
         })?;
+        let constants = [("LANES", f64::from(lanes))];
         let p = self.scoped("shader module or pipeline creation", || {
             Ok(self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                 label: Some(entry),
                 layout: Some(&self.pipeline_layouts[shader.index()]),
                 module: &module,
                 entry_point: Some(entry),
-                compilation_options: Default::default(),
+                compilation_options: wgpu::PipelineCompilationOptions {
+                    constants: if lanes > 0 { &constants } else { &[] },
+                    // Every shader writes its workgroup memory before reading it: skip the
+                    // zeroing prologue wgpu would add to each workgroup.
+                    zero_initialize_workgroup_memory: false,
+                },
                 cache: None,
             }))
         })?;
@@ -698,21 +764,106 @@ impl WgpuBackend {
         let mut enc = self
             .device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("moe-wgpu") });
-        for (d, g) in dispatches.iter().zip(&groups) {
-            let [x, y, z] = d.groups;
-            if x == 0 || y == 0 || z == 0 {
-                continue;
-            }
+        {
+            // One compute pass for the stage: wgpu places the barriers that the buffer uses
+            // of consecutive dispatches need.
             let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some("moe-wgpu"),
                 timestamp_writes: None,
             });
-            pass.set_pipeline(&d.pipeline);
-            pass.set_bind_group(0, g, &[]);
-            pass.dispatch_workgroups(x, y, z);
+            for (d, g) in dispatches.iter().zip(&groups) {
+                let [x, y, z] = d.groups;
+                if x == 0 || y == 0 || z == 0 {
+                    continue;
+                }
+                pass.set_pipeline(&d.pipeline);
+                pass.set_bind_group(0, g, &[]);
+                pass.dispatch_workgroups(x, y, z);
+                self.dispatches.fetch_add(1, Ordering::Relaxed);
+            }
         }
         self.queue.submit([enc.finish()]);
+        self.submits.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Whether a GEMM over `slots` rows in all of `experts` experts takes the few-row GEMM by
+    /// the backend's [`ExpertGemm`] choice (before the alignment and size checks of
+    /// [`Self::gemv_grid`]); `linear` for the dense linears.
+    fn gemv_wanted(&self, slots: usize, experts: usize, linear: bool) -> bool {
+        match self.expert_gemm {
+            ExpertGemm::Tiled => false,
+            _ if linear => slots <= GEMV_MAX_ROWS,
+            ExpertGemm::Decode => true,
+            ExpertGemm::DecodeScalar => false,
+            ExpertGemm::Auto => slots <= GEMV_MAX_ROWS * experts.max(1),
+        }
+    }
+
+    /// The `LANES` constant and grid of a [`Shader::Gemv`] dispatch over `n` output features
+    /// of `experts` experts, reduction length `k`, at most `rows` rows in one expert, with the
+    /// word-read bindings `words` (activations and weights); `None` where it cannot run: K or
+    /// a view offset not a multiple of the word's elements, a grid past 65535 workgroups, or
+    /// (llvmpipe) past the loop budget.
+    fn gemv_grid(
+        &self,
+        elem: Storage,
+        k: usize,
+        n: usize,
+        experts: usize,
+        rows: usize,
+        words: &[&Bind<'_>],
+    ) -> Option<(u32, [u32; 3], u32)> {
+        let ve = moe_shaders::gemv_elements_per_word(elem) as usize;
+        if k == 0
+            || n == 0
+            || !k.is_multiple_of(ve)
+            || words.iter().any(|b| !(b.base as usize).is_multiple_of(ve))
+        {
+            return None;
+        }
+        let kv = k / ve;
+        let per_lane = moe_shaders::GEMV_WORDS as usize;
+        let lanes = kv.div_ceil(per_lane).next_power_of_two().clamp(32, 256);
+        let per_group = moe_shaders::GEMV_GROUP as usize / lanes;
+        let gx = n.div_ceil(per_group);
+        let nx = gx.min(MAX_GROUPS as usize);
+        let ny = gx.div_ceil(nx);
+        if ny > MAX_GROUPS as usize || experts > MAX_GROUPS as usize || experts == 0 {
+            return None;
+        }
+        let nseg = kv.div_ceil(lanes * per_lane) as u64;
+        let blocks = rows.div_ceil(moe_shaders::GEMV_ROWS as usize) as u64 + 1;
+        let loops = blocks * (8 + nseg * (per_lane as u64 * 7) + 8 * 9 + 4) + 8;
+        self.check_loops(loops, "").ok()?;
+        Some((lanes as u32, [nx as u32, ny as u32, experts as u32], nx as u32))
+    }
+
+    /// Record one [`Shader::Gemv`] dispatch. `binds`: x, wa, wb, ba, bb, offsets, sorted
+    /// slots, routing weights, row scale, y (bindings 1..=10). `params` without `nx`, which
+    /// is inserted here.
+    fn gemv_dispatch<'a>(
+        &self,
+        elem: Storage,
+        out: Storage,
+        grid: (u32, [u32; 3], u32),
+        mut params: Vec<u32>,
+        binds: Vec<Bind<'a>>,
+    ) -> Result<Dispatch<'a>> {
+        let (lanes, groups, nx) = grid;
+        params.insert(23, nx);
+        self.gemv_dispatches.fetch_add(1, Ordering::Relaxed);
+        if params[2] != 0 {
+            // An expert GEMM (or the dense MLP's up half): counted as a decode variant too.
+            self.decode_dispatches.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(Dispatch {
+            pipeline: self.pipeline_with(Shader::Gemv, elem, out, "main", lanes)?,
+            shader: Shader::Gemv,
+            params,
+            binds,
+            groups,
+        })
     }
 
     /// A 1-D grid of `n` invocations in workgroups of `moe_shaders::GROUP`, folded into 2-D
@@ -744,6 +895,56 @@ impl WgpuBackend {
         sigmoid: bool,
         out: Bind<'a>,
     ) -> Result<()> {
+        let grid = if self.gemv_wanted(tokens, 1, true) {
+            self.gemv_grid(elem, in_dim, out_dim, 1, tokens, &[&x, &w])
+        } else {
+            None
+        };
+        if let Some(grid) = grid {
+            let dummy = || Bind { buffer: &self.dummy, offset: 0, size: 256, base: 0 };
+            let params = vec![
+                u32_of("in_dim", in_dim)?,
+                u32_of("out_dim", out_dim)?,
+                0,
+                1,
+                u32_of("tokens", tokens)?,
+                1,
+                x.base,
+                w.base,
+                0,
+                b.as_ref().map_or(0, |b| b.base),
+                0,
+                0,
+                0,
+                0,
+                rs.as_ref().map_or(0, |b| b.base),
+                out.base,
+                0,
+                u32::from(b.is_some()),
+                0,
+                u32::from(rs.is_some()),
+                u32::from(accumulate),
+                u32::from(sigmoid),
+                0,
+                scale.to_bits(),
+                0,
+                0,
+            ];
+            let binds = vec![
+                x,
+                w,
+                dummy(),
+                b.unwrap_or_else(dummy),
+                dummy(),
+                dummy(),
+                dummy(),
+                dummy(),
+                rs.unwrap_or_else(dummy),
+                out,
+            ];
+            let d = self.gemv_dispatch(elem, out_ty, grid, params, binds)?;
+            return self.submit(&[d]);
+        }
         let t = moe_shaders::TILE as usize;
         let gx = out_dim.div_ceil(moe_shaders::TILE_N as usize);
         let gy = tokens.div_ceil(t).clamp(1, MAX_GROUPS as usize);
@@ -820,6 +1021,67 @@ impl WgpuBackend {
         if experts > MAX_GROUPS as usize {
             return Err(unsupported("more than 65535 column tiles or local experts"));
         }
+        let dummy = || Bind { buffer: &self.dummy, offset: 0, size: 256, base: 0 };
+        let xb = self.bind(&x)?;
+        let gb = if mlp.gated { self.bind_opt(&weights.gate)? } else { dummy() };
+        let ub = self.bind(&weights.up)?;
+        let on_input = rows.is_some_and(|r| r.weights.is_some());
+        let bgb = if has_b && mlp.gated { self.bind_opt(&weights.gate_bias)? } else { dummy() };
+        let bub = if has_b { self.bind_opt(&weights.up_bias)? } else { dummy() };
+        let (off, sorted, tw) = match rows {
+            Some(r) => (
+                self.bind(&r.expert_offsets)?,
+                self.bind(&r.sorted_slots)?,
+                match &r.weights {
+                    Some(w) => self.bind(w)?,
+                    None => dummy(),
+                },
+            ),
+            None => (dummy(), dummy(), dummy()),
+        };
+        let hb = self.bind_mut(&hidden)?;
+        let grid = if self.gemv_wanted(tokens * topk, experts, dense) {
+            let mut words = vec![&xb, &ub];
+            if mlp.gated {
+                words.push(&gb);
+            }
+            self.gemv_grid(elem, width, inter, experts, tokens + pad, &words)
+        } else {
+            None
+        };
+        if let Some(grid) = grid {
+            let params = vec![
+                u32_of("width", width)?,
+                u32_of("intermediate", inter)?,
+                1,
+                u32_of("top_k", topk)?,
+                u32_of("tokens", tokens)?,
+                u32::from(dense),
+                xb.base,
+                ub.base,
+                gb.base,
+                bub.base,
+                bgb.base,
+                off.base,
+                sorted.base,
+                tw.base,
+                0,
+                hb.base,
+                u32::from(mlp.gated),
+                u32::from(has_b),
+                u32::from(on_input),
+                0,
+                0,
+                0,
+                act,
+                1.0f32.to_bits(),
+                alpha.to_bits(),
+                limit.to_bits(),
+            ];
+            let binds = vec![xb, ub, gb, bub, bgb, off, sorted, tw, dummy(), hb];
+            let d = self.gemv_dispatch(elem, elem, grid, params, binds)?;
+            return self.submit(&[d]);
+        }
         let dcols = inter.div_ceil(moe_shaders::DECODE_UP_FEATURES as usize);
         let decode = self.use_decode(tokens * topk, experts, tokens + pad, dcols, width);
         let (entry, groups) = if decode {
@@ -836,25 +1098,6 @@ impl WgpuBackend {
             )?;
             ("main", [gx as u32, gy as u32, experts as u32])
         };
-        let dummy = || Bind { buffer: &self.dummy, offset: 0, size: 256, base: 0 };
-        let (off, sorted, tw) = match rows {
-            Some(r) => (
-                self.bind(&r.expert_offsets)?,
-                self.bind(&r.sorted_slots)?,
-                match &r.weights {
-                    Some(w) => self.bind(w)?,
-                    None => dummy(),
-                },
-            ),
-            None => (dummy(), dummy(), dummy()),
-        };
-        let on_input = rows.is_some_and(|r| r.weights.is_some());
-        let xb = self.bind(&x)?;
-        let gb = if mlp.gated { self.bind_opt(&weights.gate)? } else { dummy() };
-        let ub = self.bind(&weights.up)?;
-        let bgb = if has_b && mlp.gated { self.bind_opt(&weights.gate_bias)? } else { dummy() };
-        let bub = if has_b { self.bind_opt(&weights.up_bias)? } else { dummy() };
-        let hb = self.bind_mut(&hidden)?;
         let params = vec![
             u32_of("width", width)?,
             u32_of("intermediate", inter)?,
@@ -1018,14 +1261,33 @@ impl<T: Element> MoeStages<T> for WgpuBackend {
         if tokens == 0 {
             return Ok(());
         }
-        let groups = tokens.div_ceil(moe_shaders::ROUTE_GROUP as usize).min(MAX_GROUPS as usize);
-        let per_token =
-            (2 * e + n_group * (e / n_group.max(1) + n_group + 2) + k * (e + 1) + 4 * k + 8) as u64;
-        let strides = tokens.div_ceil(groups * moe_shaders::ROUTE_GROUP as usize) as u64;
-        self.check_loops(
-            strides * (per_token + 1),
-            "a route (top_k x experts) too long for llvmpipe's 65535-iteration loop cap",
-        )?;
+        // One workgroup per token where the experts fit its workgroup memory (`wg`), else one
+        // invocation per token (`main`).
+        let wg_groups = tokens.min(MAX_GROUPS as usize);
+        let wg_strides = tokens.div_ceil(wg_groups) as u64;
+        let lanes = moe_shaders::ROUTE_GROUP as usize;
+        let wg_per_token = (2 * e
+            + 3 * e.div_ceil(lanes)
+            + n_group * (e / n_group.max(1) + n_group + 2)
+            + k * (e.div_ceil(lanes) + 10)
+            + 4 * k
+            + 16) as u64;
+        let use_wg = e <= moe_shaders::ROUTE_WG_EXPERTS as usize
+            && self.check_loops(wg_strides * (wg_per_token + 1), "").is_ok();
+        let (entry, groups) = if use_wg {
+            ("wg", wg_groups)
+        } else {
+            let groups = tokens.div_ceil(lanes).min(MAX_GROUPS as usize);
+            let per_token =
+                (2 * e + n_group * (e / n_group.max(1) + n_group + 2) + k * (e + 1) + 4 * k + 8)
+                    as u64;
+            let strides = tokens.div_ceil(groups * lanes) as u64;
+            self.check_loops(
+                strides * (per_token + 1),
+                "a route (top_k x experts) too long for llvmpipe's 65535-iteration loop cap",
+            )?;
+            ("main", groups)
+        };
         let lb = self.bind(&logits)?;
         let sb = self.bind_opt(&selection_bias)?;
         let ib = self.bind_mut(&topk_ids)?;
@@ -1057,7 +1319,7 @@ impl<T: Element> MoeStages<T> for WgpuBackend {
             (config.weight_scale() as f32).to_bits(),
         ];
         self.submit(&[Dispatch {
-            pipeline: self.pipeline(Shader::Route, Storage::F32, Storage::F32, "main")?,
+            pipeline: self.pipeline(Shader::Route, Storage::F32, Storage::F32, entry)?,
             shader: Shader::Route,
             params,
             binds: vec![lb, sb, ib, wb],
@@ -1196,6 +1458,52 @@ impl<T: Element> MoeStages<T> for WgpuBackend {
         if el > MAX_GROUPS as usize {
             return Err(unsupported("more than 65535 column tiles or local experts"));
         }
+        let hb = self.bind(&hidden)?;
+        let wb = self.bind(&weights.down)?;
+        let bb = self.bind_opt(&weights.down_bias)?;
+        let ob = self.bind(&rows.expert_offsets)?;
+        let sb = self.bind(&rows.sorted_slots)?;
+        let tb = self.bind_opt(&rows.weights)?;
+        let yb = self.bind_mut(&out)?;
+        let grid = if self.gemv_wanted(tokens * c.top_k, el, false) {
+            self.gemv_grid(elem, inter, d, el, tokens + plan.row_align(), &[&hb, &wb])
+        } else {
+            None
+        };
+        if let Some(grid) = grid {
+            let dummy = || Bind { buffer: &self.dummy, offset: 0, size: 256, base: 0 };
+            let params = vec![
+                inter as u32,
+                d as u32,
+                2,
+                c.top_k as u32,
+                0,
+                0,
+                hb.base,
+                wb.base,
+                0,
+                bb.base,
+                0,
+                ob.base,
+                sb.base,
+                tb.base,
+                0,
+                yb.base,
+                0,
+                u32::from(weights.down_bias.is_some()),
+                u32::from(rows.weights.is_some()),
+                0,
+                0,
+                0,
+                0,
+                1.0f32.to_bits(),
+                0,
+                0,
+            ];
+            let binds = vec![hb, wb, dummy(), bb, dummy(), ob, sb, tb, dummy(), yb];
+            let dsp = self.gemv_dispatch(elem, elem, grid, params, binds)?;
+            return self.submit(&[dsp]);
+        }
         let dcols = d.div_ceil(moe_shaders::DECODE_DOWN_COLUMNS as usize);
         let decode = self.use_decode(tokens * c.top_k, el, tokens + plan.row_align(), dcols, inter);
         let (entry, groups) = if decode {
@@ -1212,13 +1520,6 @@ impl<T: Element> MoeStages<T> for WgpuBackend {
             )?;
             ("main", [gx as u32, gy as u32, el as u32])
         };
-        let hb = self.bind(&hidden)?;
-        let wb = self.bind(&weights.down)?;
-        let bb = self.bind_opt(&weights.down_bias)?;
-        let ob = self.bind(&rows.expert_offsets)?;
-        let sb = self.bind(&rows.sorted_slots)?;
-        let tb = self.bind_opt(&rows.weights)?;
-        let yb = self.bind_mut(&out)?;
         let params = vec![
             inter as u32,
             d as u32,

@@ -72,3 +72,13 @@ fn conformance_golden_tiled_gemm() {
         Err(e) => panic!("{e}"),
     }
 }
+
+#[test]
+fn conformance_golden_scalar_decode_gemm() {
+    let Some(be) = common::scalar_decode_backend() else { return };
+    match run_golden_suite(&Wgpu(be)) {
+        Ok(n) => println!("{n} golden checks passed (scalar decode GEMMs)"),
+        Err(e) => panic!("{e}"),
+    }
+    assert!(be.decode_gemm_dispatches() > 0, "the scalar decode variant never ran");
+}

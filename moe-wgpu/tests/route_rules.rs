@@ -230,33 +230,41 @@ fn conformance_expert_map_host_check() {
     assert!(matches!(check_expert_map(&[0], 6, 3), Err(MoeError::ShapeMismatch { .. })));
 }
 
-#[test]
-fn conformance_llvmpipe_loop_cap_is_a_typed_error() {
-    let Some(be) = backend() else { return };
-    // top_k = experts = 512: 512 * 513 selection steps per token, past llvmpipe's loop cap.
-    let c = base(512, 512);
-    let logits = vec![0.25f32; 512];
-    let lb = upload_bytes(be, bytemuck::cast_slice(&logits), 512);
-    let out = upload_bytes(be, &vec![0xFF; 8 * 512], 1024);
+/// Route `e` experts with equal logits, top `k`: the ids (0..k where it runs).
+fn route_ties(be: &WgpuBackend, e: usize, k: usize) -> moe_core::Result<Vec<i32>> {
+    let c = base(e, k);
+    let logits = vec![0.25f32; e];
+    let lb = upload_bytes(be, bytemuck::cast_slice(&logits), e);
+    let out = upload_bytes(be, &vec![0xFF; 8 * k], 2 * k);
     let scratch = upload_bytes(be, &[0xFF; 16], 4);
-    let r = MoeStages::<f32>::route(
+    MoeStages::<f32>::route(
         be,
         &c,
         1,
         lb.view(),
         None,
         scratch.view_mut(),
-        WgpuViewMut::new(&out.buf, 0, 512).expect("ids"),
-        WgpuViewMut::new(&out.buf, 2048, 512).expect("weights"),
-    );
+        WgpuViewMut::new(&out.buf, 0, k).expect("ids"),
+        WgpuViewMut::new(&out.buf, 4 * k as u64, k).expect("weights"),
+    )?;
+    be.synchronize().expect("sync");
+    Ok(read_i32(be, &out.buf, 0, k))
+}
+
+#[test]
+fn conformance_llvmpipe_loop_cap_is_a_typed_error() {
+    let Some(be) = backend() else { return };
+    // top_k = experts = 512: the workgroup route (experts <= 1024) stays within llvmpipe's
+    // loop cap (the per-invocation route would need 512 * 513 selection steps).
+    let ids = route_ties(be, 512, 512).expect("route 512 of 512");
+    assert_eq!(ids, (0..512).collect::<Vec<i32>>());
+    // 2048 experts (past the workgroup route), top 64: 64 * 2049 steps per token.
+    let r = route_ties(be, 2048, 64);
     if be.adapter_info().name.to_ascii_lowercase().contains("llvmpipe") {
         let e = r.expect_err("past the loop cap");
         assert!(matches!(e, MoeError::Unsupported { .. }), "{e}");
         println!("conformance llvmpipe loop cap: {e}");
     } else {
-        r.expect("route");
-        be.synchronize().expect("sync");
-        let ids = read_i32(be, &out.buf, 0, 512);
-        assert_eq!(ids, (0..512).collect::<Vec<i32>>());
+        assert_eq!(r.expect("route"), (0..64).collect::<Vec<i32>>());
     }
 }

@@ -338,6 +338,15 @@ fn conformance_recipes_decode_gemm() {
         check_on(be, "deepseek_v3_like", DType::BF16, &c, &w, &x[..t * c.hidden], t, align);
     }
     assert!(be.decode_gemm_dispatches() > 0, "the decode variant never ran");
+    assert!(be.gemv_dispatches() > 0, "the few-row GEMM never ran");
+    // The scalar decode variant at the same points.
+    let Some(be) = common::scalar_decode_backend() else { return };
+    for (i, (name, c)) in recipes().into_iter().enumerate() {
+        let (w, x) = weights(&c, 7 + i as u64);
+        for (dtype, t) in [(DType::F32, 37), (DType::F16, 5), (DType::BF16, 1)] {
+            check_on(be, name, dtype, &c, &w, &x[..t * c.hidden], t, 1);
+        }
+    }
 }
 
 /// The automatic choice takes the decode variant at one token and the tiled one at many.
@@ -353,6 +362,10 @@ fn expert_gemm_automatic_choice() {
     let before = auto.decode_gemm_dispatches();
     check_on(auto, "deepseek_v3_like auto", DType::F32, &c, &w, &x[..c.hidden], 1, 1);
     assert!(auto.decode_gemm_dispatches() >= before + 2, "auto did not take decode at T=1");
+    // Aligned shapes at one token: the few-row GEMM for the router and both expert GEMMs.
+    let before = auto.gemv_dispatches();
+    check_on(auto, "deepseek_v3_like auto", DType::BF16, &c, &w, &x[..c.hidden], 1, 1);
+    assert!(auto.gemv_dispatches() >= before + 3, "auto did not take the few-row GEMM at T=1");
 }
 
 #[test]

@@ -11,7 +11,8 @@
 //!
 //! Element-typed bindings are written as `//@bind BINDING NAME E|O ro|rw` lines in the bodies;
 //! [`compose`] replaces each with the declaration and `ld_NAME(i) -> f32` /
-//! `st_NAME(i, v: f32)` accessors for the chosen storage type.
+//! `st_NAME(i, v: f32)` accessors for the chosen storage type. `//@bind BINDING NAME V ro`
+//! declares an `array<vec4<u32>>` of raw 16-byte words of `E` (with `VE`, `moe_lo`, `moe_hi`).
 //!
 //! Arithmetic and accumulation are `f32` everywhere; results are rounded once to the storage
 //! type. Every storage binding is `read_write` so that several views of one buffer may be bound
@@ -24,32 +25,58 @@
 /// (router logits, latent fc1/fc2, shared expert down, sigmoid gate). Entry point `main`.
 pub const LINEAR: &str = include_str!("../wgsl/linear.wgsl");
 /// Routing in all modes (scoring, selection bias, group-limited top-k, weight source, top-k
-/// reduce, routed scale on the weights). Entry point `main`.
+/// reduce, routed scale on the weights). Entry points `main` (one invocation per token) and
+/// `wg` (one workgroup of [`ROUTE_GROUP`] invocations per token, up to
+/// [`ROUTE_WG_EXPERTS`] experts; the same results).
 pub const ROUTE: &str = include_str!("../wgsl/route.wgsl");
 /// Permute: entry points `count`, `offsets_main`, `scatter` (run in that order).
 pub const PERMUTE: &str = include_str!("../wgsl/permute.wgsl");
 /// Grouped GEMM 1 with the activation fused (and the dense MLP's up half). Entry points
 /// `main` (tiled) and `decode` (few rows per expert: K split across a workgroup of
 /// [`DECODE_GROUP`] invocations, [`DECODE_UP_FEATURES`] features per workgroup).
-pub const EXPERT_UP: &str = include_str!("../wgsl/expert_up.wgsl");
+pub const EXPERT_UP: &str =
+    concat!(include_str!("../wgsl/act.wgsl"), include_str!("../wgsl/expert_up.wgsl"));
 /// Grouped GEMM 2 with the routing weight fused. Entry points `main` (tiled) and `decode`
 /// ([`DECODE_DOWN_COLUMNS`] output columns per workgroup).
 pub const EXPERT_DOWN: &str = include_str!("../wgsl/expert_down.wgsl");
+/// Few-row GEMM with the weights held in registers (linear, expert up with the activation,
+/// expert down with the routing weight; see the file's header). Entry point `main`; the
+/// pipeline constant `LANES` (32..=256, a power of two) sets the lanes per output feature.
+/// Weights and activations are bound as `vec4<u32>` words: K and every view offset must be
+/// multiples of [`gemv_elements_per_word`].
+pub const GEMV: &str = concat!(include_str!("../wgsl/act.wgsl"), include_str!("../wgsl/gemv.wgsl"));
 /// Deterministic combine in slot order. Entry point `main`.
 pub const COMBINE: &str = include_str!("../wgsl/combine.wgsl");
 /// Element-wise `dst += src`. Entry point `main`.
 pub const ADD: &str = include_str!("../wgsl/add.wgsl");
 
 /// Every shader body with its name and entry points.
-pub const ALL: [(&str, &str, &[&str]); 7] = [
+pub const ALL: [(&str, &str, &[&str]); 8] = [
     ("linear", LINEAR, &["main"]),
-    ("route", ROUTE, &["main"]),
+    ("route", ROUTE, &["main", "wg"]),
     ("permute", PERMUTE, &["count", "offsets_main", "scatter"]),
     ("expert_up", EXPERT_UP, &["main", "decode"]),
     ("expert_down", EXPERT_DOWN, &["main", "decode"]),
     ("combine", COMBINE, &["main"]),
     ("add", ADD, &["main"]),
+    ("gemv", GEMV, &["main"]),
 ];
+
+/// Invocations per workgroup of [`GEMV`].
+pub const GEMV_GROUP: u32 = 256;
+/// Words (`vec4<u32>`) of each weight row a [`GEMV`] lane holds: one K segment is
+/// `LANES * GEMV_WORDS` words.
+pub const GEMV_WORDS: u32 = 4;
+/// Rows per block of [`GEMV`] (one reduction per block).
+pub const GEMV_ROWS: u32 = 4;
+
+/// Elements per 16-byte word of storage type `s` in [`GEMV`] (8 for f16 and bf16, 4 for f32).
+pub fn gemv_elements_per_word(s: Storage) -> u32 {
+    match s {
+        Storage::F32 => 4,
+        Storage::F16 | Storage::F16Packed | Storage::BF16 => 8,
+    }
+}
 
 /// Rows of the GEMMs' output tile (one workgroup), and their K tile.
 pub const TILE: u32 = 16;
@@ -69,6 +96,8 @@ pub const DECODE_DOWN_COLUMNS: u32 = 4;
 pub const GROUP: u32 = 256;
 /// Invocations per workgroup of the route shader (one token each).
 pub const ROUTE_GROUP: u32 = 64;
+/// The most experts the route shader's `wg` entry point holds in workgroup memory.
+pub const ROUTE_WG_EXPERTS: u32 = 1024;
 /// The most expert groups the route shader supports.
 pub const MAX_GROUPS: u32 = 256;
 
@@ -208,6 +237,39 @@ fn binding(out: &mut String, b: &str, name: &str, ty: Storage, rw: bool) {
     }
 }
 
+/// `VE` (elements per 16-byte word) and `moe_lo` / `moe_hi` (elements 0..4 and 4..8 of a word,
+/// widened to f32) for the `vec4<u32>` word bindings (`//@bind B NAME V ro`) of storage `elem`.
+fn word_helpers(elem: Storage) -> &'static str {
+    match elem {
+        Storage::F32 => {
+            "const VE: u32 = 4u;
+fn moe_lo(v: vec4<u32>) -> vec4<f32> { return bitcast<vec4<f32>>(v); }
+fn moe_hi(v: vec4<u32>) -> vec4<f32> { return vec4<f32>(0.0); }
+"
+        }
+        Storage::BF16 => {
+            "const VE: u32 = 8u;
+fn moe_lo(v: vec4<u32>) -> vec4<f32> { return bitcast<vec4<f32>>(vec4<u32>(v.x << 16u, v.x & 0xffff0000u, v.y << 16u, v.y & 0xffff0000u)); }
+fn moe_hi(v: vec4<u32>) -> vec4<f32> { return bitcast<vec4<f32>>(vec4<u32>(v.z << 16u, v.z & 0xffff0000u, v.w << 16u, v.w & 0xffff0000u)); }
+"
+        }
+        Storage::F16 => {
+            "const VE: u32 = 8u;
+fn moe_h2(w: u32) -> vec2<f32> { return unpack2x16float(w); }
+fn moe_lo(v: vec4<u32>) -> vec4<f32> { return vec4<f32>(moe_h2(v.x), moe_h2(v.y)); }
+fn moe_hi(v: vec4<u32>) -> vec4<f32> { return vec4<f32>(moe_h2(v.z), moe_h2(v.w)); }
+"
+        }
+        Storage::F16Packed => {
+            "const VE: u32 = 8u;
+fn moe_h2(w: u32) -> vec2<f32> { return vec2<f32>(moe_widen_f16(w & 0xffffu), moe_widen_f16(w >> 16u)); }
+fn moe_lo(v: vec4<u32>) -> vec4<f32> { return vec4<f32>(moe_h2(v.x), moe_h2(v.y)); }
+fn moe_hi(v: vec4<u32>) -> vec4<f32> { return vec4<f32>(moe_h2(v.z), moe_h2(v.w)); }
+"
+        }
+    }
+}
+
 /// The full WGSL module of `body` with element type `elem` and linear output type `out`:
 /// the aliases `E`, `O`, and every `//@bind BINDING NAME E|O ro|rw` line of the body replaced
 /// by the binding's declaration and its `ld_NAME` / `st_NAME` accessors (f32 in and out).
@@ -225,11 +287,24 @@ pub fn compose(body: &str, elem: Storage, out: Storage) -> String {
     if packed(elem) || packed(out) {
         s.push_str(PACKED_HELPERS);
     }
+    let mut words = false;
     for line in body.lines() {
         let mut f = line.split_whitespace();
         if f.next() == Some("//@bind") {
             let (b, name, ty, mode) = (f.next(), f.next(), f.next(), f.next());
             if let (Some(b), Some(name), Some(ty), Some(mode)) = (b, name, ty, mode) {
+                if ty == "V" {
+                    use core::fmt::Write;
+                    if !words {
+                        words = true;
+                        s.push_str(word_helpers(elem));
+                    }
+                    let _ = writeln!(
+                        s,
+                        "@group(0) @binding({b}) var<storage, read_write> {name}: array<vec4<u32>>;"
+                    );
+                    continue;
+                }
                 let t = if ty == "O" { out } else { elem };
                 binding(&mut s, b, name, t, mode == "rw");
                 continue;
@@ -252,7 +327,8 @@ mod tests {
         };
         let mut v = naga::valid::Validator::new(
             naga::valid::ValidationFlags::all(),
-            naga::valid::Capabilities::SHADER_FLOAT16,
+            naga::valid::Capabilities::SHADER_FLOAT16
+                | naga::valid::Capabilities::SHADER_FLOAT16_IN_FLOAT32,
         );
         if let Err(e) = v.validate(&module) {
             panic!("{name}: validation error:\n{}", e.emit_to_string(src));

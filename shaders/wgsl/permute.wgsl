@@ -1,8 +1,8 @@
 // Permute: group the [T, K] slots by local expert, deterministically.
 //   count   (one workgroup per local expert): counts[e] = slots routed to e; workgroup 0 also
 //           writes slot_rows = -1 for the slots with no local expert.
-//   offsets (one invocation): expert_offsets[e] = sum of the previous blocks, each padded to a
-//           multiple of row_align; expert_offsets[E_local] = total rows.
+//   offsets (one workgroup, a scan): expert_offsets[e] = sum of the previous blocks, each padded
+//           to a multiple of row_align; expert_offsets[E_local] = total rows.
 //   scatter (one workgroup per local expert): a workgroup prefix sum over the slots in ascending
 //           order gives each slot its row, so rows within a block are in ascending slot order;
 //           sorted_slots[row] = slot, slot_rows[slot] = row, padding rows get slot -1.
@@ -95,15 +95,36 @@ fn count(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid
     }
 }
 
-@compute @workgroup_size(1, 1, 1)
-fn offsets_main() {
+@compute @workgroup_size(256, 1, 1)
+fn offsets_main(@builtin(local_invocation_id) lid: vec3<u32>) {
+    // Chunks of 256 experts: a workgroup scan of the padded counts, carried across chunks.
     var run = 0u;
-    for (var e = 0u; e < p.e_local; e++) {
-        offsets[p.ooff + e] = i32(run);
-        let c = u32(counts[p.ocnt + e]);
-        run += (c + p.row_align - 1u) / p.row_align * p.row_align;
+    for (var c0 = 0u; c0 < p.e_local; c0 += WG) {
+        let e = c0 + lid.x;
+        var v = 0u;
+        if (e < p.e_local) {
+            let c = u32(counts[p.ocnt + e]);
+            v = (c + p.row_align - 1u) / p.row_align * p.row_align;
+        }
+        sc[lid.x] = v;
+        workgroupBarrier();
+        scan_step(lid.x, 1u);
+        scan_step(lid.x, 2u);
+        scan_step(lid.x, 4u);
+        scan_step(lid.x, 8u);
+        scan_step(lid.x, 16u);
+        scan_step(lid.x, 32u);
+        scan_step(lid.x, 64u);
+        scan_step(lid.x, 128u);
+        if (e < p.e_local) {
+            offsets[p.ooff + e] = i32(run + sc[lid.x] - v);
+        }
+        run += sc[WG - 1u];
+        workgroupBarrier();
     }
-    offsets[p.ooff + p.e_local] = i32(run);
+    if (lid.x == 0u) {
+        offsets[p.ooff + p.e_local] = i32(run);
+    }
 }
 
 // One Hillis-Steele step of the inclusive scan over `sc` (unrolled by the caller).

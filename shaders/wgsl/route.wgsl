@@ -223,7 +223,13 @@ fn route_token(tok: u32) {
         }
     }
 
-    // Weights of the valid slots (they come first).
+    token_weights(tok, nv, st);
+}
+
+// The weights of token `tok`'s `nv` valid slots (they come first; ids already written):
+// weight source, top-k reduce, routed scale.
+fn token_weights(tok: u32, nv: u32, st: Soft) {
+    let base = tok * p.k;
     var m = 0.0;
     for (var j = 0u; j < nv; j++) {
         let id = u32(ids[p.oid + base + j]);
@@ -283,5 +289,199 @@ fn route_token(tok: u32) {
         for (var j = 0u; j < nv; j++) {
             wts[p.ow + base + j] = wts[p.ow + base + j] * p.wscale;
         }
+    }
+}
+
+// The same routing with one workgroup of RW invocations per token (experts <= RMAX): the
+// logits are staged in workgroup memory; the softmax statistics are summed by invocation 0
+// in ascending expert order (the bits of `main`); the selection values are computed in
+// parallel; group scores per group in parallel; each top-k slot is a workgroup arg-max in the
+// total order (value desc, index asc) over the experts strictly after the previous slot's.
+// The weights of the chosen slots are then computed by invocation 0 as in `main`.
+const RW: u32 = 64u;
+const RMAX: u32 = 1024u;
+var<workgroup> wl: array<f32, 1024>;
+var<workgroup> wsel: array<f32, 1024>;
+var<workgroup> wok: array<u32, 1024>;
+var<workgroup> wgs: array<f32, 256>;
+var<workgroup> wgok: array<u32, 256>;
+var<workgroup> wallow: array<u32, 256>;
+var<workgroup> rv: array<f32, 64>;
+var<workgroup> ri: array<i32, 64>;
+var<workgroup> wst: Soft;
+var<workgroup> wpid: i32;
+var<workgroup> wpv: f32;
+var<workgroup> wnv: u32;
+
+fn sel_stats(st: Soft, tok: u32, e: u32) -> Val {
+    let l = wl[e];
+    var r: Val;
+    if (p.scoring == SOFTMAX) {
+        r.v = exp(l - st.m) / st.s;
+        r.ok = st.ok;
+    } else if (p.scoring == SIGMOID) {
+        r.v = sigm(l);
+        r.ok = !is_nan(l);
+    } else {
+        r.v = l;
+        r.ok = !is_nan(l);
+    }
+    if (p.has_sb != 0u) {
+        r.v += sbias[p.osb + e];
+    }
+    r.ok = r.ok && !is_nan(r.v);
+    return r;
+}
+
+@compute @workgroup_size(64, 1, 1)
+fn wg(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_id) lid: vec3<u32>,
+) {
+    let l = lid.x;
+    for (var tok = wid.x; tok < p.t; tok += nwg.x) {
+        for (var e = l; e < p.e; e += RW) {
+            wl[e] = logit(tok, e);
+        }
+        workgroupBarrier();
+        if (l == 0u) {
+            var r: Soft;
+            r.ok = true;
+            r.m = 0.0;
+            r.s = 1.0;
+            if (p.scoring == SOFTMAX) {
+                r.m = wl[0];
+                for (var e = 0u; e < p.e; e++) {
+                    let v = wl[e];
+                    if (is_nan(v)) {
+                        r.ok = false;
+                    } else if (v > r.m || is_nan(r.m)) {
+                        r.m = v;
+                    }
+                }
+                if (is_inf(r.m)) {
+                    r.ok = false;
+                }
+                r.s = 0.0;
+                if (r.ok) {
+                    for (var e = 0u; e < p.e; e++) {
+                        r.s += exp(wl[e] - r.m);
+                    }
+                }
+            }
+            wst = r;
+            wpid = -1;
+            wpv = 0.0;
+            wnv = 0u;
+        }
+        workgroupBarrier();
+        let st = wst;
+        for (var e = l; e < p.e; e += RW) {
+            let v = sel_stats(st, tok, e);
+            wsel[e] = v.v;
+            wok[e] = u32(v.ok);
+        }
+        workgroupBarrier();
+        var per = p.e;
+        if (p.n_group > 0u) {
+            per = p.e / p.n_group;
+            for (var g = l; g < p.n_group; g += RW) {
+                var a = 0.0;
+                var b = 0.0;
+                var na = 0u;
+                for (var i = 0u; i < per; i++) {
+                    let e = g * per + i;
+                    if (wok[e] == 0u) {
+                        continue;
+                    }
+                    let v = wsel[e];
+                    if (na == 0u || v > a) {
+                        b = a;
+                        if (na > 0u) {
+                            na = 2u;
+                        } else {
+                            na = 1u;
+                        }
+                        a = v;
+                    } else if (na == 1u || v > b) {
+                        b = v;
+                        na = 2u;
+                    }
+                }
+                var v = a;
+                if (p.gscore == 0u && na == 2u) {
+                    v = a + b;
+                }
+                wgs[g] = v;
+                wgok[g] = u32(na > 0u && !is_nan(v));
+            }
+            workgroupBarrier();
+            for (var g = l; g < p.n_group; g += RW) {
+                var better = 0u;
+                if (wgok[g] != 0u) {
+                    for (var h = 0u; h < p.n_group; h++) {
+                        if (wgok[h] != 0u && (wgs[h] > wgs[g] || (wgs[h] == wgs[g] && h < g))) {
+                            better++;
+                        }
+                    }
+                }
+                wallow[g] = u32(wgok[g] != 0u && better < p.topk_group);
+            }
+            workgroupBarrier();
+        }
+        let base = tok * p.k;
+        for (var j = 0u; j < p.k; j++) {
+            let pid = wpid;
+            let pv = wpv;
+            var bid = -1;
+            var bv = 0.0;
+            if (j == 0u || pid >= 0) {
+                for (var e = l; e < p.e; e += RW) {
+                    if (wok[e] == 0u || (p.n_group > 0u && wallow[e / per] == 0u)) {
+                        continue;
+                    }
+                    let v = wsel[e];
+                    if (pid >= 0 && !(v < pv || (v == pv && i32(e) > pid))) {
+                        continue;
+                    }
+                    if (bid < 0 || v > bv) {
+                        bid = i32(e);
+                        bv = v;
+                    }
+                }
+            }
+            rv[l] = bv;
+            ri[l] = bid;
+            workgroupBarrier();
+            for (var h = RW / 2u; h > 0u; h >>= 1u) {
+                if (l < h) {
+                    let oi = ri[l + h];
+                    let ov = rv[l + h];
+                    let mi = ri[l];
+                    if (oi >= 0 && (mi < 0 || ov > rv[l] || (ov == rv[l] && oi < mi))) {
+                        ri[l] = oi;
+                        rv[l] = ov;
+                    }
+                }
+                workgroupBarrier();
+            }
+            if (l == 0u) {
+                let id = ri[0];
+                ids[p.oid + base + j] = id;
+                wts[p.ow + base + j] = 0.0;
+                wpid = id;
+                wpv = rv[0];
+                if (id >= 0) {
+                    wnv += 1u;
+                }
+            }
+            workgroupBarrier();
+        }
+        if (l == 0u) {
+            // `st` from logits in global memory: the same values as the staged ones.
+            token_weights(tok, wnv, st);
+        }
+        workgroupBarrier();
     }
 }

@@ -32,6 +32,14 @@ pub fn decode_backend(packed_f16: bool) -> Option<&'static WgpuBackend> {
     if packed_f16 { &PACKED } else { &BE }.get_or_init(|| make(options)).as_ref()
 }
 
+/// A backend that runs the expert GEMMs' scalar decode variant wherever it can
+/// ([`ExpertGemm::DecodeScalar`]: the path of views not aligned to 16-byte words).
+pub fn scalar_decode_backend() -> Option<&'static WgpuBackend> {
+    static BE: OnceLock<Option<WgpuBackend>> = OnceLock::new();
+    BE.get_or_init(|| make(Options { expert_gemm: ExpertGemm::DecodeScalar, ..Options::default() }))
+        .as_ref()
+}
+
 /// A backend that always runs the expert GEMMs' tiled variant ([`ExpertGemm::Tiled`]).
 pub fn tiled_backend() -> Option<&'static WgpuBackend> {
     static BE: OnceLock<Option<WgpuBackend>> = OnceLock::new();

@@ -1,0 +1,248 @@
+// Few-row GEMM ("gemv"): for each row of a block of rows,
+//   y[row, n] = epilogue(sum_k W[e, n, k] * x[src(row), k])
+// with the weight rows held in registers and applied to every row of the block, so that each
+// weight byte is read from memory once per dispatch (when K fits one segment; see below).
+// Three modes share the kernel:
+//   0 linear:      rows = tokens, src(row) = row; epilogue: + b[n], * rs[row], * scale,
+//                  sigmoid (epi = 1), + y (acc = 1). Output type O.
+//   1 expert up:   rows of expert e = workgroup_id.z (or all tokens when dense); src(row) = the
+//                  token of the row's slot; gated (wb = gate) with the activation fused and the
+//                  routing weight applied on the input (has_tw). Padding rows are skipped.
+//   2 expert down: rows of expert e; src(row) = row (the hidden row); epilogue: + b[e, n],
+//                  * routing weight of the slot (has_tw). Padding rows are left untouched.
+// Layout: a workgroup of 256 invocations is 256 / LANES groups of LANES lanes; a group computes
+// one output feature n. Weights and activations are read as vec4<u32> words (VE elements each:
+// 8 for f16/bf16, 4 for f32; the host checks that K and every view offset are multiples of VE),
+// lane l of a group reading words l, l + LANES, ... of the row: consecutive lanes read
+// consecutive 16-byte words. A lane holds S words of each weight row (a K segment of
+// LANES * S words); K longer than one segment loops over segments (then weights are re-read per
+// block of R rows). The per-lane partial sums of a block of R rows are reduced over the group in
+// workgroup memory in a fixed tree order (deterministic). Accumulation is f32.
+
+struct Params {
+    k: u32,
+    n: u32,
+    mode: u32,
+    topk: u32,
+    rows: u32,
+    dense: u32,
+    ox: u32,
+    owa: u32,
+    owb: u32,
+    oba: u32,
+    obb: u32,
+    ooff: u32,
+    osort: u32,
+    otw: u32,
+    ors: u32,
+    oy: u32,
+    gated: u32,
+    has_b: u32,
+    has_tw: u32,
+    has_rs: u32,
+    acc: u32,
+    epi: u32,
+    act: u32,
+    nx: u32,
+    scale: f32,
+    alpha: f32,
+    limit: f32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+//@bind 1 x V ro
+//@bind 2 wa V ro
+//@bind 3 wb V ro
+//@bind 4 ba E ro
+//@bind 5 bb E ro
+@group(0) @binding(6) var<storage, read_write> offsets: array<i32>;
+@group(0) @binding(7) var<storage, read_write> sorted_slots: array<i32>;
+@group(0) @binding(8) var<storage, read_write> tw: array<f32>;
+@group(0) @binding(9) var<storage, read_write> rs: array<f32>;
+//@bind 10 y O rw
+
+// Lanes per output feature (a power of two from 32 to 256, chosen by the host from K).
+override LANES: u32 = 64u;
+const WG: u32 = 256u;
+// Words of each weight row a lane holds (one K segment is LANES * S words).
+const S: u32 = 4u;
+// Rows per block.
+const R: u32 = 4u;
+var<workgroup> red: array<array<f32, 256>, 8>;
+var<workgroup> wstart: u32;
+var<workgroup> wend: u32;
+
+@compute @workgroup_size(256, 1, 1)
+fn main(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(local_invocation_id) lid: vec3<u32>,
+) {
+    let e = wg.z;
+    let l = lid.x;
+    let rows_of_expert = p.mode == 2u || (p.mode == 1u && p.dense == 0u);
+    if (l == 0u) {
+        if (rows_of_expert) {
+            wstart = u32(offsets[p.ooff + e]);
+            wend = u32(offsets[p.ooff + e + 1u]);
+        } else {
+            wstart = 0u;
+            wend = p.rows;
+        }
+    }
+    let start = workgroupUniformLoad(&wstart);
+    let end = workgroupUniformLoad(&wend);
+    if (start >= end) {
+        return;
+    }
+    let groups = WG / LANES;
+    let g = l / LANES;
+    let lane = l % LANES;
+    let n = (wg.y * p.nx + wg.x) * groups + g;
+    let live = n < p.n;
+    let kv = p.k / VE;
+    let seg_words = LANES * S;
+    let nseg = (kv + seg_words - 1u) / seg_words;
+    let wrow = p.owa / VE + (e * p.n + n) * kv;
+    let grow = p.owb / VE + (e * p.n + n) * kv;
+    let x0 = p.ox / VE;
+    var wa_r: array<vec4<u32>, 4>;
+    var wb_r: array<vec4<u32>, 4>;
+    for (var m0 = start; m0 < end; m0 += R) {
+        var ok: array<bool, 4>;
+        var src: array<u32, 4>;
+        var slots: array<i32, 4>;
+        var sc: array<f32, 4>;
+        for (var r = 0u; r < R; r++) {
+            let row = m0 + r;
+            var slot = -1;
+            var s = 1.0;
+            var xr = row;
+            if (row < end) {
+                if (rows_of_expert) {
+                    slot = sorted_slots[p.osort + row];
+                } else {
+                    slot = i32(row);
+                }
+                if (p.mode == 1u && slot >= 0) {
+                    if (p.dense == 0u) {
+                        xr = u32(slot) / p.topk;
+                    }
+                    if (p.has_tw != 0u) {
+                        s = tw[p.otw + u32(slot)];
+                    }
+                }
+            }
+            ok[r] = slot >= 0;
+            src[r] = x0 + xr * kv;
+            slots[r] = slot;
+            sc[r] = s;
+        }
+        var acc_a: array<f32, 4>;
+        var acc_b: array<f32, 4>;
+        for (var seg = 0u; seg < nseg; seg++) {
+            if (nseg > 1u || m0 == start) {
+                for (var s = 0u; s < S; s++) {
+                    let q = seg * seg_words + s * LANES + lane;
+                    var va = vec4<u32>(0u);
+                    var vb = vec4<u32>(0u);
+                    if (live && q < kv) {
+                        va = wa[wrow + q];
+                        if (p.gated != 0u) {
+                            vb = wb[grow + q];
+                        }
+                    }
+                    wa_r[s] = va;
+                    wb_r[s] = vb;
+                }
+            }
+            for (var s = 0u; s < S; s++) {
+                let q = seg * seg_words + s * LANES + lane;
+                if (!live || q >= kv) {
+                    continue;
+                }
+                let a0 = moe_lo(wa_r[s]);
+                let b0 = moe_lo(wb_r[s]);
+                var a1 = vec4<f32>(0.0);
+                var b1 = vec4<f32>(0.0);
+                if (VE == 8u) {
+                    a1 = moe_hi(wa_r[s]);
+                    b1 = moe_hi(wb_r[s]);
+                }
+                for (var r = 0u; r < R; r++) {
+                    if (ok[r]) {
+                        let xv = x[src[r] + q];
+                        let y0 = moe_lo(xv);
+                        var d = dot(a0, y0);
+                        var dg = dot(b0, y0);
+                        if (VE == 8u) {
+                            let y1 = moe_hi(xv);
+                            d += dot(a1, y1);
+                            dg += dot(b1, y1);
+                        }
+                        acc_a[r] += d;
+                        acc_b[r] += dg;
+                    }
+                }
+            }
+        }
+        for (var r = 0u; r < R; r++) {
+            red[2u * r][l] = acc_a[r];
+            red[2u * r + 1u][l] = acc_b[r];
+        }
+        workgroupBarrier();
+        for (var h = LANES / 2u; h > 0u; h >>= 1u) {
+            if (lane < h) {
+                for (var j = 0u; j < 2u * R; j++) {
+                    red[j][l] += red[j][l + h];
+                }
+            }
+            workgroupBarrier();
+        }
+        if (lane < R && live) {
+            let r = lane;
+            let row = m0 + r;
+            if (ok[r]) {
+                let va = red[2u * r][g * LANES];
+                let vb = red[2u * r + 1u][g * LANES];
+                if (p.mode == 0u) {
+                    var v = va;
+                    if (p.has_b != 0u) {
+                        v += ld_ba(p.oba + n);
+                    }
+                    if (p.has_rs != 0u) {
+                        v *= rs[p.ors + row];
+                    }
+                    v *= p.scale;
+                    if (p.epi == 1u) {
+                        v = 1.0 / (1.0 + exp(-v));
+                    }
+                    let at = p.oy + row * p.n + n;
+                    if (p.acc != 0u) {
+                        v += ld_y(at);
+                    }
+                    st_y(at, v);
+                } else if (p.mode == 1u) {
+                    var gv = sc[r] * vb;
+                    var uv = sc[r] * va;
+                    if (p.has_b != 0u) {
+                        uv += ld_ba(p.oba + e * p.n + n);
+                        if (p.gated != 0u) {
+                            gv += ld_bb(p.obb + e * p.n + n);
+                        }
+                    }
+                    st_y(p.oy + row * p.n + n, hidden_of(gv, uv));
+                } else {
+                    var v = va;
+                    if (p.has_b != 0u) {
+                        v += ld_ba(p.oba + e * p.n + n);
+                    }
+                    if (p.has_tw != 0u) {
+                        v *= tw[p.otw + u32(slots[r])];
+                    }
+                    st_y(p.oy + row * p.n + n, v);
+                }
+            }
+        }
+        workgroupBarrier();
+    }
+}
