@@ -309,8 +309,25 @@ const DEC_NARROW: usize = 4;
 /// 2 experts x 448 gated strips = 896 blocks on 132 SMs, 2 resident per SM, i.e. 3.4 waves
 /// of 512 KB blocks; the down projection 2 x 64 = 128 blocks, fewer than the SMs). Narrow
 /// blocks are half the bytes, twice as many, 4 resident per SM (114-120 registers, 48-50 KB).
+///
+/// For measurements, the environment variable `MOE_CUDA_DECODE_STRIPS` (read once per
+/// process) overrides the rule for NF 1 and 2: `wide` or `narrow`; anything else keeps it.
 pub(crate) fn decode_narrow(nf: usize, wide_blocks: u64, sms: u32) -> bool {
-    nf <= 1 && wide_blocks < 8 * sms.max(1) as u64
+    nf <= 1
+        && match decode_strips_override() {
+            Some(narrow) => narrow,
+            None => wide_blocks < 8 * sms.max(1) as u64,
+        }
+}
+
+/// `MOE_CUDA_DECODE_STRIPS`: `Some(true)` narrow, `Some(false)` wide, `None` the rule.
+fn decode_strips_override() -> Option<bool> {
+    static STRIPS: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
+    *STRIPS.get_or_init(|| match std::env::var("MOE_CUDA_DECODE_STRIPS").as_deref() {
+        Ok("narrow") => Some(true),
+        Ok("wide") => Some(false),
+        _ => None,
+    })
 }
 
 /// Which GEMM kernel a launch uses.
@@ -612,6 +629,9 @@ mod decode_tests {
     /// The narrow-strip rule on the H100 (132 SMs) decode points of the bench.
     #[test]
     fn narrow_rule() {
+        if std::env::var_os("MOE_CUDA_DECODE_STRIPS").is_some() {
+            return; // a measurement override is in force
+        }
         // Mixtral T = 1 (NF 1, 2 experts): up 2 x 448 gated strips, down 2 x 64 strips
         assert!(decode_narrow(0, 896, 132));
         assert!(decode_narrow(0, 128, 132));
