@@ -12,16 +12,19 @@
 //        g + 8 and of token row g; pairs (0,1),(2,3) feed the first mma (virtual k 2t / 2t + 8),
 //        pairs (4,5),(6,7) the second. So every fragment is one 16-byte shared-memory read and
 //        shared memory holds each row's 32-element K step contiguously (64 B: conflict-free).
-// Work:  one block (4 warps) per (active expert, feature strip): 64 output features
+// Work:  one block (4 warps) per (active expert, feature strip): WR = 64 output features
 //        (gated: 32 features, the gate and up rows of the same features, staged as 64 weight
-//        rows, so the epilogue has both). Items are numbered active-expert-major; block b takes
-//        item b: it finds the (b / strips)-th expert with rows by a scan of expert_offsets
-//        (ballots, fixed order) and exits at once (no weight read) when there is none. The
+//        rows, so the epilogue has both); the narrow kernels (`dec{1,2}n`, WR = 32) take half
+//        as many features, for grids with few blocks per SM (the host's decode_narrow).
+//        Items are numbered active-expert-major; block b takes item b: it finds the
+//        (b / strips)-th expert with rows by a scan of expert_offsets (ballots, fixed
+//        order) and exits at once (no weight read) when there is none. The
 //        grid is the host's upper bound min(E, T K) x strips; dense GEMMs are one group.
 // K:     split across the 4 warps, interleaved by 32-wide K steps (warp w takes steps w, w + 4,
-//        ...); each warp runs its own DEC_STAGES-deep cp.async pipeline (4 KB of weights per
-//        stage, no block barrier in the K loop). The warps' partial tiles are summed in shared
-//        memory in warp order 0, 1, 2, 3 (deterministic, no atomics) by the epilogue threads.
+//        ...); each warp runs its own STAGES-deep cp.async pipeline (WR x 64 bytes of
+//        weights per stage, L2::256B prefetch hint, no block barrier in the K loop). The
+//        warps' partial tiles are summed in shared memory in warp order 0, 1, 2, 3
+//        (deterministic, no atomics) by the epilogue threads.
 // Rows:  the expert's rows are compacted (slot >= 0) 128 at a time into shared memory, then
 //        processed in passes of 8 * NF rows (NF n8 fragments); more rows than 8 * NF cost
 //        another pass over the weights (correct for any count, meant for few). The first

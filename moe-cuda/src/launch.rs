@@ -219,6 +219,12 @@ impl Kernels {
         ];
         let dec_ok = dec.iter().all(|v| {
             v.iter().zip(DEC_SMEM).all(|(f, smem)| {
+                // A hint (its failure is harmless): the whole carveout as shared memory, so
+                // that 2 wide or 4 narrow blocks fit per SM (the kernels bypass L1: cp.async.cg).
+                let _ = f.set_attribute(
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+                    100,
+                );
                 f.set_attribute(
                     CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                     smem as i32,
