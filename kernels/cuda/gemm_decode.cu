@@ -12,16 +12,19 @@
 //        g + 8 and of token row g; pairs (0,1),(2,3) feed the first mma (virtual k 2t / 2t + 8),
 //        pairs (4,5),(6,7) the second. So every fragment is one 16-byte shared-memory read and
 //        shared memory holds each row's 32-element K step contiguously (64 B: conflict-free).
-// Work:  one block (4 warps) per (active expert, feature strip): 64 output features
+// Work:  one block (4 warps) per (active expert, feature strip): WR = 64 output features
 //        (gated: 32 features, the gate and up rows of the same features, staged as 64 weight
-//        rows, so the epilogue has both). Items are numbered active-expert-major; block b takes
-//        item b: it finds the (b / strips)-th expert with rows by a scan of expert_offsets
-//        (ballots, fixed order) and exits at once (no weight read) when there is none. The
+//        rows, so the epilogue has both); the narrow kernels (`dec{1,2}n`, WR = 32) take half
+//        as many features, for grids with few blocks per SM (the host's decode_narrow).
+//        Items are numbered active-expert-major; block b takes item b: it finds the
+//        (b / strips)-th expert with rows by a scan of expert_offsets (ballots, fixed
+//        order) and exits at once (no weight read) when there is none. The
 //        grid is the host's upper bound min(E, T K) x strips; dense GEMMs are one group.
 // K:     split across the 4 warps, interleaved by 32-wide K steps (warp w takes steps w, w + 4,
-//        ...); each warp runs its own DEC_STAGES-deep cp.async pipeline (4 KB of weights per
-//        stage, no block barrier in the K loop). The warps' partial tiles are summed in shared
-//        memory in warp order 0, 1, 2, 3 (deterministic, no atomics) by the epilogue threads.
+//        ...); each warp runs its own STAGES-deep cp.async pipeline (WR x 64 bytes of
+//        weights per stage, L2::256B prefetch hint, no block barrier in the K loop). The
+//        warps' partial tiles are summed in shared memory in warp order 0, 1, 2, 3
+//        (deterministic, no atomics) by the epilogue threads.
 // Rows:  the expert's rows are compacted (slot >= 0) 128 at a time into shared memory, then
 //        processed in passes of 8 * NF rows (NF n8 fragments); more rows than 8 * NF cost
 //        another pass over the weights (correct for any count, meant for few). The first
@@ -32,21 +35,34 @@
 #define DEC_WARPS 4
 #define DEC_THREADS (DEC_WARPS * 32)
 #define DEC_BK 32           // K per step (elements)
-#define DEC_WROWS 64        // weight rows per warp stage
 #define DEC_ROWCHUNK 128    // rows compacted at a time (= threads)
 
-template <int NF> struct DecCfg {
-    static constexpr int STAGES = NF >= 8 ? 3 : 4;
+// WR: weight rows per block (and per warp stage): 64 (wide strips) or 32 (narrow strips: twice
+// the blocks for shapes with few items, e.g. Mixtral's 2 to 8 experts; 4 blocks per SM).
+template <int NF, int WR> struct DecCfg {
+    static constexpr int STAGES = WR == 32 ? (NF == 1 ? 5 : 4) : (NF >= 8 ? 3 : 4);
     static constexpr int XROWS = 8 * NF;
-    static constexpr int STAGE_ELEMS = (DEC_WROWS + XROWS) * DEC_BK;  // per warp
+    static constexpr int MT = WR / 16;                          // m16 tiles per warp
+    static constexpr int STAGE_ELEMS = (WR + XROWS) * DEC_BK;   // per warp
     static constexpr int SMEM_BYTES = DEC_WARPS * STAGES * STAGE_ELEMS * 2;
-    static constexpr int RED_BYTES = DEC_WARPS * DEC_WROWS * XROWS * 4;
+    static constexpr int RED_BYTES = DEC_WARPS * WR * XROWS * 4;
     static_assert(RED_BYTES <= SMEM_BYTES, "reduction tile must fit the pipeline buffers");
 };
 
 MOE_DEVICE void cp_async16_s(uint32_t dst, const void* src, bool valid) {
     const int n = valid ? 16 : 0;
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
+}
+
+// Weights: the same copy with an L2 prefetch hint of 256 bytes. The 4 warps of a block read
+// the 4 consecutive 64-byte pieces of a row's 256-byte block in their K steps j (warp w:
+// piece w), but they drift apart over a long K loop (no block barrier), so without the hint
+// HBM sees scattered 64-byte requests; with it, the first request of a 256-byte block fetches
+// all of it into L2 and the other three warps hit there (full-burst DRAM reads).
+MOE_DEVICE void cp_async16_w(uint32_t dst, const void* src, bool valid) {
+    const int n = valid ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+                 "r"(n));
 }
 
 MOE_DEVICE uint4 lds128(uint32_t addr) {
@@ -82,9 +98,10 @@ MOE_DEVICE int dec_rank(bool flag, int* wcount, int* total) {
     return flag ? before + __popc(m & lanemask_lt()) : -1;
 }
 
-template <typename T, int NF>
+template <typename T, int NF, int WR>
 MOE_DEVICE void gemm_decode(const GemmParams& p) {
-    using C = DecCfg<NF>;
+    using C = DecCfg<NF, WR>;
+    constexpr int MT = C::MT, HALF = WR / 2;
     constexpr int S = C::STAGES;
     extern __shared__ __align__(16) unsigned char dsmem[];
     __shared__ TileRowsT<DEC_ROWCHUNK> tr;
@@ -93,7 +110,7 @@ MOE_DEVICE void gemm_decode(const GemmParams& p) {
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const bool gated = p.gated != 0;
-    const int feat = gated ? DEC_WROWS / 2 : DEC_WROWS;  // output features per block
+    const int feat = gated ? HALF : WR;  // output features per block
     const int strips = (p.N + feat - 1) / feat;
     const int rank = blockIdx.x / strips;   // which group with rows
     const int n0 = (blockIdx.x % strips) * feat;
@@ -127,20 +144,21 @@ MOE_DEVICE void gemm_decode(const GemmParams& p) {
     const T* bias_up = p.bias_up ? (const T*)p.bias_up + (size_t)expert * p.N : nullptr;
     const T* bias_gate = p.bias_gate ? (const T*)p.bias_gate + (size_t)expert * p.N : nullptr;
 
-    // ---- this lane's copy sources. Weight chunk i (of 8): staged row wr = lane / 4 + 8 i,
-    //      16-byte chunk kc = lane % 4 of the K step. Gated: rows 0..31 gate, 32..63 up.
+    // ---- this lane's copy sources. Weight chunk i (of WR / 8): staged row lane / 4 + 8 i,
+    //      16-byte chunk kc = lane % 4 of the K step. Gated: staged rows 0 .. WR/2 - 1 are
+    //      gate rows, WR/2 .. WR - 1 the up rows of the same features.
     const int kc = lane & 3;
-    // chunk i reads base (i < 4 ? wb0 : wb1) + (i % 4) * 8 K; valid when bit i of wmask
+    // chunk i reads base (i < MT ? wb0 : wb1) + (i % MT) * 8 K; valid when bit i of wmask
     const T* wb0;
     const T* wb1;
     unsigned wmask = 0;
     {
         const int r0 = n0 + (lane >> 2);
         wb0 = (gated ? WG : W) + (size_t)r0 * K + 8 * kc;
-        wb1 = gated ? W + (size_t)r0 * K + 8 * kc : wb0 + (size_t)32 * K;
+        wb1 = gated ? W + (size_t)r0 * K + 8 * kc : wb0 + (size_t)HALF * K;
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
-            const int col = gated ? r0 + 8 * (i & 3) : r0 + 8 * i;
+        for (int i = 0; i < WR / 8; ++i) {
+            const int col = gated ? r0 + 8 * (i % MT) : r0 + 8 * i;
             wmask |= (col < p.N ? 1u : 0u) << i;
         }
     }
@@ -149,7 +167,7 @@ MOE_DEVICE void gemm_decode(const GemmParams& p) {
     const int nsteps = warp < ksteps ? (ksteps - warp + DEC_WARPS - 1) / DEC_WARPS : 0;
     // Shared-memory addresses: this warp's stages, then lane * 16 bytes, which is both the
     // cp.async destination of chunk (row lane / 4, kc) and the fragment read of (g, t4).
-    constexpr uint32_t STAGE_B = C::STAGE_ELEMS * 2, XOFF_B = DEC_WROWS * DEC_BK * 2;
+    constexpr uint32_t STAGE_B = C::STAGE_ELEMS * 2, XOFF_B = WR * DEC_BK * 2;
     constexpr uint32_t ROW8_B = 8 * DEC_BK * 2;  // 8 staged rows
     const uint32_t lane_s = smem_u32(dsmem) + warp * S * STAGE_B + lane * 16;
     auto load_w = [&](int j) {  // K step j of this warp into stage j % S
@@ -157,21 +175,23 @@ MOE_DEVICE void gemm_decode(const GemmParams& p) {
         const uint32_t dst = lane_s + (j % S) * STAGE_B;
         const bool kin = k + 8 * kc < K;
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
+        for (int i = 0; i < WR / 8; ++i) {
             const bool v = kin && ((wmask >> i) & 1u);
-            const T* src = (i < 4 ? wb0 : wb1) + (i & 3) * k8 + k;
-            cp_async16_s(dst + i * ROW8_B, v ? src : W, v);
+            const T* src = (i < MT ? wb0 : wb1) + (i % MT) * k8 + k;
+            cp_async16_w(dst + i * ROW8_B, v ? src : W, v);
         }
     };
-    const T* xsrc[NF];
+    // token row of x fragment i (-1: none); 32-bit, so NF = 8 stays within 255 registers
+    int xrow[NF];
+    const T* a_lane = A + 8 * kc;
     auto load_x = [&](int j) {
         const int k = (warp + DEC_WARPS * j) * DEC_BK;
         const uint32_t dst = lane_s + (j % S) * STAGE_B + XOFF_B;
         const bool kin = k + 8 * kc < K;
 #pragma unroll
         for (int i = 0; i < NF; ++i) {
-            const bool v = kin && xsrc[i] != nullptr;
-            cp_async16_s(dst + i * ROW8_B, v ? xsrc[i] + k : A, v);
+            const bool v = kin && xrow[i] >= 0;
+            cp_async16_s(dst + i * ROW8_B, v ? a_lane + (long long)xrow[i] * K + k : A, v);
         }
     };
     auto w_prologue = [&]() {
@@ -184,7 +204,7 @@ MOE_DEVICE void gemm_decode(const GemmParams& p) {
 
     w_prologue();  // weights do not depend on the rows: start streaming now
     bool w_issued = true;
-    float* red = reinterpret_cast<float*>(dsmem);  // [warp][64 staged rows][8 NF] after the loop
+    float* red = reinterpret_cast<float*>(dsmem);  // [warp][WR staged rows][8 NF] after the loop
 
     for (int c0 = row_begin; c0 < row_end; c0 += DEC_ROWCHUNK) {
         // ---- compact this chunk's real rows (slot >= 0) into tr, in row order
@@ -222,14 +242,14 @@ MOE_DEVICE void gemm_decode(const GemmParams& p) {
 #pragma unroll
                 for (int i = 0; i < NF; ++i) {
                     const int xr = p0 + (lane >> 2) + 8 * i;
-                    xsrc[i] = xr < nv ? A + tr.arow[xr] * (long long)K + 8 * kc : nullptr;
+                    xrow[i] = xr < nv ? (int)tr.arow[xr] : -1;
                 }
                 for (int j = 0; j < S - 1 && j < nsteps; ++j) load_x(j);
                 cp_async_commit();
 
-                float acc[4][NF][4];
+                float acc[MT][NF][4];
 #pragma unroll
-                for (int a = 0; a < 4; ++a)
+                for (int a = 0; a < MT; ++a)
 #pragma unroll
                     for (int b = 0; b < NF; ++b)
 #pragma unroll
@@ -250,7 +270,7 @@ MOE_DEVICE void gemm_decode(const GemmParams& p) {
 #pragma unroll
                     for (int nf = 0; nf < NF; ++nf) xf[nf] = lds128(st + XOFF_B + nf * ROW8_B);
 #pragma unroll
-                    for (int mt = 0; mt < 4; ++mt) {
+                    for (int mt = 0; mt < MT; ++mt) {
                         const uint4 lo = lds128(st + (2 * mt) * ROW8_B);      // rows mt*16 + g
                         const uint4 hi = lds128(st + (2 * mt + 1) * ROW8_B);  // rows + 8
                         const uint32_t a0[4] = {lo.x, hi.x, lo.y, hi.y};
@@ -268,9 +288,9 @@ MOE_DEVICE void gemm_decode(const GemmParams& p) {
                 __syncthreads();  // every warp is done with its stages: reuse them as red
                 // red[warp][staged row][pass row]: D of (mt, nf) is rows mt*16 + g (+8),
                 // pass rows nf*8 + 2 t4 (+1)
-                float* rw_ = red + warp * DEC_WROWS * C::XROWS;
+                float* rw_ = red + warp * WR * C::XROWS;
 #pragma unroll
-                for (int mt = 0; mt < 4; ++mt)
+                for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
                     for (int nf = 0; nf < NF; ++nf)
 #pragma unroll
@@ -285,10 +305,10 @@ MOE_DEVICE void gemm_decode(const GemmParams& p) {
                 for (int o = tid; o < feat * np; o += DEC_THREADS) {
                     const int f = o % feat, i = o / feat;
                     float u = 0.0f, gv = 0.0f;
-                    const int ur = gated ? f + 32 : f;
+                    const int ur = gated ? f + HALF : f;
 #pragma unroll
                     for (int w = 0; w < DEC_WARPS; ++w) {  // fixed order: deterministic
-                        const float* rr = red + w * DEC_WROWS * C::XROWS;
+                        const float* rr = red + w * WR * C::XROWS;
                         u += rr[ur * C::XROWS + i];
                         if (gated) gv += rr[f * C::XROWS + i];
                     }
@@ -301,10 +321,17 @@ MOE_DEVICE void gemm_decode(const GemmParams& p) {
     cp_async_wait<0>();  // an unused weight prologue (chunk with no rows) must land first
 }
 
+// Wide strips (64 weight rows per block): 2 blocks per SM. Narrow strips (32 rows; NF 1 and 2,
+// chosen by the host when the wide grid has few blocks per SM): 4 blocks per SM.
 #define MOE_GEMM_DEC(NF, SUF, T)                                                                  \
     extern "C" __global__ void __launch_bounds__(DEC_THREADS, 2)                                  \
         moe_gemm_dec##NF##_##SUF(const GemmParams p) {                                            \
-        gemm_decode<T, NF>(p);                                                                    \
+        gemm_decode<T, NF, 64>(p);                                                                \
+    }
+#define MOE_GEMM_DEC_NARROW(NF, SUF, T)                                                           \
+    extern "C" __global__ void __launch_bounds__(DEC_THREADS, 4)                                  \
+        moe_gemm_dec##NF##n_##SUF(const GemmParams p) {                                           \
+        gemm_decode<T, NF, 32>(p);                                                                \
     }
 MOE_GEMM_DEC(1, bf16, __nv_bfloat16)
 MOE_GEMM_DEC(2, bf16, __nv_bfloat16)
@@ -314,3 +341,7 @@ MOE_GEMM_DEC(1, f16, __half)
 MOE_GEMM_DEC(2, f16, __half)
 MOE_GEMM_DEC(4, f16, __half)
 MOE_GEMM_DEC(8, f16, __half)
+MOE_GEMM_DEC_NARROW(1, bf16, __nv_bfloat16)
+MOE_GEMM_DEC_NARROW(2, bf16, __nv_bfloat16)
+MOE_GEMM_DEC_NARROW(1, f16, __half)
+MOE_GEMM_DEC_NARROW(2, f16, __half)

@@ -8,7 +8,8 @@
 // Grid:  (ceil(N / 4), ceil(M / GEMV_MR)); 128 threads = 4 warps, warp w owns column
 //        n = 4 * blockIdx.x + w (for a gated product both the gate and the up row of n).
 // Loop:  each lane takes 8 consecutive K elements per step (one 16-byte load of W and of
-//        each A row when the host says vec_a / vec_w), 256 K elements per warp step; plain
+//        each A row when the host says vec_a / vec_w), 256 K elements per warp step, the
+//        weight loads of 4 steps (gated 2) issued before their products; plain
 //        bounds-checked scalar loads otherwise (f32, odd K, unaligned views).
 // Reduce: butterfly shuffles in a fixed order (deterministic); lane r applies the shared
 //        epilogue (epi_store of gemm.cu: bias, activation, row scale, scale, accumulate).
@@ -43,18 +44,41 @@ MOE_DEVICE void gemv(const GemmParams& p) {
 #pragma unroll
     for (int r = 0; r < GEMV_MR; ++r) u[r] = g[r] = 0.0f;
     if (p.vec_a && p.vec_w) {
-        for (int k = lane * 8; k < K; k += 256) {
-            float w[8], wg[8], a[8];
-            load8(W + k, w);
-            if (GATED) load8(WG + k, wg);
+        // U warp steps per iteration, their weight loads issued first: a warp otherwise has
+        // one 512-byte load in flight and waits a full memory latency per 256 K elements
+        // (the T = 1 router logits: K = 2048..4096, 8..16 dependent round trips).
+        constexpr int U = GATED ? 2 : 4;
+        for (int k0 = lane * 8; k0 < K; k0 += 256 * U) {
+            uint4 wv[U], gw[U];
 #pragma unroll
-            for (int r = 0; r < GEMV_MR; ++r) {
-                if (r < rows) {
-                    load8(A + (size_t)r * K + k, a);
+            for (int s = 0; s < U; ++s) {
+                const int k = k0 + 256 * s;
+                const bool in = k < K;
+                wv[s] = in ? __ldg(reinterpret_cast<const uint4*>(W + k)) : make_uint4(0, 0, 0, 0);
+                if (GATED)
+                    gw[s] = in ? __ldg(reinterpret_cast<const uint4*>(WG + k)) : make_uint4(0, 0, 0, 0);
+            }
 #pragma unroll
-                    for (int i = 0; i < 8; ++i) {
-                        u[r] = fmaf(a[i], w[i], u[r]);
-                        if (GATED) g[r] = fmaf(a[i], wg[i], g[r]);
+            for (int s = 0; s < U; ++s) {
+                const int k = k0 + 256 * s;
+                if (k >= K) break;  // uniform per lane; later steps are out of range too
+                float w[8], wg[8], a[8];
+                const T* hw = reinterpret_cast<const T*>(&wv[s]);
+                const T* hg = reinterpret_cast<const T*>(&gw[s]);
+#pragma unroll
+                for (int i = 0; i < 8; ++i) {
+                    w[i] = to_f32(hw[i]);
+                    if (GATED) wg[i] = to_f32(hg[i]);
+                }
+#pragma unroll
+                for (int r = 0; r < GEMV_MR; ++r) {
+                    if (r < rows) {
+                        load8(A + (size_t)r * K + k, a);
+#pragma unroll
+                        for (int i = 0; i < 8; ++i) {
+                            u[r] = fmaf(a[i], w[i], u[r]);
+                            if (GATED) g[r] = fmaf(a[i], wg[i], g[r]);
+                        }
                     }
                 }
             }

@@ -10,7 +10,7 @@ Run: python3 kernels/sim/gemm_decode_sim.py
 """
 import numpy as np
 
-WARPS, BK, WROWS, CHUNK = 4, 32, 64, 128
+WARPS, BK, CHUNK = 4, 32, 128
 
 
 def mma(c, a, b):
@@ -41,10 +41,12 @@ def lds128(stage, byte):
     return [(v[0], v[1]), (v[2], v[3]), (v[4], v[5]), (v[6], v[7])]
 
 
-def block(p, blk, NF, out):
-    """One block of the kernel; p holds the GEMM (numpy arrays + ints)."""
+def block(p, blk, NF, out, WROWS=64):
+    """One block of the kernel (WROWS weight rows: 64 wide, 32 narrow strips); p holds the
+    GEMM (numpy arrays + ints)."""
     N, K, gated = p["N"], p["K"], p["gated"]
-    feat = 32 if gated else 64
+    HALF, MT = WROWS // 2, WROWS // 16
+    feat = HALF if gated else WROWS
     strips = (N + feat - 1) // feat
     rank, n0 = blk // strips, (blk % strips) * feat
     if p["grouped"]:
@@ -75,17 +77,17 @@ def block(p, blk, NF, out):
             red = np.zeros((WARPS, WROWS, XROWS))
             for warp in range(WARPS):
                 nsteps = (ksteps - warp + WARPS - 1) // WARPS if warp < ksteps else 0
-                acc = [[[[0.0] * 4 for _ in range(32)] for _ in range(NF)] for _ in range(4)]
+                acc = [[[[0.0] * 4 for _ in range(32)] for _ in range(NF)] for _ in range(MT)]
                 for j in range(nsteps):
                     k = (warp + WARPS * j) * BK
                     stage = np.full(stage_halves, np.nan)
                     for lane in range(32):
                         kc = lane % 4
                         kk = k + 8 * kc
-                        for i in range(8):  # weight chunks
+                        for i in range(WROWS // 8):  # weight chunks
                             wr = lane // 4 + 8 * i
                             if gated:
-                                col, src = n0 + (wr & 31), (WG if wr < 32 else W)
+                                col, src = n0 + wr % HALF, (WG if wr < HALF else W)
                             else:
                                 col, src = n0 + wr, W
                             dst = (lane * 16 + i * 512) // 2
@@ -99,7 +101,7 @@ def block(p, blk, NF, out):
                     assert not np.isnan(stage).any()
                     xf = [[lds128(stage, l * 16 + WROWS * BK * 2 + nf * 512) for l in range(32)]
                           for nf in range(NF)]
-                    for mt in range(4):
+                    for mt in range(MT):
                         lo = [lds128(stage, l * 16 + 2 * mt * 512) for l in range(32)]
                         hi = [lds128(stage, l * 16 + (2 * mt + 1) * 512) for l in range(32)]
                         a0 = [[lo[l][0], hi[l][0], lo[l][1], hi[l][1]] for l in range(32)]
@@ -111,7 +113,7 @@ def block(p, blk, NF, out):
                             mma(acc[mt][nf], a1, b1)
                 for lane in range(32):
                     g, t4 = lane // 4, lane % 4
-                    for mt in range(4):
+                    for mt in range(MT):
                         for nf in range(NF):
                             for h in range(2):
                                 sr = mt * 16 + g + 8 * h
@@ -122,7 +124,7 @@ def block(p, blk, NF, out):
                 f, i = o % feat, o // feat
                 u = gv = 0.0
                 for w in range(WARPS):  # fixed order
-                    u += red[w, f + 32 if gated else f, i]
+                    u += red[w, f + HALF if gated else f, i]
                     if gated:
                         gv += red[w, f, i]
                 orow, col = rows[p0 + i][1], n0 + f
@@ -132,7 +134,7 @@ def block(p, blk, NF, out):
                 out[orow, col] = (gv, u)
 
 
-def run(grouped, gated, NF, N, K, rng, E=5, top_k=2, tokens=23):
+def run(grouped, gated, NF, N, K, rng, E=5, top_k=2, tokens=23, WROWS=64):
     p = {"N": N, "K": K, "gated": gated, "grouped": E if grouped else 0, "top_k": top_k,
          "a_gather": 1}
     if grouped:
@@ -157,11 +159,11 @@ def run(grouped, gated, NF, N, K, rng, E=5, top_k=2, tokens=23):
     p["W"] = rng.standard_normal((G, N, K))
     p["WG"] = rng.standard_normal((G, N, K))
     out = np.full((p["M"], N, 2), np.nan)
-    feat = 32 if gated else 64
+    feat = WROWS // 2 if gated else WROWS
     strips = (N + feat - 1) // feat
     groups_bound = min(E, tokens * top_k) if grouped else 1
     for blk in range(groups_bound * strips):
-        block(p, blk, NF, out)
+        block(p, blk, NF, out, WROWS)
     # reference
     for r in range(p["M"]):
         if grouped:
@@ -182,13 +184,16 @@ def run(grouped, gated, NF, N, K, rng, E=5, top_k=2, tokens=23):
 
 if __name__ == "__main__":
     rng = np.random.default_rng(7)
-    for grouped, gated, NF, N, K in [
-        (True, True, 1, 40, 72),      # K not a multiple of 32, 2 warps idle at the end
-        (True, False, 2, 72, 200),    # N not a multiple of 64
-        (True, True, 2, 33 + 7, 264),
-        (False, False, 1, 24, 48),    # dense, 3 passes of 8 rows
-        (False, True, 4, 40, 136),
+    for grouped, gated, NF, N, K, WR in [
+        (True, True, 1, 40, 72, 64),      # K not a multiple of 32, 2 warps idle at the end
+        (True, False, 2, 72, 200, 64),    # N not a multiple of 64
+        (True, True, 2, 33 + 7, 264, 64),
+        (False, False, 1, 24, 48, 64),    # dense, 3 passes of 8 rows
+        (False, True, 4, 40, 136, 64),
+        (True, True, 1, 40, 72, 32),      # narrow strips (16 gated / 32 ungated features)
+        (True, False, 2, 72, 200, 32),
+        (False, True, 2, 21, 104, 32),
     ]:
-        m = run(grouped, gated, NF, N, K, rng)
-        print(f"ok grouped={grouped} gated={gated} NF={NF} N={N} K={K} rows={m}")
+        m = run(grouped, gated, NF, N, K, rng, WROWS=WR)
+        print(f"ok grouped={grouped} gated={gated} NF={NF} N={N} K={K} WR={WR} rows={m}")
     print("gemm_decode mapping matches the matrix product")

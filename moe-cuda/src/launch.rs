@@ -155,8 +155,9 @@ pub(crate) struct Kernels {
     tc: [[CudaFunction; 3]; 2],
     /// Whether the pipelined kernels got their shared-memory limit.
     tc_ok: bool,
-    /// `moe_gemm_dec{1,2,4,8}_*`: `[f16, bf16][NF index]` (gemm_decode.cu).
-    dec: [[CudaFunction; 4]; 2],
+    /// `moe_gemm_dec{1,2,4,8}_*` then the narrow-strip `moe_gemm_dec{1,2}n_*`:
+    /// `[f16, bf16][index of DEC_SMEM]` (gemm_decode.cu).
+    dec: [[CudaFunction; 6]; 2],
     /// Whether the decode kernels got their shared-memory limit.
     dec_ok: bool,
     /// `[f16, bf16][ungated, gated]` wgmma kernels (`gemm_sm90.cu`).
@@ -201,25 +202,35 @@ impl Kernels {
             )
             .is_ok()
         });
-        let four = |n: [&'static str; 4]| -> Result<[CudaFunction; 4]> {
-            Ok([f(n[0])?, f(n[1])?, f(n[2])?, f(n[3])?])
+        let six = |n: [&'static str; 6]| -> Result<[CudaFunction; 6]> {
+            Ok([f(n[0])?, f(n[1])?, f(n[2])?, f(n[3])?, f(n[4])?, f(n[5])?])
         };
         let dec = [
-            four([
+            six([
                 "moe_gemm_dec1_f16",
                 "moe_gemm_dec2_f16",
                 "moe_gemm_dec4_f16",
                 "moe_gemm_dec8_f16",
+                "moe_gemm_dec1n_f16",
+                "moe_gemm_dec2n_f16",
             ])?,
-            four([
+            six([
                 "moe_gemm_dec1_bf16",
                 "moe_gemm_dec2_bf16",
                 "moe_gemm_dec4_bf16",
                 "moe_gemm_dec8_bf16",
+                "moe_gemm_dec1n_bf16",
+                "moe_gemm_dec2n_bf16",
             ])?,
         ];
         let dec_ok = dec.iter().all(|v| {
             v.iter().zip(DEC_SMEM).all(|(f, smem)| {
+                // A hint (its failure is harmless): the whole carveout as shared memory, so
+                // that 2 wide or 4 narrow blocks fit per SM (the kernels bypass L1: cp.async.cg).
+                let _ = f.set_attribute(
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+                    100,
+                );
                 f.set_attribute(
                     CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                     smem as i32,
@@ -312,9 +323,39 @@ const TC_SMEM: u32 = 3 * (128 + 64) * 40 * 2;
 /// (128 A rows + 256 B rows) x 64 halves, plus 1024 bytes for the 1024-byte alignment.
 const WG_SMEM: u32 = 4 * (128 + 256) * 64 * 2 + 1024;
 
-/// Dynamic shared memory of `moe_gemm_dec{1,2,4,8}_*` (`DecCfg<NF>::SMEM_BYTES` of
-/// gemm_decode.cu): 4 warps x stages (4, 4, 4, 3) x (64 weight + 8 NF token rows) x 64 bytes.
-pub(crate) const DEC_SMEM: [u32; 4] = [73728, 81920, 98304, 98304];
+/// Dynamic shared memory of `moe_gemm_dec{1,2,4,8}_*` and `moe_gemm_dec{1,2}n_*`
+/// (`DecCfg<NF, WR>::SMEM_BYTES` of gemm_decode.cu): 4 warps x stages x (WR weight + 8 NF
+/// token rows) x 64 bytes; wide (WR = 64) stages (4, 4, 4, 3), narrow (WR = 32) stages (5, 4).
+pub(crate) const DEC_SMEM: [u32; 6] = [73728, 81920, 98304, 98304, 51200, 49152];
+
+/// Index of the narrow-strip decode kernels in `Kernels::dec` (NF 1, 2 at 4 + nf index).
+const DEC_NARROW: usize = 4;
+
+/// Whether a decode GEMM takes the narrow strips (32 weight rows per block instead of 64):
+/// NF 1 or 2 (`nf` index <= 1) and fewer than 8 wide blocks per SM (e.g. Mixtral at T = 1:
+/// 2 experts x 448 gated strips = 896 blocks on 132 SMs, 2 resident per SM, i.e. 3.4 waves
+/// of 512 KB blocks; the down projection 2 x 64 = 128 blocks, fewer than the SMs). Narrow
+/// blocks are half the bytes, twice as many, 4 resident per SM (114-120 registers, 48-50 KB).
+///
+/// For measurements, the environment variable `MOE_CUDA_DECODE_STRIPS` (read once per
+/// process) overrides the rule for NF 1 and 2: `wide` or `narrow`; anything else keeps it.
+pub(crate) fn decode_narrow(nf: usize, wide_blocks: u64, sms: u32) -> bool {
+    nf <= 1
+        && match decode_strips_override() {
+            Some(narrow) => narrow,
+            None => wide_blocks < 8 * sms.max(1) as u64,
+        }
+}
+
+/// `MOE_CUDA_DECODE_STRIPS`: `Some(true)` narrow, `Some(false)` wide, `None` the rule.
+fn decode_strips_override() -> Option<bool> {
+    static STRIPS: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
+    *STRIPS.get_or_init(|| match std::env::var("MOE_CUDA_DECODE_STRIPS").as_deref() {
+        Ok("narrow") => Some(true),
+        Ok("wide") => Some(false),
+        _ => None,
+    })
+}
 
 /// Which GEMM kernel a launch uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -527,7 +568,8 @@ fn gemm_wgmma_tma(
 }
 
 /// Launches `moe_gemm_dec*`: 128 threads, one block per (group with rows, feature strip of 64
-/// outputs, gated 32); blocks past the groups that have rows exit at once.
+/// outputs, gated 32; narrow strips half that, see [`decode_narrow`]); blocks past the groups
+/// that have rows exit at once.
 fn gemm_decode(
     s: &CudaStream,
     k: &Kernels,
@@ -536,8 +578,11 @@ fn gemm_decode(
     groups: u32,
     p: &GemmParams,
 ) -> Result<()> {
-    let feat = if p.gated != 0 { 32u32 } else { 64 };
-    let strips = (p.n as u32).div_ceil(feat);
+    let wide_feat = if p.gated != 0 { 32u32 } else { 64 };
+    let wide_blocks = u64::from((p.n.max(0) as u32).div_ceil(wide_feat)) * u64::from(groups);
+    let narrow = decode_narrow(nf, wide_blocks, k.sms);
+    let feat = if narrow { wide_feat / 2 } else { wide_feat };
+    let strips = (p.n.max(0) as u32).div_ceil(feat);
     let blocks = strips.checked_mul(groups).filter(|&b| b < i32::MAX as u32);
     let Some(blocks) = blocks else {
         return Err(moe_core::MoeError::Unsupported {
@@ -548,10 +593,11 @@ fn gemm_decode(
     if blocks == 0 || p.m == 0 {
         return Ok(());
     }
-    let mut b = s.launch_builder(&k.dec[ty - 1][nf]);
+    let index = if narrow { DEC_NARROW + nf } else { nf };
+    let mut b = s.launch_builder(&k.dec[ty - 1][index]);
     b.arg(p);
     let mut c = cfg((blocks, 1), 128);
-    c.shared_mem_bytes = DEC_SMEM[nf];
+    c.shared_mem_bytes = DEC_SMEM[index];
     // SAFETY: as for `gemm`: the callers checked every pointer of `p` against its view; the
     // decode kernels need K % 8 == 0 and 16-byte aligned A and W (the caller selects them only
     // then; vec_a and vec_w say so) and get their dynamic shared memory (raised at load) here.
@@ -644,4 +690,41 @@ pub(crate) fn add_assign(
     b.arg(&dst).arg(&src).arg(&n);
     // SAFETY: dst and src both hold n elements (checked by the caller).
     unsafe { b.launch(cfg((blocks, 1), 256)) }.map(drop).map_err(err("launch moe_add_assign"))
+}
+
+#[cfg(test)]
+mod decode_tests {
+    use super::{DEC_NARROW, DEC_SMEM, decode_narrow};
+
+    /// The narrow-strip rule on the H100 (132 SMs) decode points of the bench.
+    #[test]
+    fn narrow_rule() {
+        if std::env::var_os("MOE_CUDA_DECODE_STRIPS").is_some() {
+            return; // a measurement override is in force
+        }
+        // Mixtral T = 1 (NF 1, 2 experts): up 2 x 448 gated strips, down 2 x 64 strips
+        assert!(decode_narrow(0, 896, 132));
+        assert!(decode_narrow(0, 128, 132));
+        // Mixtral T = 16 (NF 2, 8 experts): up 8 x 448 stays wide, down 8 x 64 goes narrow
+        assert!(!decode_narrow(1, 3584, 132));
+        assert!(decode_narrow(1, 512, 132));
+        // Qwen3 T = 16 (128 experts): wide; T = 128 (NF 4) and larger NF never narrow
+        assert!(!decode_narrow(1, 3072, 132));
+        assert!(!decode_narrow(2, 24, 132));
+        assert!(!decode_narrow(3, 24, 132));
+        // the threshold: 8 wide blocks per SM
+        assert!(decode_narrow(0, 1055, 132));
+        assert!(!decode_narrow(0, 1056, 132));
+    }
+
+    /// 4 narrow blocks per SM fit an SM's 228 KB of shared memory (3 KB static + 1 KB reserved
+    /// per block), 2 wide ones.
+    #[test]
+    fn decode_smem_occupancy() {
+        let per_sm = 228 * 1024;
+        for (i, &smem) in DEC_SMEM.iter().enumerate() {
+            let blocks = if i >= DEC_NARROW { 4 } else { 2 };
+            assert!(blocks * (smem + 4096) <= per_sm, "decode kernel {i}: {smem} bytes");
+        }
+    }
 }

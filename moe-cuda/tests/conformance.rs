@@ -123,8 +123,9 @@ fn larger_configs() -> Vec<MoeConfig> {
 /// {1, 2, 8}, E in {8, 64}, H and I multiples of 8 but not of 64 (K tails of the 32-wide
 /// step), gated and ungated, biases, the routing weight on the input and on the output, a
 /// shared expert (dense decode GEMMs) on every other case; plus skewed routing (a router bias
-/// sends every token to expert 0: several row passes and, at T = 200, two row chunks). bf16,
-/// f16, and f32 (which falls back to the tiled kernel) against the float64 reference.
+/// sends every token to expert 0: several row passes and, at T = 200, two row chunks); the
+/// narrow and wide strips (Mixtral-like few experts, and a grid wide enough to keep wide
+/// strips; see `decode_configs`). bf16, f16, and f32 (which falls back to the tiled kernel) against the float64 reference.
 #[test]
 fn conformance_decode_shapes() {
     let tuning = GemmTuning { decode: true, ..GemmTuning::SIMPLE };
@@ -240,6 +241,37 @@ fn decode_configs() -> Vec<(MoeConfig, usize, bool)> {
             parallel: ParallelConfig::default(),
         };
         out.push((c, tokens, true));
+    }
+    // Strip widths of the decode kernel (launch::decode_narrow): few experts with a wide
+    // intermediate (Mixtral-like: E = 8, top-2; narrow 16/32-feature strips at T = 1 and 16,
+    // the wide NF = 8 kernel at T = 128), and enough wide blocks (64 experts with rows x 32
+    // gated strips = 2048 >= 8 per SM on a GPU of up to 256 SMs) that the up projection keeps
+    // the wide NF = 2 kernel while its down projection (3 strips) takes the narrow one.
+    for (tokens, top_k, experts, hidden, inter) in [
+        (1usize, 2usize, 8usize, 256usize, 1032usize),
+        (16, 2, 8, 256, 1032),
+        (128, 2, 8, 256, 1032),
+        (16, 8, 64, 136, 1000),
+    ] {
+        let c = MoeConfig {
+            hidden,
+            experts,
+            top_k,
+            router: RouterConfig::default(),
+            expert: ExpertConfig {
+                mlp: MlpConfig {
+                    intermediate: inter,
+                    gated: true,
+                    activation: Activation::Silu,
+                    bias: false,
+                },
+                apply_weight_on_input: false,
+            },
+            shared: None,
+            latent: None,
+            parallel: ParallelConfig::default(),
+        };
+        out.push((c, tokens, false));
     }
     out
 }
