@@ -19,11 +19,25 @@
 //        through sorted_slots) the 128 producer threads gather A with cp.async as in
 //        gemm_sm90.cu (8 x 16 bytes per thread per K step instead of 24).
 // Barriers: `full[s]` counts 1 arrival (thread 0's mbarrier.arrive.expect_tx with the stage's
-//        TMA bytes) + 128 (the producer threads after their A copies landed; cp.async path
-//        only); the TMA loads complete the transaction count. `empty[s]`: 8 consumer warps.
+//        TMA bytes) + 128 (cp.async path only: each producer thread's
+//        cp.async.mbarrier.arrive.noinc, which arrives when that thread's copies have landed,
+//        so the producer never waits on its own copies and runs the whole ring ahead; the
+//        consumers then fence the async proxy before their wgmma reads the gathered A); the TMA
+//        loads complete the transaction count. `empty[s]`: 8 consumer warps per CTA writing
+//        into the ring (8, or 16 in a cluster).
 // Consumers: as gemm_sm90.cu, but one K step of wgmma stays in flight: after issuing K step kt
 //        a consumer waits with wgmma.wait_group 1 (K step kt - 1 done) and only then releases
 //        kt - 1's stage, so the tensor cores are not idle between K steps.
+// Clusters (`moe_gemm_wgm_*`, compile-time cluster of 2 CTAs, CS = 2 below): the two CTAs of
+//        a cluster take M tiles 2 j and 2 j + 1 of the same N tile. When both have rows of the
+//        same expert, each CTA loads one half of the 256 staged B rows and multicasts it to
+//        both (`.multicast::cluster`, mask 0b11): a third less shared-memory fill per CTA.
+//        Otherwise (a pair straddling two experts, an odd tile count) each loads its own B.
+//        Consumers release a stage to both CTAs' `empty` barriers (the peer may multicast into
+//        this ring), so the two stay in step; cluster barriers at start (barrier init visible
+//        to the peer) and end (no CTA exits while its peer may still arrive on its barriers).
+//        Measured slower than the unclustered kernel on an H100 (run 8: dense 8192^3 326 vs
+//        432 TFLOP/s); opt-in only (GemmTuning::wgmma_multicast).
 // Epilogue: as gemm_sm90.cu, with the two adjacent columns of a thread written by one 32-bit
 //        (16-bit types) or 64-bit (f32 out) store where aligned.
 // (included by all.cu after gemm_sm90.cu)

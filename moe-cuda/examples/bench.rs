@@ -648,6 +648,9 @@ fn main() -> R<()> {
         let r = own_gemm_rate(&be0.clone().with_tuning(t), &s, &timer, &filler, &mut rng)?;
         println!("kernels dense bf16 GEMM 8192^3 {name}: {:.0} TFLOP/s", r / 1e12);
     }
+    if let Some(c) = be0.wgmma_multicast_clusters() {
+        println!("clustered kernel grid: {c} clusters of 2 CTAs (the driver's occupancy answer)");
+    }
     let rate = match cublas_rate(&s, &timer, &filler, &mut rng) {
         Ok(r) => {
             println!(

@@ -397,6 +397,12 @@ impl Kernels {
         self.wg_ok && self.wgt_ok
     }
 
+    /// The clusters of two that the clustered kernels' grid uses (the driver's occupancy answer,
+    /// asked at their first launch); `None` before that.
+    pub(crate) fn wgmma_multicast_clusters(&self) -> Option<u32> {
+        Some(self.wgm_clusters.load(std::sync::atomic::Ordering::Relaxed)).filter(|&n| n > 0)
+    }
+
     /// Whether the clustered (multicast) TMA wgmma kernels can run on this device.
     pub(crate) fn wgmma_multicast_available(&self) -> bool {
         self.wgmma_tma_available() && self.wgm_ok

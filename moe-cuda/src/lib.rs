@@ -474,6 +474,12 @@ impl CudaBackend {
         self.kernels.wgmma_tma_available()
     }
 
+    /// The clusters of two CTAs the clustered TMA wgmma kernel runs (the driver's occupancy
+    /// answer for one 197 KB CTA per SM, asked at its first launch; `None` before that).
+    pub fn wgmma_multicast_clusters(&self) -> Option<u32> {
+        self.kernels.wgmma_multicast_clusters()
+    }
+
     /// Whether this device can run the clustered TMA wgmma kernel
     /// ([`GemmTuning::wgmma_multicast`]).
     pub fn wgmma_multicast_available(&self) -> bool {
