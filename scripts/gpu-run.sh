@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the staged moe-cuda binaries on a GPU machine (from the staging folder).
 # Usage: ./gpu-run.sh [conformance] [sanitize] [quickstart] [bench] [anchor] [report] [multi_gpu]
-#                    [multi_gpu_bench] [wgpu] [wgpu_bench]                   (default: conformance)
+#                    [multi_gpu_bench] [wgpu] [wgpu_bench] [wgpu_bw]         (default: conformance)
 #
 # wgpu: the moe-wgpu tests on the GPU's Vulkan driver (never llvmpipe: they must find a
 # discrete adapter), then wgpu_bench; wgpu_bench: only the bench. Vulkan loader .deb files in
@@ -135,6 +135,10 @@ for w in $what; do
     wgpu_bench)
         wgpu_setup
         wgpu_bench_run ;;
+    wgpu_bw)
+        wgpu_setup
+        echo "=== wgpu_bandwidth"
+        timeout "${WGPU_BENCH_TIMEOUT:-280}" "$here/wgpu-bin/wgpu_bandwidth" ${WGPU_BW_ARGS:-} || rc=1 ;;
     anchor)
         echo "=== torch anchor"
         PYTHONUNBUFFERED=1 timeout "${ANCHOR_TIMEOUT:-200}" python3 torch_anchor.py ${ANCHOR_ARGS:-} \

@@ -42,6 +42,7 @@ quick="$(cargo_q build -p moe-cuda --example cuda_quickstart | executables)"
 # the wgpu backend's tests and bench (run on the GPU's Vulkan driver by `gpu-run.sh wgpu`)
 wtests="$(cargo_q test -p moe-wgpu --no-run | executables tests)"
 wbench="$(cargo_q build -p moe-wgpu --example wgpu_bench | executables)"
+wbw="$(cargo_q build -p moe-wgpu --example wgpu_bandwidth | executables)"
 for t in $tests; do
     cp "$t" "$dest/"
 done
@@ -72,6 +73,7 @@ for t in $wtests; do
     strip --strip-debug -o "$wtmp/wgpu-test-$(basename "$t")" "$t"
 done
 strip --strip-debug -o "$wtmp/wgpu_bench" "$wbench"
+strip --strip-debug -o "$wtmp/wgpu_bandwidth" "$wbw"
 rm -rf "$dest/wgpu-bin"
 tar -cJf "$dest/wgpu.tar.xz" -C "$wtmp" .
 rm -rf "$wtmp"
