@@ -18,7 +18,9 @@
 //! `TIMESTAMP_QUERY`, a second line gives the GPU time of each stage (timestamps at the
 //! beginning and end of each stage's compute pass, median of 3 more forwards), their sum, and
 //! the span of the forward (the difference: GPU idle between submissions). The environment
-//! variable `MOE_WGPU_EXPERT_GEMM=tiled|decode|decode-scalar|auto` picks the expert GEMM variant.
+//! variable `MOE_WGPU_EXPERT_GEMM=tiled|decode|decode-scalar|auto` picks the expert GEMM variant
+//! and `MOE_WGPU_GEMV_MAX_ROWS=N` the most rows for which the few-row GEMM is taken
+//! (`moe_wgpu::Options::gemv_max_rows`).
 //!
 //! A tensor larger than the device's `max_storage_buffer_binding_size` (wgpu caps it at
 //! 2^31 - 1 bytes on Vulkan) cannot be bound: the expert count is halved until every tensor fits, and the
@@ -323,6 +325,8 @@ struct Point {
     /// between submissions included); empty without `TIMESTAMP_QUERY`.
     stages: Vec<(&'static str, f64)>,
     span_us: f64,
+    /// Median over the 3 forwards of the span less the sum of its stages (GPU idle).
+    gaps_us: f64,
 }
 
 struct Weights {
@@ -514,7 +518,7 @@ where
     rounds.sort_by(|a, b| a.0.total_cmp(&b.0));
     let (wall, submit, gpu) = rounds[1];
     // per-stage GPU times: 3 more forwards with timestamps around each stage's compute pass
-    let (mut stages, mut span_us) = (Vec::new(), 0.0);
+    let (mut stages, mut span_us, mut gaps_us) = (Vec::new(), 0.0, 0.0);
     let per_fwd = counts.2;
     be.synchronize()?;
     if per_fwd > 0 && be.begin_stage_timestamps((3 * per_fwd) as u32) {
@@ -533,13 +537,16 @@ where
                     med((0..3).map(|r| st[r * per_fwd + j].gpu_ns).collect()) * 1e-3,
                 ));
             }
-            span_us = med((0..3)
+            // the span of each forward and its idle time (span less its stages' sum)
+            let spans: Vec<(f64, f64)> = (0..3)
                 .map(|r| {
-                    let (a, b) = (&st[r * per_fwd], &st[r * per_fwd + per_fwd - 1]);
-                    b.start_ns + b.gpu_ns - a.start_ns
+                    let f = &st[r * per_fwd..(r + 1) * per_fwd];
+                    let span = f[per_fwd - 1].start_ns + f[per_fwd - 1].gpu_ns - f[0].start_ns;
+                    (span, span - f.iter().map(|s| s.gpu_ns).sum::<f64>())
                 })
-                .collect())
-                * 1e-3;
+                .collect();
+            span_us = med(spans.iter().map(|s| s.0).collect()) * 1e-3;
+            gaps_us = med(spans.iter().map(|s| s.1).collect()) * 1e-3;
         }
     }
     let per = |s: f64| s * 1e3 / iters as f64;
@@ -553,6 +560,7 @@ where
         counts,
         stages,
         span_us,
+        gaps_us,
     })
 }
 
@@ -649,7 +657,7 @@ where
                 "    stages (GPU us, median of 3 forwards): {} | sum {sum:.1}, span {:.1} (gaps {:.1})",
                 list.join(" | "),
                 p.span_us,
-                p.span_us - sum
+                p.gaps_us
             );
         }
         if let Some(f) = csv.as_mut() {
@@ -683,8 +691,16 @@ fn main() -> R<()> {
         Ok("decode-scalar") => moe_wgpu::ExpertGemm::DecodeScalar,
         _ => moe_wgpu::ExpertGemm::Auto,
     };
-    println!("wgpu_bench: expert GEMM variant {expert_gemm:?}");
-    let options = Options { expert_gemm, ..Options::default() };
+    // MOE_WGPU_GEMV_MAX_ROWS=N: the most rows (tokens of a linear, rows per expert on average)
+    // for which the few-row GEMM is taken (default moe_wgpu::GEMV_MAX_ROWS).
+    let gemv_max_rows = std::env::var("MOE_WGPU_GEMV_MAX_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(moe_wgpu::GEMV_MAX_ROWS);
+    println!(
+        "wgpu_bench: expert GEMM variant {expert_gemm:?}, few-row GEMM up to {gemv_max_rows} rows"
+    );
+    let options = Options { expert_gemm, gemv_max_rows, ..Options::default() };
     let be = match WgpuBackend::request_with_features(options, want[0] | want[1]) {
         Ok(Some(b)) => b,
         Ok(None) => {

@@ -347,11 +347,15 @@ pub struct Options {
     pub native_f16: bool,
     /// The expert GEMM variant ([`ExpertGemm::Auto`] by default).
     pub expert_gemm: ExpertGemm,
+    /// The most rows (tokens for a linear, rows per local expert on average for an expert
+    /// GEMM under [`ExpertGemm::Auto`]) for which the few-row GEMM is taken
+    /// ([`GEMV_MAX_ROWS`] by default; for experiments).
+    pub gemv_max_rows: usize,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { native_f16: true, expert_gemm: ExpertGemm::Auto }
+        Options { native_f16: true, expert_gemm: ExpertGemm::Auto, gemv_max_rows: GEMV_MAX_ROWS }
     }
 }
 
@@ -361,6 +365,7 @@ pub struct WgpuBackend {
     queue: wgpu::Queue,
     f16: bool,
     expert_gemm: ExpertGemm,
+    gemv_max_rows: usize,
     params: wgpu::Buffer,
     dummy: wgpu::Buffer,
     layouts: Vec<wgpu::BindGroupLayout>,
@@ -464,6 +469,7 @@ impl WgpuBackend {
             queue,
             f16,
             expert_gemm: options.expert_gemm,
+            gemv_max_rows: options.gemv_max_rows,
             params,
             dummy,
             layouts,
@@ -952,10 +958,10 @@ impl WgpuBackend {
     fn gemv_wanted(&self, slots: usize, experts: usize, linear: bool) -> bool {
         match self.expert_gemm {
             ExpertGemm::Tiled => false,
-            _ if linear => slots <= GEMV_MAX_ROWS,
+            _ if linear => slots <= self.gemv_max_rows,
             ExpertGemm::Decode => true,
             ExpertGemm::DecodeScalar => false,
-            ExpertGemm::Auto => slots <= GEMV_MAX_ROWS * experts.max(1),
+            ExpertGemm::Auto => slots <= self.gemv_max_rows * experts.max(1),
         }
     }
 
