@@ -14,8 +14,13 @@
 //! forward (when it is close to `ms`, the point is bound by the host, not the GPU); `gpu` is the
 //! span of GPU timestamps around the round where the adapter has `TIMESTAMP_QUERY_INSIDE_ENCODERS`.
 //! Each line also gives the compute dispatches of one forward (how many of them the few-row
-//! GEMM, `moe_shaders::GEMV`) and its queue submissions (one per stage). The environment
-//! variable `MOE_WGPU_EXPERT_GEMM=tiled|decode|decode-scalar|auto` picks the expert GEMM variant.
+//! GEMM, `moe_shaders::GEMV`) and its queue submissions (one per stage); where the device has
+//! `TIMESTAMP_QUERY`, a second line gives the GPU time of each stage (timestamps at the
+//! beginning and end of each stage's compute pass, median of 3 more forwards), their sum, and
+//! the span of the forward (the difference: GPU idle between submissions). The environment
+//! variable `MOE_WGPU_EXPERT_GEMM=tiled|decode|decode-scalar|auto` picks the expert GEMM variant
+//! and `MOE_WGPU_GEMV_MAX_ROWS=N` the most rows for which the few-row GEMM is taken
+//! (`moe_wgpu::Options::gemv_max_rows`).
 //!
 //! A tensor larger than the device's `max_storage_buffer_binding_size` (wgpu caps it at
 //! 2^31 - 1 bytes on Vulkan) cannot be bound: the expert count is halved until every tensor fits, and the
@@ -315,6 +320,13 @@ struct Point {
     floor_ms: f64,
     /// Per forward: compute dispatches, of which few-row GEMMs, and queue submissions.
     counts: (usize, usize, usize),
+    /// Per stage of one forward: its kernel and GPU microseconds (median over 3 forwards),
+    /// and the span of the forward from the first stage's start to the last one's end (gaps
+    /// between submissions included); empty without `TIMESTAMP_QUERY`.
+    stages: Vec<(&'static str, f64)>,
+    span_us: f64,
+    /// Median over the 3 forwards of the span less the sum of its stages (GPU idle).
+    gaps_us: f64,
 }
 
 struct Weights {
@@ -505,6 +517,38 @@ where
     }
     rounds.sort_by(|a, b| a.0.total_cmp(&b.0));
     let (wall, submit, gpu) = rounds[1];
+    // per-stage GPU times: 3 more forwards with timestamps around each stage's compute pass
+    let (mut stages, mut span_us, mut gaps_us) = (Vec::new(), 0.0, 0.0);
+    let per_fwd = counts.2;
+    be.synchronize()?;
+    if per_fwd > 0 && be.begin_stage_timestamps((3 * per_fwd) as u32) {
+        for _ in 0..3 {
+            fwd()?;
+        }
+        let st = be.end_stage_timestamps()?;
+        if st.len() == 3 * per_fwd {
+            let med = |mut v: Vec<f64>| {
+                v.sort_by(|a, b| a.total_cmp(b));
+                v[v.len() / 2]
+            };
+            for j in 0..per_fwd {
+                stages.push((
+                    st[j].label,
+                    med((0..3).map(|r| st[r * per_fwd + j].gpu_ns).collect()) * 1e-3,
+                ));
+            }
+            // the span of each forward and its idle time (span less its stages' sum)
+            let spans: Vec<(f64, f64)> = (0..3)
+                .map(|r| {
+                    let f = &st[r * per_fwd..(r + 1) * per_fwd];
+                    let span = f[per_fwd - 1].start_ns + f[per_fwd - 1].gpu_ns - f[0].start_ns;
+                    (span, span - f.iter().map(|s| s.gpu_ns).sum::<f64>())
+                })
+                .collect();
+            span_us = med(spans.iter().map(|s| s.0).collect()) * 1e-3;
+            gaps_us = med(spans.iter().map(|s| s.1).collect()) * 1e-3;
+        }
+    }
     let per = |s: f64| s * 1e3 / iters as f64;
     Ok(Point {
         ms: per(wall),
@@ -514,6 +558,9 @@ where
         bytes,
         floor_ms: floor_s * 1e3,
         counts,
+        stages,
+        span_us,
+        gaps_us,
     })
 }
 
@@ -603,6 +650,16 @@ where
             "{name:<44} {dt:<4} T={t:<5} {:>9.3} ms (submit {:>7.3}, gpu {gpu:>8}) {gbs:>7.1} GB/s floor {:>7.3} ms = {pct:>5.1}% of floor | experts {} | {nd} dispatches ({ng} gemv), {ns} submits{cu_s}",
             p.ms, p.submit_ms, p.floor_ms, p.touched
         );
+        if !p.stages.is_empty() {
+            let list: Vec<String> = p.stages.iter().map(|(l, us)| format!("{l} {us:.1}")).collect();
+            let sum: f64 = p.stages.iter().map(|s| s.1).sum();
+            println!(
+                "    stages (GPU us, median of 3 forwards): {} | sum {sum:.1}, span {:.1} (gaps {:.1})",
+                list.join(" | "),
+                p.span_us,
+                p.gaps_us
+            );
+        }
         if let Some(f) = csv.as_mut() {
             writeln!(
                 f,
@@ -634,8 +691,16 @@ fn main() -> R<()> {
         Ok("decode-scalar") => moe_wgpu::ExpertGemm::DecodeScalar,
         _ => moe_wgpu::ExpertGemm::Auto,
     };
-    println!("wgpu_bench: expert GEMM variant {expert_gemm:?}");
-    let options = Options { expert_gemm, ..Options::default() };
+    // MOE_WGPU_GEMV_MAX_ROWS=N: the most rows (tokens of a linear, rows per expert on average)
+    // for which the few-row GEMM is taken (default moe_wgpu::GEMV_MAX_ROWS).
+    let gemv_max_rows = std::env::var("MOE_WGPU_GEMV_MAX_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(moe_wgpu::GEMV_MAX_ROWS);
+    println!(
+        "wgpu_bench: expert GEMM variant {expert_gemm:?}, few-row GEMM up to {gemv_max_rows} rows"
+    );
+    let options = Options { expert_gemm, gemv_max_rows, ..Options::default() };
     let be = match WgpuBackend::request_with_features(options, want[0] | want[1]) {
         Ok(Some(b)) => b,
         Ok(None) => {

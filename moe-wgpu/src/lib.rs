@@ -23,7 +23,11 @@
 //!   where K and the views are word-aligned, else scalar decode when
 //!   `tokens * top_k <= 4 * local_experts`, else tiled. Linears (router, shared expert down,
 //!   latent) of at most [`GEMV_MAX_ROWS`] tokens also take the few-row GEMM. All are
-//!   deterministic. Route runs one workgroup per token up to 1024 experts.
+//!   deterministic. The few-row expert GEMMs launch one z workgroup per expert that can have
+//!   rows (`min(local experts, tokens * top_k)`; each finds its expert by a scan of the row
+//!   offsets), not one per expert. Route runs one workgroup per token up to 1024 experts.
+//! * Profiling: [`WgpuBackend::begin_stage_timestamps`] / [`WgpuBackend::end_stage_timestamps`]
+//!   give each stage's GPU time where the device has `TIMESTAMP_QUERY`.
 //! * Element types: `f32`; `f16` (the WGSL `f16` type when the device has `SHADER_F16`,
 //!   otherwise packed two to a `u32`); `bf16` (packed two to a `u32`, widened by a shift and
 //!   rounded to nearest even in the shader). Arithmetic is f32. A user-supplied top-k reduce
@@ -239,6 +243,51 @@ impl Shader {
     }
 }
 
+/// A short name of the stage that `d` (its first dispatch) belongs to, for
+/// [`WgpuBackend::begin_stage_timestamps`].
+fn stage_label(d: &Dispatch<'_>) -> &'static str {
+    let p = |i: usize| d.params.get(i).copied().unwrap_or(0);
+    match d.shader {
+        Shader::Linear if p(11) != 0 => "gate (linear)",
+        Shader::Linear => "linear",
+        Shader::Route => "route",
+        Shader::Permute => "permute",
+        Shader::ExpertUp if p(17) != 0 => "mlp up (tiled)",
+        Shader::ExpertUp => "expert up (tiled)",
+        Shader::ExpertDown => "expert down (tiled)",
+        Shader::Combine => "combine",
+        Shader::Add => "add",
+        Shader::Gemv => match (p(2), p(5), p(21)) {
+            (0, _, 1) => "gate (gemv)",
+            (0, _, _) => "linear (gemv)",
+            (1, 1, _) => "mlp up (gemv)",
+            (1, _, _) => "expert up (gemv)",
+            _ => "expert down (gemv)",
+        },
+    }
+}
+
+/// GPU time of one stage (one submission) recorded between
+/// [`WgpuBackend::begin_stage_timestamps`] and [`WgpuBackend::end_stage_timestamps`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StageTime {
+    /// The stage's kernel (e.g. `"route"`, `"expert up (gemv)"`, `"linear"`).
+    pub label: &'static str,
+    /// Nanoseconds from the beginning of the first recorded stage to the beginning of this one.
+    pub start_ns: f64,
+    /// Nanoseconds from the beginning to the end of this stage's compute pass.
+    pub gpu_ns: f64,
+}
+
+/// The query set and buffers of a stage-timestamp recording.
+struct StageStamps {
+    set: wgpu::QuerySet,
+    resolve: wgpu::Buffer,
+    read: wgpu::Buffer,
+    cap: u32,
+    labels: Vec<&'static str>,
+}
+
 /// A pipeline: shader, element and output storage, entry point, and the `LANES` pipeline
 /// constant of [`Shader::Gemv`] (0 for the other shaders).
 type PipelineKey = (Shader, Storage, Storage, &'static str, u32);
@@ -298,11 +347,15 @@ pub struct Options {
     pub native_f16: bool,
     /// The expert GEMM variant ([`ExpertGemm::Auto`] by default).
     pub expert_gemm: ExpertGemm,
+    /// The most rows (tokens for a linear, rows per local expert on average for an expert
+    /// GEMM under [`ExpertGemm::Auto`]) for which the few-row GEMM is taken
+    /// ([`GEMV_MAX_ROWS`] by default; for experiments).
+    pub gemv_max_rows: usize,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { native_f16: true, expert_gemm: ExpertGemm::Auto }
+        Options { native_f16: true, expert_gemm: ExpertGemm::Auto, gemv_max_rows: GEMV_MAX_ROWS }
     }
 }
 
@@ -312,6 +365,7 @@ pub struct WgpuBackend {
     queue: wgpu::Queue,
     f16: bool,
     expert_gemm: ExpertGemm,
+    gemv_max_rows: usize,
     params: wgpu::Buffer,
     dummy: wgpu::Buffer,
     layouts: Vec<wgpu::BindGroupLayout>,
@@ -324,6 +378,7 @@ pub struct WgpuBackend {
     dispatches: AtomicUsize,
     submits: AtomicUsize,
     next_slot: Mutex<u64>,
+    stage_stamps: Mutex<Option<StageStamps>>,
     info: wgpu::AdapterInfo,
     loop_cap: Option<u64>,
     storage_align: u64,
@@ -414,6 +469,7 @@ impl WgpuBackend {
             queue,
             f16,
             expert_gemm: options.expert_gemm,
+            gemv_max_rows: options.gemv_max_rows,
             params,
             dummy,
             layouts,
@@ -426,6 +482,7 @@ impl WgpuBackend {
             dispatches: AtomicUsize::new(0),
             submits: AtomicUsize::new(0),
             next_slot: Mutex::new(0),
+            stage_stamps: Mutex::new(None),
             loop_cap: llvmpipe_loop_cap(&info),
             info,
         })
@@ -564,6 +621,97 @@ impl WgpuBackend {
     /// its dispatches in one compute pass).
     pub fn submits(&self) -> usize {
         self.submits.load(Ordering::Relaxed)
+    }
+
+    /// Start recording GPU timestamps at the beginning and end of each stage's compute pass
+    /// (each stage is one submission), for up to `max_stages` stages (at most 2048). Needs
+    /// `wgpu::Features::TIMESTAMP_QUERY` on the device: returns `false` (and records nothing)
+    /// without it. A recording already under way is discarded.
+    pub fn begin_stage_timestamps(&self, max_stages: u32) -> bool {
+        if !self.device.features().contains(wgpu::Features::TIMESTAMP_QUERY) {
+            return false;
+        }
+        let cap = max_stages.clamp(1, 2048);
+        let bytes = 16 * u64::from(cap);
+        let set = self.device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("moe-wgpu stage timestamps"),
+            ty: wgpu::QueryType::Timestamp,
+            count: 2 * cap,
+        });
+        let buffer = |label, usage| {
+            self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: bytes,
+                usage,
+                mapped_at_creation: false,
+            })
+        };
+        let resolve = buffer(
+            "moe-wgpu stage timestamps resolve",
+            wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+        );
+        let read = buffer(
+            "moe-wgpu stage timestamps read",
+            wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        );
+        let Ok(mut g) = self.stage_stamps.lock() else {
+            return false;
+        };
+        *g = Some(StageStamps { set, resolve, read, cap, labels: Vec::new() });
+        true
+    }
+
+    /// Stop the recording begun by [`Self::begin_stage_timestamps`], wait for the device and
+    /// return the GPU time of each recorded stage in submission order (empty where nothing
+    /// was recorded).
+    pub fn end_stage_timestamps(&self) -> Result<Vec<StageTime>> {
+        let taken = self
+            .stage_stamps
+            .lock()
+            .map_err(|_| MoeError::Device {
+                backend: NAME,
+                what: "stage timestamps lock",
+                code: -1,
+            })?
+            .take();
+        let Some(st) = taken else {
+            return Ok(Vec::new());
+        };
+        let n = st.labels.len() as u32;
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let bytes = 16 * u64::from(n);
+        let mut enc = self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("moe-wgpu stage timestamps"),
+        });
+        enc.resolve_query_set(&st.set, 0..2 * n, &st.resolve, 0);
+        enc.copy_buffer_to_buffer(&st.resolve, 0, &st.read, 0, bytes);
+        self.queue.submit([enc.finish()]);
+        let slice = st.read.slice(0..bytes);
+        slice.map_async(wgpu::MapMode::Read, |_| {});
+        self.synchronize()?;
+        let v: Vec<u64> = {
+            let m = slice.get_mapped_range().map_err(|_| MoeError::Device {
+                backend: NAME,
+                what: "mapping the stage timestamps",
+                code: -1,
+            })?;
+            bytemuck::pod_collect_to_vec(&m)
+        };
+        st.read.unmap();
+        let period = f64::from(self.queue.get_timestamp_period());
+        let t0 = v[0];
+        Ok(st
+            .labels
+            .iter()
+            .enumerate()
+            .map(|(i, &label)| StageTime {
+                label,
+                start_ns: v[2 * i].wrapping_sub(t0) as f64 * period,
+                gpu_ns: v[2 * i + 1].wrapping_sub(v[2 * i]) as f64 * period,
+            })
+            .collect())
     }
 
     /// Wait until all submitted work is done.
@@ -767,9 +915,26 @@ impl WgpuBackend {
         {
             // One compute pass for the stage: wgpu places the barriers that the buffer uses
             // of consecutive dispatches need.
+            let mut stamps = self.stage_stamps.lock().map_err(|_| MoeError::Device {
+                backend: NAME,
+                what: "stage timestamps lock",
+                code: -1,
+            })?;
+            let timestamp_writes = match (stamps.as_mut(), dispatches.first()) {
+                (Some(st), Some(d)) if (st.labels.len() as u32) < st.cap => {
+                    let i = 2 * st.labels.len() as u32;
+                    st.labels.push(stage_label(d));
+                    Some(wgpu::ComputePassTimestampWrites {
+                        query_set: &st.set,
+                        beginning_of_pass_write_index: Some(i),
+                        end_of_pass_write_index: Some(i + 1),
+                    })
+                }
+                _ => None,
+            };
             let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
                 label: Some("moe-wgpu"),
-                timestamp_writes: None,
+                timestamp_writes,
             });
             for (d, g) in dispatches.iter().zip(&groups) {
                 let [x, y, z] = d.groups;
@@ -793,15 +958,17 @@ impl WgpuBackend {
     fn gemv_wanted(&self, slots: usize, experts: usize, linear: bool) -> bool {
         match self.expert_gemm {
             ExpertGemm::Tiled => false,
-            _ if linear => slots <= GEMV_MAX_ROWS,
+            _ if linear => slots <= self.gemv_max_rows,
             ExpertGemm::Decode => true,
             ExpertGemm::DecodeScalar => false,
-            ExpertGemm::Auto => slots <= GEMV_MAX_ROWS * experts.max(1),
+            ExpertGemm::Auto => slots <= self.gemv_max_rows * experts.max(1),
         }
     }
 
     /// The `LANES` constant and grid of a [`Shader::Gemv`] dispatch over `n` output features
-    /// of `experts` experts, reduction length `k`, at most `rows` rows in one expert, with the
+    /// of `experts` experts (grid z), reduction length `k`, at most `rows` rows in one expert,
+    /// `scan` the local expert count where the z workgroups are ranks of the experts with rows
+    /// (see [`Self::expert_grid`]), else 0, with the
     /// word-read bindings `words` (activations and weights); `None` where it cannot run: K or
     /// a view offset not a multiple of the word's elements, a grid past 65535 workgroups, or
     /// (llvmpipe) past the loop budget.
@@ -812,6 +979,7 @@ impl WgpuBackend {
         n: usize,
         experts: usize,
         rows: usize,
+        scan: usize,
         words: &[&Bind<'_>],
     ) -> Option<(u32, [u32; 3], u32)> {
         let ve = moe_shaders::gemv_elements_per_word(elem) as usize;
@@ -834,9 +1002,20 @@ impl WgpuBackend {
         }
         let nseg = kv.div_ceil(lanes * per_lane) as u64;
         let blocks = rows.div_ceil(moe_shaders::GEMV_ROWS as usize) as u64 + 1;
-        let loops = blocks * (8 + nseg * (per_lane as u64 * 7) + 8 * 9 + 4) + 8;
+        let scan_loops = if scan > 0 { 2 * scan.div_ceil(256) as u64 + 16 } else { 0 };
+        let loops = blocks * (8 + nseg * (per_lane as u64 * 7) + 8 * 9 + 4) + 8 + scan_loops;
         self.check_loops(loops, "").ok()?;
         Some((lanes as u32, [nx as u32, ny as u32, experts as u32], nx as u32))
+    }
+
+    /// The z extent of an expert GEMM's few-row grid over `experts` local experts and `slots`
+    /// routed slots, and the shader's `compact` parameter. At most `slots` experts have rows:
+    /// where that is fewer than the experts, the grid has one z workgroup per possible expert
+    /// with rows (the shader finds the expert of each by a scan of the offsets), so that a
+    /// decode step does not launch a grid's worth of workgroups for every idle expert.
+    fn expert_grid(experts: usize, slots: usize) -> (usize, usize) {
+        let z = experts.min(slots).max(1);
+        (z, if z < experts { experts } else { 0 })
     }
 
     /// Record one [`Shader::Gemv`] dispatch. `binds`: x, wa, wb, ba, bb, offsets, sorted
@@ -896,7 +1075,7 @@ impl WgpuBackend {
         out: Bind<'a>,
     ) -> Result<()> {
         let grid = if self.gemv_wanted(tokens, 1, true) {
-            self.gemv_grid(elem, in_dim, out_dim, 1, tokens, &[&x, &w])
+            self.gemv_grid(elem, in_dim, out_dim, 1, tokens, 0, &[&x, &w])
         } else {
             None
         };
@@ -927,6 +1106,7 @@ impl WgpuBackend {
                 u32::from(sigmoid),
                 0,
                 scale.to_bits(),
+                0,
                 0,
                 0,
             ];
@@ -1040,12 +1220,14 @@ impl WgpuBackend {
             None => (dummy(), dummy(), dummy()),
         };
         let hb = self.bind_mut(&hidden)?;
+        let (gz, compact) =
+            if dense { (experts, 0) } else { Self::expert_grid(experts, tokens * topk) };
         let grid = if self.gemv_wanted(tokens * topk, experts, dense) {
             let mut words = vec![&xb, &ub];
             if mlp.gated {
                 words.push(&gb);
             }
-            self.gemv_grid(elem, width, inter, experts, tokens + pad, &words)
+            self.gemv_grid(elem, width, inter, gz, tokens + pad, compact, &words)
         } else {
             None
         };
@@ -1077,6 +1259,7 @@ impl WgpuBackend {
                 1.0f32.to_bits(),
                 alpha.to_bits(),
                 limit.to_bits(),
+                u32_of("experts", compact)?,
             ];
             let binds = vec![xb, ub, gb, bub, bgb, off, sorted, tw, dummy(), hb];
             let d = self.gemv_dispatch(elem, elem, grid, params, binds)?;
@@ -1465,8 +1648,9 @@ impl<T: Element> MoeStages<T> for WgpuBackend {
         let sb = self.bind(&rows.sorted_slots)?;
         let tb = self.bind_opt(&rows.weights)?;
         let yb = self.bind_mut(&out)?;
+        let (gz, compact) = Self::expert_grid(el, tokens * c.top_k);
         let grid = if self.gemv_wanted(tokens * c.top_k, el, false) {
-            self.gemv_grid(elem, inter, d, el, tokens + plan.row_align(), &[&hb, &wb])
+            self.gemv_grid(elem, inter, d, gz, tokens + plan.row_align(), compact, &[&hb, &wb])
         } else {
             None
         };
@@ -1499,6 +1683,7 @@ impl<T: Element> MoeStages<T> for WgpuBackend {
                 1.0f32.to_bits(),
                 0,
                 0,
+                compact as u32,
             ];
             let binds = vec![hb, wb, dummy(), bb, dummy(), ob, sb, tb, dummy(), yb];
             let dsp = self.gemv_dispatch(elem, elem, grid, params, binds)?;

@@ -489,3 +489,73 @@ fn conformance_wgpu_validation_error_is_a_typed_error() {
     be.synchronize().expect("sync");
     assert!(common::read::<f32>(be, &ok.buf, 0, 64).iter().all(|&v| v == 3.0));
 }
+
+/// Few-row expert GEMMs whose grid has fewer z workgroups than experts (at most `tokens *
+/// top_k` experts have rows; each workgroup finds its expert by a scan of the offsets): more
+/// experts than the scan's 256 invocations, biases and the clamped activation, expert
+/// placement, row padding; K and I multiples of 8 so that every expert GEMM takes the few-row
+/// GEMM in every element type.
+#[test]
+fn conformance_few_row_gemm_over_active_experts() {
+    let Some(be) = common::decode_backend(false) else { return };
+    let mut cases = Vec::new();
+    cases.push(("many_experts", base(64, 300, 2, 32)));
+    let mut c = base(64, 40, 4, 48);
+    c.router.scoring = Scoring::None;
+    c.router.bias = true;
+    c.router.weights = WeightSource::SoftmaxTopkLogits;
+    c.router.reduce = TopkReduce::None;
+    c.expert.mlp = mlp_cfg(48, true, Activation::SwigluOai { alpha: 1.702, limit: 7.0 }, true);
+    cases.push(("gpt_oss_like_wide", c));
+    let mut c = base(32, 24, 3, 16);
+    c.parallel.experts = Some(ExpertPlacement { local_experts: 10, include_shared: false });
+    cases.push(("expert_parallel_wide", c));
+    for (i, (name, c)) in cases.into_iter().enumerate() {
+        let (w, x) = weights(&c, 41 + i as u64);
+        for (dtype, t, align) in [
+            (DType::BF16, 1, 1),
+            (DType::F32, 1, 1),
+            (DType::F16, 2, 1),
+            (DType::BF16, 3, 16),
+            (DType::F32, 5, 4),
+        ] {
+            let before = be.gemv_dispatches();
+            check_on(be, name, dtype, &c, &w, &x[..t * c.hidden], t, align);
+            if be.supports(dtype) {
+                assert!(be.gemv_dispatches() >= before + 2, "{name}: the few-row GEMM did not run");
+            }
+        }
+    }
+}
+
+/// Stage timestamps: one per submission of a forward where the device has `TIMESTAMP_QUERY`,
+/// none (and `false`) otherwise.
+#[test]
+fn stage_timestamps_cover_each_stage() {
+    let be = match moe_wgpu::WgpuBackend::request_with_features(
+        moe_wgpu::Options::default(),
+        wgpu::Features::TIMESTAMP_QUERY,
+    ) {
+        Ok(Some(b)) => b,
+        _ => return,
+    };
+    let (_, c) = recipes().into_iter().nth(2).expect("deepseek recipe");
+    let (w, x) = weights(&c, 3);
+    let on = be.begin_stage_timestamps(64);
+    assert_eq!(on, be.device().features().contains(wgpu::Features::TIMESTAMP_QUERY));
+    let before = be.submits();
+    check_on(&be, "deepseek_v3_like timed", DType::F32, &c, &w, &x[..2 * c.hidden], 2, 1);
+    let submits = be.submits() - before;
+    let st = be.end_stage_timestamps().expect("stage timestamps");
+    if !on {
+        assert!(st.is_empty());
+        return;
+    }
+    assert_eq!(st.len(), submits, "one time per stage");
+    assert!(st.iter().any(|s| s.label == "route") && st.iter().any(|s| s.label == "permute"));
+    for s in &st {
+        assert!(s.gpu_ns.is_finite() && s.gpu_ns >= 0.0 && s.start_ns >= 0.0, "{s:?}");
+    }
+    // A second call records nothing more.
+    assert!(be.end_stage_timestamps().expect("empty").is_empty());
+}

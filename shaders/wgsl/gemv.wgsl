@@ -47,6 +47,11 @@ struct Params {
     scale: f32,
     alpha: f32,
     limit: f32,
+    // 0: workgroup z is the expert. Otherwise the local expert count: the grid has fewer z
+    // workgroups than experts (at most tokens * top_k experts have rows) and z is the rank of
+    // the expert among those with rows (found by a scan of the offsets; workgroups past the
+    // last such expert exit).
+    compact: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -71,24 +76,73 @@ const R: u32 = 4u;
 var<workgroup> red: array<array<f32, 256>, 8>;
 var<workgroup> wstart: u32;
 var<workgroup> wend: u32;
+var<workgroup> wexp: u32;
+var<workgroup> scan: array<u32, 256>;
 
 @compute @workgroup_size(256, 1, 1)
 fn main(
     @builtin(workgroup_id) wg: vec3<u32>,
     @builtin(local_invocation_id) lid: vec3<u32>,
 ) {
-    let e = wg.z;
     let l = lid.x;
     let rows_of_expert = p.mode == 2u || (p.mode == 1u && p.dense == 0u);
-    if (l == 0u) {
+    if (rows_of_expert && p.compact != 0u) {
+        // The wg.z-th expert (in expert order) with rows: each invocation counts the experts
+        // with rows in its chunk of the offsets, an inclusive scan of the counts, and the
+        // invocation whose chunk holds rank wg.z writes that expert and its rows.
+        let ne = p.compact;
+        let per = (ne + WG - 1u) / WG;
+        let lo = min(l * per, ne);
+        let hi = min(lo + per, ne);
+        if (l == 0u) {
+            wexp = 0u;
+            wstart = 0u;
+            wend = 0u;
+        }
+        var c = 0u;
+        for (var i = lo; i < hi; i++) {
+            if (offsets[p.ooff + i + 1u] > offsets[p.ooff + i]) {
+                c += 1u;
+            }
+        }
+        scan[l] = c;
+        workgroupBarrier();
+        for (var h = 1u; h < WG; h <<= 1u) {
+            var v = scan[l];
+            if (l >= h) {
+                v += scan[l - h];
+            }
+            workgroupBarrier();
+            scan[l] = v;
+            workgroupBarrier();
+        }
+        let incl = scan[l];
+        var rank = incl - c;
+        if (wg.z >= rank && wg.z < incl) {
+            for (var i = lo; i < hi; i++) {
+                let a = offsets[p.ooff + i];
+                let b = offsets[p.ooff + i + 1u];
+                if (b > a) {
+                    if (rank == wg.z) {
+                        wexp = i;
+                        wstart = u32(a);
+                        wend = u32(b);
+                    }
+                    rank += 1u;
+                }
+            }
+        }
+    } else if (l == 0u) {
+        wexp = wg.z;
         if (rows_of_expert) {
-            wstart = u32(offsets[p.ooff + e]);
-            wend = u32(offsets[p.ooff + e + 1u]);
+            wstart = u32(offsets[p.ooff + wg.z]);
+            wend = u32(offsets[p.ooff + wg.z + 1u]);
         } else {
             wstart = 0u;
             wend = p.rows;
         }
     }
+    let e = workgroupUniformLoad(&wexp);
     let start = workgroupUniformLoad(&wstart);
     let end = workgroupUniformLoad(&wend);
     if (start >= end) {

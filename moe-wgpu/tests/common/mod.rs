@@ -28,7 +28,8 @@ pub fn packed_backend() -> Option<&'static WgpuBackend> {
 pub fn decode_backend(packed_f16: bool) -> Option<&'static WgpuBackend> {
     static BE: OnceLock<Option<WgpuBackend>> = OnceLock::new();
     static PACKED: OnceLock<Option<WgpuBackend>> = OnceLock::new();
-    let options = Options { native_f16: !packed_f16, expert_gemm: ExpertGemm::Decode };
+    let options =
+        Options { native_f16: !packed_f16, expert_gemm: ExpertGemm::Decode, ..Options::default() };
     if packed_f16 { &PACKED } else { &BE }.get_or_init(|| make(options)).as_ref()
 }
 
