@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the staged moe-cuda binaries on a GPU machine (from the staging folder).
 # Usage: ./gpu-run.sh [conformance] [sanitize] [quickstart] [bench] [anchor] [report] [multi_gpu]
-#                    [multi_gpu_bench] [wgpu] [wgpu_bench] [wgpu_bw]         (default: conformance)
+#                    [multi_gpu_bench] [wgpu] [wgpu_bench] [wgpu_bw] [profile] (default: conformance)
 #
 # wgpu: the moe-wgpu tests on the GPU's Vulkan driver (never llvmpipe: they must find a
 # discrete adapter), then wgpu_bench; wgpu_bench: only the bench. Vulkan loader .deb files in
@@ -135,6 +135,25 @@ for w in $what; do
     wgpu_bench)
         wgpu_setup
         wgpu_bench_run ;;
+    profile)
+        # Nsight Compute (if the machine has it) on one launch of each Hopper GEMM kernel of the
+        # dense 8192^3 product (bench --dense-only): full sections, a text summary under $OUT.
+        echo "=== ncu profile (dense 8192^3: TMA and clustered wgmma kernels)"
+        ncu_bin="$(command -v ncu || find /usr/local /opt -name ncu -type f 2>/dev/null | head -n1)"
+        if [ -z "$ncu_bin" ]; then
+            echo "ncu: not found"
+        else
+            lib="$(find /opt /usr/local /usr/lib -name 'libcublas.so*' 2>/dev/null | head -n1)"
+            [ -n "$lib" ] && export LD_LIBRARY_PATH="$(dirname "$lib"):${LD_LIBRARY_PATH:-}"
+            for k in ${PROFILE_KERNELS:-moe_gemm_wgt_bf16 moe_gemm_wgm_bf16}; do
+                timeout "${PROFILE_TIMEOUT:-200}" "$ncu_bin" --set full -k "$k" -c 1 -f \
+                    -o "${OUT:-.}/prof-$k" ./bench --dense-only >/dev/null 2>&1 || rc=1
+                "$ncu_bin" --import "${OUT:-.}/prof-$k.ncu-rep" --page details \
+                    >"${OUT:-.}/prof-$k.txt" 2>&1 || rc=1
+                grep -E "Duration|Compute \(SM\) Throughput|Memory Throughput|L2 Hit|Registers Per|Achieved Occupancy|Stall" \
+                    "${OUT:-.}/prof-$k.txt" | head -n 30
+            done
+        fi ;;
     wgpu_bw)
         wgpu_setup
         echo "=== wgpu_bandwidth"

@@ -664,6 +664,10 @@ fn main() -> R<()> {
             own
         }
     };
+    // `--dense-only`: stop after the dense rates (e.g. under a profiler)
+    if std::env::args().any(|a| a == "--dense-only") {
+        return Ok(());
+    }
     let mut rows = Vec::new();
     let mut kernel_lines = Vec::new();
     for m in models() {
