@@ -288,8 +288,8 @@ struct StageStamps {
     labels: Vec<&'static str>,
 }
 
-/// A pipeline: shader, element and output storage, entry point, and the `LANES` pipeline
-/// constant of [`Shader::Gemv`] (0 for the other shaders).
+/// A pipeline: shader, element and output storage, entry point, and the `LANES` and `RB`
+/// pipeline constants of [`Shader::Gemv`] (`LANES | RB << 16`; 0 for the other shaders).
 type PipelineKey = (Shader, Storage, Storage, &'static str, u32);
 
 /// One storage binding: the buffer range bound (aligned) and the view's element offset in it.
@@ -298,6 +298,21 @@ struct Bind<'a> {
     offset: u64,
     size: u64,
     base: u32,
+}
+
+/// A few-row GEMM dispatch's kernel and grid (see [`WgpuBackend::gemv_grid`]).
+#[derive(Clone, Copy, Debug)]
+struct GemvGrid {
+    /// `"stream"` or `"main"` ([`FewRowGemm`]).
+    entry: &'static str,
+    /// The `LANES` pipeline constant.
+    lanes: u32,
+    /// The `RB` pipeline constant of `stream` (0 for `main`).
+    rb: u32,
+    /// The workgroup grid.
+    groups: [u32; 3],
+    /// Its x extent (the shader's `nx`).
+    nx: u32,
 }
 
 /// One dispatch of a stage.
@@ -335,6 +350,21 @@ pub enum ExpertGemm {
     DecodeScalar,
 }
 
+/// Which kernel of the few-row GEMM ([`moe_shaders::GEMV`]) a backend runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FewRowGemm {
+    /// Entry point `stream` (default): a group of 32-256 lanes per output feature streams its
+    /// weight row through the K loop, 4 words of each weight row per lane per step (8
+    /// independent 16-byte loads in flight when gated, 4 otherwise), and one fixed-order
+    /// reduction per block of 1, 4 or 8 rows.
+    #[default]
+    Stream,
+    /// Entry point `main` (the earlier kernel, for A/B): each lane holds 4 words of each
+    /// weight row per K segment in registers and applies them to every block of 4 rows, with
+    /// a reduction per block of rows.
+    Resident,
+}
+
 /// The most rows (tokens for a linear, rows per local expert on average for an expert GEMM)
 /// for which [`ExpertGemm::Auto`] takes the few-row GEMM.
 pub const GEMV_MAX_ROWS: usize = 64;
@@ -351,11 +381,18 @@ pub struct Options {
     /// GEMM under [`ExpertGemm::Auto`]) for which the few-row GEMM is taken
     /// ([`GEMV_MAX_ROWS`] by default; for experiments).
     pub gemv_max_rows: usize,
+    /// The few-row GEMM's kernel ([`FewRowGemm::Stream`] by default).
+    pub few_row: FewRowGemm,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { native_f16: true, expert_gemm: ExpertGemm::Auto, gemv_max_rows: GEMV_MAX_ROWS }
+        Options {
+            native_f16: true,
+            expert_gemm: ExpertGemm::Auto,
+            gemv_max_rows: GEMV_MAX_ROWS,
+            few_row: FewRowGemm::Stream,
+        }
     }
 }
 
@@ -366,6 +403,7 @@ pub struct WgpuBackend {
     f16: bool,
     expert_gemm: ExpertGemm,
     gemv_max_rows: usize,
+    few_row: FewRowGemm,
     params: wgpu::Buffer,
     dummy: wgpu::Buffer,
     layouts: Vec<wgpu::BindGroupLayout>,
@@ -470,6 +508,7 @@ impl WgpuBackend {
             f16,
             expert_gemm: options.expert_gemm,
             gemv_max_rows: options.gemv_max_rows,
+            few_row: options.few_row,
             params,
             dummy,
             layouts,
@@ -738,11 +777,11 @@ impl WgpuBackend {
         out: Storage,
         entry: &'static str,
     ) -> Result<wgpu::ComputePipeline> {
-        self.pipeline_with(shader, elem, out, entry, 0)
+        self.pipeline_with(shader, elem, out, entry, 0, 0)
     }
 
     /// As [`Self::pipeline`], with the `LANES` pipeline constant of [`Shader::Gemv`] when
-    /// `lanes > 0`.
+    /// `lanes > 0` and its `RB` constant when `rb > 0`.
     fn pipeline_with(
         &self,
         shader: Shader,
@@ -750,11 +789,12 @@ impl WgpuBackend {
         out: Storage,
         entry: &'static str,
         lanes: u32,
+        rb: u32,
     ) -> Result<wgpu::ComputePipeline> {
         fn lock_err<E>(_: E) -> MoeError {
             MoeError::Device { backend: NAME, what: "pipeline cache lock", code: -1 }
         }
-        let key = (shader, elem, out, entry, lanes);
+        let key = (shader, elem, out, entry, lanes | rb << 16);
         if let Some(p) = self.pipelines.lock().map_err(lock_err)?.get(&key) {
             return Ok(p.clone());
         }
@@ -771,7 +811,12 @@ impl WgpuBackend {
                 })
                 .clone())
         })?;
-        let constants = [("LANES", f64::from(lanes))];
+        let constants = [("LANES", f64::from(lanes)), ("RB", f64::from(rb))];
+        let constants: &[(&str, f64)] = match (lanes, rb) {
+            (0, _) => &[],
+            (_, 0) => &constants[..1],
+            _ => &constants,
+        };
         let p = self.scoped("shader module or pipeline creation", || {
             Ok(self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                 label: Some(entry),
@@ -779,7 +824,7 @@ impl WgpuBackend {
                 module: &module,
                 entry_point: Some(entry),
                 compilation_options: wgpu::PipelineCompilationOptions {
-                    constants: if lanes > 0 { &constants } else { &[] },
+                    constants,
                     // Every shader writes its workgroup memory before reading it: skip the
                     // zeroing prologue wgpu would add to each workgroup.
                     zero_initialize_workgroup_memory: false,
@@ -969,9 +1014,12 @@ impl WgpuBackend {
     /// of `experts` experts (grid z), reduction length `k`, at most `rows` rows in one expert,
     /// `scan` the local expert count where the z workgroups are ranks of the experts with rows
     /// (see [`Self::expert_grid`]), else 0, with the
-    /// word-read bindings `words` (activations and weights); `None` where it cannot run: K or
+    /// word-read bindings `words` (activations and weights), and `row_hint` the rows one
+    /// expert (or the linear) has in the common case (1 at one token; picks the `stream`
+    /// kernel's rows per block); `None` where it cannot run: K or
     /// a view offset not a multiple of the word's elements, a grid past 65535 workgroups, or
     /// (llvmpipe) past the loop budget.
+    #[allow(clippy::too_many_arguments)]
     fn gemv_grid(
         &self,
         elem: Storage,
@@ -980,8 +1028,9 @@ impl WgpuBackend {
         experts: usize,
         rows: usize,
         scan: usize,
+        row_hint: usize,
         words: &[&Bind<'_>],
-    ) -> Option<(u32, [u32; 3], u32)> {
+    ) -> Option<GemvGrid> {
         let ve = moe_shaders::gemv_elements_per_word(elem) as usize;
         if k == 0
             || n == 0
@@ -992,7 +1041,22 @@ impl WgpuBackend {
         }
         let kv = k / ve;
         let per_lane = moe_shaders::GEMV_WORDS as usize;
-        let lanes = kv.div_ceil(per_lane).next_power_of_two().clamp(32, 256);
+        let stream = self.few_row == FewRowGemm::Stream;
+        let lanes = if stream {
+            // about GEMV_STREAM_WORDS words of each weight row per lane
+            kv.div_ceil(moe_shaders::GEMV_STREAM_WORDS as usize)
+        } else {
+            kv.div_ceil(per_lane)
+        }
+        .next_power_of_two()
+        .clamp(32, 256);
+        // rows per block of `stream`: 1 where each expert (or the linear) has one row, else
+        // 4 or 8 from the average
+        let rb: usize = match row_hint {
+            0 | 1 => 1,
+            2..=4 => 4,
+            _ => 8,
+        };
         let per_group = moe_shaders::GEMV_GROUP as usize / lanes;
         let gx = n.div_ceil(per_group);
         let nx = gx.min(MAX_GROUPS as usize);
@@ -1001,11 +1065,23 @@ impl WgpuBackend {
             return None;
         }
         let nseg = kv.div_ceil(lanes * per_lane) as u64;
-        let blocks = rows.div_ceil(moe_shaders::GEMV_ROWS as usize) as u64 + 1;
         let scan_loops = if scan > 0 { 2 * scan.div_ceil(256) as u64 + 16 } else { 0 };
-        let loops = blocks * (8 + nseg * (per_lane as u64 * 7) + 8 * 9 + 4) + 8 + scan_loops;
+        let loops = if stream {
+            let (rb, steps) = (rb as u64, nseg);
+            let blocks = rows.div_ceil(rb as usize) as u64 + 1;
+            blocks * (2 * rb + steps * (rb + 1) + 9 * (2 * rb + 1) + 4) + 8 + scan_loops
+        } else {
+            let blocks = rows.div_ceil(moe_shaders::GEMV_ROWS as usize) as u64 + 1;
+            blocks * (8 + nseg * (per_lane as u64 * 7) + 8 * 9 + 4) + 8 + scan_loops
+        };
         self.check_loops(loops, "").ok()?;
-        Some((lanes as u32, [nx as u32, ny as u32, experts as u32], nx as u32))
+        Some(GemvGrid {
+            entry: if stream { "stream" } else { "main" },
+            lanes: lanes as u32,
+            rb: if stream { rb as u32 } else { 0 },
+            groups: [nx as u32, ny as u32, experts as u32],
+            nx: nx as u32,
+        })
     }
 
     /// The z extent of an expert GEMM's few-row grid over `experts` local experts and `slots`
@@ -1025,11 +1101,11 @@ impl WgpuBackend {
         &self,
         elem: Storage,
         out: Storage,
-        grid: (u32, [u32; 3], u32),
+        grid: GemvGrid,
         mut params: Vec<u32>,
         binds: Vec<Bind<'a>>,
     ) -> Result<Dispatch<'a>> {
-        let (lanes, groups, nx) = grid;
+        let GemvGrid { entry, lanes, rb, groups, nx } = grid;
         params.insert(23, nx);
         self.gemv_dispatches.fetch_add(1, Ordering::Relaxed);
         if params[2] != 0 {
@@ -1037,7 +1113,7 @@ impl WgpuBackend {
             self.decode_dispatches.fetch_add(1, Ordering::Relaxed);
         }
         Ok(Dispatch {
-            pipeline: self.pipeline_with(Shader::Gemv, elem, out, "main", lanes)?,
+            pipeline: self.pipeline_with(Shader::Gemv, elem, out, entry, lanes, rb)?,
             shader: Shader::Gemv,
             params,
             binds,
@@ -1075,7 +1151,7 @@ impl WgpuBackend {
         out: Bind<'a>,
     ) -> Result<()> {
         let grid = if self.gemv_wanted(tokens, 1, true) {
-            self.gemv_grid(elem, in_dim, out_dim, 1, tokens, 0, &[&x, &w])
+            self.gemv_grid(elem, in_dim, out_dim, 1, tokens, 0, tokens, &[&x, &w])
         } else {
             None
         };
@@ -1227,7 +1303,12 @@ impl WgpuBackend {
             if mlp.gated {
                 words.push(&gb);
             }
-            self.gemv_grid(elem, width, inter, gz, tokens + pad, compact, &words)
+            let hint = match tokens {
+                1 => 1,
+                _ if dense => tokens,
+                _ => (tokens * topk).div_ceil(gz).max(2),
+            };
+            self.gemv_grid(elem, width, inter, gz, tokens + pad, compact, hint, &words)
         } else {
             None
         };
@@ -1650,7 +1731,9 @@ impl<T: Element> MoeStages<T> for WgpuBackend {
         let yb = self.bind_mut(&out)?;
         let (gz, compact) = Self::expert_grid(el, tokens * c.top_k);
         let grid = if self.gemv_wanted(tokens * c.top_k, el, false) {
-            self.gemv_grid(elem, inter, d, gz, tokens + plan.row_align(), compact, &[&hb, &wb])
+            let hint = if tokens == 1 { 1 } else { (tokens * c.top_k).div_ceil(gz).max(2) };
+            let rows = tokens + plan.row_align();
+            self.gemv_grid(elem, inter, d, gz, rows, compact, hint, &[&hb, &wb])
         } else {
             None
         };
