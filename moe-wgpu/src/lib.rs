@@ -15,9 +15,10 @@
 //!   poll the device ([`WgpuBackend::synchronize`]) or map a buffer to see results.
 //! * Expert GEMMs come in three variants ([`ExpertGemm`], [`Options::expert_gemm`]): a tiled
 //!   one (16 x 64 output tiles through workgroup memory); the few-row GEMM
-//!   ([`moe_shaders::GEMV`]: each weight row read once as 16-byte words by 32-256 lanes, held
-//!   in registers and applied to every row of the expert, a fixed-order reduction, the
-//!   activation and routing-weight epilogues fused); and a scalar decode one (the few-row
+//!   ([`moe_shaders::GEMV`]: each weight row streamed as 16-byte words by 16-256 lanes, 4
+//!   words of each weight row per lane per step, applied to a block of 1, 4 or 8 rows, one
+//!   fixed-order reduction per block, the activation and routing-weight epilogues fused;
+//!   [`FewRowGemm`] keeps the earlier register-resident kernel for A/B); and a scalar decode one (the few-row
 //!   path for views not aligned to 16-byte words). By default the host picks from the
 //!   shapes: the few-row GEMM for at most [`GEMV_MAX_ROWS`] rows per local expert on average
 //!   where K and the views are word-aligned, else scalar decode when
@@ -353,7 +354,7 @@ pub enum ExpertGemm {
 /// Which kernel of the few-row GEMM ([`moe_shaders::GEMV`]) a backend runs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum FewRowGemm {
-    /// Entry point `stream` (default): a group of 32-256 lanes per output feature streams its
+    /// Entry point `stream` (default): a group of 16-256 lanes per output feature streams its
     /// weight row through the K loop, 4 words of each weight row per lane per step (8
     /// independent 16-byte loads in flight when gated, 4 otherwise), and one fixed-order
     /// reduction per block of 1, 4 or 8 rows.
@@ -1049,7 +1050,7 @@ impl WgpuBackend {
             kv.div_ceil(per_lane)
         }
         .next_power_of_two()
-        .clamp(32, 256);
+        .clamp(if stream { 16 } else { 32 }, 256);
         // rows per block of `stream`: 1 where each expert (or the linear) has one row, else
         // 4 or 8 from the average
         let rb: usize = match row_hint {

@@ -43,7 +43,8 @@ pub const EXPERT_DOWN: &str = include_str!("../wgsl/expert_down.wgsl");
 /// see the file's header). Entry points `stream` (weights streamed through the K loop, 4 words
 /// per lane per step, one reduction per block of `RB` rows; the pipeline constant `RB` is 1, 4
 /// or 8) and `main` (weights held in registers per K segment and applied to blocks of 4 rows);
-/// the pipeline constant `LANES` (32..=256, a power of two) sets the lanes per output feature.
+/// the pipeline constant `LANES` (a power of two, 16..=256 for `stream`, 32..=256 for `main`)
+/// sets the lanes per output feature.
 /// Weights and activations are bound as `vec4<u32>` words: K and every view offset must be
 /// multiples of [`gemv_elements_per_word`].
 pub const GEMV: &str = concat!(include_str!("../wgsl/act.wgsl"), include_str!("../wgsl/gemv.wgsl"));
@@ -72,7 +73,7 @@ pub const GEMV_WORDS: u32 = 4;
 /// Rows per block of [`GEMV`]'s `main` (one reduction per block).
 pub const GEMV_ROWS: u32 = 4;
 /// Words (`vec4<u32>`) of each weight row a lane of [`GEMV`]'s `stream` reads, about: the
-/// host picks `LANES` as the power of two (32..=256) nearest above `K / 8 / GEMV_STREAM_WORDS`
+/// host picks `LANES` as the power of two (16..=256) nearest above `K / 8 / GEMV_STREAM_WORDS`
 /// (bf16/f16; `K / 4` words for f32).
 pub const GEMV_STREAM_WORDS: u32 = 16;
 

@@ -66,7 +66,8 @@ struct Params {
 @group(0) @binding(9) var<storage, read_write> rs: array<f32>;
 //@bind 10 y O rw
 
-// Lanes per output feature (a power of two from 32 to 256, chosen by the host from K).
+// Lanes per output feature (a power of two, 32 to 256 for `main`, 16 to 256 for `stream`,
+// chosen by the host from K).
 override LANES: u32 = 64u;
 const WG: u32 = 256u;
 // Words of each weight row a lane holds (one K segment is LANES * S words).
@@ -306,10 +307,10 @@ fn main(
 // to stream the weights at the device's read rate (what reached 2.9 TB/s on the H100 through
 // Vulkan: many independent 16-byte loads, consecutive invocations reading consecutive words,
 // little work per byte, no long phases without loads in flight).
-// * A group of LANES lanes (32..256, from K: about 16 words per lane) computes one output
+// * A group of LANES lanes (16..256, from K: about 16 words per lane) computes one output
 //   feature n for a block of RB rows (RB = 1, 4 or 8, a pipeline constant chosen by the host).
 //   Lane l reads words l, l + LANES, ... of the weight row: each load instruction of a group
-//   covers LANES consecutive 16-byte words (512 B for 32 lanes).
+//   covers LANES consecutive 16-byte words (256 B for 16 lanes, 512 B for 32).
 // * The K loop takes U = 4 words of each weight row per step, loaded unconditionally (indices
 //   clamped to the row; a clamped word's contribution is dropped by a select), so a lane has
 //   4 (8 when gated) independent 16-byte weight loads in flight per step; nothing is held
