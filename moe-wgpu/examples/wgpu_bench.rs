@@ -17,10 +17,12 @@
 //! forward (when it is close to `ms`, the point is bound by the host, not the GPU); `gpu` is the
 //! span of GPU timestamps around the round where the adapter has `TIMESTAMP_QUERY_INSIDE_ENCODERS`.
 //! Each line also gives the compute dispatches of one forward (how many of them the few-row
-//! GEMM, `moe_shaders::GEMV`) and its queue submissions (one per stage); where the device has
-//! `TIMESTAMP_QUERY`, a second line gives the GPU time of each stage (timestamps at the
-//! beginning and end of each stage's compute pass, median of 3 more forwards), their sum, and
-//! the span of the forward (the difference: GPU idle between submissions). The environment
+//! GEMM, `moe_shaders::GEMV`) and its queue submissions (one per forward: its stages are
+//! recorded into one encoder; `MOE_WGPU_BATCH_FORWARD=0` submits each stage on its own, for
+//! A/B); where the device has `TIMESTAMP_QUERY`, a second line gives the GPU time of each stage
+//! (timestamps at the beginning and end of each stage's compute pass, median of 3 more
+//! forwards), their sum, and the span of the forward (the difference: GPU idle between the
+//! stages' passes and submissions). The environment
 //! variable `MOE_WGPU_EXPERT_GEMM=tiled|decode|decode-scalar|auto` picks the expert GEMM
 //! variant, `MOE_WGPU_GEMV_MAX_ROWS=N` the most rows for which the few-row GEMM is taken
 //! (`moe_wgpu::Options::gemv_max_rows`) and `MOE_WGPU_GEMV_KERNEL=stream|resident` its kernel
@@ -829,7 +831,12 @@ fn main() -> R<()> {
     println!(
         "wgpu_bench: expert GEMM variant {expert_gemm:?}, few-row GEMM up to {gemv_max_rows} rows, kernel {few_row:?}"
     );
-    let options = Options { expert_gemm, gemv_max_rows, few_row, ..Options::default() };
+    // MOE_WGPU_BATCH_FORWARD=0: submit each stage of a forward on its own (the earlier
+    // behaviour, for A/B) instead of one submission per forward.
+    let batch_forward = std::env::var("MOE_WGPU_BATCH_FORWARD").map_or(true, |v| v != "0");
+    println!("wgpu_bench: one submission per forward: {batch_forward}");
+    let options =
+        Options { expert_gemm, gemv_max_rows, few_row, batch_forward, ..Options::default() };
     let be = match WgpuBackend::request_with_features(options, want[0] | want[1]) {
         Ok(Some(b)) => b,
         Ok(None) => {

@@ -588,15 +588,19 @@ fn stage_timestamps_cover_each_stage() {
     let (w, x) = weights(&c, 3);
     let on = be.begin_stage_timestamps(64);
     assert_eq!(on, be.device().features().contains(wgpu::Features::TIMESTAMP_QUERY));
-    let before = be.submits();
+    let (before, stages_before) = (be.submits(), be.stages());
     check_on(&be, "deepseek_v3_like timed", DType::F32, &c, &w, &x[..2 * c.hidden], 2, 1);
     let submits = be.submits() - before;
+    let stages = be.stages() - stages_before;
+    // the forward's stages are recorded into one encoder and submitted once
+    assert_eq!(submits, 1, "one submission per forward");
+    assert!(stages >= 6, "{stages} stages");
     let st = be.end_stage_timestamps().expect("stage timestamps");
     if !on {
         assert!(st.is_empty());
         return;
     }
-    assert_eq!(st.len(), submits, "one time per stage");
+    assert_eq!(st.len(), stages, "one time per stage");
     assert!(st.iter().any(|s| s.label == "route") && st.iter().any(|s| s.label == "permute"));
     for s in &st {
         assert!(s.gpu_ns.is_finite() && s.gpu_ns >= 0.0 && s.start_ns >= 0.0, "{s:?}");
