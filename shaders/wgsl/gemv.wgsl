@@ -327,6 +327,25 @@ const U: u32 = 4u;
 // 2 * 8 rows x 256 lanes.
 var<workgroup> sred: array<f32, 4096>;
 
+// The slot of row `row` of a block ending at `end` (-1: padding or past the end).
+fn slot_of(row: u32, end: u32, rows_of_expert: bool) -> i32 {
+    if (row >= end) {
+        return -1;
+    }
+    if (rows_of_expert) {
+        return sorted_slots[p.osort + row];
+    }
+    return i32(row);
+}
+
+// The routing weight applied on the input of expert up for `slot` (1 otherwise).
+fn in_scale(slot: i32) -> f32 {
+    if (p.mode == 1u && slot >= 0 && p.has_tw != 0u) {
+        return tw[p.otw + u32(slot)];
+    }
+    return 1.0;
+}
+
 // Dot product of the VE elements of weight word w and activation word v (f32 arithmetic).
 fn wdot(w: vec4<u32>, v: vec4<u32>) -> f32 {
     var d = dot(moe_lo(w), moe_lo(v));
@@ -417,38 +436,23 @@ fn stream(
     let x0 = p.ox / VE;
     let nj = select(RB, 2u * RB, gated);
     for (var m0 = start; m0 < end; m0 += RB) {
+        // Indexed only by the (unrolled) row loops, so that they can live in registers; the
+        // epilogue (row = lane) recomputes its row's slot instead of indexing these.
         var ok: array<bool, 8>;
         var src: array<u32, 8>;
-        var slots: array<i32, 8>;
-        var sc: array<f32, 8>;
         var acc_a: array<f32, 8>;
         var acc_b: array<f32, 8>;
         var any = false;
         for (var r = 0u; r < RB; r++) {
             let row = m0 + r;
-            var slot = -1;
-            var s = 1.0;
+            let slot = slot_of(row, end, rows_of_expert);
             var xr = row;
-            if (row < end) {
-                if (rows_of_expert) {
-                    slot = sorted_slots[p.osort + row];
-                } else {
-                    slot = i32(row);
-                }
-                if (p.mode == 1u && slot >= 0) {
-                    if (p.dense == 0u) {
-                        xr = u32(slot) / p.topk;
-                    }
-                    if (p.has_tw != 0u) {
-                        s = tw[p.otw + u32(slot)];
-                    }
-                }
+            if (p.mode == 1u && p.dense == 0u && slot >= 0) {
+                xr = u32(slot) / p.topk;
             }
             ok[r] = slot >= 0;
             any = any || slot >= 0;
             src[r] = x0 + xr * kv;
-            slots[r] = slot;
-            sc[r] = s;
             acc_a[r] = 0.0;
             acc_b[r] = 0.0;
         }
@@ -514,7 +518,9 @@ fn stream(
         if (lane < RB && live) {
             let r = lane;
             let row = m0 + r;
-            if (ok[r]) {
+            let slot = slot_of(row, end, rows_of_expert);
+            if (slot >= 0) {
+                let sc = in_scale(slot);
                 let va = sred[r * WG + g * LANES];
                 var vb = 0.0;
                 if (gated) {
@@ -538,8 +544,8 @@ fn stream(
                     }
                     st_y(at, v);
                 } else if (p.mode == 1u) {
-                    var gv = sc[r] * vb;
-                    var uv = sc[r] * va;
+                    var gv = sc * vb;
+                    var uv = sc * va;
                     if (p.has_b != 0u) {
                         uv += ld_ba(p.oba + e * p.n + n);
                         if (gated) {
@@ -553,7 +559,7 @@ fn stream(
                         v += ld_ba(p.oba + e * p.n + n);
                     }
                     if (p.has_tw != 0u) {
-                        v *= tw[p.otw + u32(slots[r])];
+                        v *= tw[p.otw + u32(slot)];
                     }
                     st_y(p.oy + row * p.n + n, v);
                 }
