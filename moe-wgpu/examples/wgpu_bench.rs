@@ -25,8 +25,9 @@
 //! stages' passes and submissions). The environment
 //! variable `MOE_WGPU_EXPERT_GEMM=tiled|decode|decode-scalar|auto` picks the expert GEMM
 //! variant, `MOE_WGPU_GEMV_MAX_ROWS=N` the most rows for which the few-row GEMM is taken
-//! (`moe_wgpu::Options::gemv_max_rows`) and `MOE_WGPU_GEMV_KERNEL=stream|resident` its kernel
-//! (`moe_wgpu::Options::few_row`).
+//! (`moe_wgpu::Options::gemv_max_rows`), `MOE_WGPU_GEMV_KERNEL=stream|resident` its kernel
+//! (`moe_wgpu::Options::few_row`) and `MOE_WGPU_GEMV_STREAM_WORDS=N` the stream kernel's words
+//! per lane (`moe_wgpu::Options::gemv_stream_words`).
 //!
 //! A tensor larger than the device's `max_storage_buffer_binding_size` (wgpu caps it at
 //! 2^31 - 1 bytes on Vulkan) cannot be bound: the expert count is halved until every tensor fits, and the
@@ -835,8 +836,21 @@ fn main() -> R<()> {
     // behaviour, for A/B) instead of one submission per forward.
     let batch_forward = std::env::var("MOE_WGPU_BATCH_FORWARD").map_or(true, |v| v != "0");
     println!("wgpu_bench: one submission per forward: {batch_forward}");
-    let options =
-        Options { expert_gemm, gemv_max_rows, few_row, batch_forward, ..Options::default() };
+    // MOE_WGPU_GEMV_STREAM_WORDS=N: about N 16-byte words of each weight row per lane of the
+    // stream kernel (its lanes per output feature; default moe_shaders::GEMV_STREAM_WORDS).
+    let gemv_stream_words = std::env::var("MOE_WGPU_GEMV_STREAM_WORDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(Options::default().gemv_stream_words);
+    println!("wgpu_bench: stream kernel words per lane: about {gemv_stream_words}");
+    let options = Options {
+        expert_gemm,
+        gemv_max_rows,
+        few_row,
+        batch_forward,
+        gemv_stream_words,
+        ..Options::default()
+    };
     let be = match WgpuBackend::request_with_features(options, want[0] | want[1]) {
         Ok(Some(b)) => b,
         Ok(None) => {

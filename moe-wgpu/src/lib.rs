@@ -400,6 +400,10 @@ pub struct Options {
     pub gemv_max_rows: usize,
     /// The few-row GEMM's kernel ([`FewRowGemm::Stream`] by default).
     pub few_row: FewRowGemm,
+    /// About how many 16-byte words of each weight row a lane of [`FewRowGemm::Stream`]
+    /// reads (sets its lanes per output feature: the power of two, 16 to 256, at or above
+    /// `K words / this`); [`moe_shaders::GEMV_STREAM_WORDS`] by default, for tuning.
+    pub gemv_stream_words: usize,
     /// Record a forward's stages into one command encoder and submit it once (default);
     /// when off, each stage is submitted on its own (for A/B).
     pub batch_forward: bool,
@@ -412,6 +416,7 @@ impl Default for Options {
             expert_gemm: ExpertGemm::Auto,
             gemv_max_rows: GEMV_MAX_ROWS,
             few_row: FewRowGemm::Stream,
+            gemv_stream_words: moe_shaders::GEMV_STREAM_WORDS as usize,
             batch_forward: true,
         }
     }
@@ -426,6 +431,7 @@ pub struct WgpuBackend {
     gemv_max_rows: usize,
     few_row: FewRowGemm,
     batch_forward: bool,
+    gemv_stream_words: usize,
     params: wgpu::Buffer,
     dummy: wgpu::Buffer,
     layouts: Vec<wgpu::BindGroupLayout>,
@@ -534,6 +540,7 @@ impl WgpuBackend {
             gemv_max_rows: options.gemv_max_rows,
             few_row: options.few_row,
             batch_forward: options.batch_forward,
+            gemv_stream_words: options.gemv_stream_words.max(1),
             params,
             dummy,
             layouts,
@@ -1156,7 +1163,7 @@ impl WgpuBackend {
         let stream = self.few_row == FewRowGemm::Stream;
         let lanes = if stream {
             // about GEMV_STREAM_WORDS words of each weight row per lane
-            kv.div_ceil(moe_shaders::GEMV_STREAM_WORDS as usize)
+            kv.div_ceil(self.gemv_stream_words)
         } else {
             kv.div_ceil(per_lane)
         }
