@@ -437,8 +437,9 @@ struct Point {
     touched: usize,
     bytes: f64,
     floor_ms: f64,
-    /// Per forward: compute dispatches, of which few-row GEMMs, and queue submissions.
-    counts: (usize, usize, usize),
+    /// Per forward: compute dispatches, of which few-row GEMMs, queue submissions, and stages
+    /// (compute passes).
+    counts: (usize, usize, usize, usize),
     /// Per stage of one forward: its kernel and GPU microseconds (median over 3 forwards),
     /// and the span of the forward from the first stage's start to the last one's end (gaps
     /// between submissions included); empty without `TIMESTAMP_QUERY`.
@@ -586,9 +587,10 @@ where
         )?;
         Ok(())
     };
-    let (d0, g0, s0) = (be.dispatches(), be.gemv_dispatches(), be.submits());
+    let (d0, g0, s0, p0) = (be.dispatches(), be.gemv_dispatches(), be.submits(), be.stages());
     fwd()?;
-    let counts = (be.dispatches() - d0, be.gemv_dispatches() - g0, be.submits() - s0);
+    let counts =
+        (be.dispatches() - d0, be.gemv_dispatches() - g0, be.submits() - s0, be.stages() - p0);
     be.synchronize()?;
     // the distinct experts touched, from the routing in the workspace (buffer offset 0 is
     // aligned, so the layout's offsets apply as they are)
@@ -643,7 +645,8 @@ where
     let (wall, submit, gpu) = rounds[1];
     // per-stage GPU times: 3 more forwards with timestamps around each stage's compute pass
     let (mut stages, mut span_us, mut gaps_us) = (Vec::new(), 0.0, 0.0);
-    let per_fwd = counts.2;
+    // one timestamp pair per stage (compute pass)
+    let per_fwd = counts.3;
     be.synchronize()?;
     if per_fwd > 0 && be.begin_stage_timestamps((3 * per_fwd) as u32) {
         for _ in 0..3 {
@@ -769,7 +772,7 @@ where
         let cu_s = cu.map_or(String::new(), |(ms, fl)| {
             format!(" | cuda {ms:.3} ms = {:.1}% of its floor", 100.0 * fl / ms)
         });
-        let (nd, ng, ns) = p.counts;
+        let (nd, ng, ns, _) = p.counts;
         println!(
             "{name:<44} {dt:<4} T={t:<5} {:>9.3} ms (submit {:>7.3}, gpu {gpu:>8}) {gbs:>7.1} GB/s floor {:>7.3} ms = {pct:>5.1}% of floor | experts {} | {nd} dispatches ({ng} gemv), {ns} submits{cu_s}",
             p.ms, p.submit_ms, p.floor_ms, p.touched
