@@ -90,6 +90,21 @@ pub struct ExpertRows<'a, B: Backend> {
 /// The stages of an MoE layer for element type `T`. Every method works on views the caller
 /// owns, checks what it reads, and never allocates.
 pub trait MoeStages<T: Element>: Backend {
+    /// Called by [`crate::forward_partial`] before a forward's first stage (after its checks).
+    /// A backend may then record the forward's stages into one batch (e.g. one command
+    /// submission) until [`MoeStages::end_forward`]; stages called outside a begin/end pair run
+    /// as they always do. Default: nothing.
+    fn begin_forward(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Called by [`crate::forward_partial`] after a forward's last stage, also when a stage
+    /// failed: a batching backend submits what it recorded (an error of that submission is
+    /// the forward's error). Default: nothing.
+    fn end_forward(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// `logits[t, e] = sum_h x[t, h] w[e, h] + b[e]`, accumulated and stored in f32.
     fn router_logits(
         &self,

@@ -208,10 +208,28 @@ pub fn forward_partial<'o, B: MoeStages<T>, T: Element>(
     workspace: B::ViewMut<'_, u8>,
 ) -> Result<Partial<'o, B, T>> {
     let s = prepare(plan, weights, tokens, &x, &out, workspace)?;
-    let mut partial = Partial::from_unreduced(out);
+    let partial = Partial::from_unreduced(out);
     if tokens == 0 {
         return Ok(partial);
     }
+    backend.begin_forward()?;
+    let r = stages(backend, plan, weights, tokens, x, s, partial);
+    let end = backend.end_forward();
+    let partial = r?;
+    end?;
+    Ok(partial)
+}
+
+/// The stages of [`forward_partial`] on the checked workspace `s`, into `partial`.
+fn stages<'o, B: MoeStages<T>, T: Element>(
+    backend: &B,
+    plan: &MoePlan,
+    weights: &MoeWeights<'_, B, T>,
+    tokens: usize,
+    x: B::View<'_, T>,
+    s: Scratch<'_, B, T>,
+    mut partial: Partial<'o, B, T>,
+) -> Result<Partial<'o, B, T>> {
     let c = plan.config();
     let Scratch {
         mut logits,

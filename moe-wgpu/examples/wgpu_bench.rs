@@ -5,8 +5,11 @@
 //!
 //! * bytes = distinct experts touched x 3 H I x 2 + shared 3 H Is x 2 + 2 T H x 2
 //! * flops = 2 T K 3 H I (+ 2 T 3 H Is for a shared expert)
-//! * floor = max(bytes / copy bandwidth, flops / peak) (peak: `--peak-tflops`, by default the
-//!   dense bf16 figure of an H100/H200 when the adapter's name says so, otherwise no flop floor)
+//! * floor = max(bytes / bandwidth, flops / peak), bandwidth = max(copy bandwidth, shader read
+//!   bandwidth), both measured at start (`copy_buffer_to_buffer` of 1 GiB, read + write; a
+//!   compute shader reading 1 GiB one 16-byte word per invocation); the CSV's last two columns
+//!   give both (GB/s); peak: `--peak-tflops`, by default the dense bf16 figure of an
+//!   H100/H200 when the adapter's name says so, otherwise no flop floor
 //!
 //! Each point: one forward to read the routing (distinct experts touched), 2 warm-up forwards,
 //! then 3 rounds of N forwards submitted back to back and one wait; the median round gives
@@ -14,13 +17,17 @@
 //! forward (when it is close to `ms`, the point is bound by the host, not the GPU); `gpu` is the
 //! span of GPU timestamps around the round where the adapter has `TIMESTAMP_QUERY_INSIDE_ENCODERS`.
 //! Each line also gives the compute dispatches of one forward (how many of them the few-row
-//! GEMM, `moe_shaders::GEMV`) and its queue submissions (one per stage); where the device has
-//! `TIMESTAMP_QUERY`, a second line gives the GPU time of each stage (timestamps at the
-//! beginning and end of each stage's compute pass, median of 3 more forwards), their sum, and
-//! the span of the forward (the difference: GPU idle between submissions). The environment
-//! variable `MOE_WGPU_EXPERT_GEMM=tiled|decode|decode-scalar|auto` picks the expert GEMM variant
-//! and `MOE_WGPU_GEMV_MAX_ROWS=N` the most rows for which the few-row GEMM is taken
-//! (`moe_wgpu::Options::gemv_max_rows`).
+//! GEMM, `moe_shaders::GEMV`) and its queue submissions (one per forward: its stages are
+//! recorded into one encoder; `MOE_WGPU_BATCH_FORWARD=0` submits each stage on its own, for
+//! A/B); where the device has `TIMESTAMP_QUERY`, a second line gives the GPU time of each stage
+//! (timestamps at the beginning and end of each stage's compute pass, median of 3 more
+//! forwards), their sum, and the span of the forward (the difference: GPU idle between the
+//! stages' passes and submissions). The environment
+//! variable `MOE_WGPU_EXPERT_GEMM=tiled|decode|decode-scalar|auto` picks the expert GEMM
+//! variant, `MOE_WGPU_GEMV_MAX_ROWS=N` the most rows for which the few-row GEMM is taken
+//! (`moe_wgpu::Options::gemv_max_rows`), `MOE_WGPU_GEMV_KERNEL=stream|resident` its kernel
+//! (`moe_wgpu::Options::few_row`) and `MOE_WGPU_GEMV_STREAM_WORDS=N` the stream kernel's words
+//! per lane (`moe_wgpu::Options::gemv_stream_words`).
 //!
 //! A tensor larger than the device's `max_storage_buffer_binding_size` (wgpu caps it at
 //! 2^31 - 1 bytes on Vulkan) cannot be bound: the expert count is halved until every tensor fits, and the
@@ -310,6 +317,118 @@ fn copy_bandwidth(be: &WgpuBackend, bytes: u64, stamps: Option<&Stamps>) -> R<(f
     Ok((wall, gpu))
 }
 
+/// The read kernel of the bandwidth floor (as `read1` of the `wgpu_bandwidth` probe): one
+/// 16-byte word per invocation over a 2-D grid of 256-wide workgroups; a store only when a
+/// word matches a constant (never, for the contents written), so the compiler keeps the load.
+const READ_SHADER: &str = r#"
+@group(0) @binding(0) var<storage, read> src: array<vec4<u32>>;
+@group(0) @binding(1) var<storage, read_write> dst: array<vec4<u32>>;
+
+@compute @workgroup_size(256)
+fn read1(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) n: vec3<u32>) {
+    let i = g.x + g.y * n.x * 256u;
+    if (i < arrayLength(&src)) {
+        let v = src[i];
+        if (v.x == 0x9e3779b9u && v.y == 0x7f4a7c15u) {
+            dst[i & 63u] = v;
+        }
+    }
+}
+"#;
+
+/// Read bandwidth (bytes per second) of a compute shader reading a buffer of `bytes` with
+/// non-zero contents, one 16-byte word per invocation: what the GEMMs' weight streams can
+/// reach on this adapter (on the H100 through NVIDIA's Vulkan driver: 2.9 TB/s, while
+/// `copy_buffer_to_buffer` runs at 0.84 TB/s read + write). Wall clock, and GPU timestamps
+/// where the device has them.
+fn shader_read_bandwidth(
+    be: &WgpuBackend,
+    bytes: u64,
+    stamps: Option<&Stamps>,
+) -> R<(f64, Option<f64>)> {
+    let d = be.device();
+    let bytes = bytes / 16 * 16;
+    let src = Filler::buffer(be, bytes);
+    let dst = Filler::buffer(be, 1024);
+    // non-zero contents (a zero buffer might read faster through compression)
+    let chunk = (16u64 << 20).min(bytes);
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let data: Vec<u8> = (0..chunk)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x as u8) | 1
+        })
+        .collect();
+    let mut off = 0;
+    while off < bytes {
+        let n = chunk.min(bytes - off);
+        be.queue().write_buffer(&src, off, &data[..n as usize]);
+        off += n;
+    }
+    let module = d.create_shader_module(wgpu::ShaderModuleDescriptor {
+        label: Some("wgpu_bench read"),
+        source: wgpu::ShaderSource::Wgsl(READ_SHADER.into()),
+    });
+    let p = d.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        label: Some("read1"),
+        layout: None,
+        module: &module,
+        entry_point: Some("read1"),
+        compilation_options: Default::default(),
+        cache: None,
+    });
+    let bg = d.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: None,
+        layout: &p.get_bind_group_layout(0),
+        entries: &[
+            wgpu::BindGroupEntry { binding: 0, resource: src.as_entire_binding() },
+            wgpu::BindGroupEntry { binding: 1, resource: dst.as_entire_binding() },
+        ],
+    });
+    let wg = (bytes / 16).div_ceil(256);
+    let gy = wg.div_ceil(32768);
+    let gx = wg.div_ceil(gy);
+    let (gx, gy) = (gx as u32, gy as u32);
+    let read = |n: usize| {
+        let mut enc = d.create_command_encoder(&Default::default());
+        for _ in 0..n {
+            let mut pass = enc.begin_compute_pass(&Default::default());
+            pass.set_pipeline(&p);
+            pass.set_bind_group(0, &bg, &[]);
+            pass.dispatch_workgroups(gx, gy, 1);
+        }
+        be.queue().submit([enc.finish()]);
+    };
+    read(2);
+    be.synchronize()?;
+    let iters = 10;
+    let mut rounds = Vec::new();
+    let mut gpu = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        if let Some(s) = stamps {
+            s.write(be, 0);
+        }
+        read(iters);
+        if let Some(s) = stamps {
+            s.write(be, 1);
+            gpu.push(s.elapsed_ns(be)? * 1e-9);
+        }
+        be.synchronize()?;
+        rounds.push(t.elapsed().as_secs_f64());
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let bw = |s: f64| bytes as f64 * iters as f64 / s;
+    let wall = bw(med(&mut rounds));
+    let gpu = if gpu.is_empty() { None } else { Some(bw(med(&mut gpu))) };
+    Ok((wall, gpu))
+}
+
 /// One measured point.
 struct Point {
     ms: f64,
@@ -318,8 +437,9 @@ struct Point {
     touched: usize,
     bytes: f64,
     floor_ms: f64,
-    /// Per forward: compute dispatches, of which few-row GEMMs, and queue submissions.
-    counts: (usize, usize, usize),
+    /// Per forward: compute dispatches, of which few-row GEMMs, queue submissions, and stages
+    /// (compute passes).
+    counts: (usize, usize, usize, usize),
     /// Per stage of one forward: its kernel and GPU microseconds (median over 3 forwards),
     /// and the span of the forward from the first stage's start to the last one's end (gaps
     /// between submissions included); empty without `TIMESTAMP_QUERY`.
@@ -427,7 +547,12 @@ fn views<'a, T: Element>(c: &MoeConfig, w: &'a Weights) -> R<MoeWeights<'a, Wgpu
 struct Ctx<'a> {
     be: &'a WgpuBackend,
     stamps: Option<&'a Stamps>,
+    /// The bandwidth floor's rate: max(copy_bw, read_bw).
     bw: f64,
+    /// copy_buffer_to_buffer, read + write bytes per second.
+    copy_bw: f64,
+    /// A compute shader's read rate (one 16-byte word per invocation).
+    read_bw: f64,
     peak: f64,
     quick: bool,
 }
@@ -462,9 +587,10 @@ where
         )?;
         Ok(())
     };
-    let (d0, g0, s0) = (be.dispatches(), be.gemv_dispatches(), be.submits());
+    let (d0, g0, s0, p0) = (be.dispatches(), be.gemv_dispatches(), be.submits(), be.stages());
     fwd()?;
-    let counts = (be.dispatches() - d0, be.gemv_dispatches() - g0, be.submits() - s0);
+    let counts =
+        (be.dispatches() - d0, be.gemv_dispatches() - g0, be.submits() - s0, be.stages() - p0);
     be.synchronize()?;
     // the distinct experts touched, from the routing in the workspace (buffer offset 0 is
     // aligned, so the layout's offsets apply as they are)
@@ -519,7 +645,8 @@ where
     let (wall, submit, gpu) = rounds[1];
     // per-stage GPU times: 3 more forwards with timestamps around each stage's compute pass
     let (mut stages, mut span_us, mut gaps_us) = (Vec::new(), 0.0, 0.0);
-    let per_fwd = counts.2;
+    // one timestamp pair per stage (compute pass)
+    let per_fwd = counts.3;
     be.synchronize()?;
     if per_fwd > 0 && be.begin_stage_timestamps((3 * per_fwd) as u32) {
         for _ in 0..3 {
@@ -645,7 +772,7 @@ where
         let cu_s = cu.map_or(String::new(), |(ms, fl)| {
             format!(" | cuda {ms:.3} ms = {:.1}% of its floor", 100.0 * fl / ms)
         });
-        let (nd, ng, ns) = p.counts;
+        let (nd, ng, ns, _) = p.counts;
         println!(
             "{name:<44} {dt:<4} T={t:<5} {:>9.3} ms (submit {:>7.3}, gpu {gpu:>8}) {gbs:>7.1} GB/s floor {:>7.3} ms = {pct:>5.1}% of floor | experts {} | {nd} dispatches ({ng} gemv), {ns} submits{cu_s}",
             p.ms, p.submit_ms, p.floor_ms, p.touched
@@ -663,7 +790,7 @@ where
         if let Some(f) = csv.as_mut() {
             writeln!(
                 f,
-                "{},{dt},{t},{:.4},{:.4},{},{:.1},{:.4},{:.2},{},{},{}",
+                "{},{dt},{t},{:.4},{:.4},{},{:.1},{:.4},{:.2},{},{},{},{:.0},{:.0}",
                 name.replace(',', ";"),
                 p.ms,
                 p.submit_ms,
@@ -674,6 +801,8 @@ where
                 p.touched,
                 cu.map_or(String::new(), |c| format!("{:.4}", c.0)),
                 cu.map_or(String::new(), |c| format!("{:.2}", 100.0 * c.1 / c.0)),
+                cx.copy_bw / 1e9,
+                cx.read_bw / 1e9,
             )?;
         }
     }
@@ -697,10 +826,34 @@ fn main() -> R<()> {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(moe_wgpu::GEMV_MAX_ROWS);
+    // MOE_WGPU_GEMV_KERNEL=stream|resident (default stream): the few-row GEMM's kernel
+    // (moe_wgpu::FewRowGemm; resident is the earlier one, for A/B).
+    let few_row = match std::env::var("MOE_WGPU_GEMV_KERNEL").as_deref() {
+        Ok("resident") => moe_wgpu::FewRowGemm::Resident,
+        _ => moe_wgpu::FewRowGemm::Stream,
+    };
     println!(
-        "wgpu_bench: expert GEMM variant {expert_gemm:?}, few-row GEMM up to {gemv_max_rows} rows"
+        "wgpu_bench: expert GEMM variant {expert_gemm:?}, few-row GEMM up to {gemv_max_rows} rows, kernel {few_row:?}"
     );
-    let options = Options { expert_gemm, gemv_max_rows, ..Options::default() };
+    // MOE_WGPU_BATCH_FORWARD=0: submit each stage of a forward on its own (the earlier
+    // behaviour, for A/B) instead of one submission per forward.
+    let batch_forward = std::env::var("MOE_WGPU_BATCH_FORWARD").map_or(true, |v| v != "0");
+    println!("wgpu_bench: one submission per forward: {batch_forward}");
+    // MOE_WGPU_GEMV_STREAM_WORDS=N: about N 16-byte words of each weight row per lane of the
+    // stream kernel (its lanes per output feature; default moe_shaders::GEMV_STREAM_WORDS).
+    let gemv_stream_words = std::env::var("MOE_WGPU_GEMV_STREAM_WORDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(Options::default().gemv_stream_words);
+    println!("wgpu_bench: stream kernel words per lane: about {gemv_stream_words}");
+    let options = Options {
+        expert_gemm,
+        gemv_max_rows,
+        few_row,
+        batch_forward,
+        gemv_stream_words,
+        ..Options::default()
+    };
     let be = match WgpuBackend::request_with_features(options, want[0] | want[1]) {
         Ok(Some(b)) => b,
         Ok(None) => {
@@ -738,14 +891,30 @@ fn main() -> R<()> {
     let stamps = Stamps::new(&be);
     println!("GPU timestamps: {}", if stamps.is_some() { "yes" } else { "no (wall clock only)" });
     let copy_bytes = if quick { 64 << 20 } else { 1u64 << 30 }.min(limits.max_buffer_size / 4 * 4);
-    let (bw, bw_gpu) = copy_bandwidth(&be, copy_bytes, stamps.as_ref())?;
+    let (copy_bw, copy_gpu) = copy_bandwidth(&be, copy_bytes, stamps.as_ref())?;
     println!(
         "copy bandwidth (buffer to buffer, {} MiB, read + write): {:.0} GB/s{}",
         copy_bytes >> 20,
-        bw / 1e9,
-        bw_gpu.map_or(String::new(), |g| format!(" (GPU timestamps: {:.0} GB/s)", g / 1e9))
+        copy_bw / 1e9,
+        copy_gpu.map_or(String::new(), |g| format!(" (GPU timestamps: {:.0} GB/s)", g / 1e9))
     );
-    // the floor uses the wall-clock copy rate, as the CUDA bench uses its event-timed one
+    let read_len = if quick { 64 << 20 } else { 1u64 << 30 }.min(limits.max_buffer_size / 16 * 16);
+    let (read_bw, read_gpu) = shader_read_bandwidth(&be, read_len, stamps.as_ref())?;
+    println!(
+        "shader read bandwidth (compute shader, one 16-byte word per invocation, {} MiB): {:.0} GB/s{}",
+        read_len >> 20,
+        read_bw / 1e9,
+        read_gpu.map_or(String::new(), |g| format!(" (GPU timestamps: {:.0} GB/s)", g / 1e9))
+    );
+    // The bandwidth floor uses the faster of the two wall-clock rates: on the H100 through
+    // NVIDIA's Vulkan driver copy_buffer_to_buffer runs at 0.84 TB/s while a shader reads at
+    // 2.9 TB/s, so a copy-based floor would be 3.4x too lenient (the CUDA bench's copy runs
+    // at 3.0 TB/s on the same GPU).
+    let bw = copy_bw.max(read_bw);
+    println!(
+        "bandwidth floor: {:.0} GB/s (max of the copy and shader read rates, wall clock)",
+        bw / 1e9
+    );
     let name = info.name.to_ascii_uppercase();
     let peak = match arg("--peak-tflops").and_then(|p| p.parse::<f64>().ok()) {
         Some(p) => p * 1e12,
@@ -777,12 +946,12 @@ fn main() -> R<()> {
     if let Some(f) = csv.as_mut() {
         writeln!(
             f,
-            "shape,dtype,tokens,ms,submit_ms,gpu_ms,gbs,floor_ms,pct_floor,experts_touched,cuda_ms,cuda_pct_floor"
+            "shape,dtype,tokens,ms,submit_ms,gpu_ms,gbs,floor_ms,pct_floor,experts_touched,cuda_ms,cuda_pct_floor,copy_gbs,read_gbs"
         )?;
     }
     let budget = arg("--budget-s").and_then(|s| s.parse().ok()).unwrap_or(200.0);
     let deadline = Instant::now() + std::time::Duration::from_secs_f64(budget);
-    let cx = Ctx { be: &be, stamps: stamps.as_ref(), bw, peak, quick };
+    let cx = Ctx { be: &be, stamps: stamps.as_ref(), bw, copy_bw, read_bw, peak, quick };
     let mut filler = Filler {
         chunk_len: if quick { (1 << 16) + 6 } else { (1 << 23) + 6 },
         chunks: HashMap::new(),

@@ -9,15 +9,21 @@
 //!   ring and a small placeholder for absent optional tensors) are created once per device; a
 //!   forward creates no buffers ([`WgpuBackend::buffers_created`] counts them).
 //! * Each stage writes its parameters with `Queue::write_buffer` into its own slots of a
-//!   4096-slot uniform ring and submits its dispatches in one compute pass of one submission. The ring is locked
-//!   from the write to the submit (threads may share a backend) and, when it wraps, the
-//!   backend waits for the device before reusing a slot. A stage does not wait otherwise:
-//!   poll the device ([`WgpuBackend::synchronize`]) or map a buffer to see results.
+//!   4096-slot uniform ring and records its dispatches in one compute pass. A stage called on
+//!   its own submits its pass at once; within a forward ([`moe_core::forward`], between
+//!   [`MoeStages::begin_forward`] and [`MoeStages::end_forward`]) the stages' passes go into
+//!   one command encoder, submitted once at the end (on the H100 each submission left ~21 us
+//!   of GPU idle). The ring is locked from the write to the recording (threads may share a
+//!   backend; a forward being recorded by one thread does not take other threads' stages)
+//!   and, when it wraps, the backend submits a forward being recorded and waits for the
+//!   device before reusing a slot. A stage does not wait otherwise: poll the device
+//!   ([`WgpuBackend::synchronize`]) or map a buffer to see results.
 //! * Expert GEMMs come in three variants ([`ExpertGemm`], [`Options::expert_gemm`]): a tiled
 //!   one (16 x 64 output tiles through workgroup memory); the few-row GEMM
-//!   ([`moe_shaders::GEMV`]: each weight row read once as 16-byte words by 32-256 lanes, held
-//!   in registers and applied to every row of the expert, a fixed-order reduction, the
-//!   activation and routing-weight epilogues fused); and a scalar decode one (the few-row
+//!   ([`moe_shaders::GEMV`]: each weight row streamed as 16-byte words by 16-256 lanes, 4
+//!   words of each weight row per lane per step, applied to a block of 1, 4 or 8 rows, one
+//!   fixed-order reduction per block, the activation and routing-weight epilogues fused;
+//!   [`FewRowGemm`] keeps the earlier register-resident kernel for A/B); and a scalar decode one (the few-row
 //!   path for views not aligned to 16-byte words). By default the host picks from the
 //!   shapes: the few-row GEMM for at most [`GEMV_MAX_ROWS`] rows per local expert on average
 //!   where K and the views are word-aligned, else scalar decode when
@@ -267,7 +273,7 @@ fn stage_label(d: &Dispatch<'_>) -> &'static str {
     }
 }
 
-/// GPU time of one stage (one submission) recorded between
+/// GPU time of one stage (one compute pass) recorded between
 /// [`WgpuBackend::begin_stage_timestamps`] and [`WgpuBackend::end_stage_timestamps`].
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct StageTime {
@@ -288,8 +294,8 @@ struct StageStamps {
     labels: Vec<&'static str>,
 }
 
-/// A pipeline: shader, element and output storage, entry point, and the `LANES` pipeline
-/// constant of [`Shader::Gemv`] (0 for the other shaders).
+/// A pipeline: shader, element and output storage, entry point, and the `LANES` and `RB`
+/// pipeline constants of [`Shader::Gemv`] (`LANES | RB << 16`; 0 for the other shaders).
 type PipelineKey = (Shader, Storage, Storage, &'static str, u32);
 
 /// One storage binding: the buffer range bound (aligned) and the view's element offset in it.
@@ -298,6 +304,32 @@ struct Bind<'a> {
     offset: u64,
     size: u64,
     base: u32,
+}
+
+/// A few-row GEMM dispatch's kernel and grid (see [`WgpuBackend::gemv_grid`]).
+#[derive(Clone, Copy, Debug)]
+struct GemvGrid {
+    /// `"stream"` or `"main"` ([`FewRowGemm`]).
+    entry: &'static str,
+    /// The `LANES` pipeline constant.
+    lanes: u32,
+    /// The `RB` pipeline constant of `stream` (0 for `main`).
+    rb: u32,
+    /// The workgroup grid.
+    groups: [u32; 3],
+    /// Its x extent (the shader's `nx`).
+    nx: u32,
+}
+
+/// The stages of one forward recorded into one command encoder (between
+/// [`MoeStages::begin_forward`] and [`MoeStages::end_forward`] on the thread that began it),
+/// submitted once.
+struct Batch {
+    owner: std::thread::ThreadId,
+    depth: u32,
+    encoder: wgpu::CommandEncoder,
+    /// Stages recorded into `encoder`.
+    stages: usize,
 }
 
 /// One dispatch of a stage.
@@ -335,6 +367,21 @@ pub enum ExpertGemm {
     DecodeScalar,
 }
 
+/// Which kernel of the few-row GEMM ([`moe_shaders::GEMV`]) a backend runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FewRowGemm {
+    /// Entry point `stream` (default): a group of 16-256 lanes per output feature streams its
+    /// weight row through the K loop, 4 words of each weight row per lane per step (8
+    /// independent 16-byte loads in flight when gated, 4 otherwise), and one fixed-order
+    /// reduction per block of 1, 4 or 8 rows.
+    #[default]
+    Stream,
+    /// Entry point `main` (the earlier kernel, for A/B): each lane holds 4 words of each
+    /// weight row per K segment in registers and applies them to every block of 4 rows, with
+    /// a reduction per block of rows.
+    Resident,
+}
+
 /// The most rows (tokens for a linear, rows per local expert on average for an expert GEMM)
 /// for which [`ExpertGemm::Auto`] takes the few-row GEMM.
 pub const GEMV_MAX_ROWS: usize = 64;
@@ -351,11 +398,27 @@ pub struct Options {
     /// GEMM under [`ExpertGemm::Auto`]) for which the few-row GEMM is taken
     /// ([`GEMV_MAX_ROWS`] by default; for experiments).
     pub gemv_max_rows: usize,
+    /// The few-row GEMM's kernel ([`FewRowGemm::Stream`] by default).
+    pub few_row: FewRowGemm,
+    /// About how many 16-byte words of each weight row a lane of [`FewRowGemm::Stream`]
+    /// reads (sets its lanes per output feature: the power of two, 16 to 256, at or above
+    /// `K words / this`); [`moe_shaders::GEMV_STREAM_WORDS`] by default, for tuning.
+    pub gemv_stream_words: usize,
+    /// Record a forward's stages into one command encoder and submit it once (default);
+    /// when off, each stage is submitted on its own (for A/B).
+    pub batch_forward: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { native_f16: true, expert_gemm: ExpertGemm::Auto, gemv_max_rows: GEMV_MAX_ROWS }
+        Options {
+            native_f16: true,
+            expert_gemm: ExpertGemm::Auto,
+            gemv_max_rows: GEMV_MAX_ROWS,
+            few_row: FewRowGemm::Stream,
+            gemv_stream_words: moe_shaders::GEMV_STREAM_WORDS as usize,
+            batch_forward: true,
+        }
     }
 }
 
@@ -366,6 +429,9 @@ pub struct WgpuBackend {
     f16: bool,
     expert_gemm: ExpertGemm,
     gemv_max_rows: usize,
+    few_row: FewRowGemm,
+    batch_forward: bool,
+    gemv_stream_words: usize,
     params: wgpu::Buffer,
     dummy: wgpu::Buffer,
     layouts: Vec<wgpu::BindGroupLayout>,
@@ -377,7 +443,9 @@ pub struct WgpuBackend {
     gemv_dispatches: AtomicUsize,
     dispatches: AtomicUsize,
     submits: AtomicUsize,
+    stages: AtomicUsize,
     next_slot: Mutex<u64>,
+    batch: Mutex<Option<Batch>>,
     stage_stamps: Mutex<Option<StageStamps>>,
     info: wgpu::AdapterInfo,
     loop_cap: Option<u64>,
@@ -470,6 +538,9 @@ impl WgpuBackend {
             f16,
             expert_gemm: options.expert_gemm,
             gemv_max_rows: options.gemv_max_rows,
+            few_row: options.few_row,
+            batch_forward: options.batch_forward,
+            gemv_stream_words: options.gemv_stream_words.max(1),
             params,
             dummy,
             layouts,
@@ -481,7 +552,9 @@ impl WgpuBackend {
             gemv_dispatches: AtomicUsize::new(0),
             dispatches: AtomicUsize::new(0),
             submits: AtomicUsize::new(0),
+            stages: AtomicUsize::new(0),
             next_slot: Mutex::new(0),
+            batch: Mutex::new(None),
             stage_stamps: Mutex::new(None),
             loop_cap: llvmpipe_loop_cap(&info),
             info,
@@ -617,14 +690,84 @@ impl WgpuBackend {
         self.dispatches.load(Ordering::Relaxed)
     }
 
-    /// Queue submissions made since the backend was made (one per stage; each stage records
-    /// its dispatches in one compute pass).
+    /// Queue submissions made since the backend was made: one per stage called on its own,
+    /// one per forward ([`moe_core::forward`] records its stages into one command encoder
+    /// between [`MoeStages::begin_forward`] and [`MoeStages::end_forward`]).
     pub fn submits(&self) -> usize {
         self.submits.load(Ordering::Relaxed)
     }
 
+    /// Stages recorded since the backend was made (each one compute pass).
+    pub fn stages(&self) -> usize {
+        self.stages.load(Ordering::Relaxed)
+    }
+
+    fn batch_lock(&self) -> Result<std::sync::MutexGuard<'_, Option<Batch>>> {
+        self.batch.lock().map_err(|_| MoeError::Device {
+            backend: NAME,
+            what: "forward batch lock",
+            code: -1,
+        })
+    }
+
+    fn new_encoder(&self) -> wgpu::CommandEncoder {
+        self.device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("moe-wgpu") })
+    }
+
+    /// Submit the stages recorded in `b` so far (a fresh encoder takes their place).
+    fn flush_batch(&self, b: &mut Batch) {
+        let enc = core::mem::replace(&mut b.encoder, self.new_encoder());
+        if b.stages > 0 {
+            self.queue.submit([enc.finish()]);
+            self.submits.fetch_add(1, Ordering::Relaxed);
+        }
+        b.stages = 0;
+    }
+
+    /// Begin recording this thread's stages into one encoder (see [`MoeStages::begin_forward`]).
+    /// Where another thread's forward is being recorded, this thread's stages are submitted one
+    /// by one as outside a forward.
+    fn begin_batch(&self) -> Result<()> {
+        if !self.batch_forward {
+            return Ok(());
+        }
+        let me = std::thread::current().id();
+        let mut g = self.batch_lock()?;
+        match g.as_mut() {
+            None => {
+                *g = Some(Batch { owner: me, depth: 1, encoder: self.new_encoder(), stages: 0 })
+            }
+            Some(b) if b.owner == me => b.depth += 1,
+            Some(_) => {}
+        }
+        Ok(())
+    }
+
+    /// End this thread's recording begun by [`Self::begin_batch`]: submit what it recorded.
+    fn end_batch(&self) -> Result<()> {
+        let me = std::thread::current().id();
+        let mut g = self.batch_lock()?;
+        let Some(b) = g.as_mut().filter(|b| b.owner == me) else {
+            return Ok(());
+        };
+        b.depth -= 1;
+        if b.depth > 0 {
+            return Ok(());
+        }
+        let Some(mut b) = g.take() else {
+            return Ok(());
+        };
+        drop(g);
+        // Errors of the recorded passes (wgpu reports them at `finish` or submission).
+        self.scoped("a forward's command submission", || {
+            self.flush_batch(&mut b);
+            Ok(())
+        })
+    }
+
     /// Start recording GPU timestamps at the beginning and end of each stage's compute pass
-    /// (each stage is one submission), for up to `max_stages` stages (at most 2048). Needs
+    /// (each stage is one compute pass), for up to `max_stages` stages (at most 2048). Needs
     /// `wgpu::Features::TIMESTAMP_QUERY` on the device: returns `false` (and records nothing)
     /// without it. A recording already under way is discarded.
     pub fn begin_stage_timestamps(&self, max_stages: u32) -> bool {
@@ -738,11 +881,11 @@ impl WgpuBackend {
         out: Storage,
         entry: &'static str,
     ) -> Result<wgpu::ComputePipeline> {
-        self.pipeline_with(shader, elem, out, entry, 0)
+        self.pipeline_with(shader, elem, out, entry, 0, 0)
     }
 
     /// As [`Self::pipeline`], with the `LANES` pipeline constant of [`Shader::Gemv`] when
-    /// `lanes > 0`.
+    /// `lanes > 0` and its `RB` constant when `rb > 0`.
     fn pipeline_with(
         &self,
         shader: Shader,
@@ -750,11 +893,12 @@ impl WgpuBackend {
         out: Storage,
         entry: &'static str,
         lanes: u32,
+        rb: u32,
     ) -> Result<wgpu::ComputePipeline> {
         fn lock_err<E>(_: E) -> MoeError {
             MoeError::Device { backend: NAME, what: "pipeline cache lock", code: -1 }
         }
-        let key = (shader, elem, out, entry, lanes);
+        let key = (shader, elem, out, entry, lanes | rb << 16);
         if let Some(p) = self.pipelines.lock().map_err(lock_err)?.get(&key) {
             return Ok(p.clone());
         }
@@ -771,7 +915,12 @@ impl WgpuBackend {
                 })
                 .clone())
         })?;
-        let constants = [("LANES", f64::from(lanes))];
+        let constants = [("LANES", f64::from(lanes)), ("RB", f64::from(rb))];
+        let constants: &[(&str, f64)] = match (lanes, rb) {
+            (0, _) => &[],
+            (_, 0) => &constants[..1],
+            _ => &constants,
+        };
         let p = self.scoped("shader module or pipeline creation", || {
             Ok(self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                 label: Some(entry),
@@ -779,7 +928,7 @@ impl WgpuBackend {
                 module: &module,
                 entry_point: Some(entry),
                 compilation_options: wgpu::PipelineCompilationOptions {
-                    constants: if lanes > 0 { &constants } else { &[] },
+                    constants,
                     // Every shader writes its workgroup memory before reading it: skip the
                     // zeroing prologue wgpu would add to each workgroup.
                     zero_initialize_workgroup_memory: false,
@@ -867,11 +1016,18 @@ impl WgpuBackend {
             what: "parameter ring lock",
             code: -1,
         })?;
+        let mut batch = self.batch_lock()?;
         if *next + n > SLOTS {
-            // The ring wraps: make sure no submitted dispatch still reads its slots.
+            // The ring wraps: submit the stages of a forward being recorded (their slots are
+            // written), then make sure no submitted dispatch still reads its slots.
+            if let Some(b) = batch.as_mut() {
+                self.flush_batch(b);
+            }
             self.synchronize()?;
             *next = 0;
         }
+        let me = std::thread::current().id();
+        let mut batch = batch.as_mut().filter(|b| b.owner == me);
         let first = *next;
         *next += n;
         // The stage's slots are contiguous: one write for all of them.
@@ -909,9 +1065,15 @@ impl WgpuBackend {
                 entries: &entries,
             }));
         }
-        let mut enc = self
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("moe-wgpu") });
+        let mut own = None;
+        let enc = match batch.as_mut() {
+            Some(b) => {
+                b.stages += 1;
+                &mut b.encoder
+            }
+            None => own.insert(self.new_encoder()),
+        };
+        self.stages.fetch_add(1, Ordering::Relaxed);
         {
             // One compute pass for the stage: wgpu places the barriers that the buffer uses
             // of consecutive dispatches need.
@@ -947,8 +1109,10 @@ impl WgpuBackend {
                 self.dispatches.fetch_add(1, Ordering::Relaxed);
             }
         }
-        self.queue.submit([enc.finish()]);
-        self.submits.fetch_add(1, Ordering::Relaxed);
+        if let Some(enc) = own {
+            self.queue.submit([enc.finish()]);
+            self.submits.fetch_add(1, Ordering::Relaxed);
+        }
         Ok(())
     }
 
@@ -969,9 +1133,12 @@ impl WgpuBackend {
     /// of `experts` experts (grid z), reduction length `k`, at most `rows` rows in one expert,
     /// `scan` the local expert count where the z workgroups are ranks of the experts with rows
     /// (see [`Self::expert_grid`]), else 0, with the
-    /// word-read bindings `words` (activations and weights); `None` where it cannot run: K or
+    /// word-read bindings `words` (activations and weights), and `row_hint` the rows one
+    /// expert (or the linear) has in the common case (1 at one token; picks the `stream`
+    /// kernel's rows per block); `None` where it cannot run: K or
     /// a view offset not a multiple of the word's elements, a grid past 65535 workgroups, or
     /// (llvmpipe) past the loop budget.
+    #[allow(clippy::too_many_arguments)]
     fn gemv_grid(
         &self,
         elem: Storage,
@@ -980,8 +1147,9 @@ impl WgpuBackend {
         experts: usize,
         rows: usize,
         scan: usize,
+        row_hint: usize,
         words: &[&Bind<'_>],
-    ) -> Option<(u32, [u32; 3], u32)> {
+    ) -> Option<GemvGrid> {
         let ve = moe_shaders::gemv_elements_per_word(elem) as usize;
         if k == 0
             || n == 0
@@ -992,7 +1160,22 @@ impl WgpuBackend {
         }
         let kv = k / ve;
         let per_lane = moe_shaders::GEMV_WORDS as usize;
-        let lanes = kv.div_ceil(per_lane).next_power_of_two().clamp(32, 256);
+        let stream = self.few_row == FewRowGemm::Stream;
+        let lanes = if stream {
+            // about GEMV_STREAM_WORDS words of each weight row per lane
+            kv.div_ceil(self.gemv_stream_words)
+        } else {
+            kv.div_ceil(per_lane)
+        }
+        .next_power_of_two()
+        .clamp(if stream { 16 } else { 32 }, 256);
+        // rows per block of `stream`: 1 where each expert (or the linear) has one row, else
+        // 4 or 8 from the average
+        let rb: usize = match row_hint {
+            0 | 1 => 1,
+            2..=4 => 4,
+            _ => 8,
+        };
         let per_group = moe_shaders::GEMV_GROUP as usize / lanes;
         let gx = n.div_ceil(per_group);
         let nx = gx.min(MAX_GROUPS as usize);
@@ -1001,11 +1184,23 @@ impl WgpuBackend {
             return None;
         }
         let nseg = kv.div_ceil(lanes * per_lane) as u64;
-        let blocks = rows.div_ceil(moe_shaders::GEMV_ROWS as usize) as u64 + 1;
         let scan_loops = if scan > 0 { 2 * scan.div_ceil(256) as u64 + 16 } else { 0 };
-        let loops = blocks * (8 + nseg * (per_lane as u64 * 7) + 8 * 9 + 4) + 8 + scan_loops;
+        let loops = if stream {
+            let (rb, steps) = (rb as u64, nseg);
+            let blocks = rows.div_ceil(rb as usize) as u64 + 1;
+            blocks * (2 * rb + steps * (rb + 1) + 9 * (2 * rb + 1) + 4) + 8 + scan_loops
+        } else {
+            let blocks = rows.div_ceil(moe_shaders::GEMV_ROWS as usize) as u64 + 1;
+            blocks * (8 + nseg * (per_lane as u64 * 7) + 8 * 9 + 4) + 8 + scan_loops
+        };
         self.check_loops(loops, "").ok()?;
-        Some((lanes as u32, [nx as u32, ny as u32, experts as u32], nx as u32))
+        Some(GemvGrid {
+            entry: if stream { "stream" } else { "main" },
+            lanes: lanes as u32,
+            rb: if stream { rb as u32 } else { 0 },
+            groups: [nx as u32, ny as u32, experts as u32],
+            nx: nx as u32,
+        })
     }
 
     /// The z extent of an expert GEMM's few-row grid over `experts` local experts and `slots`
@@ -1025,11 +1220,11 @@ impl WgpuBackend {
         &self,
         elem: Storage,
         out: Storage,
-        grid: (u32, [u32; 3], u32),
+        grid: GemvGrid,
         mut params: Vec<u32>,
         binds: Vec<Bind<'a>>,
     ) -> Result<Dispatch<'a>> {
-        let (lanes, groups, nx) = grid;
+        let GemvGrid { entry, lanes, rb, groups, nx } = grid;
         params.insert(23, nx);
         self.gemv_dispatches.fetch_add(1, Ordering::Relaxed);
         if params[2] != 0 {
@@ -1037,7 +1232,7 @@ impl WgpuBackend {
             self.decode_dispatches.fetch_add(1, Ordering::Relaxed);
         }
         Ok(Dispatch {
-            pipeline: self.pipeline_with(Shader::Gemv, elem, out, "main", lanes)?,
+            pipeline: self.pipeline_with(Shader::Gemv, elem, out, entry, lanes, rb)?,
             shader: Shader::Gemv,
             params,
             binds,
@@ -1075,7 +1270,7 @@ impl WgpuBackend {
         out: Bind<'a>,
     ) -> Result<()> {
         let grid = if self.gemv_wanted(tokens, 1, true) {
-            self.gemv_grid(elem, in_dim, out_dim, 1, tokens, 0, &[&x, &w])
+            self.gemv_grid(elem, in_dim, out_dim, 1, tokens, 0, tokens, &[&x, &w])
         } else {
             None
         };
@@ -1227,7 +1422,12 @@ impl WgpuBackend {
             if mlp.gated {
                 words.push(&gb);
             }
-            self.gemv_grid(elem, width, inter, gz, tokens + pad, compact, &words)
+            let hint = match tokens {
+                1 => 1,
+                _ if dense => tokens,
+                _ => (tokens * topk).div_ceil(gz).max(2),
+            };
+            self.gemv_grid(elem, width, inter, gz, tokens + pad, compact, hint, &words)
         } else {
             None
         };
@@ -1362,6 +1562,14 @@ impl Backend for WgpuBackend {
 }
 
 impl<T: Element> MoeStages<T> for WgpuBackend {
+    fn begin_forward(&self) -> Result<()> {
+        self.begin_batch()
+    }
+
+    fn end_forward(&self) -> Result<()> {
+        self.end_batch()
+    }
+
     fn router_logits(
         &self,
         tokens: usize,
@@ -1650,7 +1858,9 @@ impl<T: Element> MoeStages<T> for WgpuBackend {
         let yb = self.bind_mut(&out)?;
         let (gz, compact) = Self::expert_grid(el, tokens * c.top_k);
         let grid = if self.gemv_wanted(tokens * c.top_k, el, false) {
-            self.gemv_grid(elem, inter, d, gz, tokens + plan.row_align(), compact, &[&hb, &wb])
+            let hint = if tokens == 1 { 1 } else { (tokens * c.top_k).div_ceil(gz).max(2) };
+            let rows = tokens + plan.row_align();
+            self.gemv_grid(elem, inter, d, gz, rows, compact, hint, &[&hb, &wb])
         } else {
             None
         };

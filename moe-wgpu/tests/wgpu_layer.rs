@@ -528,6 +528,51 @@ fn conformance_few_row_gemm_over_active_experts() {
     }
 }
 
+/// Both kernels of the few-row GEMM (`stream`, the default, and `main`) against the reference
+/// where K is long enough for 64-256 lanes per output feature (up: K = hidden, down: K =
+/// intermediate; f32 and bf16), K not a multiple of a step (the clamped tail words), and 1, 5
+/// and 37 tokens (the `stream` kernel's blocks of 1, 4 and 8 rows, several blocks per expert),
+/// each run twice with bitwise-equal outputs.
+#[test]
+fn conformance_few_row_kernels_long_k() {
+    let backends =
+        [("stream", common::decode_backend(false)), ("resident", common::resident_backend())];
+    let mut cases = Vec::new();
+    // down: f32 K = 8232 (2058 words: 256 lanes), bf16 1029 words (128 lanes)
+    let mut c = base(64, 4, 2, 8232);
+    c.expert.mlp = mlp_cfg(8232, true, Activation::Silu, true);
+    cases.push(("long_down_k", c));
+    // up: f32 K = 2056 (514 words: 64 lanes), bf16 257 words (32 lanes); ungated gelu
+    let mut c = base(2056, 3, 2, 40);
+    c.expert.mlp = mlp_cfg(40, false, Activation::Gelu, false);
+    c.shared = Some(SharedConfig {
+        mlp: mlp_cfg(24, true, Activation::Silu, false),
+        gate: SharedGate::SigmoidLinear,
+    });
+    cases.push(("long_up_k", c));
+    for (i, (name, c)) in cases.into_iter().enumerate() {
+        let (w, x) = weights(&c, 77 + i as u64);
+        for (kernel, be) in backends {
+            let Some(be) = be else { return };
+            for (dtype, t) in
+                [(DType::F32, 1), (DType::BF16, 5), (DType::F32, 37), (DType::BF16, 1)]
+            {
+                let before = be.gemv_dispatches();
+                check_on(be, name, dtype, &c, &w, &x[..t * c.hidden], t, 1);
+                assert!(be.gemv_dispatches() >= before + 2, "{name} {kernel}: no few-row GEMM");
+                let xr = &x[..t * c.hidden];
+                let a = run(be, dtype, &c, &w, xr, t, 1).expect("first run");
+                let b = run(be, dtype, &c, &w, xr, t, 1).expect("second run");
+                assert!(
+                    a.out.iter().zip(&b.out).all(|(p, q)| p.to_bits() == q.to_bits()),
+                    "{name} {kernel} {}: two runs differ",
+                    dtype.name()
+                );
+            }
+        }
+    }
+}
+
 /// Stage timestamps: one per submission of a forward where the device has `TIMESTAMP_QUERY`,
 /// none (and `false`) otherwise.
 #[test]
@@ -543,15 +588,19 @@ fn stage_timestamps_cover_each_stage() {
     let (w, x) = weights(&c, 3);
     let on = be.begin_stage_timestamps(64);
     assert_eq!(on, be.device().features().contains(wgpu::Features::TIMESTAMP_QUERY));
-    let before = be.submits();
+    let (before, stages_before) = (be.submits(), be.stages());
     check_on(&be, "deepseek_v3_like timed", DType::F32, &c, &w, &x[..2 * c.hidden], 2, 1);
     let submits = be.submits() - before;
+    let stages = be.stages() - stages_before;
+    // the forward's stages are recorded into one encoder and submitted once
+    assert_eq!(submits, 1, "one submission per forward");
+    assert!(stages >= 6, "{stages} stages");
     let st = be.end_stage_timestamps().expect("stage timestamps");
     if !on {
         assert!(st.is_empty());
         return;
     }
-    assert_eq!(st.len(), submits, "one time per stage");
+    assert_eq!(st.len(), stages, "one time per stage");
     assert!(st.iter().any(|s| s.label == "route") && st.iter().any(|s| s.label == "permute"));
     for s in &st {
         assert!(s.gpu_ns.is_finite() && s.gpu_ns >= 0.0 && s.start_ns >= 0.0, "{s:?}");

@@ -39,9 +39,12 @@ pub const EXPERT_UP: &str =
 /// Grouped GEMM 2 with the routing weight fused. Entry points `main` (tiled) and `decode`
 /// ([`DECODE_DOWN_COLUMNS`] output columns per workgroup).
 pub const EXPERT_DOWN: &str = include_str!("../wgsl/expert_down.wgsl");
-/// Few-row GEMM with the weights held in registers (linear, expert up with the activation,
-/// expert down with the routing weight; see the file's header). Entry point `main`; the
-/// pipeline constant `LANES` (32..=256, a power of two) sets the lanes per output feature.
+/// Few-row GEMM (linear, expert up with the activation, expert down with the routing weight;
+/// see the file's header). Entry points `stream` (weights streamed through the K loop, 4 words
+/// per lane per step, one reduction per block of `RB` rows; the pipeline constant `RB` is 1, 4
+/// or 8) and `main` (weights held in registers per K segment and applied to blocks of 4 rows);
+/// the pipeline constant `LANES` (a power of two, 16..=256 for `stream`, 32..=256 for `main`)
+/// sets the lanes per output feature.
 /// Weights and activations are bound as `vec4<u32>` words: K and every view offset must be
 /// multiples of [`gemv_elements_per_word`].
 pub const GEMV: &str = concat!(include_str!("../wgsl/act.wgsl"), include_str!("../wgsl/gemv.wgsl"));
@@ -59,7 +62,7 @@ pub const ALL: [(&str, &str, &[&str]); 8] = [
     ("expert_down", EXPERT_DOWN, &["main", "decode"]),
     ("combine", COMBINE, &["main"]),
     ("add", ADD, &["main"]),
-    ("gemv", GEMV, &["main"]),
+    ("gemv", GEMV, &["main", "stream"]),
 ];
 
 /// Invocations per workgroup of [`GEMV`].
@@ -67,8 +70,12 @@ pub const GEMV_GROUP: u32 = 256;
 /// Words (`vec4<u32>`) of each weight row a [`GEMV`] lane holds: one K segment is
 /// `LANES * GEMV_WORDS` words.
 pub const GEMV_WORDS: u32 = 4;
-/// Rows per block of [`GEMV`] (one reduction per block).
+/// Rows per block of [`GEMV`]'s `main` (one reduction per block).
 pub const GEMV_ROWS: u32 = 4;
+/// Words (`vec4<u32>`) of each weight row a lane of [`GEMV`]'s `stream` reads, about: the
+/// host picks `LANES` as the power of two (16..=256) nearest above `K / 8 / GEMV_STREAM_WORDS`
+/// (bf16/f16; `K / 4` words for f32).
+pub const GEMV_STREAM_WORDS: u32 = 16;
 
 /// Elements per 16-byte word of storage type `s` in [`GEMV`] (8 for f16 and bf16, 4 for f32).
 pub fn gemv_elements_per_word(s: Storage) -> u32 {

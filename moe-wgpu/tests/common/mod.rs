@@ -8,7 +8,7 @@ use moe_core::{
     DType, Element, LatentWeights, MlpWeights, MoeConfig, MoeError, MoePlan, MoeWeights,
     SharedWeights, SingleRank, TopkReduce,
 };
-use moe_wgpu::{ExpertGemm, Options, WgpuBackend, WgpuView, WgpuViewMut};
+use moe_wgpu::{ExpertGemm, FewRowGemm, Options, WgpuBackend, WgpuView, WgpuViewMut};
 use std::sync::OnceLock;
 
 /// The backend on the first adapter, or `None` (with a message) where none exists.
@@ -31,6 +31,20 @@ pub fn decode_backend(packed_f16: bool) -> Option<&'static WgpuBackend> {
     let options =
         Options { native_f16: !packed_f16, expert_gemm: ExpertGemm::Decode, ..Options::default() };
     if packed_f16 { &PACKED } else { &BE }.get_or_init(|| make(options)).as_ref()
+}
+
+/// A backend that runs the few-row GEMM wherever it can ([`ExpertGemm::Decode`]) with its
+/// earlier kernel ([`FewRowGemm::Resident`], entry point `main`), for the A/B kernel.
+pub fn resident_backend() -> Option<&'static WgpuBackend> {
+    static BE: OnceLock<Option<WgpuBackend>> = OnceLock::new();
+    BE.get_or_init(|| {
+        make(Options {
+            expert_gemm: ExpertGemm::Decode,
+            few_row: FewRowGemm::Resident,
+            ..Options::default()
+        })
+    })
+    .as_ref()
 }
 
 /// A backend that runs the expert GEMMs' scalar decode variant wherever it can
