@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the staged moe-cuda binaries on a GPU machine (from the staging folder).
 # Usage: ./gpu-run.sh [conformance] [sanitize] [quickstart] [bench] [anchor] [report] [multi_gpu]
-#                    [multi_gpu_bench] [wgpu] [wgpu_bench] [wgpu_bw] [profile] (default: conformance)
+#                    [multi_gpu_bench] [wgpu] [wgpu_bench] [wgpu_bw] [wgpu_ab] [profile]
 #
 # wgpu: the moe-wgpu tests on the GPU's Vulkan driver (never llvmpipe: they must find a
 # discrete adapter), then wgpu_bench; wgpu_bench: only the bench. Vulkan loader .deb files in
@@ -154,6 +154,17 @@ for w in $what; do
                     "${OUT:-.}/prof-$k.txt" | head -n 30
             done
         fi ;;
+    wgpu_ab)
+        # the wgpu bench at T = 1, 16 (bf16) under each alternative setting, for A/B against
+        # the defaults (stream few-row kernel, one submission per forward)
+        wgpu_setup
+        for v in MOE_WGPU_GEMV_KERNEL=resident MOE_WGPU_BATCH_FORWARD=0 \
+            MOE_WGPU_GEMV_STREAM_WORDS=8 MOE_WGPU_GEMV_STREAM_WORDS=32; do
+            echo "### $v"
+            env "$v" timeout "${WGPU_BENCH_TIMEOUT:-150}" "$here/wgpu-bin/wgpu_bench" \
+                --models mixtral,qwen3,gpt-oss --tokens 1,16 --dtypes bf16 \
+                --csv "${OUT:-.}/wgpu_bench-${v//=/_}.csv" || rc=1
+        done ;;
     wgpu_bw)
         wgpu_setup
         echo "=== wgpu_bandwidth"
