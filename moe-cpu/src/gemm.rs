@@ -22,7 +22,8 @@
 //!   transposed into `[k][32]` (L2), and each [`MR_BC`]-row group (L1) runs against all the
 //!   panels; the next K block's weight rows are prefetched into L2 meanwhile;
 //! * [`Isa::Amx`], bf16 operands and at least [`AMX_MIN_ROWS`] rows: the AMX-BF16 tile kernel
-//!   (module `amx`: weights as the tiles' A operand, the item's rows packed once per K block
+//!   (module `amx`: weights as the tiles' A operand, copied into tile order, or read in place
+//!   by the tile loads for items of at most 128 rows; the item's rows packed once per K block
 //!   into the VNNI B layout, transposed f32 results).
 //!
 //! # Determinism

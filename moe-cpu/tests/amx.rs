@@ -172,6 +172,10 @@ fn shapes() -> Vec<Shape> {
         Shape { h: 1100, inter: 200, rows_of: vec![300, 17, 0] },
         // Exact multiples everywhere.
         Shape { h: 64, inter: 96, rows_of: vec![32, 16, 48, 0] },
+        // Weight tiles read in place (at most 128 rows, K a multiple of 32): an odd number of
+        // full n-tiles (5, the last one alone), an odd number of k-steps (3), odd m-tile
+        // counts (2 and 7 tiles); the down stage (K = 80) packs them instead.
+        Shape { h: 96, inter: 80, rows_of: vec![20, 100, 7] },
         // Tiny K (1 < 32) and N (1).
         Shape { h: 1, inter: 1, rows_of: vec![7, 0, 9] },
     ]

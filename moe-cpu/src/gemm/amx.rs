@@ -6,7 +6,11 @@
 //! bf16), so the weights need no interleaving: per K block and pair of 16-row n-tiles, the
 //! weight rows are copied (with zero padding past the item's columns and the K block) into a
 //! tile-ordered L1 buffer, while the next pair's rows are prefetched into L2 (a line per line
-//! copied). The activation rows play the "B" operand: per K block of
+//! copied). Items of at most [`DIRECT_MAX_ROWS`] rows skip that copy for full tiles (16 weight
+//! rows present, K block a multiple of 32): `tileloadd` reads them in place with the weights'
+//! row stride, double-buffered, with the lines a few k-steps ahead fetched into L1
+//! ([`kernel_direct`]), so the weights are read once instead of read, written and read again.
+//! The activation rows play the "B" operand: per K block of
 //! [`KA`], the item's rows are gathered and packed once into the VNNI layout (pairs of K
 //! interleaved: `[m-tile][k-step][k/2][16 rows][2]`, 16 × 16 transposes of 32-bit pairs) and
 //! reused by every weight tile. Each `tdpbf16ps` thus computes a transposed 16 × 16 result tile
@@ -40,6 +44,13 @@ use std::sync::OnceLock;
 
 /// K block of the AMX path (a multiple of 32): the packed rows take `MB × KA × 2` bytes (L2).
 pub(crate) const KA: usize = 512;
+/// Up to this many rows (at most 8 m-tiles), full weight tiles are read in place from the
+/// weights by [`kernel_direct`] instead of being copied first: with so few reuses the copy is a
+/// second pass over the weights that costs more than the strided tile loads (measured on the
+/// Mixtral and gpt-oss shapes: 256 rows lose, 32 to 128 win).
+pub(crate) const DIRECT_MAX_ROWS: usize = 128;
+/// K-steps ahead that [`kernel_direct`] fetches its weight lines into L1.
+const PREFETCH_STEPS: usize = 8;
 /// bf16 per k-step (one tile row: 64 bytes).
 const KT: usize = 32;
 /// Rows (and columns) of a tile.
@@ -238,6 +249,93 @@ unsafe fn kernel<const NN: usize, const MM: usize>(
     }
 }
 
+/// One n-tile by `MM` (at most 2) m-tiles over one K block, with the weight tile read in place:
+/// k-step `s` of the tile is the 16 rows of 64 bytes at `w + s * 64`, `ws` bytes apart (the
+/// `[N, K]` weights themselves). Double-buffered: even k-steps load the weight tile into tmm4 and
+/// the packed rows into tmm6/tmm7, odd ones into tmm5 and tmm2/tmm3, so that a step's loads need
+/// not wait for the previous step's products to release their tiles. `Cᵀ` tiles in tmm0/tmm1 at
+/// `c + m * 64` (row stride `cs` bytes), zero when `first`, else loaded; packed row tile
+/// (m, s) the 1 KiB at `a[m] + s * 1024`. When `prefetch`, each step fetches into L1 the weight
+/// lines [`PREFETCH_STEPS`] k-steps ahead: of this tile, then of the next n-tile (the 16 rows
+/// from `w + 16 * ws`, the next tile the caller runs).
+///
+/// # Safety
+/// A configured tile state; every pointer valid for the tiles it covers (see the caller).
+/// Prefetches never fault, whatever the address.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel_direct<const MM: usize>(
+    c: *mut u8,
+    cs: usize,
+    first: bool,
+    w: *const u8,
+    ws: usize,
+    a: [*const u8; 2],
+    steps: usize,
+    prefetch: bool,
+) {
+    let fetch = |s: usize| {
+        if prefetch {
+            let sd = s + PREFETCH_STEPS;
+            let line = if sd < steps {
+                w.wrapping_add(sd * 64)
+            } else {
+                w.wrapping_add(TR * ws + (sd - steps) * 64)
+            };
+            for r in 0..TR {
+                // SAFETY: SSE is part of the x86-64 baseline; a prefetch never faults.
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(line.wrapping_add(r * ws) as *const i8) };
+            }
+        }
+    };
+    // SAFETY: the caller's contract covers every tile address below.
+    unsafe {
+        if first {
+            tzero::<0>();
+            if MM == 2 {
+                tzero::<1>();
+            }
+        } else {
+            tload::<0>(c, cs);
+            if MM == 2 {
+                tload::<1>(c.add(64), cs);
+            }
+        }
+        let mut s = 0;
+        while s < steps {
+            let o = s * TR * 64;
+            fetch(s);
+            tload::<4>(w.add(s * 64), ws);
+            tload::<6>(a[0].add(o), 64);
+            if MM == 2 {
+                tload::<7>(a[1].add(o), 64);
+            }
+            tdp::<0, 4, 6>();
+            if MM == 2 {
+                tdp::<1, 4, 7>();
+            }
+            if s + 1 < steps {
+                let o = o + TR * 64;
+                fetch(s + 1);
+                tload::<5>(w.add(s * 64 + 64), ws);
+                tload::<2>(a[0].add(o), 64);
+                if MM == 2 {
+                    tload::<3>(a[1].add(o), 64);
+                }
+                tdp::<0, 5, 2>();
+                if MM == 2 {
+                    tdp::<1, 5, 3>();
+                }
+            }
+            s += 2;
+        }
+        tstore::<0>(c, cs);
+        if MM == 2 {
+            tstore::<1>(c.add(64), cs);
+        }
+    }
+}
+
 /// 32 bf16 of `src` from `at` as 16 pairs (fewer left: zeros).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw")]
@@ -306,6 +404,40 @@ pub(crate) unsafe fn run_block<T: Element>(blk: &Block<'_, T>, out: Out) {
             let mut nt = 0;
             while nt < ntn {
                 let nn = (ntn - nt).min(2);
+                let first = k0 == 0;
+                if mb <= DIRECT_MAX_ROWS && kc % KT == 0 && (nt + nn) * TR <= nb {
+                    // Few rows, full tiles: the weight tiles are read in place (one pass over
+                    // the weights, no copy), each n-tile against every pair of m-tiles in turn.
+                    for t in 0..nn {
+                        let w = rows_of((nt + t) * TR).as_ptr() as *const u8;
+                        let mut mt = 0;
+                        while mt < mtn {
+                            let mm = (mtn - mt).min(2);
+                            let ptrs = [
+                                ap.wrapping_add(mt * steps * TR * KT) as *const u8,
+                                ap.wrapping_add((mt + 1) * steps * TR * KT) as *const u8,
+                            ];
+                            let c = cb.wrapping_add((nt + t) * TR * MB + mt * TR) as *mut u8;
+                            // SAFETY: tiles configured above. C tiles: rows (nt+t)*16.. (< NB)
+                            // of the Cᵀ buffer, columns mt*16.. (< MB). Weight tile: rows
+                            // (nt+t)*16..+16 <= nb (checked) of this B, bytes k0*2.. +
+                            // steps*64 = (k0+kc)*2 of each row (kc a multiple of 32, checked).
+                            // Packed row tiles (mt + m < mtn, s < steps) lie in their buffer,
+                            // written above.
+                            unsafe {
+                                let (ws, pf) = (k * 2, mt == 0);
+                                if mm == 2 {
+                                    kernel_direct::<2>(c, cs, first, w, ws, ptrs, steps, pf);
+                                } else {
+                                    kernel_direct::<1>(c, cs, first, w, ws, ptrs, steps, pf);
+                                }
+                            }
+                            mt += 2;
+                        }
+                    }
+                    nt += 2;
+                    continue;
+                }
                 // Pack the weight rows of n-tiles nt.. (rows past nb and K past kc: zeros).
                 for jj in 0..nn * TR {
                     let (t, r) = (jj / TR, jj % TR);
@@ -338,7 +470,6 @@ pub(crate) unsafe fn run_block<T: Element>(blk: &Block<'_, T>, out: Out) {
                         ap.wrapping_add((mt + 1) * steps * TR * KT) as *const u8,
                     ];
                     let c = cb.wrapping_add(nt * TR * MB + mt * TR) as *mut u8;
-                    let first = k0 == 0;
                     // SAFETY: tiles configured above. C tiles: rows nt*16.. (< NB) of the Cᵀ
                     // buffer, columns mt*16.. (< MB). Weight tiles (t < nn, s < steps) and
                     // packed row tiles (mt + m < mtn, s < steps) lie in their buffers, written
