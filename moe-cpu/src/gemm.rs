@@ -8,10 +8,11 @@
 //! weight, bias, rounding). Four kernels, chosen by the item's row count and element type
 //! (never by the thread count):
 //!
-//! * up to [`DIRECT_ROWS`] rows (decode): the weight rows are read in place and widened in
-//!   registers (f16/bf16 → f32), [`NR`] streams with software prefetch, against the item's rows
-//!   widened into a stack buffer; `MR × NR` vector accumulators along K, reduced horizontally
-//!   at the end of each [`KC`] block;
+//! * up to [`DIRECT_ROWS`] rows (decode): the weight rows and the item's rows are read in place
+//!   and widened in registers (f16/bf16 → f32); each group of [`NR`] weight rows is streamed
+//!   over its whole length (long sequential streams, one prefetch per cache line
+//!   [`PREFETCH_AHEAD`] bytes ahead); `MR × NR` vector accumulators along K, reduced
+//!   horizontally at the end of each [`KC`] block;
 //! * more rows: the same dot-product microkernel on packed operands: per K block the rows of A
 //!   are widened into `[MP][KS]` and each micro-panel of [`NR`] weight rows into `[NR][KS]`
 //!   (L1), both 64-byte aligned with a padded stride (no split loads, no 4 KiB aliasing); while
@@ -50,8 +51,8 @@ pub(crate) const KC: usize = 1024;
 pub(crate) const KS: usize = KC + 16;
 /// Up to this many rows, work items read the weights in place (no packing copy).
 pub(crate) const DIRECT_ROWS: usize = 16;
-/// Elements prefetched ahead on each weight row by the few-rows kernel.
-pub(crate) const PREFETCH_AHEAD: usize = 512;
+/// Bytes prefetched ahead on each weight row by the few-rows kernel (0: none).
+pub(crate) const PREFETCH_AHEAD: usize = 2048;
 /// Rows of a microkernel tile (at most; AVX2 uses 2, its 16 registers hold 2 × NR
 /// accumulators).
 pub(crate) const MR: usize = 4;
@@ -299,21 +300,21 @@ macro_rules! engine {
             }
         }
 
-        /// Few rows (decode): the weight rows are read in place and widened in registers (no
-        /// packing copy), with software prefetch ahead on each of the NR streams.
-        /// `c[i * NB + j] (+)= sum_{k < kc} a[i * KS + k] B_j[k]` for `i < M`, `j < NR`.
+        /// Few rows (decode): the weight rows and the item's rows are both read in place and
+        /// widened in registers (no packing copy), with software prefetch ahead on each of the
+        /// NR weight streams.
+        /// `c[i * NB + j] (+)= sum_{k < kc} A_i[k] B_j[k]` for `i < M`, `j < NR`.
         $(#[$attr])*
         #[inline]
         unsafe fn micro_direct<const M: usize, T: Element>(
-            a: *const f32,
+            arow: [*const T; M],
             brow: [*const T; NR],
             kc: usize,
             c: *mut f32,
             first: bool,
         ) {
-            // SAFETY: the caller passes M packed rows of at least kc floats at stride KS, NR
-            // weight rows of at least kc elements, and a tile with M rows of NB >= NR columns.
-            // Prefetches never fault.
+            // SAFETY: the caller passes M rows and NR weight rows of at least kc elements, and a
+            // tile with M rows of NB >= NR columns. Prefetches never fault.
             unsafe {
                 let mut acc = [[zero(); NR]; M];
                 let full = kc / L * L;
@@ -321,10 +322,13 @@ macro_rules! engine {
                 while k < full {
                     let mut av = [zero(); M];
                     for (i, v) in av.iter_mut().enumerate() {
-                        *v = load(a.add(i * KS + k));
+                        *v = load_t(arow[i].add(k));
                     }
                     for j in 0..NR {
-                        prefetch(brow[j].wrapping_add(k + PREFETCH_AHEAD) as *const u8);
+                        let at = k * core::mem::size_of::<T>();
+                        if PREFETCH_AHEAD > 0 && at % 64 == 0 {
+                            prefetch((brow[j] as *const u8).wrapping_add(at + PREFETCH_AHEAD));
+                        }
                         let bj = load_t(brow[j].add(k));
                         for (row, &ai) in acc.iter_mut().zip(av.iter()) {
                             row[j] = fma(ai, bj, row[j]);
@@ -337,7 +341,7 @@ macro_rules! engine {
                     let s1 = hsum4(row[4], row[5], zero(), zero());
                     let mut sums = [s0[0], s0[1], s0[2], s0[3], s1[0], s1[1]];
                     for kk in full..kc {
-                        let av = *a.add(i * KS + kk);
+                        let av = (*arow[i].add(kk)).to_f32();
                         for (j, s) in sums.iter_mut().enumerate() {
                             *s += av * (*brow[j].add(kk)).to_f32();
                         }
@@ -354,55 +358,58 @@ macro_rules! engine {
             }
         }
 
-        /// A work item of at most [`DIRECT_ROWS`] rows (see [`micro_direct`]); the row tiles
-        /// after the first find the weight rows in L1.
+        /// A work item of at most [`DIRECT_ROWS`] rows (see [`micro_direct`]). Each group of
+        /// NR weight rows is streamed over its whole length (K blocks inner), so that a thread
+        /// reads its item's weights front to back as NR long sequential streams; the row tiles
+        /// after the first find the weight block in L1. The sums are those of the K-outer
+        /// order (per K block, horizontal sum, then added in K order), bit for bit.
         $(#[$attr])*
         unsafe fn run_direct<T: Element>(blk: &Block<'_, T>, out: Out) {
             let (k, mb, nb) = (blk.k, blk.a_rows.len(), blk.nb);
-            let mut a_buf = MaybeUninit::<Aligned<{ DIRECT_ROWS * KS }>>::uninit();
-            let ap = a_buf.as_mut_ptr() as *mut f32;
-            let mut k0 = 0;
-            while k0 < k {
-                let kc = KC.min(k - k0);
-                for (i, &r) in blk.a_rows.iter().enumerate() {
-                    // SAFETY: row i < DIRECT_ROWS of the A buffer, kc <= KS floats; written
-                    // before read.
-                    let dst = unsafe { core::slice::from_raw_parts_mut(ap.add(i * KS), kc) };
-                    // SAFETY: same features as this function.
-                    unsafe { widen(&blk.a[r * k + k0..r * k + k0 + kc], dst) };
-                }
-                for (bi, b) in blk.b.iter().enumerate() {
-                    let Some(b) = b else { continue };
-                    let mut j = 0;
-                    while j < nb {
-                        let nr = NR.min(nb - j);
-                        let first_row = (blk.n0 + j) * k + k0;
-                        // Rows past nb repeat the first row (their columns are never read).
-                        let mut brow = [b[first_row..first_row + kc].as_ptr(); NR];
-                        for (jj, p) in brow.iter_mut().enumerate().take(nr) {
-                            let at = (blk.n0 + j + jj) * k + k0;
-                            *p = b[at..at + kc].as_ptr();
-                        }
+            for (bi, b) in blk.b.iter().enumerate() {
+                let Some(b) = b else { continue };
+                let mut j = 0;
+                while j < nb {
+                    let nr = NR.min(nb - j);
+                    let first_row = (blk.n0 + j) * k;
+                    // Rows past nb repeat the first row (their columns are never read).
+                    let mut brow = [b[first_row..first_row + k].as_ptr(); NR];
+                    for (jj, p) in brow.iter_mut().enumerate().take(nr) {
+                        let at = (blk.n0 + j + jj) * k;
+                        *p = b[at..at + k].as_ptr();
+                    }
+                    let mut k0 = 0;
+                    while k0 < k {
+                        let kc = KC.min(k - k0);
+                        let bk = brow.map(|p| p.wrapping_add(k0));
                         let mut i = 0;
                         while i < mb {
-                            // SAFETY: rows i..i + m of kc floats in the A buffer; NR rows of
-                            // kc elements; the caller's tile has room for NR columns from j.
+                            let m = (mb - i).min(MRX);
+                            let mut arow = [blk.a.as_ptr(); 4];
+                            for (ii, p) in arow.iter_mut().enumerate().take(m) {
+                                let at = blk.a_rows[i + ii] * k + k0;
+                                *p = blk.a[at..at + kc].as_ptr();
+                            }
+                            // SAFETY: m rows of kc elements from `arow`; NR weight rows of kc
+                            // elements from `bk` (each lies in its row of k); the caller's
+                            // tile has room for NR columns from j.
                             unsafe {
-                                let a = ap.add(i * KS) as *const f32;
                                 let c = out[bi].add(i * NB + j);
-                                match (mb - i).min(MRX) {
-                                    4 => micro_direct::<4, T>(a, brow, kc, c, k0 == 0),
-                                    3 => micro_direct::<3, T>(a, brow, kc, c, k0 == 0),
-                                    2 => micro_direct::<2, T>(a, brow, kc, c, k0 == 0),
-                                    _ => micro_direct::<1, T>(a, brow, kc, c, k0 == 0),
+                                let f = k0 == 0;
+                                let [a0, a1, a2, a3] = arow;
+                                match m {
+                                    4 => micro_direct::<4, T>([a0, a1, a2, a3], bk, kc, c, f),
+                                    3 => micro_direct::<3, T>([a0, a1, a2], bk, kc, c, f),
+                                    2 => micro_direct::<2, T>([a0, a1], bk, kc, c, f),
+                                    _ => micro_direct::<1, T>([a0], bk, kc, c, f),
                                 }
                             }
                             i += MRX;
                         }
-                        j += NR;
+                        k0 += KC;
                     }
+                    j += NR;
                 }
-                k0 += KC;
             }
         }
 
