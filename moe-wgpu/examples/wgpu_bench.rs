@@ -278,18 +278,16 @@ fn read_bytes(be: &WgpuBackend, b: &wgpu::Buffer, offset: u64, bytes: u64) -> R<
     Ok(v[..bytes as usize].to_vec())
 }
 
-/// Copy bandwidth (read + write bytes per second) of buffer-to-buffer copies of `bytes`.
-fn copy_bandwidth(be: &WgpuBackend, bytes: u64, stamps: Option<&Stamps>) -> R<(f64, Option<f64>)> {
-    let a = Filler::buffer(be, bytes);
-    let b = Filler::buffer(be, bytes);
-    let copy = |n: usize| {
-        let mut enc = be.device().create_command_encoder(&Default::default());
-        for _ in 0..n {
-            enc.copy_buffer_to_buffer(&a, 0, &b, 0, bytes);
-        }
-        be.queue().submit([enc.finish()]);
-    };
-    copy(2);
+/// Bytes per second of `run(n)` (n back-to-back repetitions moving `moved` bytes each, one
+/// submission): two warm-up repetitions, then the median of 3 rounds of 10, by wall clock and,
+/// where the device has them, by GPU timestamps.
+fn rates(
+    be: &WgpuBackend,
+    stamps: Option<&Stamps>,
+    moved: u64,
+    run: &dyn Fn(usize),
+) -> R<(f64, Option<f64>)> {
+    run(2);
     be.synchronize()?;
     let iters = 10;
     let mut rounds = Vec::new();
@@ -299,7 +297,7 @@ fn copy_bandwidth(be: &WgpuBackend, bytes: u64, stamps: Option<&Stamps>) -> R<(f
         if let Some(s) = stamps {
             s.write(be, 0);
         }
-        copy(iters);
+        run(iters);
         if let Some(s) = stamps {
             s.write(be, 1);
             gpu.push(s.elapsed_ns(be)? * 1e-9);
@@ -311,30 +309,29 @@ fn copy_bandwidth(be: &WgpuBackend, bytes: u64, stamps: Option<&Stamps>) -> R<(f
         v.sort_by(|a, b| a.total_cmp(b));
         v[v.len() / 2]
     };
-    let bw = |s: f64| 2.0 * bytes as f64 * iters as f64 / s;
+    let bw = |s: f64| moved as f64 * iters as f64 / s;
     let wall = bw(med(&mut rounds));
     let gpu = if gpu.is_empty() { None } else { Some(bw(med(&mut gpu))) };
     Ok((wall, gpu))
 }
 
-/// The read kernel of the bandwidth floor (as `read1` of the `wgpu_bandwidth` probe): one
-/// 16-byte word per invocation over a 2-D grid of 256-wide workgroups; a store only when a
-/// word matches a constant (never, for the contents written), so the compiler keeps the load.
-const READ_SHADER: &str = r#"
-@group(0) @binding(0) var<storage, read> src: array<vec4<u32>>;
-@group(0) @binding(1) var<storage, read_write> dst: array<vec4<u32>>;
-
-@compute @workgroup_size(256)
-fn read1(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) n: vec3<u32>) {
-    let i = g.x + g.y * n.x * 256u;
-    if (i < arrayLength(&src)) {
-        let v = src[i];
-        if (v.x == 0x9e3779b9u && v.y == 0x7f4a7c15u) {
-            dst[i & 63u] = v;
+/// Copy bandwidth (read + write bytes per second) of buffer-to-buffer copies of `bytes`.
+fn copy_bandwidth(be: &WgpuBackend, bytes: u64, stamps: Option<&Stamps>) -> R<(f64, Option<f64>)> {
+    let a = Filler::buffer(be, bytes);
+    let b = Filler::buffer(be, bytes);
+    let copy = |n: usize| {
+        let mut enc = be.device().create_command_encoder(&Default::default());
+        for _ in 0..n {
+            enc.copy_buffer_to_buffer(&a, 0, &b, 0, bytes);
         }
-    }
+        be.queue().submit([enc.finish()]);
+    };
+    rates(be, stamps, 2 * bytes, &copy)
 }
-"#;
+
+/// The read kernel of the bandwidth floor: `read1` of the `wgpu_bandwidth` probe (one 16-byte
+/// word per invocation over a 2-D grid of 256-wide workgroups).
+const READ_SHADER: &str = include_str!("bandwidth.wgsl");
 
 /// Read bandwidth (bytes per second) of a compute shader reading a buffer of `bytes` with
 /// non-zero contents, one 16-byte word per invocation: what the GEMMs' weight streams can
@@ -401,32 +398,7 @@ fn shader_read_bandwidth(
         }
         be.queue().submit([enc.finish()]);
     };
-    read(2);
-    be.synchronize()?;
-    let iters = 10;
-    let mut rounds = Vec::new();
-    let mut gpu = Vec::new();
-    for _ in 0..3 {
-        let t = Instant::now();
-        if let Some(s) = stamps {
-            s.write(be, 0);
-        }
-        read(iters);
-        if let Some(s) = stamps {
-            s.write(be, 1);
-            gpu.push(s.elapsed_ns(be)? * 1e-9);
-        }
-        be.synchronize()?;
-        rounds.push(t.elapsed().as_secs_f64());
-    }
-    let med = |v: &mut Vec<f64>| {
-        v.sort_by(|a, b| a.total_cmp(b));
-        v[v.len() / 2]
-    };
-    let bw = |s: f64| bytes as f64 * iters as f64 / s;
-    let wall = bw(med(&mut rounds));
-    let gpu = if gpu.is_empty() { None } else { Some(bw(med(&mut gpu))) };
-    Ok((wall, gpu))
+    rates(be, stamps, bytes, &read)
 }
 
 /// One measured point.
