@@ -253,24 +253,8 @@ fn decode_configs() -> Vec<(MoeConfig, usize, bool)> {
         (128, 2, 8, 256, 1032),
         (16, 8, 64, 136, 1000),
     ] {
-        let c = MoeConfig {
-            hidden,
-            experts,
-            top_k,
-            router: RouterConfig::default(),
-            expert: ExpertConfig {
-                mlp: MlpConfig {
-                    intermediate: inter,
-                    gated: true,
-                    activation: Activation::Silu,
-                    bias: false,
-                },
-                apply_weight_on_input: false,
-            },
-            shared: None,
-            latent: None,
-            parallel: ParallelConfig::default(),
-        };
+        // a plain gated-silu layer (softmax routing, no extras)
+        let c = moe_core::conformance::edge_config(hidden, experts, top_k, inter);
         out.push((c, tokens, false));
     }
     out
