@@ -85,14 +85,24 @@ MOE_DEVICE WgTile wg_tile_at(const GemmParams& p, int m0, int n0) {
     return w;
 }
 
-// Tile t of the schedule: groups of WG_GROUP_M M tiles, all N tiles of a group, M fastest.
+// Unit u of a schedule for clusters of CS CTAs: (set of CS consecutive M tiles, N tile) in
+// groups of WG_GROUP_M / CS sets (all N tiles of a group, sets fastest); the CTA of cluster
+// rank r takes M tile CS set + r. CS = 1 is the tile order of this kernel: groups of
+// WG_GROUP_M M tiles, M fastest, for L2 reuse (gemm_sm90_tma.cu's clusters use CS = 2).
+template <int CS>
+MOE_DEVICE WgTile wg_unit_tile(const GemmParams& p, int u, int sets, int nt, uint32_t rank) {
+    const int gm = WG_GROUP_M / CS;
+    const int per_group = gm * nt;
+    const int group = u / per_group;
+    const int first = group * gm;
+    const int gsz = min(gm, sets - first);
+    const int r = u - group * per_group;
+    return wg_tile_at(p, (CS * (first + r % gsz) + (int)rank) * WG_BM, (r / gsz) * wg_bn(p));
+}
+
+// Tile t of this kernel's schedule.
 MOE_DEVICE WgTile wg_tile(const GemmParams& p, int t, int mt, int nt) {
-    const int per_group = WG_GROUP_M * nt;
-    const int group = t / per_group;
-    const int first = group * WG_GROUP_M;
-    const int gsz = min(WG_GROUP_M, mt - first);
-    const int r = t - group * per_group;
-    return wg_tile_at(p, (first + r % gsz) * WG_BM, (r / gsz) * wg_bn(p));
+    return wg_unit_tile<1>(p, t, mt, nt, 0);
 }
 
 // A row of output row r (grouped: the slot's token or r; -1 for a padding row).

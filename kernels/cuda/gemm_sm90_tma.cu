@@ -121,22 +121,10 @@ MOE_DEVICE void mbar_arrive_remote(uint64_t* bar, uint32_t cta) {
         : "memory");
 }
 
-// ---- schedule. CS = 1: the tile order of gemm_sm90.cu (tile t = unit t). CS = 2 (a cluster
-// of two CTAs): unit u = (set of two consecutive M tiles, N tile), in groups of
-// WG_GROUP_M / 2 sets (all N tiles of a group, sets fastest); the CTA of cluster rank r takes
-// M tile 2 set + r. Cluster c runs units c, c + clusters, ... (both CTAs the same units, so
-// their stage sequences stay in step). A tile past the rows (odd tile count) still runs its
-// K steps (zero-filled or unused A, real B) but writes nothing.
-template <int CS>
-MOE_DEVICE WgTile wgt_unit_tile(const GemmParams& p, int u, int sets, int nt, uint32_t rank) {
-    const int gm = WG_GROUP_M / CS;
-    const int per_group = gm * nt;
-    const int group = u / per_group;
-    const int first = group * gm;
-    const int gsz = min(gm, sets - first);
-    const int r = u - group * per_group;
-    return wg_tile_at(p, (CS * (first + r % gsz) + (int)rank) * WG_BM, (r / gsz) * wg_bn(p));
-}
+// ---- schedule: wg_unit_tile of gemm_sm90.cu. Cluster c runs units c, c + clusters, ...
+// (both CTAs of a cluster the same units, so their stage sequences stay in step). A tile past
+// the rows (odd tile count) still runs its K steps (zero-filled or unused A, real B) but
+// writes nothing.
 
 // ---- producer: warpgroup 0 (thread 0 issues the TMA loads; all 128 gather A unless a_tma)
 template <typename T, bool GATED, int CS>
@@ -164,12 +152,12 @@ MOE_DEVICE void wgt_producer(const GemmParams& p, int a_tma, const MoeTmaMap* tm
     const int units = sets * nt;
     uint32_t it = 0;
     for (int u = blockIdx.x / CS; u < units; u += gridDim.x / CS) {
-        const WgTile w = wgt_unit_tile<CS>(p, u, sets, nt, rank);
+        const WgTile w = wg_unit_tile<CS>(p, u, sets, nt, rank);
         // B shared with the peer CTA (each loads one half, multicast to both) when both tiles
         // have rows of the same expert; otherwise each CTA loads its whole B.
         bool mc = false;
         if (CS > 1) {
-            const WgTile o = wgt_unit_tile<CS>(p, u, sets, nt, rank ^ 1);
+            const WgTile o = wg_unit_tile<CS>(p, u, sets, nt, rank ^ 1);
             mc = w.m0 < w.rows_end && o.m0 < o.rows_end && w.expert == o.expert;
         }
         int a_row[8];
@@ -276,7 +264,7 @@ MOE_DEVICE void wgt_consumer(const GemmParams& p, int a_tma, unsigned char* smem
         }
     };
     for (int u = blockIdx.x / CS; u < units; u += gridDim.x / CS) {
-        const WgTile w = wgt_unit_tile<CS>(p, u, sets, nt, rank);
+        const WgTile w = wg_unit_tile<CS>(p, u, sets, nt, rank);
 #pragma unroll
         for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
         for (int kt = 0; kt < ktiles; ++kt, ++it) {
