@@ -22,6 +22,9 @@
 //!   block of [`KC_BC`], the item's rows are copied once (L2), every 32-column weight panel is
 //!   transposed into `[k][32]` (L2), and each [`MR_BC`]-row group (L1) runs against all the
 //!   panels; the next K block's weight rows are prefetched into L2 meanwhile;
+//! * [`Isa::Avx512Bf16`] and bf16 operands: the same two dot-product kernels (in place for few
+//!   rows, packed otherwise) on `vdpbf16ps`, 32 bf16 products per instruction (module
+//!   `dpbf16`);
 //! * [`Isa::Amx`], bf16 operands and at least [`AMX_MIN_ROWS`] rows: the AMX-BF16 tile kernel
 //!   (module `amx`: weights as the tiles' A operand, copied into tile order, or read in place
 //!   by the tile loads for items of at most 128 rows; the item's rows packed once per K block
@@ -37,6 +40,8 @@ use moe_core::Element;
 
 #[cfg(all(target_arch = "x86_64", not(miri)))]
 mod amx;
+#[cfg(target_arch = "x86_64")]
+mod dpbf16;
 
 /// Rows of a work item (one expert's rows share each packed weight panel).
 pub(crate) const MB: usize = 256;
@@ -124,6 +129,10 @@ pub enum Isa {
     Avx2,
     /// x86-64 AVX-512 F/BW/DQ/VL.
     Avx512,
+    /// x86-64 AVX-512 plus AVX512-BF16 (`vdpbf16ps`, e.g. AMD Zen 4): bf16 GEMMs multiply bf16
+    /// pairs into f32 sums (twice the products per instruction of widening to f32); f32 and
+    /// f16 run the AVX-512 kernels.
+    Avx512Bf16,
     /// x86-64 AVX-512 plus the AMX-BF16 tile unit: bf16 GEMMs run on the tiles (bf16 products,
     /// f32 sums); f32 and f16 run the AVX-512 kernels. Needs the CPU features, the OS tile state
     /// and Linux's tile-data permission (asked on first use); `MOE_CPU_AMX=0` turns it off.
@@ -151,6 +160,8 @@ impl Isa {
                     && std::is_x86_feature_detected!("avx512vl")
                     && std::is_x86_feature_detected!("fma")
             }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Bf16 => dpbf16::available(),
             #[cfg(all(target_arch = "x86_64", not(miri)))]
             Isa::Amx => amx::available(),
             #[cfg(target_arch = "aarch64")]
@@ -160,17 +171,35 @@ impl Isa {
         }
     }
 
-    /// The best instruction set of this machine.
+    /// The best instruction set of this machine, or the one the environment variable
+    /// `MOE_CPU_ISA` names (`generic`, `avx2`, `avx512`, `avx512bf16`, `amx`, `neon`; case
+    /// insensitive) when this machine can run it. Read once per process.
     pub fn detect() -> Isa {
-        [Isa::Amx, Isa::Avx512, Isa::Avx2, Isa::Neon]
+        static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *ISA.get_or_init(|| {
+            let best = [Isa::Amx, Isa::Avx512Bf16, Isa::Avx512, Isa::Avx2, Isa::Neon]
+                .into_iter()
+                .find(|i| i.available())
+                .unwrap_or(Isa::Generic);
+            std::env::var("MOE_CPU_ISA")
+                .ok()
+                .and_then(|v| Isa::from_name(&v))
+                .filter(|i| i.available())
+                .unwrap_or(best)
+        })
+    }
+
+    /// The instruction set of a name (`avx512bf16`, ...: the variant's name, case
+    /// insensitive).
+    pub fn from_name(name: &str) -> Option<Isa> {
+        [Isa::Generic, Isa::Neon, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16, Isa::Amx]
             .into_iter()
-            .find(|i| i.available())
-            .unwrap_or(Isa::Generic)
+            .find(|i| format!("{i:?}").eq_ignore_ascii_case(name.trim()))
     }
 
     /// Every instruction set this machine can run, best last.
     pub fn all_available() -> impl Iterator<Item = Isa> {
-        [Isa::Generic, Isa::Neon, Isa::Avx2, Isa::Avx512, Isa::Amx]
+        [Isa::Generic, Isa::Neon, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16, Isa::Amx]
             .into_iter()
             .filter(|i| i.available())
     }
@@ -194,6 +223,18 @@ pub(crate) unsafe fn run_block<T: Element>(isa: Isa, blk: &Block<'_, T>, out: Ou
         // every row read are checked by the caller (asserted above in debug builds).
         Isa::Avx512 => unsafe {
             if blk.a_rows.len() >= BC_MIN_ROWS {
+                avx512::run_block_bc(blk, out)
+            } else {
+                avx512::run_block(blk, out)
+            }
+        },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the caller checked `Isa::Avx512Bf16.available()` (AVX-512 and AVX512-BF16);
+        // bounds as above. bf16 items go to the `vdpbf16ps` kernels, the rest to AVX-512.
+        Isa::Avx512Bf16 => unsafe {
+            if T::DTYPE == moe_core::DType::BF16 {
+                dpbf16::run_block(blk, out)
+            } else if blk.a_rows.len() >= BC_MIN_ROWS {
                 avx512::run_block_bc(blk, out)
             } else {
                 avx512::run_block(blk, out)
@@ -600,7 +641,7 @@ mod avx512 {
     /// The lane sums of four vectors.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    fn hsum4(a: V, b: V, c: V, d: V) -> [f32; 4] {
+    pub(super) fn hsum4(a: V, b: V, c: V, d: V) -> [f32; 4] {
         // Per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] and the same for c, d.
         let x0 = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
         let x1 = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
@@ -655,7 +696,7 @@ mod avx512 {
     }
     #[inline]
     #[target_feature(enable = "avx512f")]
-    fn prefetch(p: *const u8) {
+    pub(super) fn prefetch(p: *const u8) {
         // A prefetch never faults, whatever the address.
         _mm_prefetch::<_MM_HINT_T0>(p as *const i8)
     }
@@ -664,7 +705,7 @@ mod avx512 {
 
     #[inline]
     #[target_feature(enable = "avx512f")]
-    fn prefetch_l2(p: *const u8) {
+    pub(super) fn prefetch_l2(p: *const u8) {
         // A prefetch never faults, whatever the address.
         _mm_prefetch::<_MM_HINT_T1>(p as *const i8)
     }

@@ -9,7 +9,10 @@
 //! cache-blocked SIMD microkernels chosen at run time (AVX-512 or AVX2+FMA on x86-64, NEON on
 //! aarch64, portable Rust elsewhere); f16/bf16 operands are widened to f32 while packing. With
 //! bf16 operands on a CPU with AMX-BF16 ([`Isa::Amx`], Linux), work items of at least 6 rows run
-//! on the tile unit instead (bf16 products, f32 sums); `MOE_CPU_AMX=0` turns that off.
+//! on the tile unit instead (bf16 products, f32 sums); `MOE_CPU_AMX=0` turns that off. On a CPU
+//! with AVX512-BF16 but no AMX ([`Isa::Avx512Bf16`], e.g. AMD Zen 4), bf16 operands are
+//! multiplied in pairs by `vdpbf16ps` (f32 sums) instead of being widened. `MOE_CPU_ISA`
+//! (`avx512`, `avx2`, `generic`, ...) caps the automatic choice, for comparisons.
 //! [`Cpu::parallel`] spreads the work over the current rayon pool. The portable scalar path
 //! ([`Kernels::Portable`]) is kept as the reference the fast paths are tested against.
 

@@ -1,0 +1,349 @@
+//! bf16 work items on AVX512-BF16 (`vdpbf16ps`: pairs of bf16 products summed into f32 lanes).
+//!
+//! # Why
+//!
+//! The AVX-512 kernels widen bf16 operands to f32 and run one f32 FMA per product; `vdpbf16ps`
+//! multiplies 32 bf16 pairs per instruction into 16 f32 lanes, twice the products per
+//! instruction, and reads both operands as they are stored (no widening, half the bytes per
+//! vector). CPUs with AVX512-BF16 but no AMX tiles (AMD Zen 4 and later, Intel Cooper Lake)
+//! run their bf16 GEMMs here; see [`super::Isa::Avx512Bf16`].
+//!
+//! # Kernels
+//!
+//! Both are dot-product kernels (`MR × NR` tiles of 16-lane accumulators along K, reduced
+//! horizontally at the end of each K block), the shape of the AVX-512 dot-product kernels:
+//!
+//! * up to [`DIRECT_ROWS`] rows (decode): weight rows and activation rows are read in place;
+//!   each group of [`NR`] weight rows is streamed over its whole length (K blocks inner, one
+//!   prefetch per cache line [`PREFETCH_AHEAD`] bytes ahead), the K tail read with masked loads
+//!   (zeros past the end);
+//! * more rows: per K block the item's rows are copied once into an aligned `[MP][KSH]` buffer
+//!   and each micro-panel of [`NR`] weight rows into `[NR][KSH]` (L1), zero-padded to a
+//!   multiple of 32; the next micro-panel's weight rows are prefetched into L2 meanwhile, a
+//!   slice per microkernel call.
+//!
+//! # Numerics and determinism
+//!
+//! A bf16 × bf16 product is exact in f32; each lane adds its two products per step in the
+//! instruction's fixed order (round to nearest even, denormal inputs and results flushed to
+//! zero, as bf16 arithmetic does). The blocking depends only on the shapes, and every output
+//! element is computed by exactly one work item: the same bits whatever the thread count.
+
+use super::avx512::{hsum4, prefetch, prefetch_l2};
+use super::{Aligned, Block, DIRECT_ROWS, KC, MP, MR, NB, NR, Out, PREFETCH_AHEAD};
+use core::arch::x86_64::*;
+use core::mem::MaybeUninit;
+use half::bf16;
+
+/// bf16 per vector (and per 64-byte cache line).
+const L: usize = 32;
+/// Row stride (in bf16) of the packing buffers: a K block plus one cache line, so that the
+/// rows a microkernel streams do not map to the same L1 set.
+const KSH: usize = KC + L;
+
+const _: () = assert!(KC.is_multiple_of(L));
+
+/// Whether the CPU has what these kernels use: AVX-512 F/BW/DQ/VL and AVX512-BF16.
+pub(crate) fn available() -> bool {
+    super::Isa::Avx512.available() && std::is_x86_feature_detected!("avx512bf16")
+}
+
+/// A 32-bf16 vector from 64 bytes at `p`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn load(p: *const bf16) -> __m512bh {
+    // SAFETY: the caller guarantees 64 readable bytes at `p`; `__m512i` and `__m512bh` are both
+    // 64-byte vectors of plain bits, so the transmute only renames the type.
+    unsafe { core::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(p as *const __m512i)) }
+}
+
+/// The first `n < 32` bf16 at `p` (the rest zeros); lanes past `n` are not read.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn load_tail(p: *const bf16, n: usize) -> __m512bh {
+    let m: __mmask32 = (1u32 << n) - 1;
+    // SAFETY: masked-off lanes are not read (no fault); the caller guarantees `n` readable bf16
+    // at `p`. Same-size plain-bits transmute as in `load`.
+    unsafe {
+        core::mem::transmute::<__m512i, __m512bh>(_mm512_maskz_loadu_epi16(m, p as *const i16))
+    }
+}
+
+/// `c[i * NB + j] (=|+=) sum` for `i < M`, `j < NR` from the 16-lane accumulators.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn store<const M: usize>(acc: &[[__m512; NR]; M], c: *mut f32, first: bool) {
+    let z = _mm512_setzero_ps();
+    for (i, row) in acc.iter().enumerate() {
+        let s0 = hsum4(row[0], row[1], row[2], row[3]);
+        let s1 = hsum4(row[4], row[5], z, z);
+        let sums = [s0[0], s0[1], s0[2], s0[3], s1[0], s1[1]];
+        for (j, &s) in sums.iter().enumerate() {
+            // SAFETY: the caller's tile has M rows of NB >= NR columns from `c`.
+            unsafe {
+                let d = c.add(i * NB + j);
+                if first {
+                    *d = s;
+                } else {
+                    *d += s;
+                }
+            }
+        }
+    }
+}
+
+/// Packed operands: `c[i * NB + j] (+)= sum_{k < kcp} a[i * KSH + k] b[j * KSH + k]` for
+/// `i < M`, `j < NR` (`kcp` a multiple of 32, rows padded with zeros).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn micro<const M: usize>(
+    a: *const bf16,
+    b: *const bf16,
+    kcp: usize,
+    c: *mut f32,
+    first: bool,
+) {
+    // SAFETY: the caller passes buffers of M (resp. NR) rows of `kcp` bf16 at stride KSH, and
+    // a tile with M rows of NB >= NR columns.
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); NR]; M];
+        let mut k = 0;
+        while k < kcp {
+            let mut av = [load(a.add(k)); M];
+            for (i, v) in av.iter_mut().enumerate().skip(1) {
+                *v = load(a.add(i * KSH + k));
+            }
+            for j in 0..NR {
+                let bj = load(b.add(j * KSH + k));
+                for (row, &ai) in acc.iter_mut().zip(av.iter()) {
+                    row[j] = _mm512_dpbf16_ps(row[j], ai, bj);
+                }
+            }
+            k += L;
+        }
+        store::<M>(&acc, c, first);
+    }
+}
+
+/// In place (few rows): `c[i * NB + j] (+)= sum_{k < kc} A_i[k] B_j[k]` for `i < M`,
+/// `j < NR`, with one prefetch per weight line [`PREFETCH_AHEAD`] bytes ahead.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn micro_direct<const M: usize>(
+    arow: [*const bf16; M],
+    brow: [*const bf16; NR],
+    kc: usize,
+    c: *mut f32,
+    first: bool,
+) {
+    // SAFETY: the caller passes M rows and NR weight rows of at least kc elements, and a tile
+    // with M rows of NB >= NR columns. Prefetches never fault; the tail loads are masked.
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); NR]; M];
+        let full = kc / L * L;
+        let mut k = 0;
+        while k < full {
+            let mut av = [load(arow[0].add(k)); M];
+            for (i, v) in av.iter_mut().enumerate().skip(1) {
+                *v = load(arow[i].add(k));
+            }
+            for j in 0..NR {
+                prefetch((brow[j] as *const u8).wrapping_add(2 * k + PREFETCH_AHEAD));
+                let bj = load(brow[j].add(k));
+                for (row, &ai) in acc.iter_mut().zip(av.iter()) {
+                    row[j] = _mm512_dpbf16_ps(row[j], ai, bj);
+                }
+            }
+            k += L;
+        }
+        if full < kc {
+            let n = kc - full;
+            let mut av = [load_tail(arow[0].add(full), n); M];
+            for (i, v) in av.iter_mut().enumerate().skip(1) {
+                *v = load_tail(arow[i].add(full), n);
+            }
+            for j in 0..NR {
+                let bj = load_tail(brow[j].add(full), n);
+                for (row, &ai) in acc.iter_mut().zip(av.iter()) {
+                    row[j] = _mm512_dpbf16_ps(row[j], ai, bj);
+                }
+            }
+        }
+        store::<M>(&acc, c, first);
+    }
+}
+
+/// A work item of at most [`DIRECT_ROWS`] rows, everything read in place (see
+/// [`micro_direct`]): each group of NR weight rows is streamed over its whole length, K blocks
+/// inner, so the row groups after the first find the weight block in L1.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")]
+unsafe fn run_direct(blk: &Block<'_, bf16>, out: Out) {
+    let (k, mb, nb) = (blk.k, blk.a_rows.len(), blk.nb);
+    for (bi, b) in blk.b.iter().enumerate() {
+        let Some(b) = b else { continue };
+        let mut j = 0;
+        while j < nb {
+            let nr = NR.min(nb - j);
+            let first_row = (blk.n0 + j) * k;
+            // Rows past nb repeat the first row (their columns are never read).
+            let mut brow = [b[first_row..first_row + k].as_ptr(); NR];
+            for (jj, p) in brow.iter_mut().enumerate().take(nr) {
+                let at = (blk.n0 + j + jj) * k;
+                *p = b[at..at + k].as_ptr();
+            }
+            let mut k0 = 0;
+            while k0 < k {
+                let kc = KC.min(k - k0);
+                let bk = brow.map(|p| p.wrapping_add(k0));
+                let mut i = 0;
+                while i < mb {
+                    let m = (mb - i).min(MR);
+                    let mut arow = [blk.a.as_ptr(); MR];
+                    for (ii, p) in arow.iter_mut().enumerate().take(m) {
+                        let at = blk.a_rows[i + ii] * k + k0;
+                        *p = blk.a[at..at + kc].as_ptr();
+                    }
+                    // SAFETY: m rows of kc elements from `arow`; NR weight rows of kc elements
+                    // from `bk` (each lies in its row of k); the caller's tile has room for NR
+                    // columns from j.
+                    unsafe {
+                        let c = out[bi].add(i * NB + j);
+                        let f = k0 == 0;
+                        let [a0, a1, a2, a3] = arow;
+                        match m {
+                            4 => micro_direct::<4>([a0, a1, a2, a3], bk, kc, c, f),
+                            3 => micro_direct::<3>([a0, a1, a2], bk, kc, c, f),
+                            2 => micro_direct::<2>([a0, a1], bk, kc, c, f),
+                            _ => micro_direct::<1>([a0], bk, kc, c, f),
+                        }
+                    }
+                    i += MR;
+                }
+                k0 += KC;
+            }
+            j += NR;
+        }
+    }
+}
+
+/// Copy `src` into `dst[..src.len()]` and zero the rest of `dst`.
+#[inline]
+fn copy_padded(src: &[bf16], dst: &mut [bf16]) {
+    dst[..src.len()].copy_from_slice(src);
+    dst[src.len()..].fill(bf16::ZERO);
+}
+
+/// Rows `a_rows` (at most [`MP`]) of a work item, on packed operands.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")]
+unsafe fn run_rows(blk: &Block<'_, bf16>, a_rows: &[usize], out: Out) {
+    /// A cache-line aligned bf16 buffer (`Aligned` holds f32: half as many).
+    type Buf<const N: usize> = MaybeUninit<Aligned<N>>;
+    let (k, mb, nb) = (blk.k, a_rows.len(), blk.nb);
+    let mut a_buf = Buf::<{ MP * KSH / 2 }>::uninit();
+    let mut b_buf = Buf::<{ NR * KSH / 2 }>::uninit();
+    let ap = a_buf.as_mut_ptr() as *mut bf16;
+    let bp = b_buf.as_mut_ptr() as *mut bf16;
+    let mut k0 = 0;
+    while k0 < k {
+        let kc = KC.min(k - k0);
+        let kcp = kc.div_ceil(L) * L;
+        for (i, &r) in a_rows.iter().enumerate() {
+            // SAFETY: row i < MP of the A buffer, kcp <= KSH bf16; written before read.
+            let dst = unsafe { core::slice::from_raw_parts_mut(ap.add(i * KSH), kcp) };
+            copy_padded(&blk.a[r * k + k0..r * k + k0 + kc], dst);
+        }
+        for (bi, b) in blk.b.iter().enumerate() {
+            let Some(b) = b else { continue };
+            let mut j = 0;
+            while j < nb {
+                let nr = NR.min(nb - j);
+                for jj in 0..NR {
+                    // SAFETY: row jj < NR of the B buffer, kcp <= KSH bf16.
+                    let dst = unsafe { core::slice::from_raw_parts_mut(bp.add(jj * KSH), kcp) };
+                    if jj < nr {
+                        let at = (blk.n0 + j + jj) * k + k0;
+                        copy_padded(&b[at..at + kc], dst);
+                    } else {
+                        dst.fill(bf16::ZERO);
+                    }
+                }
+                // The next panel's weight rows (this K block), fetched into L2 a slice per
+                // microkernel call so that its copy does not wait on memory.
+                let next = (nb - (j + nr).min(nb)).min(NR);
+                let lines = kc.div_ceil(L);
+                let calls = mb.div_ceil(MR);
+                let per = (next * lines).div_ceil(calls);
+                let mut i = 0;
+                while i < mb {
+                    let q = i / MR;
+                    for t in q * per..((q + 1) * per).min(next * lines) {
+                        let (jj, l) = (t / lines, t % lines);
+                        let at = (blk.n0 + j + nr + jj) * k + k0 + l * L;
+                        prefetch_l2(b.as_ptr().wrapping_add(at) as *const u8);
+                    }
+                    let first = k0 == 0;
+                    // SAFETY: rows i..i + m of the A buffer and all NR rows of the B buffer
+                    // hold kcp initialized bf16; the tile has room for NR columns from j (NB is
+                    // a multiple of NR).
+                    unsafe {
+                        let a = ap.add(i * KSH) as *const bf16;
+                        let c = out[bi].add(i * NB + j);
+                        match (mb - i).min(MR) {
+                            4 => micro::<4>(a, bp, kcp, c, first),
+                            3 => micro::<3>(a, bp, kcp, c, first),
+                            2 => micro::<2>(a, bp, kcp, c, first),
+                            _ => micro::<1>(a, bp, kcp, c, first),
+                        }
+                    }
+                    i += MR;
+                }
+                j += NR;
+            }
+        }
+        k0 += KC;
+    }
+}
+
+/// One bf16 work item (see the module docs).
+///
+/// # Safety
+/// The CPU has AVX-512 F/BW/DQ/VL and AVX512-BF16 ([`available`]); every A row and B row of
+/// the item lies in its slice; each `out[bi]` of a present `blk.b[bi]` is valid for writes
+/// (and reads after them) of `blk.a_rows.len() * NB` floats.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")]
+pub(crate) unsafe fn run_block<T: moe_core::Element>(blk: &Block<'_, T>, out: Out) {
+    debug_assert!(T::DTYPE == moe_core::DType::BF16);
+    // The element type is bf16 (the caller dispatches on `T::DTYPE`): the same bits.
+    let blk = &Block {
+        a: bytemuck::cast_slice::<T, bf16>(blk.a),
+        a_rows: blk.a_rows,
+        k: blk.k,
+        b: blk.b.map(|b| b.map(bytemuck::cast_slice::<T, bf16>)),
+        n0: blk.n0,
+        nb: blk.nb,
+    };
+    let mb = blk.a_rows.len();
+    if blk.k == 0 {
+        for (bi, o) in out.iter().enumerate() {
+            if blk.b[bi].is_some() {
+                // SAFETY: the caller's buffers hold mb rows of NB floats.
+                unsafe { core::ptr::write_bytes(*o, 0, mb * NB) };
+            }
+        }
+        return;
+    }
+    if mb <= DIRECT_ROWS {
+        // SAFETY: same features; the caller's contract.
+        unsafe { run_direct(blk, out) };
+        return;
+    }
+    let mut r0 = 0;
+    while r0 < mb {
+        let r1 = (r0 + MP).min(mb);
+        // SAFETY: rows r0..r1 of the caller's buffers.
+        let o = unsafe { [out[0].add(r0 * NB), out[1].add(r0 * NB)] };
+        // SAFETY: same features; the caller's contract for these rows.
+        unsafe { run_rows(blk, &blk.a_rows[r0..r1], o) };
+        r0 = r1;
+    }
+}
