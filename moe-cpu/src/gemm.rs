@@ -696,7 +696,7 @@ mod avx512 {
     }
     #[inline]
     #[target_feature(enable = "avx512f")]
-    pub(super) fn prefetch(p: *const u8) {
+    fn prefetch(p: *const u8) {
         // A prefetch never faults, whatever the address.
         _mm_prefetch::<_MM_HINT_T0>(p as *const i8)
     }

@@ -16,6 +16,7 @@
 //! [`Cpu::parallel`] spreads the work over the current rayon pool. The portable scalar path
 //! ([`Kernels::Portable`]) is kept as the reference the fast paths are tested against.
 
+mod act;
 mod gemm;
 mod portable;
 
@@ -546,15 +547,9 @@ impl<T: Element> MoeStages<T> for Cpu {
             let s = rows.weights.map_or(1.0, |wt| wt[slots[row] as usize]);
             // SAFETY: row `row`, columns n0..n0 + len belong to this work item only.
             let dst = unsafe { out.slice(row * inter + n0, up.len()) };
-            for (j, d) in dst.iter_mut().enumerate() {
-                let i = e * inter + n0 + j;
-                let u = s * up[j] + w.up_bias.map_or(0.0, |b| b[i].to_f32());
-                let gt = match gate {
-                    Some(gv) => s * gv[j] + w.gate_bias.map_or(0.0, |b| b[i].to_f32()),
-                    None => 0.0,
-                };
-                *d = T::from_f32(math::mlp_hidden(mlp, gt, u));
-            }
+            let (ub, gb) =
+                (w.up_bias.map(|b| &b[e * inter..]), w.gate_bias.map(|b| &b[e * inter..]));
+            act::up_row(isa, mlp, s, n0, up, gate, ub, gb, dst);
         });
         Ok(())
     }
@@ -688,15 +683,7 @@ impl<T: Element> MoeStages<T> for Cpu {
             |_, t, n0, up, gate| {
                 // SAFETY: row t, columns n0..n0 + len belong to this work item only.
                 let dst = unsafe { out.slice(t * inter + n0, up.len()) };
-                for (j, d) in dst.iter_mut().enumerate() {
-                    let i = n0 + j;
-                    let u = up[j] + w.up_bias.map_or(0.0, |b| b[i].to_f32());
-                    let gt = match gate {
-                        Some(gv) => gv[j] + w.gate_bias.map_or(0.0, |b| b[i].to_f32()),
-                        None => 0.0,
-                    };
-                    *d = T::from_f32(math::mlp_hidden(mlp, gt, u));
-                }
+                act::up_row(isa, mlp, 1.0, n0, up, gate, w.up_bias, w.gate_bias, dst);
             },
         );
         Ok(())

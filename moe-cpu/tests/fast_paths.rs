@@ -205,6 +205,13 @@ fn simd_paths_match_the_portable_path() {
         (300, 97, 2, 2, 150, 1, true, false),
         (1100, 200, 4, 2, 33, 3, true, false),
         (130, 1030, 2, 1, 260, 1, false, false),
+        // One or two rows per expert (the streaming decode kernels) with K tails of every
+        // length class (1100 = 8 * 128 + 76, 200 = 128 + 72).
+        (1100, 200, 8, 1, 3, 1, true, false),
+        (1100, 200, 8, 2, 7, 1, false, false),
+        // Over 96 rows per expert with odd K (the bf16 broadcast kernel's half pair) and a K
+        // block boundary (301 = 256 + 45).
+        (301, 97, 2, 2, 110, 1, true, false),
     ];
     for (name, cpu) in backends() {
         for (i, &(h, inter, e, k, t, al, bias, oi)) in shapes.iter().enumerate() {

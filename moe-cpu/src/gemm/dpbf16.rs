@@ -13,10 +13,12 @@
 //! Both are dot-product kernels (`MR × NR` tiles of 16-lane accumulators along K, reduced
 //! horizontally at the end of each K block), the shape of the AVX-512 dot-product kernels:
 //!
-//! * up to [`DIRECT_ROWS`] rows (decode): weight rows and activation rows are read in place;
-//!   each group of [`NR`] weight rows is streamed over its whole length (K blocks inner, one
-//!   prefetch per cache line [`PREFETCH_AHEAD`] bytes ahead), the K tail read with masked loads
-//!   (zeros past the end);
+//! * up to [`SEQ_ROWS`] rows (decode): one weight row at a time over its whole K, four
+//!   accumulators per activation row, read in place;
+//! * up to [`DIRECT_ROWS`] rows: weight rows and activation rows are read in place; each group
+//!   of [`NR`] weight rows is streamed over its whole length (K blocks inner);
+//! * in both, one L2 prefetch per weight line [`L2_AHEAD`] bytes ahead, and the K tail read
+//!   with masked loads (zeros past the end);
 //! * more rows: per K block the item's rows are copied once into an aligned `[MP][KSH]` buffer
 //!   and each micro-panel of [`NR`] weight rows into `[NR][KSH]` (L1), zero-padded to a
 //!   multiple of 32; the next micro-panel's weight rows are prefetched into L2 meanwhile, a
@@ -29,8 +31,8 @@
 //! zero, as bf16 arithmetic does). The blocking depends only on the shapes, and every output
 //! element is computed by exactly one work item: the same bits whatever the thread count.
 
-use super::avx512::{hsum4, prefetch, prefetch_l2};
-use super::{Aligned, Block, DIRECT_ROWS, KC, MP, MR, NB, NR, Out, PREFETCH_AHEAD};
+use super::avx512::{hsum4, prefetch_l2};
+use super::{Aligned, Block, DIRECT_ROWS, KC, MP, MR, NB, NR, Out};
 use core::arch::x86_64::*;
 use core::mem::MaybeUninit;
 use half::bf16;
@@ -40,6 +42,17 @@ const L: usize = 32;
 /// Row stride (in bf16) of the packing buffers: a K block plus one cache line, so that the
 /// rows a microkernel streams do not map to the same L1 set.
 const KSH: usize = KC + L;
+
+/// Up to this many rows, work items stream their weight rows one at a time
+/// ([`run_seq`]); from 3 rows on, the `MR × NR` tile's reuse of each loaded vector pays more
+/// (measured on this machine, 2 threads, interleaved runs: Qwen3 T=1 2.64 vs 3.30 ms and
+/// gpt-oss T=1 7.10 vs 8.40 ms sequential; Mixtral T=16, about 4 rows per expert, 146 vs 119 ms
+/// for the tile).
+const SEQ_ROWS: usize = 2;
+/// Bytes ahead on each weight stream that the in-place kernels fetch into L2. Zen 4 measured
+/// no gain, or a loss, from L1 prefetches (Mixtral T=1: 34.3 ms with L1 prefetches 2 KiB ahead,
+/// 27.5 without any, 25.8 with these).
+const L2_AHEAD: usize = 4096;
 
 const _: () = assert!(KC.is_multiple_of(L));
 
@@ -57,11 +70,11 @@ unsafe fn load(p: *const bf16) -> __m512bh {
     unsafe { core::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(p as *const __m512i)) }
 }
 
-/// The first `n < 32` bf16 at `p` (the rest zeros); lanes past `n` are not read.
+/// The first `n <= 32` bf16 at `p` (the rest zeros); lanes past `n` are not read.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 unsafe fn load_tail(p: *const bf16, n: usize) -> __m512bh {
-    let m: __mmask32 = (1u32 << n) - 1;
+    let m: __mmask32 = if n >= L { u32::MAX } else { (1u32 << n) - 1 };
     // SAFETY: masked-off lanes are not read (no fault); the caller guarantees `n` readable bf16
     // at `p`. Same-size plain-bits transmute as in `load`.
     unsafe {
@@ -148,7 +161,7 @@ unsafe fn micro_direct<const M: usize>(
                 *v = load(arow[i].add(k));
             }
             for j in 0..NR {
-                prefetch((brow[j] as *const u8).wrapping_add(2 * k + PREFETCH_AHEAD));
+                prefetch_l2((brow[j] as *const u8).wrapping_add(2 * k + L2_AHEAD));
                 let bj = load(brow[j].add(k));
                 for (row, &ai) in acc.iter_mut().zip(av.iter()) {
                     row[j] = _mm512_dpbf16_ps(row[j], ai, bj);
@@ -170,6 +183,86 @@ unsafe fn micro_direct<const M: usize>(
             }
         }
         store::<M>(&acc, c, first);
+    }
+}
+
+/// One weight row at a time: `c[i * NB] (+)= sum_{k < kc} A_i[k] B[k]` for `i < M`, four
+/// accumulators per row (four vectors of B per step), masked tail.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn micro_seq<const M: usize>(
+    arow: [*const bf16; M],
+    brow: *const bf16,
+    kc: usize,
+    c: *mut f32,
+) {
+    // SAFETY: as `micro_direct`, for one weight row (`c` one element of the tile).
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); 4]; M];
+        let full = kc / (4 * L) * (4 * L);
+        let mut k = 0;
+        while k < full {
+            let mut b = [load(brow.add(k)); 4];
+            for (q, v) in b.iter_mut().enumerate() {
+                prefetch_l2((brow as *const u8).wrapping_add(2 * (k + q * L) + L2_AHEAD));
+                *v = load(brow.add(k + q * L));
+            }
+            for (i, row) in acc.iter_mut().enumerate() {
+                for q in 0..4 {
+                    row[q] = _mm512_dpbf16_ps(row[q], load(arow[i].add(k + q * L)), b[q]);
+                }
+            }
+            k += 4 * L;
+        }
+        let mut q = 0;
+        while k < kc {
+            let n = (kc - k).min(L);
+            let b = load_tail(brow.add(k), n);
+            for (i, row) in acc.iter_mut().enumerate() {
+                row[q] = _mm512_dpbf16_ps(row[q], load_tail(arow[i].add(k), n), b);
+            }
+            k += n;
+            q += 1;
+        }
+        for (i, row) in acc.iter().enumerate() {
+            let s = hsum4(row[0], row[1], row[2], row[3]);
+            *c.add(i * NB) = (s[0] + s[1]) + (s[2] + s[3]);
+        }
+    }
+}
+
+/// A work item of at most [`SEQ_ROWS`] rows: weight rows one at a time over their whole K,
+/// so that a thread reads its item's weights as one sequential stream.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")]
+unsafe fn run_seq(blk: &Block<'_, bf16>, out: Out) {
+    let (k, mb, nb) = (blk.k, blk.a_rows.len(), blk.nb);
+    for (bi, b) in blk.b.iter().enumerate() {
+        let Some(b) = b else { continue };
+        for j in 0..nb {
+            let at = (blk.n0 + j) * k;
+            let brow = b[at..at + k].as_ptr();
+            let mut i = 0;
+            while i < mb {
+                let m = (mb - i).min(MR);
+                let mut arow = [blk.a.as_ptr(); MR];
+                for (ii, p) in arow.iter_mut().enumerate().take(m) {
+                    let at = blk.a_rows[i + ii] * k;
+                    *p = blk.a[at..at + k].as_ptr();
+                }
+                // SAFETY: m rows and one weight row of k elements; the tile has room.
+                unsafe {
+                    let c = out[bi].add(i * NB + j);
+                    let [a0, a1, a2, a3] = arow;
+                    match m {
+                        4 => micro_seq::<4>([a0, a1, a2, a3], brow, k, c),
+                        3 => micro_seq::<3>([a0, a1, a2], brow, k, c),
+                        2 => micro_seq::<2>([a0, a1], brow, k, c),
+                        _ => micro_seq::<1>([a0], brow, k, c),
+                    }
+                }
+                i += MR;
+            }
+        }
     }
 }
 
@@ -304,6 +397,185 @@ unsafe fn run_rows(blk: &Block<'_, bf16>, a_rows: &[usize], out: Out) {
     }
 }
 
+/// K block (bf16) of the broadcast kernel: a packed 32-column weight panel is
+/// `KB / 2 × 32` pairs, 16 KiB (L1, with the A rows).
+const KB: usize = 256;
+/// Rows of the broadcast kernel's register tile (12 × 2 vectors of accumulators).
+const MB_T: usize = 12;
+/// Columns of a packed weight panel (two vectors).
+const NP: usize = 32;
+/// From this many rows, bf16 work items use the broadcast kernel (measured on this machine, 2
+/// threads, interleaved: 128 rows per expert, gpt-oss T=1024, 740 vs 932 ms for the packed
+/// dot-product kernel, DeepSeek-V3 T=1024 (256 rows) 3023 vs 3452 ms; 32 rows (Mixtral T=128)
+/// 576 vs 515 ms and 64 rows (Qwen3 T=1024) 410 vs 366 ms the other way).
+pub(crate) const BC_ROWS: usize = 96;
+
+const _: () = assert!(NB.is_multiple_of(NP) && KB.is_multiple_of(L) && KB <= KC);
+
+/// The `n = min(32, len - at)` bf16 of `src` from `at` as 16 pairs (zeros past `n`).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn load_pairs(src: &[bf16], at: usize) -> __m512 {
+    let n = src.len().saturating_sub(at).min(L);
+    let m: __mmask32 = if n == L { u32::MAX } else { (1u32 << n) - 1 };
+    // SAFETY: masked-off lanes are not read; the `n` lanes read lie in `src`.
+    unsafe {
+        let p = src.as_ptr().add(at.min(src.len()));
+        _mm512_castsi512_ps(_mm512_maskz_loadu_epi16(m, p as *const i16))
+    }
+}
+
+/// `c[i * NB + j] (=|+=) sum_{p < kp} pair(a_i, p) · bt[p][j]` for `i < M`, `j < 32`: `a_i`
+/// rows in place (pairs broadcast; an odd `kc` ends with a half pair, its high half zero),
+/// `bt` a packed panel of `kp = ceil(kc / 2)` rows of 32 pairs.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn micro_bc<const M: usize>(
+    a: [*const bf16; M],
+    bt: *const u32,
+    kc: usize,
+    c: *mut f32,
+    first: bool,
+) {
+    // SAFETY: the caller passes M rows of kc readable bf16, a panel of ceil(kc / 2) × 32 pairs
+    // (64-byte aligned rows) and a tile with M rows of NB >= 32 columns from `c`.
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); 2]; M];
+        let full = kc / 2;
+        let mut bk = bt;
+        let bh = |v: __m512i| core::mem::transmute::<__m512i, __m512bh>(v);
+        for p in 0..full {
+            let b0 = bh(_mm512_load_si512(bk as *const __m512i));
+            let b1 = bh(_mm512_load_si512(bk.add(16) as *const __m512i));
+            for (i, row) in acc.iter_mut().enumerate() {
+                let av = bh(_mm512_set1_epi32((a[i].add(2 * p) as *const i32).read_unaligned()));
+                row[0] = _mm512_dpbf16_ps(row[0], av, b0);
+                row[1] = _mm512_dpbf16_ps(row[1], av, b1);
+            }
+            bk = bk.add(NP);
+        }
+        if kc % 2 == 1 {
+            let b0 = bh(_mm512_load_si512(bk as *const __m512i));
+            let b1 = bh(_mm512_load_si512(bk.add(16) as *const __m512i));
+            for (i, row) in acc.iter_mut().enumerate() {
+                let lo = (a[i].add(kc - 1) as *const u16).read() as i32;
+                let av = bh(_mm512_set1_epi32(lo));
+                row[0] = _mm512_dpbf16_ps(row[0], av, b0);
+                row[1] = _mm512_dpbf16_ps(row[1], av, b1);
+            }
+        }
+        for (i, row) in acc.iter().enumerate() {
+            let cr = c.add(i * NB);
+            if first {
+                _mm512_storeu_ps(cr, row[0]);
+                _mm512_storeu_ps(cr.add(16), row[1]);
+            } else {
+                _mm512_storeu_ps(cr, _mm512_add_ps(_mm512_loadu_ps(cr), row[0]));
+                _mm512_storeu_ps(cr.add(16), _mm512_add_ps(_mm512_loadu_ps(cr.add(16)), row[1]));
+            }
+        }
+    }
+}
+
+/// A work item of at least [`BC_ROWS`] rows with the broadcast kernel: per K block of [`KB`],
+/// each 32-column weight panel of each B is packed into pairs `[k/2][32][2]` (16 × 16
+/// transposes of 32-bit pairs, zeros past the item's columns and the K block; L2), then every
+/// [`MB_T`]-row group (its rows read in place, L1) runs against all the panels; the next K
+/// block's weight rows are prefetched into L2 meanwhile, a slice per microkernel call.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")]
+unsafe fn run_bc(blk: &Block<'_, bf16>, out: Out) {
+    use super::avx512::transpose16;
+    let (k, mb, nb) = (blk.k, blk.a_rows.len(), blk.nb);
+    let panels = nb.div_ceil(NP);
+    let groups = mb.div_ceil(MB_T);
+    let nmat = blk.b.iter().flatten().count();
+    // Packed panels of every present B: [bi][panel][KB / 2][32] pairs.
+    let mut bt_buf = MaybeUninit::<Aligned<{ 2 * (NB / NP) * (KB / 2) * NP }>>::uninit();
+    let bt = bt_buf.as_mut_ptr() as *mut u32;
+    let panel_at = |bi: usize, p: usize| (bi * (NB / NP) + p) * (KB / 2) * NP;
+    let mut k0 = 0;
+    while k0 < k {
+        let kc = KB.min(k - k0);
+        let kp = kc.div_ceil(2);
+        for (bi, b) in blk.b.iter().enumerate() {
+            let Some(b) = b else { continue };
+            for p in 0..panels {
+                for gg in 0..2 {
+                    let j0 = p * NP + gg * 16;
+                    let mut c = 0;
+                    while c < kp {
+                        let mut r = [_mm512_setzero_ps(); 16];
+                        for (jj, v) in r.iter_mut().enumerate() {
+                            if j0 + jj < nb {
+                                let at = (blk.n0 + j0 + jj) * k + k0;
+                                // SAFETY: same features; masked to the row's kc bf16.
+                                *v = unsafe { load_pairs(&b[at..at + kc], 2 * c) };
+                            }
+                        }
+                        transpose16(&mut r);
+                        for (q, v) in r.iter().enumerate() {
+                            // SAFETY: pair row c + q < KB / 2 (kp <= KB / 2, c a multiple of
+                            // 16 below kp, KB / 2 a multiple of 16) of panel p of B bi, columns
+                            // gg * 16..: inside the buffer, 64-byte aligned.
+                            unsafe {
+                                let d = bt.add(panel_at(bi, p) + (c + q) * NP + gg * 16);
+                                _mm512_store_ps(d as *mut f32, *v)
+                            }
+                        }
+                        c += 16;
+                    }
+                }
+            }
+        }
+        // The next K block of the weight rows, fetched into L2 a slice per microkernel call.
+        let next = KB.min(k - (k0 + kc).min(k));
+        let lines = (2 * next).div_ceil(64);
+        let calls = groups * panels * nmat;
+        let per = (nb * lines * nmat).div_ceil(calls.max(1));
+        let mut q = 0;
+        for g in 0..groups {
+            let i = g * MB_T;
+            let m = (mb - i).min(MB_T);
+            let mut arow = [blk.a.as_ptr(); MB_T];
+            for (ii, r) in arow.iter_mut().enumerate().take(m) {
+                let at = blk.a_rows[i + ii] * k + k0;
+                *r = blk.a[at..at + kc].as_ptr();
+            }
+            for (bi, b) in blk.b.iter().enumerate() {
+                let Some(b) = b else { continue };
+                for p in 0..panels {
+                    for t in q * per..((q + 1) * per).min(nb * lines * nmat) {
+                        let (jj, l) = ((t / lines) % nb, t % lines);
+                        let at = (blk.n0 + jj) * k + k0 + kc + l * 32;
+                        prefetch_l2(b.as_ptr().wrapping_add(at) as *const u8);
+                    }
+                    q += 1;
+                    // SAFETY: m rows of kc bf16 from `arow`; panel p of B bi holds kp pair
+                    // rows; the caller's tile has room for 32 columns from p * 32 of rows i..
+                    // (NB is a multiple of 32).
+                    unsafe {
+                        let bp = bt.add(panel_at(bi, p)) as *const u32;
+                        let c = out[bi].add(i * NB + p * NP);
+                        let f = k0 == 0;
+                        let a = arow;
+                        macro_rules! go {
+                            ($($n:literal)*) => {
+                                match m {
+                                    $($n => micro_bc::<$n>(
+                                        core::array::from_fn(|x| a[x]), bp, kc, c, f),)*
+                                    _ => micro_bc::<MB_T>(a, bp, kc, c, f),
+                                }
+                            };
+                        }
+                        go!(1 2 3 4 5 6 7 8 9 10 11);
+                    }
+                }
+            }
+        }
+        k0 += KB;
+    }
+}
+
 /// One bf16 work item (see the module docs).
 ///
 /// # Safety
@@ -333,8 +605,18 @@ pub(crate) unsafe fn run_block<T: moe_core::Element>(blk: &Block<'_, T>, out: Ou
         return;
     }
     if mb <= DIRECT_ROWS {
+        if mb <= SEQ_ROWS {
+            // SAFETY: same features; the caller's contract.
+            unsafe { run_seq(blk, out) };
+        } else {
+            // SAFETY: same features; the caller's contract.
+            unsafe { run_direct(blk, out) };
+        }
+        return;
+    }
+    if mb >= BC_ROWS {
         // SAFETY: same features; the caller's contract.
-        unsafe { run_direct(blk, out) };
+        unsafe { run_bc(blk, out) };
         return;
     }
     let mut r0 = 0;
