@@ -1,6 +1,7 @@
 //! The numbers of the report, timed like `benches/torch_cpu.py` (one warm-up run, then at least
 //! 3 runs and about 2 s, median): for each selected shape, dtype, T and thread count, the two
-//! expert GEMMs (GFLOP/s and % of the FMA peak measured just before) and the whole layer.
+//! expert GEMMs (GFLOP/s and % of the FMA peak measured just before; for bf16 on a CPU with
+//! AVX512-BF16 also % of the `vdpbf16ps` peak, the ceiling of those kernels) and the whole layer.
 //! Same environment variables as the criterion bench; CSV on stdout (and `MOE_BENCH_CSV`).
 //!
 //! `cargo run --release -p moe-benches --features cpu --example report`
@@ -46,6 +47,8 @@ where
         for &th in threads {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(th).build().unwrap();
             let (peak, _) = peak::fma_peak_gflops(th);
+            let dp_peak =
+                (T::DTYPE == moe_core::DType::BF16).then(|| peak::dpbf16_peak_gflops(th)).flatten();
             let cpu = Cpu::parallel();
             let (gm, lm) = pool.install(|| {
                 layer.forward(&cpu).unwrap();
@@ -58,9 +61,10 @@ where
             });
             let gf = expert_flops(&sh.config, t) / gm / 1e6;
             let row = format!(
-                "{},{d},{t},{th},{lm:.4},{gm:.4},{gf:.2},{:.2}",
+                "{},{d},{t},{th},{lm:.4},{gm:.4},{gf:.2},{:.2},{}",
                 sh.name,
-                100.0 * gf / peak
+                100.0 * gf / peak,
+                dp_peak.map_or(String::new(), |p| format!("{:.2}", 100.0 * gf / p))
             );
             println!("{row}");
             let _ = writeln!(out, "{row}");
@@ -85,7 +89,7 @@ fn main() {
         if new {
             let _ = writeln!(
                 f,
-                "shape,dtype,tokens,threads,layer_ms,gemm_ms,gemm_gflops,gemm_pct_peak"
+                "shape,dtype,tokens,threads,layer_ms,gemm_ms,gemm_gflops,gemm_pct_peak,gemm_pct_dpbf16_peak"
             );
         }
         Some(f)
@@ -95,7 +99,9 @@ fn main() {
         Some(f) => f,
         None => &mut sink,
     };
-    println!("shape,dtype,tokens,threads,layer_ms,gemm_ms,gemm_gflops,gemm_pct_peak");
+    println!(
+        "shape,dtype,tokens,threads,layer_ms,gemm_ms,gemm_gflops,gemm_pct_peak,gemm_pct_dpbf16_peak"
+    );
     for sh in canonical() {
         if !shapes.iter().any(|p| sh.name.starts_with(p.as_str())) {
             continue;

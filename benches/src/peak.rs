@@ -93,3 +93,51 @@ pub fn fma_peak_gflops_here(iters: u64) -> (f64, &'static str) {
     std::hint::black_box(f(std::hint::black_box(iters)));
     (flops * iters as f64 / t0.elapsed().as_secs_f64() / 1e9, name)
 }
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+fn chains_dpbf16(iters: u64) -> f32 {
+    use core::arch::x86_64::*;
+    // SAFETY: `__m512i` and `__m512bh` are 64-byte vectors of plain bits.
+    let bh = |v: __m512i| unsafe { core::mem::transmute::<__m512i, __m512bh>(v) };
+    let a = bh(_mm512_set1_epi32(0x3f80_3f80));
+    let b = bh(_mm512_set1_epi32(0x3380_3380));
+    let mut acc = [_mm512_set1_ps(1.0); 16];
+    for _ in 0..iters {
+        for v in acc.iter_mut() {
+            *v = _mm512_dpbf16_ps(*v, a, b);
+        }
+    }
+    let mut s = _mm512_setzero_ps();
+    for v in acc {
+        s = _mm512_add_ps(s, v);
+    }
+    _mm512_reduce_add_ps(s)
+}
+
+/// This machine's bf16 dot-product peak (`vdpbf16ps`, 64 FLOPs per instruction) in GFLOP/s
+/// with `threads` threads at once (best of 5 runs), or `None` without AVX512-BF16.
+pub fn dpbf16_peak_gflops(threads: usize) -> Option<f64> {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512bf16") && std::is_x86_feature_detected!("avx512f") {
+        let iters = 20_000_000u64;
+        let mut best = 0f64;
+        for _ in 0..5 {
+            let t0 = Instant::now();
+            std::thread::scope(|s| {
+                for _ in 0..threads {
+                    s.spawn(|| {
+                        // SAFETY: the CPU has AVX-512F and AVX512-BF16 (checked above).
+                        let r = unsafe { chains_dpbf16(std::hint::black_box(iters)) };
+                        std::hint::black_box(r)
+                    });
+                }
+            });
+            let g = 16.0 * 64.0 * iters as f64 * threads as f64 / t0.elapsed().as_secs_f64() / 1e9;
+            best = best.max(g);
+        }
+        return Some(best);
+    }
+    let _ = threads;
+    None
+}

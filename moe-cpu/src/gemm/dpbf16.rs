@@ -397,13 +397,15 @@ unsafe fn run_rows(blk: &Block<'_, bf16>, a_rows: &[usize], out: Out) {
     }
 }
 
-/// K block (bf16) of the broadcast kernel: a packed 32-column weight panel is
-/// `KB / 2 × 32` pairs, 16 KiB (L1, with the A rows).
-const KB: usize = 256;
-/// Rows of the broadcast kernel's register tile (12 × 2 vectors of accumulators).
-const MB_T: usize = 12;
-/// Columns of a packed weight panel (two vectors).
-const NP: usize = 32;
+/// K block (bf16) of the broadcast kernel: a packed [`NP`]-column weight panel is
+/// `KB / 2 × NP` pairs, 16 KiB (L1, with the A rows).
+const KB: usize = 128;
+/// Rows of the broadcast kernel's register tile (MB_T × NV vectors of accumulators).
+const MB_T: usize = 6;
+/// Vectors (of 16 columns) per row of the broadcast kernel's register tile.
+const NV: usize = 4;
+/// Columns of a packed weight panel.
+const NP: usize = 16 * NV;
 /// From this many rows, bf16 work items use the broadcast kernel (measured on this machine, 2
 /// threads, interleaved: 128 rows per expert, gpt-oss T=1024, 740 vs 932 ms for the packed
 /// dot-product kernel, DeepSeek-V3 T=1024 (256 rows) 3023 vs 3452 ms; 32 rows (Mixtral T=128)
@@ -425,9 +427,9 @@ unsafe fn load_pairs(src: &[bf16], at: usize) -> __m512 {
     }
 }
 
-/// `c[i * NB + j] (=|+=) sum_{p < kp} pair(a_i, p) · bt[p][j]` for `i < M`, `j < 32`: `a_i`
+/// `c[i * NB + j] (=|+=) sum_{p < kp} pair(a_i, p) · bt[p][j]` for `i < M`, `j < NP`: `a_i`
 /// rows in place (pairs broadcast; an odd `kc` ends with a half pair, its high half zero),
-/// `bt` a packed panel of `kp = ceil(kc / 2)` rows of 32 pairs.
+/// `bt` a packed panel of `kp = ceil(kc / 2)` rows of [`NP`] pairs.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 unsafe fn micro_bc<const M: usize>(
@@ -437,48 +439,51 @@ unsafe fn micro_bc<const M: usize>(
     c: *mut f32,
     first: bool,
 ) {
-    // SAFETY: the caller passes M rows of kc readable bf16, a panel of ceil(kc / 2) × 32 pairs
-    // (64-byte aligned rows) and a tile with M rows of NB >= 32 columns from `c`.
+    // SAFETY: the caller passes M rows of kc readable bf16, a panel of ceil(kc / 2) × NP pairs
+    // (64-byte aligned rows) and a tile with M rows of NB >= NP columns from `c`.
     unsafe {
-        let mut acc = [[_mm512_setzero_ps(); 2]; M];
+        let mut acc = [[_mm512_setzero_ps(); NV]; M];
         let full = kc / 2;
         let mut bk = bt;
         let bh = |v: __m512i| core::mem::transmute::<__m512i, __m512bh>(v);
-        for p in 0..full {
-            let b0 = bh(_mm512_load_si512(bk as *const __m512i));
-            let b1 = bh(_mm512_load_si512(bk.add(16) as *const __m512i));
+        for p in 0..=full {
+            if p == full && kc.is_multiple_of(2) {
+                break;
+            }
+            let mut b = [bh(_mm512_setzero_si512()); NV];
+            for (v, x) in b.iter_mut().enumerate() {
+                *x = bh(_mm512_load_si512(bk.add(16 * v) as *const __m512i));
+            }
             for (i, row) in acc.iter_mut().enumerate() {
-                let av = bh(_mm512_set1_epi32((a[i].add(2 * p) as *const i32).read_unaligned()));
-                row[0] = _mm512_dpbf16_ps(row[0], av, b0);
-                row[1] = _mm512_dpbf16_ps(row[1], av, b1);
+                // A full pair, or (the last of an odd kc) the last element and a zero.
+                let pair = if p < full {
+                    (a[i].add(2 * p) as *const i32).read_unaligned()
+                } else {
+                    (a[i].add(kc - 1) as *const u16).read() as i32
+                };
+                let av = bh(_mm512_set1_epi32(pair));
+                for (r, &x) in row.iter_mut().zip(b.iter()) {
+                    *r = _mm512_dpbf16_ps(*r, av, x);
+                }
             }
             bk = bk.add(NP);
         }
-        if kc % 2 == 1 {
-            let b0 = bh(_mm512_load_si512(bk as *const __m512i));
-            let b1 = bh(_mm512_load_si512(bk.add(16) as *const __m512i));
-            for (i, row) in acc.iter_mut().enumerate() {
-                let lo = (a[i].add(kc - 1) as *const u16).read() as i32;
-                let av = bh(_mm512_set1_epi32(lo));
-                row[0] = _mm512_dpbf16_ps(row[0], av, b0);
-                row[1] = _mm512_dpbf16_ps(row[1], av, b1);
-            }
-        }
         for (i, row) in acc.iter().enumerate() {
             let cr = c.add(i * NB);
-            if first {
-                _mm512_storeu_ps(cr, row[0]);
-                _mm512_storeu_ps(cr.add(16), row[1]);
-            } else {
-                _mm512_storeu_ps(cr, _mm512_add_ps(_mm512_loadu_ps(cr), row[0]));
-                _mm512_storeu_ps(cr.add(16), _mm512_add_ps(_mm512_loadu_ps(cr.add(16)), row[1]));
+            for (v, &x) in row.iter().enumerate() {
+                let d = cr.add(16 * v);
+                if first {
+                    _mm512_storeu_ps(d, x);
+                } else {
+                    _mm512_storeu_ps(d, _mm512_add_ps(_mm512_loadu_ps(d), x));
+                }
             }
         }
     }
 }
 
 /// A work item of at least [`BC_ROWS`] rows with the broadcast kernel: per K block of [`KB`],
-/// each 32-column weight panel of each B is packed into pairs `[k/2][32][2]` (16 × 16
+/// each [`NP`]-column weight panel of each B is packed into pairs `[k/2][NP][2]` (16 × 16
 /// transposes of 32-bit pairs, zeros past the item's columns and the K block; L2), then every
 /// [`MB_T`]-row group (its rows read in place, L1) runs against all the panels; the next K
 /// block's weight rows are prefetched into L2 meanwhile, a slice per microkernel call.
@@ -489,7 +494,7 @@ unsafe fn run_bc(blk: &Block<'_, bf16>, out: Out) {
     let panels = nb.div_ceil(NP);
     let groups = mb.div_ceil(MB_T);
     let nmat = blk.b.iter().flatten().count();
-    // Packed panels of every present B: [bi][panel][KB / 2][32] pairs.
+    // Packed panels of every present B: [bi][panel][KB / 2][NP] pairs.
     let mut bt_buf = MaybeUninit::<Aligned<{ 2 * (NB / NP) * (KB / 2) * NP }>>::uninit();
     let bt = bt_buf.as_mut_ptr() as *mut u32;
     let panel_at = |bi: usize, p: usize| (bi * (NB / NP) + p) * (KB / 2) * NP;
@@ -500,7 +505,7 @@ unsafe fn run_bc(blk: &Block<'_, bf16>, out: Out) {
         for (bi, b) in blk.b.iter().enumerate() {
             let Some(b) = b else { continue };
             for p in 0..panels {
-                for gg in 0..2 {
+                for gg in 0..NV {
                     let j0 = p * NP + gg * 16;
                     let mut c = 0;
                     while c < kp {
@@ -551,8 +556,8 @@ unsafe fn run_bc(blk: &Block<'_, bf16>, out: Out) {
                     }
                     q += 1;
                     // SAFETY: m rows of kc bf16 from `arow`; panel p of B bi holds kp pair
-                    // rows; the caller's tile has room for 32 columns from p * 32 of rows i..
-                    // (NB is a multiple of 32).
+                    // rows; the caller's tile has room for NP columns from p * NP of rows i..
+                    // (NB is a multiple of NP).
                     unsafe {
                         let bp = bt.add(panel_at(bi, p)) as *const u32;
                         let c = out[bi].add(i * NB + p * NP);
@@ -567,7 +572,7 @@ unsafe fn run_bc(blk: &Block<'_, bf16>, out: Out) {
                                 }
                             };
                         }
-                        go!(1 2 3 4 5 6 7 8 9 10 11);
+                        go!(1 2 3 4 5);
                     }
                 }
             }
