@@ -72,18 +72,22 @@ fn kernel() -> (f64, &'static str, fn(u64) -> f32) {
 pub fn fma_peak_gflops(threads: usize) -> (f64, &'static str) {
     let (flops, name, f) = kernel();
     let iters = 20_000_000u64;
+    (best_rate(threads, flops * iters as f64, || f(std::hint::black_box(iters))), name)
+}
+
+/// GFLOP/s of `threads` threads each running `run` (`flops` per run) at once: the best of 5.
+fn best_rate(threads: usize, flops: f64, run: impl Fn() -> f32 + Sync) -> f64 {
     let mut best = 0f64;
     for _ in 0..5 {
         let t0 = Instant::now();
         std::thread::scope(|s| {
             for _ in 0..threads {
-                s.spawn(|| std::hint::black_box(f(std::hint::black_box(iters))));
+                s.spawn(|| std::hint::black_box(run()));
             }
         });
-        let g = flops * iters as f64 * threads as f64 / t0.elapsed().as_secs_f64() / 1e9;
-        best = best.max(g);
+        best = best.max(flops * threads as f64 / t0.elapsed().as_secs_f64() / 1e9);
     }
-    (best, name)
+    best
 }
 
 /// One run of the widest chain kernel on the calling thread: GFLOP/s (wall) and the ISA.
@@ -121,22 +125,9 @@ pub fn dpbf16_peak_gflops(threads: usize) -> Option<f64> {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx512bf16") && std::is_x86_feature_detected!("avx512f") {
         let iters = 20_000_000u64;
-        let mut best = 0f64;
-        for _ in 0..5 {
-            let t0 = Instant::now();
-            std::thread::scope(|s| {
-                for _ in 0..threads {
-                    s.spawn(|| {
-                        // SAFETY: the CPU has AVX-512F and AVX512-BF16 (checked above).
-                        let r = unsafe { chains_dpbf16(std::hint::black_box(iters)) };
-                        std::hint::black_box(r)
-                    });
-                }
-            });
-            let g = 16.0 * 64.0 * iters as f64 * threads as f64 / t0.elapsed().as_secs_f64() / 1e9;
-            best = best.max(g);
-        }
-        return Some(best);
+        // SAFETY: the CPU has AVX-512F and AVX512-BF16 (checked above).
+        let run = || unsafe { chains_dpbf16(std::hint::black_box(iters)) };
+        return Some(best_rate(threads, 16.0 * 64.0 * iters as f64, run));
     }
     let _ = threads;
     None
