@@ -1,6 +1,7 @@
 //! CPU benches: this machine's FMA peak (1 and 2 threads), then for each canonical shape, element
 //! type (f32, bf16) and token count: every stage, the two expert GEMMs (with their share of the
-//! FMA peak) and the whole layer, with 1 and 2 threads.
+//! FMA peak, and for bf16 also of the `vdpbf16ps` peak where the CPU has AVX512-BF16) and the
+//! whole layer, with 1 and 2 threads.
 //!
 //! `cargo bench -p moe-benches --features cpu`; `MOE_BENCH_QUICK=1` for a run of a few minutes
 //! (T in {1, 128}, 2 threads, per-stage benches at T = 1 only, shorter measurement). Narrow a run with `MOE_BENCH_SHAPES=qwen,mixtral`,
@@ -74,7 +75,7 @@ fn bench_shape<T: Element>(
     o: &Opts,
     sh: &Shape,
     dtype: &str,
-    peaks: &[(usize, f64)],
+    peaks: &[(usize, f64, Option<f64>)],
     csv: &mut dyn Write,
 ) where
     Cpu: MoeStages<T>,
@@ -95,6 +96,12 @@ fn bench_shape<T: Element>(
             let pool = rayon::ThreadPoolBuilder::new().num_threads(th).build().unwrap();
             let cpu = Cpu::parallel();
             let peak = peaks.iter().find(|p| p.0 == th).map_or(f64::NAN, |p| p.1);
+            // bf16 on AVX512-BF16 runs vdpbf16ps, whose peak is twice the f32 FMA peak.
+            let dp_peak = peaks
+                .iter()
+                .find(|p| p.0 == th)
+                .and_then(|p| p.2)
+                .filter(|_| T::DTYPE == moe_core::DType::BF16);
             pool.install(|| layer.forward(&cpu).unwrap());
             let id = format!("{}/{dtype}/T{t}/th{th}", sh.name);
             let mut g = c.benchmark_group(format!("cpu/{id}"));
@@ -126,8 +133,11 @@ fn bench_shape<T: Element>(
             g.finish();
             let (gm, lm) = (gemm.borrow().median(), whole.borrow().median());
             let gflops = expert_flops(&sh.config, t) / gm / 1e9;
+            let dp = dp_peak.map_or(String::new(), |p| {
+                format!(", {:.1}% of the {th}-thread vdpbf16ps peak ({p:.0})", 100.0 * gflops / p)
+            });
             println!(
-                "RESULT {id}: expert GEMMs {:.3} ms = {gflops:.1} GFLOP/s = {:.1}% of the {th}-thread FMA peak ({peak:.0}); layer {:.3} ms",
+                "RESULT {id}: expert GEMMs {:.3} ms = {gflops:.1} GFLOP/s = {:.1}% of the {th}-thread FMA peak ({peak:.0}){dp}; layer {:.3} ms",
                 gm * 1e3,
                 100.0 * gflops / peak,
                 lm * 1e3
@@ -156,7 +166,11 @@ fn main() {
     for th in [1usize, 2] {
         let (p, isa) = peak::fma_peak_gflops(th);
         println!("PEAK f32 FMA, {th} thread(s): {p:.1} GFLOP/s ({isa})");
-        peaks.push((th, p));
+        let dp = peak::dpbf16_peak_gflops(th);
+        if let Some(d) = dp {
+            println!("PEAK bf16 vdpbf16ps, {th} thread(s): {d:.1} GFLOP/s");
+        }
+        peaks.push((th, p, dp));
     }
     println!("ISA used by the kernels: {:?}", moe_cpu::Isa::detect());
     let path = std::env::var("MOE_BENCH_CSV").unwrap_or_else(|_| {
