@@ -22,9 +22,10 @@
 //!   block of [`KC_BC`], the item's rows are copied once (L2), every 32-column weight panel is
 //!   transposed into `[k][32]` (L2), and each [`MR_BC`]-row group (L1) runs against all the
 //!   panels; the next K block's weight rows are prefetched into L2 meanwhile;
-//! * [`Isa::Avx512Bf16`] and bf16 operands: the same two dot-product kernels (in place for few
-//!   rows, packed otherwise) on `vdpbf16ps`, 32 bf16 products per instruction (module
-//!   `dpbf16`);
+//! * [`Isa::Avx512Bf16`] and bf16 operands: kernels on `vdpbf16ps`, 32 bf16 products per
+//!   instruction (module `dpbf16`): one weight row at a time for decode, the dot-product
+//!   kernels in place and packed as above, and a broadcast kernel on pair-packed weights for
+//!   many rows;
 //! * [`Isa::Amx`], bf16 operands and at least [`AMX_MIN_ROWS`] rows: the AMX-BF16 tile kernel
 //!   (module `amx`: weights as the tiles' A operand, copied into tile order, or read in place
 //!   by the tile loads for items of at most 128 rows; the item's rows packed once per K block
@@ -177,10 +178,7 @@ impl Isa {
     pub fn detect() -> Isa {
         static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
         *ISA.get_or_init(|| {
-            let best = [Isa::Amx, Isa::Avx512Bf16, Isa::Avx512, Isa::Avx2, Isa::Neon]
-                .into_iter()
-                .find(|i| i.available())
-                .unwrap_or(Isa::Generic);
+            let best = Isa::all_available().last().unwrap_or(Isa::Generic);
             std::env::var("MOE_CPU_ISA")
                 .ok()
                 .and_then(|v| Isa::from_name(&v))
@@ -192,16 +190,16 @@ impl Isa {
     /// The instruction set of a name (`avx512bf16`, ...: the variant's name, case
     /// insensitive).
     pub fn from_name(name: &str) -> Option<Isa> {
-        [Isa::Generic, Isa::Neon, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16, Isa::Amx]
-            .into_iter()
-            .find(|i| format!("{i:?}").eq_ignore_ascii_case(name.trim()))
+        Isa::ALL.into_iter().find(|i| format!("{i:?}").eq_ignore_ascii_case(name.trim()))
     }
+
+    /// Every instruction set, best last.
+    const ALL: [Isa; 6] =
+        [Isa::Generic, Isa::Neon, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16, Isa::Amx];
 
     /// Every instruction set this machine can run, best last.
     pub fn all_available() -> impl Iterator<Item = Isa> {
-        [Isa::Generic, Isa::Neon, Isa::Avx2, Isa::Avx512, Isa::Avx512Bf16, Isa::Amx]
-            .into_iter()
-            .filter(|i| i.available())
+        Isa::ALL.into_iter().filter(|i| i.available())
     }
 }
 
@@ -221,23 +219,15 @@ pub(crate) unsafe fn run_block<T: Element>(isa: Isa, blk: &Block<'_, T>, out: Ou
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the caller checked that the CPU has AVX-512 (`Isa::available`); the bounds of
         // every row read are checked by the caller (asserted above in debug builds).
-        Isa::Avx512 => unsafe {
-            if blk.a_rows.len() >= BC_MIN_ROWS {
-                avx512::run_block_bc(blk, out)
-            } else {
-                avx512::run_block(blk, out)
-            }
-        },
+        Isa::Avx512 => unsafe { avx512::run_block_any(blk, out) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the caller checked `Isa::Avx512Bf16.available()` (AVX-512 and AVX512-BF16);
         // bounds as above. bf16 items go to the `vdpbf16ps` kernels, the rest to AVX-512.
         Isa::Avx512Bf16 => unsafe {
             if T::DTYPE == moe_core::DType::BF16 {
                 dpbf16::run_block(blk, out)
-            } else if blk.a_rows.len() >= BC_MIN_ROWS {
-                avx512::run_block_bc(blk, out)
             } else {
-                avx512::run_block(blk, out)
+                avx512::run_block_any(blk, out)
             }
         },
         #[cfg(all(target_arch = "x86_64", not(miri)))]
@@ -246,10 +236,8 @@ pub(crate) unsafe fn run_block<T: Element>(isa: Isa, blk: &Block<'_, T>, out: Ou
         Isa::Amx => unsafe {
             if T::DTYPE == moe_core::DType::BF16 && blk.k > 0 && blk.a_rows.len() >= AMX_MIN_ROWS {
                 amx::run_block(blk, out)
-            } else if blk.a_rows.len() >= BC_MIN_ROWS {
-                avx512::run_block_bc(blk, out)
             } else {
-                avx512::run_block(blk, out)
+                avx512::run_block_any(blk, out)
             }
         },
         #[cfg(target_arch = "x86_64")]
@@ -813,6 +801,23 @@ mod avx512 {
     /// Row stride of the broadcast kernel's A buffer (a K block plus one cache line, so that
     /// the rows a microkernel reads do not map to the same L1 set).
     const KSB: usize = KC_BC + 16;
+
+    /// One work item: the broadcast kernel from [`super::BC_MIN_ROWS`] rows, the dot-product
+    /// kernels below.
+    ///
+    /// # Safety
+    /// As [`super::run_block`], on a CPU with the features below.
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,fma,f16c,avx2")]
+    pub(crate) unsafe fn run_block_any<T: Element>(blk: &Block<'_, T>, out: Out) {
+        // SAFETY: same features; the caller's contract.
+        unsafe {
+            if blk.a_rows.len() >= super::BC_MIN_ROWS {
+                run_block_bc(blk, out)
+            } else {
+                run_block(blk, out)
+            }
+        }
+    }
 
     /// One work item with the broadcast kernel (at least [`super::BC_MIN_ROWS`] rows). Per K
     /// block, the item's rows are packed once into k-major micro-panels of [`MR_BC`] rows

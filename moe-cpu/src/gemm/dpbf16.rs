@@ -10,8 +10,8 @@
 //!
 //! # Kernels
 //!
-//! Both are dot-product kernels (`MR × NR` tiles of 16-lane accumulators along K, reduced
-//! horizontally at the end of each K block), the shape of the AVX-512 dot-product kernels:
+//! Chosen by the item's rows. All but the last are dot-product kernels (16-lane accumulators
+//! along K, reduced horizontally at the end), the shape of the AVX-512 dot-product kernels:
 //!
 //! * up to [`SEQ_ROWS`] rows (decode): one weight row at a time over its whole K, four
 //!   accumulators per activation row, read in place;
@@ -22,7 +22,9 @@
 //! * more rows: per K block the item's rows are copied once into an aligned `[MP][KSH]` buffer
 //!   and each micro-panel of [`NR`] weight rows into `[NR][KSH]` (L1), zero-padded to a
 //!   multiple of 32; the next micro-panel's weight rows are prefetched into L2 meanwhile, a
-//!   slice per microkernel call.
+//!   slice per microkernel call;
+//! * from [`BC_ROWS`] rows: the broadcast kernel ([`run_bc`]): weights packed as pairs
+//!   `[k/2][NP][2]`, activation pairs broadcast from the rows in place, no horizontal sums.
 //!
 //! # Numerics and determinism
 //!
