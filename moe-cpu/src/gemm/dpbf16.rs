@@ -14,15 +14,15 @@
 //! along K, reduced horizontally at the end), the shape of the AVX-512 dot-product kernels:
 //!
 //! * up to [`SEQ_ROWS`] rows (decode): one weight row at a time over its whole K, four
-//!   accumulators per activation row, read in place;
-//! * up to [`DIRECT_ROWS`] rows: weight rows and activation rows are read in place; each group
-//!   of [`NR`] weight rows is streamed over its whole length (K blocks inner);
-//! * in both, one L2 prefetch per weight line [`L2_AHEAD`] bytes ahead, and the K tail read
-//!   with masked loads (zeros past the end);
+//!   accumulators per activation row, read in place, one L2 prefetch per weight line
+//!   [`L2_AHEAD`] bytes ahead, the K tail read with masked loads (zeros past the end);
 //! * more rows: per K block the item's rows are copied once into an aligned `[MP][KSH]` buffer
-//!   and each micro-panel of [`NR`] weight rows into `[NR][KSH]` (L1), zero-padded to a
-//!   multiple of 32; the next micro-panel's weight rows are prefetched into L2 meanwhile, a
-//!   slice per microkernel call;
+//!   (zero-padded to a multiple of 32), and an `MR × NR` dot tile runs against each micro-panel
+//!   of [`NR`] weight rows, the next micro-panel's weight rows prefetched into L2 meanwhile, a
+//!   slice per microkernel call. Up to [`INPLACE_ROWS`] rows (and K a multiple of 32) the
+//!   weight rows are read in place ([`micro_pb`], with the same prefetch ahead on each row);
+//!   beyond, where enough row tiles share it, each micro-panel is copied into an aligned
+//!   `[NR][KSH]` buffer (L1) first;
 //! * from [`BC_ROWS`] rows: the broadcast kernel ([`run_bc`]): weights packed as pairs
 //!   `[k/2][NP][2]`, activation pairs broadcast from the rows in place, no horizontal sums.
 //!
@@ -34,7 +34,7 @@
 //! element is computed by exactly one work item: the same bits whatever the thread count.
 
 use super::avx512::{hsum4, prefetch_l2};
-use super::{Aligned, Block, DIRECT_ROWS, KC, MP, MR, NB, NR, Out};
+use super::{Aligned, Block, KC, MP, MR, NB, NR, Out};
 use core::arch::x86_64::*;
 use core::mem::MaybeUninit;
 use half::bf16;
@@ -51,6 +51,14 @@ const KSH: usize = KC + L;
 /// gpt-oss T=1 7.10 vs 8.40 ms sequential; Mixtral T=16, about 4 rows per expert, 146 vs 119 ms
 /// for the tile).
 const SEQ_ROWS: usize = 2;
+/// Up to this many rows (and `k` a multiple of 32), the packed dot-product kernel reads the
+/// weight rows in place instead of copying each micro-panel (the copy, a third of the GEMM time
+/// at 32 rows in `perf`, pays only when many row tiles share it). Measured on this machine, 2
+/// threads, interleaved, expert GEMMs: Qwen3 T=128 (8 rows per expert) 63.5 vs 100.7 ms,
+/// gpt-oss T=128 (16) 125.5 vs 168.3, Mixtral T=128 (32) 384 vs 470, DeepSeek-V3 T=128 (32)
+/// 331 vs 413, Mixtral T=192 (48) 541 vs 578; from 48-64 rows the copy wins (Qwen3 T=768
+/// (48) 238 vs 228, T=1024 (64) 306 vs 289, Mixtral T=256 (64) 758 vs 726).
+const INPLACE_ROWS: usize = 40;
 /// Bytes ahead on each weight stream that the in-place kernels fetch into L2. Zen 4 measured
 /// no gain, or a loss, from L1 prefetches (Mixtral T=1: 34.3 ms with L1 prefetches 2 KiB ahead,
 /// 27.5 without any, 25.8 with these).
@@ -140,27 +148,28 @@ unsafe fn micro<const M: usize>(
     }
 }
 
-/// In place (few rows): `c[i * NB + j] (+)= sum_{k < kc} A_i[k] B_j[k]` for `i < M`,
-/// `j < NR`, with one prefetch per weight line [`PREFETCH_AHEAD`] bytes ahead.
+/// Packed rows, weight rows read in place: `c[i * NB + j] (+)= sum_{k < kc} a[i * KSH + k]
+/// B_j[k]` for `i < M`, `j < NR` (`kc` a multiple of 32), with one L2 prefetch per weight line
+/// [`L2_AHEAD`] bytes ahead. No K tail: a masked tail step after the loop makes the compiler
+/// keep the accumulators on the stack (stores in the loop, measured 2x slower).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn micro_direct<const M: usize>(
-    arow: [*const bf16; M],
+unsafe fn micro_pb<const M: usize>(
+    a: *const bf16,
     brow: [*const bf16; NR],
     kc: usize,
     c: *mut f32,
     first: bool,
 ) {
-    // SAFETY: the caller passes M rows and NR weight rows of at least kc elements, and a tile
-    // with M rows of NB >= NR columns. Prefetches never fault; the tail loads are masked.
+    // SAFETY: the caller passes M packed rows of kc bf16 at stride KSH, NR weight rows of kc
+    // readable bf16, and a tile with M rows of NB >= NR columns. Prefetches never fault.
     unsafe {
         let mut acc = [[_mm512_setzero_ps(); NR]; M];
-        let full = kc / L * L;
         let mut k = 0;
-        while k < full {
-            let mut av = [load(arow[0].add(k)); M];
+        while k < kc {
+            let mut av = [load(a.add(k)); M];
             for (i, v) in av.iter_mut().enumerate().skip(1) {
-                *v = load(arow[i].add(k));
+                *v = load(a.add(i * KSH + k));
             }
             for j in 0..NR {
                 prefetch_l2((brow[j] as *const u8).wrapping_add(2 * k + L2_AHEAD));
@@ -170,19 +179,6 @@ unsafe fn micro_direct<const M: usize>(
                 }
             }
             k += L;
-        }
-        if full < kc {
-            let n = kc - full;
-            let mut av = [load_tail(arow[0].add(full), n); M];
-            for (i, v) in av.iter_mut().enumerate().skip(1) {
-                *v = load_tail(arow[i].add(full), n);
-            }
-            for j in 0..NR {
-                let bj = load_tail(brow[j].add(full), n);
-                for (row, &ai) in acc.iter_mut().zip(av.iter()) {
-                    row[j] = _mm512_dpbf16_ps(row[j], ai, bj);
-                }
-            }
         }
         store::<M>(&acc, c, first);
     }
@@ -268,59 +264,6 @@ unsafe fn run_seq(blk: &Block<'_, bf16>, out: Out) {
     }
 }
 
-/// A work item of at most [`DIRECT_ROWS`] rows, everything read in place (see
-/// [`micro_direct`]): each group of NR weight rows is streamed over its whole length, K blocks
-/// inner, so the row groups after the first find the weight block in L1.
-#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")]
-unsafe fn run_direct(blk: &Block<'_, bf16>, out: Out) {
-    let (k, mb, nb) = (blk.k, blk.a_rows.len(), blk.nb);
-    for (bi, b) in blk.b.iter().enumerate() {
-        let Some(b) = b else { continue };
-        let mut j = 0;
-        while j < nb {
-            let nr = NR.min(nb - j);
-            let first_row = (blk.n0 + j) * k;
-            // Rows past nb repeat the first row (their columns are never read).
-            let mut brow = [b[first_row..first_row + k].as_ptr(); NR];
-            for (jj, p) in brow.iter_mut().enumerate().take(nr) {
-                let at = (blk.n0 + j + jj) * k;
-                *p = b[at..at + k].as_ptr();
-            }
-            let mut k0 = 0;
-            while k0 < k {
-                let kc = KC.min(k - k0);
-                let bk = brow.map(|p| p.wrapping_add(k0));
-                let mut i = 0;
-                while i < mb {
-                    let m = (mb - i).min(MR);
-                    let mut arow = [blk.a.as_ptr(); MR];
-                    for (ii, p) in arow.iter_mut().enumerate().take(m) {
-                        let at = blk.a_rows[i + ii] * k + k0;
-                        *p = blk.a[at..at + kc].as_ptr();
-                    }
-                    // SAFETY: m rows of kc elements from `arow`; NR weight rows of kc elements
-                    // from `bk` (each lies in its row of k); the caller's tile has room for NR
-                    // columns from j.
-                    unsafe {
-                        let c = out[bi].add(i * NB + j);
-                        let f = k0 == 0;
-                        let [a0, a1, a2, a3] = arow;
-                        match m {
-                            4 => micro_direct::<4>([a0, a1, a2, a3], bk, kc, c, f),
-                            3 => micro_direct::<3>([a0, a1, a2], bk, kc, c, f),
-                            2 => micro_direct::<2>([a0, a1], bk, kc, c, f),
-                            _ => micro_direct::<1>([a0], bk, kc, c, f),
-                        }
-                    }
-                    i += MR;
-                }
-                k0 += KC;
-            }
-            j += NR;
-        }
-    }
-}
-
 /// Copy `src` into `dst[..src.len()]` and zero the rest of `dst`.
 #[inline]
 fn copy_padded(src: &[bf16], dst: &mut [bf16]) {
@@ -328,9 +271,11 @@ fn copy_padded(src: &[bf16], dst: &mut [bf16]) {
     dst[src.len()..].fill(bf16::ZERO);
 }
 
-/// Rows `a_rows` (at most [`MP`]) of a work item, on packed operands.
+/// Rows `a_rows` (at most [`MP`]) of a work item: the rows packed per K block, the weight
+/// rows copied per micro-panel (`INPLACE` false) or read in place (`INPLACE`, only when `k` is
+/// a multiple of 32: [`micro_pb`] has no K tail).
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")]
-unsafe fn run_rows(blk: &Block<'_, bf16>, a_rows: &[usize], out: Out) {
+unsafe fn run_rows<const INPLACE: bool>(blk: &Block<'_, bf16>, a_rows: &[usize], out: Out) {
     /// A cache-line aligned bf16 buffer (`Aligned` holds f32: half as many).
     type Buf<const N: usize> = MaybeUninit<Aligned<N>>;
     let (k, mb, nb) = (blk.k, a_rows.len(), blk.nb);
@@ -352,7 +297,15 @@ unsafe fn run_rows(blk: &Block<'_, bf16>, a_rows: &[usize], out: Out) {
             let mut j = 0;
             while j < nb {
                 let nr = NR.min(nb - j);
+                // In place: rows past nr repeat the first (their columns are never read).
+                let mut brow = [b[(blk.n0 + j) * k + k0..].as_ptr(); NR];
                 for jj in 0..NR {
+                    if INPLACE {
+                        if jj < nr {
+                            brow[jj] = b[(blk.n0 + j + jj) * k + k0..].as_ptr();
+                        }
+                        continue;
+                    }
                     // SAFETY: row jj < NR of the B buffer, kcp <= KSH bf16.
                     let dst = unsafe { core::slice::from_raw_parts_mut(bp.add(jj * KSH), kcp) };
                     if jj < nr {
@@ -378,16 +331,21 @@ unsafe fn run_rows(blk: &Block<'_, bf16>, a_rows: &[usize], out: Out) {
                     }
                     let first = k0 == 0;
                     // SAFETY: rows i..i + m of the A buffer and all NR rows of the B buffer
-                    // hold kcp initialized bf16; the tile has room for NR columns from j (NB is
-                    // a multiple of NR).
+                    // hold kcp initialized bf16 (in place: kcp == kc, and each weight row
+                    // holds kc bf16 from k0); the tile has room for NR columns from j (NB is a
+                    // multiple of NR).
                     unsafe {
                         let a = ap.add(i * KSH) as *const bf16;
                         let c = out[bi].add(i * NB + j);
-                        match (mb - i).min(MR) {
-                            4 => micro::<4>(a, bp, kcp, c, first),
-                            3 => micro::<3>(a, bp, kcp, c, first),
-                            2 => micro::<2>(a, bp, kcp, c, first),
-                            _ => micro::<1>(a, bp, kcp, c, first),
+                        match ((mb - i).min(MR), INPLACE) {
+                            (4, true) => micro_pb::<4>(a, brow, kc, c, first),
+                            (3, true) => micro_pb::<3>(a, brow, kc, c, first),
+                            (2, true) => micro_pb::<2>(a, brow, kc, c, first),
+                            (_, true) => micro_pb::<1>(a, brow, kc, c, first),
+                            (4, false) => micro::<4>(a, bp, kcp, c, first),
+                            (3, false) => micro::<3>(a, bp, kcp, c, first),
+                            (2, false) => micro::<2>(a, bp, kcp, c, first),
+                            (_, false) => micro::<1>(a, bp, kcp, c, first),
                         }
                     }
                     i += MR;
@@ -611,14 +569,9 @@ pub(crate) unsafe fn run_block<T: moe_core::Element>(blk: &Block<'_, T>, out: Ou
         }
         return;
     }
-    if mb <= DIRECT_ROWS {
-        if mb <= SEQ_ROWS {
-            // SAFETY: same features; the caller's contract.
-            unsafe { run_seq(blk, out) };
-        } else {
-            // SAFETY: same features; the caller's contract.
-            unsafe { run_direct(blk, out) };
-        }
+    if mb <= SEQ_ROWS {
+        // SAFETY: same features; the caller's contract.
+        unsafe { run_seq(blk, out) };
         return;
     }
     if mb >= BC_ROWS {
@@ -626,13 +579,18 @@ pub(crate) unsafe fn run_block<T: moe_core::Element>(blk: &Block<'_, T>, out: Ou
         unsafe { run_bc(blk, out) };
         return;
     }
+    let inplace = mb <= INPLACE_ROWS && blk.k.is_multiple_of(L);
     let mut r0 = 0;
     while r0 < mb {
         let r1 = (r0 + MP).min(mb);
         // SAFETY: rows r0..r1 of the caller's buffers.
         let o = unsafe { [out[0].add(r0 * NB), out[1].add(r0 * NB)] };
-        // SAFETY: same features; the caller's contract for these rows.
-        unsafe { run_rows(blk, &blk.a_rows[r0..r1], o) };
+        let rows = &blk.a_rows[r0..r1];
+        // SAFETY: same features; the caller's contract for these rows (in place: k is a
+        // multiple of 32).
+        unsafe {
+            if inplace { run_rows::<true>(blk, rows, o) } else { run_rows::<false>(blk, rows, o) }
+        };
         r0 = r1;
     }
 }
