@@ -323,8 +323,11 @@ impl<T: Element> Grouped<'_, T> {
             }
             let (rb, cb) = (rem / ncb, rem % ncb);
             let r = rows(g);
-            let r0 = r.start + rb * MB;
-            let r1 = (r0 + MB).min(r.end);
+            // Equal row blocks (280 rows: 140 + 140, not 256 + 24): a small remainder block
+            // would stream the expert's weights again through a few-rows kernel.
+            let blk_rows = r.len().div_ceil(r.len().div_ceil(MB));
+            let r0 = r.start + rb * blk_rows;
+            let r1 = (r0 + blk_rows).min(r.end);
             let (n0, nb) = (cb * NB, NB.min(n - cb * NB));
             let (mut a_rows, mut o_rows, mut m) = ([0usize; MB], [0usize; MB], 0);
             for row in r0..r1 {
