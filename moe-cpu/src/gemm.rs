@@ -64,8 +64,8 @@ pub(crate) const DIRECT_ROWS: usize = 16;
 /// Bytes prefetched ahead on each weight row by the few-rows kernel (0: none).
 pub(crate) const PREFETCH_AHEAD: usize = 2048;
 /// Up to this many rows (and K a multiple of the vector width), the packed dot-product kernel
-/// reads the weight rows in place.
-pub(crate) const INPLACE_ROWS: usize = 40;
+/// reads the weight rows in place: every item below the broadcast kernel's [`BC_MIN_ROWS`].
+pub(crate) const INPLACE_ROWS: usize = BC_MIN_ROWS - 1;
 /// Bytes ahead on each weight row that the in-place packed kernel fetches into L2.
 pub(crate) const INPLACE_AHEAD: usize = 4096;
 /// Rows of a microkernel tile (at most; AVX2 uses 2, its 16 registers hold 2 × NR
@@ -319,7 +319,7 @@ macro_rules! engine {
                     }
                     k += L;
                 }
-                store_acc::<M>(&acc, c, first);
+                store_acc::<M>(acc, c, first);
             }
         }
 
@@ -415,14 +415,16 @@ macro_rules! engine {
                     }
                     k += L;
                 }
-                store_acc::<M>(&acc, c, first);
+                store_acc::<M>(acc, c, first);
             }
         }
 
-        /// `c[i * NB + j] (=|+=)` the horizontal sums of `acc[i][j]`, `i < M`, `j < NR`.
+        /// `c[i * NB + j] (=|+=)` the horizontal sums of `acc[i][j]`, `i < M`, `j < NR`. By
+        /// value, not by reference: an escaping reference made LLVM keep the accumulators in
+        /// memory through the caller's K loop (see `dpbf16::store`).
         $(#[$attr])*
         #[inline]
-        unsafe fn store_acc<const M: usize>(acc: &[[V; NR]; M], c: *mut f32, first: bool) {
+        unsafe fn store_acc<const M: usize>(acc: [[V; NR]; M], c: *mut f32, first: bool) {
             for (i, row) in acc.iter().enumerate() {
                 let s0 = hsum4(row[0], row[1], row[2], row[3]);
                 let s1 = hsum4(row[4], row[5], zero(), zero());
@@ -698,7 +700,9 @@ mod avx512 {
     /// measured faster than the in-place `run_direct` and the copying kernel on Zen 4, 2
     /// threads, interleaved, expert GEMMs f32: Qwen3 T=1 6.8 vs 9.7 ms, Mixtral T=1 46.6 vs
     /// 55.9, Qwen3 T=128 (8 rows per expert) 128 vs 153, Mixtral T=16 232 vs 264, DeepSeek-V3
-    /// T=16 260 vs 297; even at 32-48 rows, behind from 64 (Qwen3 T=1024 544 vs 494).
+    /// T=16 260 vs 297; and at 41-95 rows (in place vs copy, DeepSeek-V3 T=128 726 vs 761,
+    /// Mixtral T=128 813 vs 852, Qwen3 T=1024 (64 rows) 481 vs 489; Mixtral T=256 (64) 1405 vs
+    /// 1362 the other way, within this machine's noise).
     const INPLACE_MAX: usize = super::INPLACE_ROWS;
     type V = __m512;
 

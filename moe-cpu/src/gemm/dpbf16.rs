@@ -19,10 +19,14 @@
 //! * more rows: per K block the item's rows are copied once into an aligned `[MP][KSH]` buffer
 //!   (zero-padded to a multiple of 32), and an `MR × NR` dot tile runs against each micro-panel
 //!   of [`NR`] weight rows, the next micro-panel's weight rows prefetched into L2 meanwhile, a
-//!   slice per microkernel call. Up to [`INPLACE_ROWS`] rows (and K a multiple of 32) the
-//!   weight rows are read in place ([`micro_pb`], with the same prefetch ahead on each row);
-//!   beyond, where enough row tiles share it, each micro-panel is copied into an aligned
-//!   `[NR][KSH]` buffer (L1) first;
+//!   slice per microkernel call. When K is a multiple of 32 the weight rows are read in place
+//!   ([`micro_pb`], with the same prefetch ahead on each row); otherwise each micro-panel is
+//!   first copied into an aligned, zero-padded `[NR][KSH]` buffer (L1). The copy, a third of
+//!   the GEMM time at 32 rows in `perf`, lost everywhere it could be compared (this machine,
+//!   2 threads, interleaved, expert GEMMs, in place vs copy: Qwen3 T=128 (8 rows per expert)
+//!   63.5 vs 100.7 ms, gpt-oss T=128 (16) 125.5 vs 168.3, Mixtral T=128 (32) 384 vs 470,
+//!   DeepSeek-V3 T=128 331 vs 413, Mixtral T=256 (64) 695 vs 743, DeepSeek-V3 T=256 578 vs
+//!   664, Qwen3 T=1024 (64) 272 vs 285, gpt-oss T=512 (64) 325 vs 335);
 //! * from [`BC_ROWS`] rows: the broadcast kernel ([`run_bc`]): weights packed as pairs
 //!   `[k/2][NP][2]`, activation pairs broadcast from the rows in place, no horizontal sums.
 //!
@@ -51,14 +55,6 @@ const KSH: usize = KC + L;
 /// gpt-oss T=1 7.10 vs 8.40 ms sequential; Mixtral T=16, about 4 rows per expert, 146 vs 119 ms
 /// for the tile).
 const SEQ_ROWS: usize = 2;
-/// Up to this many rows (and `k` a multiple of 32), the packed dot-product kernel reads the
-/// weight rows in place instead of copying each micro-panel (the copy, a third of the GEMM time
-/// at 32 rows in `perf`, pays only when many row tiles share it). Measured on this machine, 2
-/// threads, interleaved, expert GEMMs: Qwen3 T=128 (8 rows per expert) 63.5 vs 100.7 ms,
-/// gpt-oss T=128 (16) 125.5 vs 168.3, Mixtral T=128 (32) 384 vs 470, DeepSeek-V3 T=128 (32)
-/// 331 vs 413, Mixtral T=192 (48) 541 vs 578; from 48-64 rows the copy wins (Qwen3 T=768
-/// (48) 238 vs 228, T=1024 (64) 306 vs 289, Mixtral T=256 (64) 758 vs 726).
-const INPLACE_ROWS: usize = 40;
 /// Bytes ahead on each weight stream that the in-place kernels fetch into L2. Zen 4 measured
 /// no gain, or a loss, from L1 prefetches (Mixtral T=1: 34.3 ms with L1 prefetches 2 KiB ahead,
 /// 27.5 without any, 25.8 with these).
@@ -92,10 +88,13 @@ unsafe fn load_tail(p: *const bf16, n: usize) -> __m512bh {
     }
 }
 
-/// `c[i * NB + j] (=|+=) sum` for `i < M`, `j < NR` from the 16-lane accumulators.
+/// `c[i * NB + j] (=|+=) sum` for `i < M`, `j < NR` from the 16-lane accumulators. Taken by
+/// value: with a reference the accumulator array's address escapes into this (not always
+/// inlined) function, and LLVM then kept the array in memory through the whole K loop of the
+/// caller, a store after every `vdpbf16ps` (seen in `perf annotate`, 3x slower).
 #[inline]
 #[target_feature(enable = "avx512f")]
-unsafe fn store<const M: usize>(acc: &[[__m512; NR]; M], c: *mut f32, first: bool) {
+unsafe fn store<const M: usize>(acc: [[__m512; NR]; M], c: *mut f32, first: bool) {
     let z = _mm512_setzero_ps();
     for (i, row) in acc.iter().enumerate() {
         let s0 = hsum4(row[0], row[1], row[2], row[3]);
@@ -144,7 +143,7 @@ unsafe fn micro<const M: usize>(
             }
             k += L;
         }
-        store::<M>(&acc, c, first);
+        store::<M>(acc, c, first);
     }
 }
 
@@ -180,7 +179,7 @@ unsafe fn micro_pb<const M: usize>(
             }
             k += L;
         }
-        store::<M>(&acc, c, first);
+        store::<M>(acc, c, first);
     }
 }
 
@@ -586,7 +585,7 @@ pub(crate) unsafe fn run_block<T: moe_core::Element>(blk: &Block<'_, T>, out: Ou
         unsafe { run_bc(blk, out) };
         return;
     }
-    let inplace = mb <= INPLACE_ROWS && blk.k.is_multiple_of(L);
+    let inplace = blk.k.is_multiple_of(L);
     let mut r0 = 0;
     while r0 < mb {
         let r1 = (r0 + MP).min(mb);
