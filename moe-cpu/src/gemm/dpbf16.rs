@@ -501,7 +501,7 @@ unsafe fn run_bc(blk: &Block<'_, bf16>, out: Out) {
         let calls = groups * panels * nmat;
         let per = (nb * lines * nmat).div_ceil(calls.max(1));
         let mut q = 0;
-        let mut call = |g: usize, bi: usize, b: &[bf16], p: usize| {
+        for g in 0..groups {
             let i = g * MB_T;
             let m = (mb - i).min(MB_T);
             let mut arow = [blk.a.as_ptr(); MB_T];
@@ -509,37 +509,34 @@ unsafe fn run_bc(blk: &Block<'_, bf16>, out: Out) {
                 let at = blk.a_rows[i + ii] * k + k0;
                 *r = blk.a[at..at + kc].as_ptr();
             }
-            for t in q * per..((q + 1) * per).min(nb * lines * nmat) {
-                let (jj, l) = ((t / lines) % nb, t % lines);
-                let at = (blk.n0 + jj) * k + k0 + kc + l * 32;
-                prefetch_l2(b.as_ptr().wrapping_add(at) as *const u8);
-            }
-            q += 1;
-            // SAFETY: m rows of kc bf16 from `arow`; panel p of B bi holds kp pair
-            // rows; the caller's tile has room for NP columns from p * NP of rows i..
-            // (NB is a multiple of NP).
-            unsafe {
-                let bp = bt.add(panel_at(bi, p)) as *const u32;
-                let c = out[bi].add(i * NB + p * NP);
-                let f = k0 == 0;
-                let a = arow;
-                macro_rules! go {
-                    ($($n:literal)*) => {
-                        match m {
-                            $($n => micro_bc::<$n>(
-                                core::array::from_fn(|x| a[x]), bp, kc, c, f),)*
-                            _ => micro_bc::<MB_T>(a, bp, kc, c, f),
-                        }
-                    };
-                }
-                go!(1 2 3 4 5);
-            }
-        };
-        for g in 0..groups {
             for (bi, b) in blk.b.iter().enumerate() {
                 let Some(b) = b else { continue };
                 for p in 0..panels {
-                    call(g, bi, b, p);
+                    for t in q * per..((q + 1) * per).min(nb * lines * nmat) {
+                        let (jj, l) = ((t / lines) % nb, t % lines);
+                        let at = (blk.n0 + jj) * k + k0 + kc + l * 32;
+                        prefetch_l2(b.as_ptr().wrapping_add(at) as *const u8);
+                    }
+                    q += 1;
+                    // SAFETY: m rows of kc bf16 from `arow`; panel p of B bi holds kp pair
+                    // rows; the caller's tile has room for NP columns from p * NP of rows i..
+                    // (NB is a multiple of NP).
+                    unsafe {
+                        let bp = bt.add(panel_at(bi, p)) as *const u32;
+                        let c = out[bi].add(i * NB + p * NP);
+                        let f = k0 == 0;
+                        let a = arow;
+                        macro_rules! go {
+                            ($($n:literal)*) => {
+                                match m {
+                                    $($n => micro_bc::<$n>(
+                                        core::array::from_fn(|x| a[x]), bp, kc, c, f),)*
+                                    _ => micro_bc::<MB_T>(a, bp, kc, c, f),
+                                }
+                            };
+                        }
+                        go!(1 2 3 4 5);
+                    }
                 }
             }
         }
