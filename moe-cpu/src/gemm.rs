@@ -25,7 +25,9 @@
 //! * AVX-512 and at least [`BC_MIN_ROWS`] rows: the broadcast (outer-product) kernel. Per K
 //!   block of [`KC_BC`], the item's rows are copied once (L2), every 32-column weight panel is
 //!   transposed into `[k][32]` (L2), and each [`MR_BC`]-row group (L1) runs against all the
-//!   panels; the next K block's weight rows are prefetched into L2 meanwhile;
+//!   panels; the next K block's weight rows are prefetched into L2 meanwhile. AVX2 has the
+//!   same kernel with a 6 × 16 register tile, 16-column panels (8 × 8 transposes) and a K
+//!   block of 256 (it fits Zen 3's 512 KiB L2);
 //! * [`Isa::Avx512Bf16`] and bf16 operands: kernels on `vdpbf16ps`, 32 bf16 products per
 //!   instruction (module `dpbf16`): one weight row at a time for decode, the packed
 //!   dot-product kernel with the weight rows in place (few rows) or copied, and a broadcast
@@ -80,9 +82,14 @@ const _: () = assert!(NB.is_multiple_of(NR) && KC.is_multiple_of(16));
 /// AVX-512 work items use the broadcast (outer-product) kernel: 12 × 32
 /// register tile, weights transposed into `[k][32]` panels while packing (16 × 16 in-register
 /// transposes), A rows broadcast from the packed rows. No horizontal sums, and 4 B of A plus
-/// 128 B of B per 24 FMAs instead of 10 vectors.
+/// 128 B of B per 24 FMAs instead of 10 vectors. AVX2 (6 × 16 tile) uses the same threshold:
+/// on Zen 3, 2 threads, f32 expert GEMMs with the broadcast kernel from 96 rows vs never vs
+/// from 32 rows (interleaved): Mixtral T=1024 (256 rows per expert) 6386 / 7340 / 6806 ms,
+/// gpt-oss T=1024 (128) 1729 / 1885 / 1731, Mixtral T=128 (32) 907 / 929 / 971, Qwen3 T=1024
+/// (64) 791 / 706 / 1154 (noisy host: the 96-row rule does not apply there).
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) const BC_MIN_ROWS: usize = 96;
+
 /// K block of the broadcast kernel.
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) const KC_BC: usize = 256;
@@ -251,7 +258,7 @@ pub(crate) unsafe fn run_block<T: Element>(isa: Isa, blk: &Block<'_, T>, out: Ou
         },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above, for AVX2 + FMA + F16C.
-        Isa::Avx2 => unsafe { avx2::run_block(blk, out) },
+        Isa::Avx2 => unsafe { avx2::run_block_any(blk, out) },
         #[cfg(target_arch = "aarch64")]
         // SAFETY: as above, for NEON.
         Isa::Neon => unsafe { neon::run_block(blk, out) },
@@ -1025,8 +1032,10 @@ mod avx2 {
     use core::arch::x86_64::*;
     const L: usize = 8;
     const MRX: usize = 2;
-    /// In-place weights: not measured on this instruction set (AVX2 on Zen 4 lost at 32
-    /// rows per expert), so never.
+    /// In-place weights: never. They lose at every point below the broadcast kernel, on Zen 4
+    /// in AVX2 mode (32 rows per expert) and on Zen 3 (expert GEMMs, 2 threads, copy vs in
+    /// place: Mixtral T=16 408 vs 538 ms, T=128 1185 vs 2501; DeepSeek-V3 T=128 1029 vs 1896;
+    /// Qwen3 T=128 217 vs 255).
     const INPLACE_MAX: usize = 0;
     type V = __m256;
 
@@ -1113,6 +1122,225 @@ mod avx2 {
     }
 
     engine!(#[target_feature(enable = "avx2,fma,f16c")]);
+
+    /// Rows of the AVX2 broadcast kernel's register tile (6 × 16: 12 accumulators, two weight
+    /// vectors and one broadcast in 16 registers).
+    const MR2: usize = 6;
+    /// Columns of a transposed weight panel (two 8-lane vectors).
+    const NP2: usize = 16;
+    /// K block of the AVX2 broadcast kernel: a 6-row micro-panel (6 KiB) and one weight panel
+    /// (16 KiB) stay in L1, the item's panels (192 KiB) and rows (272 KiB) in L2.
+    const KC2: usize = 256;
+    /// Row stride of the A buffer (a K block plus one cache line: no 4 KiB aliasing between
+    /// the six rows a microkernel reads).
+    const KSB2: usize = KC2 + 16;
+
+    const _: () = assert!(NB.is_multiple_of(NP2) && KC2.is_multiple_of(8) && KC2 <= KC);
+
+    /// 8 elements of `src` from `at` (fewer left: the rest are zeros), widened.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8<T: Element>(src: &[T], at: usize) -> V {
+        if at + 8 <= src.len() {
+            // SAFETY: 8 readable elements at `at`.
+            return unsafe { load_t(src.as_ptr().add(at)) };
+        }
+        let mut tmp = [0f32; 8];
+        for (d, s) in tmp.iter_mut().zip(src.iter().skip(at)) {
+            *d = s.to_f32();
+        }
+        // SAFETY: `tmp` holds 8 floats.
+        unsafe { _mm256_loadu_ps(tmp.as_ptr()) }
+    }
+
+    /// In-register transpose of an 8 × 8 block (`r[i]` lane `j` → `r[j]` lane `i`).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn transpose8(r: &mut [V; 8]) {
+        let mut t = [_mm256_setzero_ps(); 8];
+        for i in 0..4 {
+            t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+        }
+        // s[4h + q], 128-bit lane L: rows 4h..4h+3 of column 4L + q.
+        let mut q4 = [_mm256_setzero_ps(); 8];
+        for h in 0..2 {
+            let (a, b, c, d) = (t[4 * h], t[4 * h + 1], t[4 * h + 2], t[4 * h + 3]);
+            q4[4 * h] = _mm256_shuffle_ps::<0x44>(a, c);
+            q4[4 * h + 1] = _mm256_shuffle_ps::<0xEE>(a, c);
+            q4[4 * h + 2] = _mm256_shuffle_ps::<0x44>(b, d);
+            q4[4 * h + 3] = _mm256_shuffle_ps::<0xEE>(b, d);
+        }
+        for q in 0..4 {
+            r[q] = _mm256_permute2f128_ps::<0x20>(q4[q], q4[4 + q]);
+            r[4 + q] = _mm256_permute2f128_ps::<0x31>(q4[q], q4[4 + q]);
+        }
+    }
+
+    /// `c[i * NB + j] (+)= sum_{k < kc} a[i * KSB2 + k] bt[k * 16 + j]` for `i < M`, `j < 16`:
+    /// `a` holds packed rows, `bt` a transposed weight panel.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn micro_bc<const M: usize>(
+        a: *const f32,
+        bt: *const f32,
+        kc: usize,
+        c: *mut f32,
+        first: bool,
+    ) {
+        // SAFETY: the caller passes M packed rows of kc floats at stride KSB2, a transposed
+        // panel of kc × 16 floats (32-byte aligned rows), and a tile with M rows of NB >= 16
+        // columns from `c`.
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); 2]; M];
+            let mut ak = a;
+            let mut bk = bt;
+            for _ in 0..kc {
+                let b0 = _mm256_load_ps(bk);
+                let b1 = _mm256_load_ps(bk.add(8));
+                for (i, row) in acc.iter_mut().enumerate() {
+                    let av = _mm256_broadcast_ss(&*ak.add(i * KSB2));
+                    row[0] = _mm256_fmadd_ps(av, b0, row[0]);
+                    row[1] = _mm256_fmadd_ps(av, b1, row[1]);
+                }
+                ak = ak.add(1);
+                bk = bk.add(NP2);
+            }
+            for (i, row) in acc.iter().enumerate() {
+                let cr = c.add(i * NB);
+                if first {
+                    _mm256_storeu_ps(cr, row[0]);
+                    _mm256_storeu_ps(cr.add(8), row[1]);
+                } else {
+                    _mm256_storeu_ps(cr, _mm256_add_ps(_mm256_loadu_ps(cr), row[0]));
+                    _mm256_storeu_ps(cr.add(8), _mm256_add_ps(_mm256_loadu_ps(cr.add(8)), row[1]));
+                }
+            }
+        }
+    }
+
+    /// One work item: the broadcast kernel from [`super::BC_MIN_ROWS`] rows, the dot-product
+    /// kernels below.
+    ///
+    /// # Safety
+    /// As [`super::run_block`], on a CPU with the features below.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(crate) unsafe fn run_block_any<T: Element>(blk: &Block<'_, T>, out: Out) {
+        // SAFETY: same features; the caller's contract.
+        unsafe {
+            if blk.k > 0 && blk.a_rows.len() >= super::BC_MIN_ROWS {
+                run_block_bc(blk, out)
+            } else {
+                run_block(blk, out)
+            }
+        }
+    }
+
+    /// Weight rows `n0 + 16p..` (zero rows past `nb`) of K block `k0..k0 + kc` into the
+    /// panel at `btp`, `[kcp][16]`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn transpose_panel<T: Element>(
+        b: &[T],
+        blk: &Block<'_, T>,
+        k0: usize,
+        kc: usize,
+        kcp: usize,
+        p: usize,
+        btp: *mut f32,
+    ) {
+        let (k, nb) = (blk.k, blk.nb);
+        for gg in 0..2 {
+            let j0 = p * NP2 + gg * 8;
+            let mut c = 0;
+            while c < kcp {
+                let mut r = [_mm256_setzero_ps(); 8];
+                for (jj, v) in r.iter_mut().enumerate() {
+                    if j0 + jj < nb {
+                        let at = (blk.n0 + j0 + jj) * k + k0;
+                        // SAFETY: same features; reads stay in the row's kc values.
+                        *v = unsafe { load8(&b[at..at + kc], c) };
+                    }
+                }
+                transpose8(&mut r);
+                for (kk, v) in r.iter().enumerate() {
+                    // SAFETY: panel p < NB / 16, row c + kk < kcp <= KC2, columns
+                    // gg*8..gg*8+8: inside the buffer, 32-byte aligned.
+                    unsafe { _mm256_store_ps(btp.add((c + kk) * NP2 + gg * 8), *v) };
+                }
+                c += 8;
+            }
+        }
+    }
+
+    /// One work item with the broadcast kernel (K > 0). Per K block of [`KC2`], the item's
+    /// rows are copied (widened) once into the A buffer (L2), every 16-column weight panel is
+    /// transposed (widened) into `[k][16]` (8 × 8 in-register transposes; L2), and each
+    /// [`MR2`]-row group (L1) runs against all the panels; the next K block's weight rows are
+    /// fetched into L2 meanwhile, a slice per microkernel call.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn run_block_bc<T: Element>(blk: &Block<'_, T>, out: Out) {
+        let (k, mb, nb) = (blk.k, blk.a_rows.len(), blk.nb);
+        let mut a_buf = MaybeUninit::<Aligned<{ super::MB * KSB2 }>>::uninit();
+        let mut bt_buf = MaybeUninit::<Aligned<{ KC2 * NB }>>::uninit();
+        let ap = a_buf.as_mut_ptr() as *mut f32;
+        let bt = bt_buf.as_mut_ptr() as *mut f32;
+        let panels = nb.div_ceil(NP2);
+        let groups = mb.div_ceil(MR2);
+        let mut k0 = 0;
+        while k0 < k {
+            let kc = KC2.min(k - k0);
+            let kcp = kc.div_ceil(8) * 8;
+            let first = k0 == 0;
+            for (i, &r) in blk.a_rows.iter().enumerate() {
+                // SAFETY: row i < MB of the A buffer, kc <= KSB2 floats; written before read.
+                let dst = unsafe { core::slice::from_raw_parts_mut(ap.add(i * KSB2), kc) };
+                // SAFETY: same features as this function.
+                unsafe { widen(&blk.a[r * k + k0..r * k + k0 + kc], dst) };
+            }
+            for (bi, b) in blk.b.iter().enumerate() {
+                let Some(b) = b else { continue };
+                for p in 0..panels {
+                    // SAFETY: panel p of the buffer (p < NB / 16); same features.
+                    unsafe {
+                        transpose_panel(b, blk, k0, kc, kcp, p, bt.wrapping_add(p * KC2 * NP2))
+                    };
+                }
+                let next_kc = KC2.min(k - (k0 + kc).min(k));
+                let lines = next_kc.div_ceil(LINE);
+                let per = (nb * lines).div_ceil(groups * panels);
+                for g in 0..groups {
+                    let i = g * MR2;
+                    for p in 0..panels {
+                        let q = g * panels + p;
+                        for t in q * per..((q + 1) * per).min(nb * lines) {
+                            let (jj, l) = (t / lines, t % lines);
+                            let at = (blk.n0 + jj) * k + k0 + kc + l * LINE;
+                            prefetch_l2(b.as_ptr().wrapping_add(at) as *const u8);
+                        }
+                        // SAFETY: rows i..i + M of the A buffer hold kc floats; panel p kc rows
+                        // of 16; the caller's tile has room for 16 columns from p * 16 of rows
+                        // i.. (NB is a multiple of 16).
+                        unsafe {
+                            let a = ap.add(i * KSB2) as *const f32;
+                            let c = out[bi].add(i * NB + p * NP2);
+                            let bt = bt.add(p * KC2 * NP2) as *const f32;
+                            match (mb - i).min(MR2) {
+                                6 => micro_bc::<6>(a, bt, kc, c, first),
+                                5 => micro_bc::<5>(a, bt, kc, c, first),
+                                4 => micro_bc::<4>(a, bt, kc, c, first),
+                                3 => micro_bc::<3>(a, bt, kc, c, first),
+                                2 => micro_bc::<2>(a, bt, kc, c, first),
+                                _ => micro_bc::<1>(a, bt, kc, c, first),
+                            }
+                        }
+                    }
+                }
+            }
+            k0 += KC2;
+        }
+    }
 }
 
 #[cfg(target_arch = "aarch64")]
