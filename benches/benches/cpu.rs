@@ -4,7 +4,8 @@
 //! whole layer, with 1 and 2 threads.
 //!
 //! `cargo bench -p moe-benches --features cpu`; `MOE_BENCH_QUICK=1` for a run of a few minutes
-//! (T in {1, 128}, 2 threads, per-stage benches at T = 1 only, shorter measurement). Narrow a run with `MOE_BENCH_SHAPES=qwen,mixtral`,
+//! (T in {1, 128}, 2 threads, per-stage and whole-layer benches at T = 1 only, the expert GEMMs
+//! at both, shorter measurement). Narrow a run with `MOE_BENCH_SHAPES=qwen,mixtral`,
 //! `MOE_BENCH_T=1,128`, `MOE_BENCH_DTYPES=f32`, `MOE_BENCH_THREADS=2`,
 //! `MOE_BENCH_STAGES=0`. The layer and GEMM figures are also written as CSV to
 //! `target/moe-benches-cpu.csv` (or `MOE_BENCH_CSV`), for `benches/compare.py`.
@@ -124,29 +125,37 @@ fn bench_shape<T: Element>(
                     })
                 })
             });
+            // Quick mode: the whole layer at the first T only (at T = 128 the big shapes take
+            // about a second per forward, and criterion takes at least ten samples).
             let whole = RefCell::new(Seen::default());
-            g.bench_function("layer", |b| {
-                b.iter_custom(|n| {
-                    timed(&whole, n, || pool.install(|| layer.forward(&cpu).unwrap()))
-                })
-            });
+            if !(o.quick && t != o.tokens[0]) {
+                g.bench_function("layer", |b| {
+                    b.iter_custom(|n| {
+                        timed(&whole, n, || pool.install(|| layer.forward(&cpu).unwrap()))
+                    })
+                });
+            }
             g.finish();
             let (gm, lm) = (gemm.borrow().median(), whole.borrow().median());
             let gflops = expert_flops(&sh.config, t) / gm / 1e9;
             let dp = dp_peak.map_or(String::new(), |p| {
                 format!(", {:.1}% of the {th}-thread vdpbf16ps peak ({p:.0})", 100.0 * gflops / p)
             });
+            let layer_txt = if lm.is_nan() {
+                "layer not run (quick mode)".to_string()
+            } else {
+                format!("layer {:.3} ms", lm * 1e3)
+            };
             println!(
-                "RESULT {id}: expert GEMMs {:.3} ms = {gflops:.1} GFLOP/s = {:.1}% of the {th}-thread FMA peak ({peak:.0}){dp}; layer {:.3} ms",
+                "RESULT {id}: expert GEMMs {:.3} ms = {gflops:.1} GFLOP/s = {:.1}% of the {th}-thread FMA peak ({peak:.0}){dp}; {layer_txt}",
                 gm * 1e3,
                 100.0 * gflops / peak,
-                lm * 1e3
             );
+            let layer_csv = if lm.is_nan() { String::new() } else { format!("{:.6}", lm * 1e3) };
             let _ = writeln!(
                 csv,
-                "{},{dtype},{t},{th},{:.6},{:.6},{gflops:.3},{:.3}",
+                "{},{dtype},{t},{th},{layer_csv},{:.6},{gflops:.3},{:.3}",
                 sh.name,
-                lm * 1e3,
                 gm * 1e3,
                 100.0 * gflops / peak
             );
@@ -158,7 +167,7 @@ fn main() {
     let o = opts();
     let mut c = Criterion::default().configure_from_args().sample_size(10);
     c = if o.quick {
-        c.warm_up_time(Duration::from_millis(200)).measurement_time(Duration::from_millis(800))
+        c.warm_up_time(Duration::from_millis(100)).measurement_time(Duration::from_millis(300))
     } else {
         c.warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3))
     };
