@@ -1177,33 +1177,31 @@ mod avx2 {
         }
     }
 
-    /// `c[i * NB + j] (+)= sum_{k < kc} a[i * KSB2 + k] bt[k * 16 + j]` for `i < M`, `j < 16`:
-    /// `a` holds packed rows, `bt` a transposed weight panel.
+    /// `c[i * NB + j] (+)= sum_{k < kc} a[i][k] bt[k * 16 + j]` for `i < M`, `j < 16`: `a`
+    /// holds row pointers (copied or in place), `bt` a transposed weight panel.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn micro_bc<const M: usize>(
-        a: *const f32,
+        a: [*const f32; MR2],
         bt: *const f32,
         kc: usize,
         c: *mut f32,
         first: bool,
     ) {
-        // SAFETY: the caller passes M packed rows of kc floats at stride KSB2, a transposed
+        // SAFETY: the caller passes M row pointers to kc floats each, a transposed
         // panel of kc × 16 floats (32-byte aligned rows), and a tile with M rows of NB >= 16
         // columns from `c`.
         unsafe {
             let mut acc = [[_mm256_setzero_ps(); 2]; M];
-            let mut ak = a;
             let mut bk = bt;
-            for _ in 0..kc {
+            for kk in 0..kc {
                 let b0 = _mm256_load_ps(bk);
                 let b1 = _mm256_load_ps(bk.add(8));
                 for (i, row) in acc.iter_mut().enumerate() {
-                    let av = _mm256_broadcast_ss(&*ak.add(i * KSB2));
+                    let av = _mm256_broadcast_ss(&*a[i].add(kk));
                     row[0] = _mm256_fmadd_ps(av, b0, row[0]);
                     row[1] = _mm256_fmadd_ps(av, b1, row[1]);
                 }
-                ak = ak.add(1);
                 bk = bk.add(NP2);
             }
             for (i, row) in acc.iter().enumerate() {
@@ -1275,8 +1273,9 @@ mod avx2 {
     }
 
     /// One work item with the broadcast kernel (K > 0). Per K block of [`KC2`], the item's
-    /// rows are copied (widened) once into the A buffer (L2), every 16-column weight panel is
-    /// transposed (widened) into `[k][16]` (8 × 8 in-register transposes; L2), and each
+    /// rows are copied (widened) once into the A buffer (L2; f32 rows are read in place),
+    /// every 16-column weight panel is transposed (widened) into `[k][16]` (8 × 8 in-register
+    /// transposes; L2), and each
     /// [`MR2`]-row group (L1) runs against all the panels; the next K block's weight rows are
     /// fetched into L2 meanwhile, a slice per microkernel call.
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -1288,12 +1287,21 @@ mod avx2 {
         let bt = bt_buf.as_mut_ptr() as *mut f32;
         let panels = nb.div_ceil(NP2);
         let groups = mb.div_ceil(MR2);
+        // f32 rows are read in place (no copy; expert GEMMs, 2 threads, interleaved, best of
+        // 2-5 rounds, in place vs copy: Mixtral T=1024 5699 / 6107 / 6094 vs 6191 / 6385 / 6103
+        // ms, gpt-oss T=1024 2139 / 1993 / 1781 vs 2272 / 1901 / 1857, DeepSeek-V3 T=1024 7569
+        // vs 7607); the next row group's rows are fetched into L1 meanwhile, a row per panel
+        // call.
+        let inplace = T::DTYPE == DType::F32;
         let mut k0 = 0;
         while k0 < k {
             let kc = KC2.min(k - k0);
             let kcp = kc.div_ceil(8) * 8;
             let first = k0 == 0;
             for (i, &r) in blk.a_rows.iter().enumerate() {
+                if inplace {
+                    break;
+                }
                 // SAFETY: row i < MB of the A buffer, kc <= KSB2 floats; written before read.
                 let dst = unsafe { core::slice::from_raw_parts_mut(ap.add(i * KSB2), kc) };
                 // SAFETY: same features as this function.
@@ -1319,11 +1327,29 @@ mod avx2 {
                             let at = (blk.n0 + jj) * k + k0 + kc + l * LINE;
                             prefetch_l2(b.as_ptr().wrapping_add(at) as *const u8);
                         }
-                        // SAFETY: rows i..i + M of the A buffer hold kc floats; panel p kc rows
-                        // of 16; the caller's tile has room for 16 columns from p * 16 of rows
-                        // i.. (NB is a multiple of 16).
+                        // SAFETY: the M row pointers address kc floats each: rows of the A
+                        // buffer, or (in place, f32) A rows from k0 (k0 + kc <= k; the caller
+                        // checked the rows); panel p holds kc rows of 16; the caller's tile has
+                        // room for 16 columns from p * 16 of rows i.. (NB is a multiple of 16).
+                        // Rows past mb repeat the last row (their results are not stored).
                         unsafe {
-                            let a = ap.add(i * KSB2) as *const f32;
+                            let mut a = [ap as *const f32; MR2];
+                            for (ii, pa) in a.iter_mut().enumerate() {
+                                let row = (i + ii).min(mb - 1);
+                                *pa = if inplace {
+                                    (blk.a.as_ptr() as *const f32).add(blk.a_rows[row] * k + k0)
+                                } else {
+                                    ap.add(row * KSB2)
+                                };
+                            }
+                            if inplace && p < MR2 && g + 1 < groups {
+                                let row = (i + MR2 + p).min(mb - 1);
+                                let src =
+                                    (blk.a.as_ptr() as *const f32).add(blk.a_rows[row] * k + k0);
+                                for l in 0..kc.div_ceil(16) {
+                                    prefetch(src.wrapping_add(l * 16) as *const u8);
+                                }
+                            }
                             let c = out[bi].add(i * NB + p * NP2);
                             let bt = bt.add(p * KC2 * NP2) as *const f32;
                             match (mb - i).min(MR2) {
