@@ -141,17 +141,16 @@ fn bench_shape<T: Element>(
             let dp = dp_peak.map_or(String::new(), |p| {
                 format!(", {:.1}% of the {th}-thread vdpbf16ps peak ({p:.0})", 100.0 * gflops / p)
             });
-            let layer_txt = if lm.is_nan() {
-                "layer not run (quick mode)".to_string()
-            } else {
-                format!("layer {:.3} ms", lm * 1e3)
-            };
+            // None: the layer bench did not run (quick mode, T after the first).
+            let lm = (!whole.borrow().0.is_empty()).then_some(lm * 1e3);
+            let layer_txt =
+                lm.map_or("layer not run (quick mode)".to_string(), |v| format!("layer {v:.3} ms"));
             println!(
                 "RESULT {id}: expert GEMMs {:.3} ms = {gflops:.1} GFLOP/s = {:.1}% of the {th}-thread FMA peak ({peak:.0}){dp}; {layer_txt}",
                 gm * 1e3,
                 100.0 * gflops / peak,
             );
-            let layer_csv = if lm.is_nan() { String::new() } else { format!("{:.6}", lm * 1e3) };
+            let layer_csv = lm.map_or(String::new(), |v| format!("{v:.6}"));
             let _ = writeln!(
                 csv,
                 "{},{dtype},{t},{th},{layer_csv},{:.6},{gflops:.3},{:.3}",

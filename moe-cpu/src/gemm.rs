@@ -86,10 +86,9 @@ const _: () = assert!(NB.is_multiple_of(NR) && KC.is_multiple_of(16));
 /// on Zen 3, 2 threads, f32 expert GEMMs with the broadcast kernel from 96 rows vs never vs
 /// from 32 rows (interleaved): Mixtral T=1024 (256 rows per expert) 6386 / 7340 / 6806 ms,
 /// gpt-oss T=1024 (128) 1729 / 1885 / 1731, Mixtral T=128 (32) 907 / 929 / 971, Qwen3 T=1024
-/// (64) 791 / 706 / 1154 (noisy host: the 96-row rule does not apply there).
+/// (64, a few experts above 96) 709 / 697 / 1154 (best of 5 rounds for the first two).
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) const BC_MIN_ROWS: usize = 96;
-
 /// K block of the broadcast kernel.
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) const KC_BC: usize = 256;
@@ -1238,7 +1237,6 @@ mod avx2 {
     /// panel at `btp`, `[kcp][16]`.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    #[allow(clippy::too_many_arguments)]
     unsafe fn transpose_panel<T: Element>(
         b: &[T],
         blk: &Block<'_, T>,
@@ -1275,9 +1273,8 @@ mod avx2 {
     /// One work item with the broadcast kernel (K > 0). Per K block of [`KC2`], the item's
     /// rows are copied (widened) once into the A buffer (L2; f32 rows are read in place),
     /// every 16-column weight panel is transposed (widened) into `[k][16]` (8 × 8 in-register
-    /// transposes; L2), and each
-    /// [`MR2`]-row group (L1) runs against all the panels; the next K block's weight rows are
-    /// fetched into L2 meanwhile, a slice per microkernel call.
+    /// transposes; L2), and each [`MR2`]-row group (L1) runs against all the panels; the next K
+    /// block's weight rows are fetched into L2 meanwhile, a slice per microkernel call.
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn run_block_bc<T: Element>(blk: &Block<'_, T>, out: Out) {
         let (k, mb, nb) = (blk.k, blk.a_rows.len(), blk.nb);
@@ -1298,14 +1295,13 @@ mod avx2 {
             let kc = KC2.min(k - k0);
             let kcp = kc.div_ceil(8) * 8;
             let first = k0 == 0;
-            for (i, &r) in blk.a_rows.iter().enumerate() {
-                if inplace {
-                    break;
+            if !inplace {
+                for (i, &r) in blk.a_rows.iter().enumerate() {
+                    // SAFETY: row i < MB of the A buffer, kc <= KSB2 floats; written before read.
+                    let dst = unsafe { core::slice::from_raw_parts_mut(ap.add(i * KSB2), kc) };
+                    // SAFETY: same features as this function.
+                    unsafe { widen(&blk.a[r * k + k0..r * k + k0 + kc], dst) };
                 }
-                // SAFETY: row i < MB of the A buffer, kc <= KSB2 floats; written before read.
-                let dst = unsafe { core::slice::from_raw_parts_mut(ap.add(i * KSB2), kc) };
-                // SAFETY: same features as this function.
-                unsafe { widen(&blk.a[r * k + k0..r * k + k0 + kc], dst) };
             }
             for (bi, b) in blk.b.iter().enumerate() {
                 let Some(b) = b else { continue };
@@ -1320,6 +1316,17 @@ mod avx2 {
                 let per = (nb * lines).div_ceil(groups * panels);
                 for g in 0..groups {
                     let i = g * MR2;
+                    // The group's row pointers: rows of the A buffer, or (in place, f32) A rows
+                    // from k0; rows past mb repeat the last row (their results are not stored).
+                    let mut a = [ap as *const f32; MR2];
+                    for (ii, pa) in a.iter_mut().enumerate() {
+                        let row = (i + ii).min(mb - 1);
+                        *pa = if inplace {
+                            (blk.a.as_ptr() as *const f32).wrapping_add(blk.a_rows[row] * k + k0)
+                        } else {
+                            ap.wrapping_add(row * KSB2)
+                        };
+                    }
                     for p in 0..panels {
                         let q = g * panels + p;
                         for t in q * per..((q + 1) * per).min(nb * lines) {
@@ -1331,17 +1338,7 @@ mod avx2 {
                         // buffer, or (in place, f32) A rows from k0 (k0 + kc <= k; the caller
                         // checked the rows); panel p holds kc rows of 16; the caller's tile has
                         // room for 16 columns from p * 16 of rows i.. (NB is a multiple of 16).
-                        // Rows past mb repeat the last row (their results are not stored).
                         unsafe {
-                            let mut a = [ap as *const f32; MR2];
-                            for (ii, pa) in a.iter_mut().enumerate() {
-                                let row = (i + ii).min(mb - 1);
-                                *pa = if inplace {
-                                    (blk.a.as_ptr() as *const f32).add(blk.a_rows[row] * k + k0)
-                                } else {
-                                    ap.add(row * KSB2)
-                                };
-                            }
                             if inplace && p < MR2 && g + 1 < groups {
                                 let row = (i + MR2 + p).min(mb - 1);
                                 let src =
