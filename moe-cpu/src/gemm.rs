@@ -49,6 +49,8 @@ use moe_core::Element;
 mod amx;
 #[cfg(target_arch = "x86_64")]
 mod dpbf16;
+#[cfg(target_arch = "x86_64")]
+mod wb;
 
 /// Rows of a work item (one expert's rows share each packed weight panel).
 pub(crate) const MB: usize = 256;
@@ -187,13 +189,18 @@ impl Isa {
         }
     }
 
-    /// The best instruction set of this machine, or the one the environment variable
+    /// The best instruction set of this machine (on CPUs whose [`Tuning`] does not prefer
+    /// `vdpbf16ps`, [`Isa::Avx512`] rather than [`Isa::Avx512Bf16`]), or the one the environment variable
     /// `MOE_CPU_ISA` names (`generic`, `avx2`, `avx512`, `avx512bf16`, `amx`, `neon`; case
     /// insensitive) when this machine can run it. Read once per process.
     pub fn detect() -> Isa {
         static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
         *ISA.get_or_init(|| {
-            let best = Isa::all_available().last().unwrap_or(Isa::Generic);
+            let prefer_dpbf16 = Tuning::detect().prefer_dpbf16;
+            let best = Isa::all_available()
+                .filter(|&i| i != Isa::Avx512Bf16 || prefer_dpbf16)
+                .last()
+                .unwrap_or(Isa::Generic);
             std::env::var("MOE_CPU_ISA")
                 .ok()
                 .and_then(|v| Isa::from_name(&v))
@@ -218,6 +225,76 @@ impl Isa {
     }
 }
 
+/// Kernel choices that depend on the CPU model, not only on its instruction set: measured
+/// per vendor, chosen once per process by [`Tuning::detect`], overridable per backend
+/// (`Cpu::with_tuning`). Any tuning gives correct results; the bits may differ between tunings
+/// (another kernel sums in another order) but never with the thread count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Tuning {
+    /// AVX-512 work items with at least `wb_rows.0` and fewer than `wb_rows.1` rows run the
+    /// weight-broadcast kernel (rows in the vector lanes, weights broadcast); none when
+    /// `wb_rows.0 >= wb_rows.1`.
+    pub wb_rows: (usize, usize),
+    /// The AVX-512 dot-product kernel that reads the weight rows in place also fetches each of
+    /// them [`INPLACE_AHEAD`] bytes ahead into L2 with software prefetches.
+    pub inplace_prefetch: bool,
+    /// [`Isa::detect`] prefers [`Isa::Avx512Bf16`] (bf16 GEMMs on `vdpbf16ps`) over
+    /// [`Isa::Avx512`] (bf16 widened to f32 FMAs).
+    pub prefer_dpbf16: bool,
+}
+
+impl Tuning {
+    /// AMD (measured on Zen 4): `vdpbf16ps` does twice the FMA's products per cycle (211 vs 100
+    /// GFLOP/s per thread); software prefetch ahead on the in-place weight rows helped there;
+    /// the weight-broadcast kernel was not measured there, so it is off.
+    pub const AMD: Tuning = Tuning { wb_rows: (0, 0), inplace_prefetch: true, prefer_dpbf16: true };
+
+    /// Intel (measured on a 2-core Emerald Rapids guest without AMX, 2 threads, interleaved
+    /// runs): `vdpbf16ps` runs at half the f32 FMA rate (83 vs 169 GFLOP/s per thread), so
+    /// bf16 items are widened to f32 FMAs (Mixtral bf16 T=1024 expert GEMMs 3380 vs 4798 ms);
+    /// the hardware prefetchers stream the in-place weight rows better than software
+    /// prefetches (expert GEMMs, f32, Mixtral T=16 332 vs 370 ms, gpt-oss T=1 20.7 vs 25.0,
+    /// DeepSeek-V3 T=16 230 vs 262); and from 8 to 127 rows the weight-broadcast kernel is the
+    /// fastest (f32: Mixtral T=128, 32 rows per expert, 702 vs 820 ms; gpt-oss T=128, 16 rows,
+    /// 276 vs 322; Qwen3 T=1024, 64 rows, 422 vs 573).
+    pub const INTEL: Tuning =
+        Tuning { wb_rows: (8, 128), inplace_prefetch: false, prefer_dpbf16: false };
+
+    /// Every item the weight-broadcast kernel can take goes to it (for tests).
+    #[doc(hidden)]
+    pub const ALL_WB: Tuning =
+        Tuning { wb_rows: (1, usize::MAX), inplace_prefetch: false, prefer_dpbf16: false };
+
+    /// The tuning of this machine's CPU vendor ([`Tuning::AMD`] on AMD, [`Tuning::INTEL`]
+    /// elsewhere). Read once per process.
+    pub fn detect() -> Tuning {
+        static T: std::sync::OnceLock<Tuning> = std::sync::OnceLock::new();
+        *T.get_or_init(|| if cpu_is_amd() { Tuning::AMD } else { Tuning::INTEL })
+    }
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning::detect()
+    }
+}
+
+/// Whether the CPU vendor string (CPUID leaf 0) is AMD's.
+fn cpu_is_amd() -> bool {
+    #[cfg(all(target_arch = "x86_64", not(miri)))]
+    {
+        // CPUID leaf 0 (the vendor string) exists on every x86-64 CPU.
+        let r = core::arch::x86_64::__cpuid(0);
+        let mut v = [0u8; 12];
+        v[..4].copy_from_slice(&r.ebx.to_le_bytes());
+        v[4..8].copy_from_slice(&r.edx.to_le_bytes());
+        v[8..].copy_from_slice(&r.ecx.to_le_bytes());
+        &v == b"AuthenticAMD"
+    }
+    #[cfg(not(all(target_arch = "x86_64", not(miri))))]
+    false
+}
+
 /// Run one work item with `isa` into `out` (`out[bi][i * NB + j]` for row `i`, column `n0 + j`).
 ///
 /// The caller has checked `isa.available()`, that every A row lies in `a`, and every B row in
@@ -226,7 +303,7 @@ impl Isa {
 /// # Safety
 /// Each `out[bi]` of a present `blk.b[bi]` must be valid for writes (and reads after them) of
 /// `blk.a_rows.len() * NB` floats.
-pub(crate) unsafe fn run_block<T: Element>(isa: Isa, blk: &Block<'_, T>, out: Out) {
+pub(crate) unsafe fn run_block<T: Element>(isa: Isa, tuning: Tuning, blk: &Block<'_, T>, out: Out) {
     debug_assert!(blk.a_rows.len() <= MB && blk.nb <= NB);
     debug_assert!(blk.a_rows.iter().all(|&r| (r + 1) * blk.k <= blk.a.len()));
     debug_assert!(blk.b.iter().flatten().all(|b| (blk.n0 + blk.nb) * blk.k <= b.len()));
@@ -234,7 +311,7 @@ pub(crate) unsafe fn run_block<T: Element>(isa: Isa, blk: &Block<'_, T>, out: Ou
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the caller checked that the CPU has AVX-512 (`Isa::available`); the bounds of
         // every row read are checked by the caller (asserted above in debug builds).
-        Isa::Avx512 => unsafe { avx512::run_block_any(blk, out) },
+        Isa::Avx512 => unsafe { avx512::run_block_any(blk, out, tuning) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the caller checked `Isa::Avx512Bf16.available()` (AVX-512 and AVX512-BF16);
         // bounds as above. bf16 items go to the `vdpbf16ps` kernels, the rest to AVX-512.
@@ -242,7 +319,7 @@ pub(crate) unsafe fn run_block<T: Element>(isa: Isa, blk: &Block<'_, T>, out: Ou
             if T::DTYPE == moe_core::DType::BF16 {
                 dpbf16::run_block(blk, out)
             } else {
-                avx512::run_block_any(blk, out)
+                avx512::run_block_any(blk, out, tuning)
             }
         },
         #[cfg(all(target_arch = "x86_64", not(miri)))]
@@ -252,7 +329,7 @@ pub(crate) unsafe fn run_block<T: Element>(isa: Isa, blk: &Block<'_, T>, out: Ou
             if T::DTYPE == moe_core::DType::BF16 && blk.k > 0 && blk.a_rows.len() >= AMX_MIN_ROWS {
                 amx::run_block(blk, out)
             } else {
-                avx512::run_block_any(blk, out)
+                avx512::run_block_any(blk, out, tuning)
             }
         },
         #[cfg(target_arch = "x86_64")]
@@ -390,10 +467,10 @@ macro_rules! engine {
         /// Packed rows, weight rows read in place and widened in registers:
         /// `c[i * NB + j] (+)= sum_{k < kc} a[i * KS + k] B_j[k]` for `i < M`, `j < NR` (`kc` a
         /// multiple of `L`: no tail step, which would keep the accumulators on the stack), one
-        /// L2 prefetch per step and weight row [`INPLACE_AHEAD`] bytes ahead.
+        /// L2 prefetch per step and weight row [`INPLACE_AHEAD`] bytes ahead when `PF`.
         $(#[$attr])*
         #[inline]
-        unsafe fn micro_pb<const M: usize, T: Element>(
+        unsafe fn micro_pb<const M: usize, T: Element, const PF: bool>(
             a: *const f32,
             brow: [*const T; NR],
             kc: usize,
@@ -413,7 +490,9 @@ macro_rules! engine {
                     }
                     for j in 0..NR {
                         let at = k * core::mem::size_of::<T>() + super::INPLACE_AHEAD;
-                        prefetch_l2((brow[j] as *const u8).wrapping_add(at));
+                        if PF {
+                            prefetch_l2((brow[j] as *const u8).wrapping_add(at));
+                        }
                         let bj = load_t(brow[j].add(k));
                         for (row, &ai) in acc.iter_mut().zip(av.iter()) {
                             row[j] = fma(ai, bj, row[j]);
@@ -504,9 +583,20 @@ macro_rules! engine {
             }
         }
 
-        /// One work item (see the module docs), in row blocks of [`MP`].
+        /// One work item (see the module docs), in row blocks of [`MP`], with the in-place
+        /// kernel's software prefetch.
         $(#[$attr])*
         pub(crate) unsafe fn run_block<T: Element>(blk: &Block<'_, T>, out: Out) {
+            // SAFETY: same features; the caller's contract.
+            unsafe { run_block_pf::<T, true>(blk, out) }
+        }
+
+        /// One work item (see the module docs), in row blocks of [`MP`]; `PF`: the in-place
+        /// kernel fetches each weight row [`INPLACE_AHEAD`](super::INPLACE_AHEAD) bytes ahead
+        /// into L2.
+        $(#[$attr])*
+        #[allow(dead_code)]
+        pub(crate) unsafe fn run_block_pf<T: Element, const PF: bool>(blk: &Block<'_, T>, out: Out) {
             let mb = blk.a_rows.len();
             if blk.k == 0 {
                 for (bi, o) in out.iter().enumerate() {
@@ -535,9 +625,9 @@ macro_rules! engine {
                 // a multiple of L).
                 unsafe {
                     if inplace {
-                        run_rows::<T, true>(blk, rows, o)
+                        run_rows::<T, true, PF>(blk, rows, o)
                     } else {
-                        run_rows::<T, false>(blk, rows, o)
+                        run_rows::<T, false, PF>(blk, rows, o)
                     }
                 };
                 r0 = r1;
@@ -548,7 +638,7 @@ macro_rules! engine {
         /// K block, the weight rows widened per micro-panel into the B buffer, or (`INPLACE`,
         /// only when `k` is a multiple of `L`) read in place by [`micro_pb`].
         $(#[$attr])*
-        unsafe fn run_rows<T: Element, const INPLACE: bool>(
+        unsafe fn run_rows<T: Element, const INPLACE: bool, const PF: bool>(
             blk: &Block<'_, T>,
             a_rows: &[usize],
             out: Out,
@@ -618,10 +708,10 @@ macro_rules! engine {
                                 let a = ap.add(i * KS) as *const f32;
                                 let c = out[bi].add(i * NB + j);
                                 match ((mb - i).min(MRX), INPLACE) {
-                                    (4, true) => micro_pb::<4, T>(a, brow, kc, c, first),
-                                    (3, true) => micro_pb::<3, T>(a, brow, kc, c, first),
-                                    (2, true) => micro_pb::<2, T>(a, brow, kc, c, first),
-                                    (_, true) => micro_pb::<1, T>(a, brow, kc, c, first),
+                                    (4, true) => micro_pb::<4, T, PF>(a, brow, kc, c, first),
+                                    (3, true) => micro_pb::<3, T, PF>(a, brow, kc, c, first),
+                                    (2, true) => micro_pb::<2, T, PF>(a, brow, kc, c, first),
+                                    (_, true) => micro_pb::<1, T, PF>(a, brow, kc, c, first),
                                     (4, false) => micro::<4>(a, bp, kcp, c, first),
                                     (3, false) => micro::<3>(a, bp, kcp, c, first),
                                     (2, false) => micro::<2>(a, bp, kcp, c, first),
@@ -801,12 +891,12 @@ mod avx512 {
         _mm_prefetch::<_MM_HINT_T1>(p as *const i8)
     }
 
-    use super::{KC_BC, MR_BC, NP_BC};
+    use super::{KC_BC, MR_BC, NP_BC, Tuning};
 
     /// 16 floats of `src` from `at` (fewer than 16 left: the rest are zeros), widened.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
-    unsafe fn load16<T: Element>(src: &[T], at: usize) -> V {
+    pub(super) unsafe fn load16<T: Element>(src: &[T], at: usize) -> V {
         let n = src.len().saturating_sub(at).min(16);
         let m: __mmask16 = if n == 16 { 0xFFFF } else { ((1u32 << n) - 1) as __mmask16 };
         // SAFETY: masked-off lanes are not read; the `n` lanes read lie in `src`.
@@ -911,13 +1001,19 @@ mod avx512 {
     /// # Safety
     /// As [`super::run_block`], on a CPU with the features below.
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,fma,f16c,avx2")]
-    pub(crate) unsafe fn run_block_any<T: Element>(blk: &Block<'_, T>, out: Out) {
-        // SAFETY: same features; the caller's contract.
+    pub(crate) unsafe fn run_block_any<T: Element>(blk: &Block<'_, T>, out: Out, tuning: Tuning) {
+        let m = blk.a_rows.len();
+        // SAFETY: same features; the caller's contract (the weight-broadcast kernel needs
+        // K > 0).
         unsafe {
-            if blk.a_rows.len() >= super::BC_MIN_ROWS {
+            if blk.k > 0 && m >= tuning.wb_rows.0 && m < tuning.wb_rows.1 {
+                super::wb::run_block(blk, out)
+            } else if m >= super::BC_MIN_ROWS {
                 run_block_bc(blk, out)
+            } else if tuning.inplace_prefetch {
+                run_block_pf::<T, true>(blk, out)
             } else {
-                run_block(blk, out)
+                run_block_pf::<T, false>(blk, out)
             }
         }
     }

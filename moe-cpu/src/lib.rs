@@ -20,7 +20,7 @@ mod act;
 mod gemm;
 mod portable;
 
-pub use gemm::Isa;
+pub use gemm::{Isa, Tuning};
 
 use bytemuck::Pod;
 use core::mem::MaybeUninit;
@@ -64,11 +64,18 @@ pub struct Cpu {
     pub kernels: Kernels,
     /// The threading (default [`Threads::Single`]).
     pub threads: Threads,
+    /// Kernel choices for this CPU model (default [`Tuning::detect`]).
+    pub tuning: Tuning,
 }
 
 impl Default for Cpu {
     fn default() -> Self {
-        Cpu { check_finite_input: true, kernels: Kernels::Auto, threads: Threads::Single }
+        Cpu {
+            check_finite_input: true,
+            kernels: Kernels::Auto,
+            threads: Threads::Single,
+            tuning: Tuning::detect(),
+        }
     }
 }
 
@@ -97,6 +104,11 @@ impl Cpu {
     /// The same backend with threading `t`.
     pub fn with_threads(self, t: Threads) -> Self {
         Cpu { threads: t, ..self }
+    }
+
+    /// The same backend with kernel tuning `t`.
+    pub fn with_tuning(self, t: Tuning) -> Self {
+        Cpu { tuning: t, ..self }
     }
 
     /// The instruction set the blocked kernels use, or `None` for the portable path.
@@ -299,7 +311,7 @@ struct Grouped<'a, T> {
 }
 
 impl<T: Element> Grouped<'_, T> {
-    fn run<R, M, E>(&self, isa: Isa, threads: Threads, rows: R, a_row: M, epi: E)
+    fn run<R, M, E>(&self, isa: Isa, tuning: Tuning, threads: Threads, rows: R, a_row: M, epi: E)
     where
         R: Fn(usize) -> core::ops::Range<usize> + Sync,
         M: Fn(usize) -> Option<usize> + Sync,
@@ -350,7 +362,7 @@ impl<T: Element> Grouped<'_, T> {
             let out = [base, base.wrapping_add(MB * NB)];
             // SAFETY: each tile holds MB >= m rows of NB floats; `isa` is available (from
             // `Cpu::isa`) and the row and weight bounds were checked by the caller.
-            unsafe { gemm::run_block(isa, &blk, out) };
+            unsafe { gemm::run_block(isa, tuning, &blk, out) };
             for (i, &row) in o_rows[..m].iter().enumerate() {
                 // SAFETY: row i < m, columns < nb of the tiles of the present B's were written
                 // by `run_block`.
@@ -423,6 +435,7 @@ impl<T: Element> MoeStages<T> for Cpu {
         let g = Grouped { a: x, k: hidden, b: [Some(weight), None], n: experts, groups: 1 };
         g.run(
             isa,
+            self.tuning,
             self.threads,
             |_| 0..tokens,
             Some,
@@ -546,7 +559,7 @@ impl<T: Element> MoeStages<T> for Cpu {
         let a_row =
             |row: usize| usize::try_from(slots[row]).ok().map(|s| s / k).filter(|&t| t < tokens);
         let range = |e: usize| offsets[e] as usize..offsets[e + 1] as usize;
-        g.run(isa, self.threads, range, a_row, |e, row, n0, up, gate| {
+        g.run(isa, self.tuning, self.threads, range, a_row, |e, row, n0, up, gate| {
             let s = rows.weights.map_or(1.0, |wt| wt[slots[row] as usize]);
             // SAFETY: row `row`, columns n0..n0 + len belong to this work item only.
             let dst = unsafe { out.slice(row * inter + n0, up.len()) };
@@ -596,7 +609,7 @@ impl<T: Element> MoeStages<T> for Cpu {
         let a_row =
             |row: usize| usize::try_from(slots[row]).ok().filter(|&s| s < tokens * k).map(|_| row);
         let range = |e: usize| offsets[e] as usize..offsets[e + 1] as usize;
-        g.run(isa, self.threads, range, a_row, |e, row, n0, v, _| {
+        g.run(isa, self.tuning, self.threads, range, a_row, |e, row, n0, v, _| {
             let s = rows.weights.map_or(1.0, |wt| wt[slots[row] as usize]);
             // SAFETY: row `row`, columns n0..n0 + len belong to this work item only.
             let dst = unsafe { dst_all.slice(row * d + n0, v.len()) };
@@ -680,6 +693,7 @@ impl<T: Element> MoeStages<T> for Cpu {
         let g = Grouped { a: x, k: in_dim, b: [Some(w.up), gate], n: inter, groups: 1 };
         g.run(
             isa,
+            self.tuning,
             self.threads,
             |_| 0..tokens,
             Some,
@@ -719,6 +733,7 @@ impl<T: Element> MoeStages<T> for Cpu {
         let g = Grouped { a: x, k: in_dim, b: [Some(weight), None], n: out_dim, groups: 1 };
         g.run(
             isa,
+            self.tuning,
             self.threads,
             |_| 0..tokens,
             Some,
@@ -758,7 +773,14 @@ pub mod __bench {
 
     /// Seconds for `reps` runs of one work item of `m` rows by `n` columns over `k` (all data
     /// in cache after the first run): the microkernel throughput without memory traffic.
-    pub fn block_seconds<T: Element>(isa: Isa, m: usize, n: usize, k: usize, reps: usize) -> f64 {
+    pub fn block_seconds<T: Element>(
+        isa: Isa,
+        tuning: Tuning,
+        m: usize,
+        n: usize,
+        k: usize,
+        reps: usize,
+    ) -> f64 {
         let m = m.min(MB);
         let n = n.min(NB);
         let a: Vec<T> = (0..m * k).map(|i| T::from_f32((i % 7) as f32 * 0.1)).collect();
@@ -769,11 +791,11 @@ pub mod __bench {
         let out = [tiles[0].as_mut_ptr(), tiles[1].as_mut_ptr()];
         let isa = if isa.available() { isa } else { Isa::Generic };
         // SAFETY: MB rows of NB floats per tile; `isa` is available; A and B hold every row.
-        unsafe { gemm::run_block(isa, &blk, out) };
+        unsafe { gemm::run_block(isa, tuning, &blk, out) };
         let t0 = std::time::Instant::now();
         for _ in 0..reps {
             // SAFETY: as above.
-            unsafe { gemm::run_block(isa, &blk, out) };
+            unsafe { gemm::run_block(isa, tuning, &blk, out) };
             std::hint::black_box(&mut tiles);
         }
         t0.elapsed().as_secs_f64()

@@ -8,16 +8,33 @@ use moe_core::conformance::{
     run_golden_suite,
 };
 use moe_core::*;
-use moe_cpu::{Cpu, Isa, Kernels, Threads};
+use moe_cpu::{Cpu, Isa, Kernels, Threads, Tuning};
+
+/// The tunings worth running with `isa`: the detected one, and on AVX-512 (where the tuning
+/// picks kernels) also the other vendor's and one that sends every item it can to the
+/// weight-broadcast kernel.
+fn tunings(isa: Isa) -> Vec<Tuning> {
+    let mut v = vec![Tuning::detect()];
+    if matches!(isa, Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx) {
+        for t in [Tuning::INTEL, Tuning::AMD, Tuning::ALL_WB] {
+            if !v.contains(&t) {
+                v.push(t);
+            }
+        }
+    }
+    v
+}
 
 fn backends() -> Vec<(String, Cpu)> {
     let mut v = vec![];
     for isa in Isa::all_available() {
-        for th in [Threads::Single, Threads::Rayon] {
-            v.push((
-                format!("{isa:?}/{th:?}"),
-                Cpu::new().with_kernels(Kernels::Isa(isa)).with_threads(th),
-            ));
+        for tu in tunings(isa) {
+            for th in [Threads::Single, Threads::Rayon] {
+                v.push((
+                    format!("{isa:?}/{th:?}/{tu:?}"),
+                    Cpu::new().with_kernels(Kernels::Isa(isa)).with_threads(th).with_tuning(tu),
+                ));
+            }
         }
     }
     v
@@ -212,6 +229,13 @@ fn simd_paths_match_the_portable_path() {
         // Over 96 rows per expert with odd K (the bf16 broadcast kernel's half pair) and a K
         // block boundary (301 = 256 + 45).
         (301, 97, 2, 2, 110, 1, true, false),
+        // The weight-broadcast kernel: 2100 > 2048 (two row blocks of K at 32 rows or fewer),
+        // N = 13 (a full 12-column stripe and one column, copied) and 2100 = 175 stripes over
+        // 11 column blocks; about 16, 17, 33 and 48 rows per expert (16-row remainders).
+        (2100, 13, 2, 1, 32, 1, true, false),
+        (2100, 13, 2, 1, 66, 1, false, false),
+        (520, 40, 3, 1, 51, 1, false, false),
+        (300, 24, 3, 1, 144, 1, true, false),
     ];
     for (name, cpu) in backends() {
         for (i, &(h, inter, e, k, t, al, bias, oi)) in shapes.iter().enumerate() {
@@ -265,18 +289,21 @@ where
     Cpu: MoeStages<T>,
 {
     for isa in Isa::all_available() {
-        let par = Cpu::parallel().with_kernels(Kernels::Isa(isa));
-        let single = Cpu::new().with_kernels(Kernels::Isa(isa));
-        let one = layer_bits::<T>(&single, case, 1);
-        for threads in [1, 2, 3] {
-            let got = layer_bits::<T>(&par, case, threads);
-            assert!(
-                got == one,
-                "{} {:?} {}: {threads} threads differ from one",
-                case.name,
-                isa,
-                T::DTYPE.name()
-            );
+        for tu in tunings(isa) {
+            let par = Cpu::parallel().with_kernels(Kernels::Isa(isa)).with_tuning(tu);
+            let single = Cpu::new().with_kernels(Kernels::Isa(isa)).with_tuning(tu);
+            let one = layer_bits::<T>(&single, case, 1);
+            for threads in [1, 2, 3] {
+                let got = layer_bits::<T>(&par, case, threads);
+                assert!(
+                    got == one,
+                    "{} {:?} {:?} {}: {threads} threads differ from one",
+                    case.name,
+                    isa,
+                    tu,
+                    T::DTYPE.name()
+                );
+            }
         }
     }
 }

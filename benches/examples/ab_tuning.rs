@@ -1,0 +1,97 @@
+//! Interleaved A/B of kernel tunings ([`moe_cpu::Tuning`]) inside the layer: for each selected
+//! shape, dtype and T, `ROUNDS` rounds (default 3) each time the two expert GEMMs once per
+//! tuning, in turn, then the best time of each. On a shared host, where a slow spell can last
+//! seconds, only such alternation in one process compares kernels fairly.
+//!
+//! `VARIANTS` (default `intel,amd`): tunings separated by `;`, each `intel`, `amd`, or fields
+//! `wb=LO-HI,pf=0|1,dp=0|1` over the detected tuning. `SHAPES` (name prefixes), `TS`, `DTS`
+//! (`f32`, `bf16`, `f16`), `NT` (threads, default 2). The instruction set is `MOE_CPU_ISA`'s.
+//!
+//! `VARIANTS='intel;wb=8-64' SHAPES=mixtral TS=128 cargo run --release -p moe-benches
+//! --features cpu --example ab_tuning`
+use moe_benches::*;
+use moe_core::{Element, MoeStages};
+use moe_cpu::{Cpu, Tuning};
+use std::time::Instant;
+
+fn list(var: &str, d: &str, sep: char) -> Vec<String> {
+    std::env::var(var).unwrap_or(d.into()).split(sep).map(|s| s.trim().to_string()).collect()
+}
+
+fn tuning(spec: &str) -> Tuning {
+    match spec {
+        "intel" => return Tuning::INTEL,
+        "amd" => return Tuning::AMD,
+        _ => {}
+    }
+    let mut t = Tuning::detect();
+    for f in spec.split(',').filter(|f| !f.is_empty()) {
+        let (key, v) = f.split_once('=').unwrap_or_else(|| panic!("bad field {f}"));
+        match key {
+            "wb" => {
+                let (a, b) = v.split_once('-').expect("wb=LO-HI");
+                t.wb_rows = (a.parse().unwrap(), b.parse().unwrap());
+            }
+            "pf" => t.inplace_prefetch = v == "1",
+            "dp" => t.prefer_dpbf16 = v == "1",
+            _ => panic!("unknown field {key}"),
+        }
+    }
+    t
+}
+
+fn run<T: Element>(sh: &Shape, tokens: &[usize], variants: &[(String, Tuning)], rounds: usize)
+where
+    Cpu: MoeStages<T>,
+{
+    let nt = std::env::var("NT").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
+    let tmax = *tokens.iter().max().unwrap_or(&1);
+    let mut layer = Layer::<T>::new(&sh.config, tmax, 7).unwrap();
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(nt).build().unwrap();
+    for &t in tokens {
+        layer.retoken(t, 7).unwrap();
+        pool.install(|| layer.forward(&Cpu::parallel()).unwrap());
+        let mut best = vec![f64::MAX; variants.len()];
+        for _ in 0..rounds {
+            for (v, (_, tu)) in variants.iter().enumerate() {
+                let cpu = Cpu::parallel().with_tuning(*tu);
+                let t0 = Instant::now();
+                pool.install(|| {
+                    layer.stage(&cpu, Stage::ExpertUp).unwrap();
+                    layer.stage(&cpu, Stage::ExpertDown).unwrap();
+                });
+                best[v] = best[v].min(t0.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        let gf = expert_flops(&sh.config, t) / 1e6;
+        let s: Vec<String> = variants
+            .iter()
+            .zip(&best)
+            .map(|((name, _), b)| format!("{name}: {b:.1} ms ({:.0} GFLOP/s)", gf / b))
+            .collect();
+        println!("{} {} T={t} expert GEMMs: {}", sh.name, T::DTYPE.name(), s.join(" | "));
+    }
+}
+
+fn main() {
+    let shapes = list("SHAPES", "qwen3,gpt,mixtral,deepseek", ',');
+    let tokens: Vec<usize> =
+        list("TS", "128,1024", ',').iter().filter_map(|s| s.parse().ok()).collect();
+    let rounds = std::env::var("ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    let variants: Vec<(String, Tuning)> =
+        list("VARIANTS", "intel;amd", ';').iter().map(|v| (v.clone(), tuning(v))).collect();
+    let dts = list("DTS", "f32", ',');
+    println!("isa {:?}, detected tuning {:?}", moe_cpu::Isa::detect(), Tuning::detect());
+    for sh in canonical() {
+        if !shapes.iter().any(|p| sh.name.starts_with(p.as_str())) {
+            continue;
+        }
+        for d in &dts {
+            match d.as_str() {
+                "f32" => run::<f32>(&sh, &tokens, &variants, rounds),
+                "bf16" => run::<half::bf16>(&sh, &tokens, &variants, rounds),
+                _ => run::<half::f16>(&sh, &tokens, &variants, rounds),
+            }
+        }
+    }
+}

@@ -1,0 +1,275 @@
+//! The weight-broadcast kernel (AVX-512): rows are the vector dimension, weights are broadcast.
+//!
+//! # Why
+//!
+//! The other many-row kernels put the weights' columns in the vector lanes, so every K block of
+//! every weight row is transposed (or copied) once per work item, and that cost is shared only
+//! by the item's rows. Here the item's rows are transposed instead, once per K block into
+//! `[k][32 rows]` tiles, and that cost is shared by all the item's columns (up to [`NB`], for
+//! each B); the weight rows are only copied (widened for bf16/f16), [`NJ`] at a time into a
+//! small stripe, and each weight element is broadcast to a whole vector of rows. The register
+//! tile is [`NJ`] weight rows × 32 rows (24 accumulators): 2 vector loads and 12 broadcasts per
+//! 24 FMAs, no horizontal sums.
+//!
+//! # Blocking
+//!
+//! Per K block of [`KC_WB`]: the item's rows are packed into row tiles of 32 (`[k][32]`, 32 KiB,
+//! a 16-row tile for a remainder of at most 16; zero rows past the item); then, for each B and
+//! each stripe of [`NJ`] weight rows, the stripe is copied into `[NJ][KC_WB]` (12 KiB, L1) while
+//! the next stripe's weight rows are fetched into L2, and every row tile runs against it. The
+//! results accumulate transposed (`[column][MB]`, each K block adds in K order) and are
+//! transposed into the caller's `[row][NB]` tiles at the end of the item.
+//!
+//! # Determinism
+//!
+//! Every output element is one sequential sum over k per K block, the blocks added in K order;
+//! the blocking depends only on the item's shape: the same bits whatever the thread count.
+
+use super::avx512::{load16, prefetch_l2, transpose16};
+use super::{Aligned, Block, MB, NB, Out};
+use core::arch::x86_64::*;
+use core::mem::MaybeUninit;
+use moe_core::Element;
+
+/// Weight rows (columns of the result) per stripe and register tile.
+pub(crate) const NJ: usize = 12;
+/// K block.
+pub(crate) const KC_WB: usize = 256;
+/// Rows per full row tile (two 16-lane vectors).
+const RT: usize = 32;
+/// Floats of the packed rows' buffer (256 KiB): [`MB`] rows of one [`KC_WB`] block, or fewer
+/// rows of a longer block.
+const A_BUF: usize = MB * KC_WB;
+
+/// Lines `first..end` of NJ weight rows (`base + j * stride`) to fetch into L2 during a
+/// microkernel call, one line of every row per 16 steps.
+#[derive(Clone, Copy)]
+struct Prefetch {
+    base: *const u8,
+    stride: usize,
+    first: usize,
+    end: usize,
+}
+
+/// `ct[j * MB + v * 16 + l] (+)= sum_{k < kc} w[j * KC_WB + k] at[k * 16 * MV + v * 16 + l]`
+/// for `j < NJ`, `v < MV`, `l < 16`.
+#[inline]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn micro<const MV: usize, const PF: bool>(
+    at: *const f32,
+    w: *const f32,
+    ws: usize,
+    kc: usize,
+    ct: *mut f32,
+    first: bool,
+    pf: Prefetch,
+) {
+    // SAFETY: the caller passes a packed row tile of kc × 16·MV floats (64-byte aligned rows),
+    // NJ weight rows of at least kc floats at stride ws, and NJ rows of at least 16·MV
+    // floats at stride MB from `ct`. Prefetches never fault.
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); MV]; NJ];
+        let mut ak = at;
+        let mut wk = w;
+        for k in 0..kc {
+            if PF && k % 16 == 0 {
+                // One line of each of the next chunk's weight rows per 16 steps, into L2.
+                let l = pf.first + k / 16;
+                if l < pf.end {
+                    for j in 0..NJ {
+                        prefetch_l2(pf.base.wrapping_add(j * pf.stride + l * 64));
+                    }
+                }
+            }
+            let mut a = [_mm512_setzero_ps(); MV];
+            for (v, x) in a.iter_mut().enumerate() {
+                *x = _mm512_load_ps(ak.add(v * 16));
+            }
+            for (j, row) in acc.iter_mut().enumerate() {
+                let b = _mm512_set1_ps(*wk.add(j * ws));
+                for (v, x) in row.iter_mut().enumerate() {
+                    *x = _mm512_fmadd_ps(a[v], b, *x);
+                }
+            }
+            ak = ak.add(16 * MV);
+            wk = wk.add(1);
+        }
+        for (j, row) in acc.iter().enumerate() {
+            for (v, &x) in row.iter().enumerate() {
+                let p = ct.add(j * MB + v * 16);
+                if first {
+                    _mm512_store_ps(p, x);
+                } else {
+                    _mm512_store_ps(p, _mm512_add_ps(_mm512_load_ps(p), x));
+                }
+            }
+        }
+    }
+}
+
+/// One work item with the weight-broadcast kernel (see the module docs).
+///
+/// # Safety
+/// As [`super::run_block`], on a CPU with the features below; `blk.k > 0`.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,fma,f16c,avx2")]
+pub(crate) unsafe fn run_block<T: Element>(blk: &Block<'_, T>, out: Out) {
+    let (k, mb, nb, n0) = (blk.k, blk.a_rows.len(), blk.nb, blk.n0);
+    debug_assert!(k > 0 && mb > 0 && mb <= MB && nb <= NB);
+    // Packed rows of one A block: tile t at t * ka * RT, `[k][16 · MV]`.
+    let mut a_buf = MaybeUninit::<Aligned<{ A_BUF }>>::uninit();
+    // Transposed results, `[bi][column][MB]`.
+    let mut c_buf = MaybeUninit::<Aligned<{ 2 * NB * MB }>>::uninit();
+    // One chunk of a stripe of weight rows, `[NJ][KC_WB]`.
+    let mut w_buf = MaybeUninit::<Aligned<{ NJ * KC_WB }>>::uninit();
+    let ap = a_buf.as_mut_ptr() as *mut f32;
+    let cp = c_buf.as_mut_ptr() as *mut f32;
+    let wp = w_buf.as_mut_ptr() as *mut f32;
+    let groups = mb.div_ceil(16);
+    let tiles = mb.div_ceil(RT);
+    let stripes = nb.div_ceil(NJ);
+    // The A block: as much of K as the packing buffer holds for this item's rows, so that few
+    // rows walk each stripe's weight rows over long runs.
+    let ka = (A_BUF / (tiles * RT) / KC_WB * KC_WB).max(KC_WB);
+    let bis: &[usize] = match (blk.b[0].is_some(), blk.b[1].is_some()) {
+        (true, true) => &[0, 1],
+        (true, false) => &[0],
+        (false, true) => &[1],
+        (false, false) => return,
+    };
+    // Chunks in the order they run: (A block, B, stripe, chunk), the last index fastest.
+    let chunks_of = |a0: usize| (ka.min(k - a0)).div_ceil(KC_WB);
+    let next = |(a0, b, s, c): (usize, usize, usize, usize)| {
+        if c + 1 < chunks_of(a0) {
+            Some((a0, b, s, c + 1))
+        } else if s + 1 < stripes {
+            Some((a0, b, s + 1, 0))
+        } else if b + 1 < bis.len() {
+            Some((a0, b + 1, 0, 0))
+        } else if a0 + ka < k {
+            Some((a0 + ka, 0, 0, 0))
+        } else {
+            None
+        }
+    };
+    let mut cur = Some((0, 0, 0, 0));
+    while let Some((a0, b, s, c)) = cur {
+        let bi = bis[b];
+        let k0 = a0 + c * KC_WB;
+        let kc = KC_WB.min(k - k0);
+        if b == 0 && s == 0 && c == 0 {
+            // Pack the rows of this A block: 16-row groups transposed 16 × 16 at a time (zero
+            // rows past mb).
+            let kac = ka.min(k - a0);
+            for g in 0..groups {
+                let (t, half) = (g / 2, g % 2);
+                let mv = if t * RT + 16 < mb { 2 } else { 1 };
+                let tile = ap.wrapping_add(t * ka * RT + half * 16);
+                let mut kk0 = 0;
+                while kk0 < kac {
+                    let mut r = [_mm512_setzero_ps(); 16];
+                    for (ii, v) in r.iter_mut().enumerate() {
+                        if let Some(&row) = blk.a_rows.get(g * 16 + ii) {
+                            let src = &blk.a[row * k + a0..row * k + a0 + kac];
+                            // SAFETY: same features; `load16` reads only inside `src`.
+                            *v = unsafe { load16(src, kk0) };
+                        }
+                    }
+                    transpose16(&mut r);
+                    for (kk, v) in r.iter().enumerate().take(kac - kk0) {
+                        // SAFETY: tile t < tiles, k-row kk0 + kk < kac <= ka of 16 · mv floats,
+                        // lanes half * 16.. (half < mv): tiles * ka * RT <= A_BUF floats,
+                        // 64-byte aligned.
+                        unsafe { _mm512_store_ps(tile.add((kk0 + kk) * 16 * mv), *v) };
+                    }
+                    kk0 += 16;
+                }
+            }
+        }
+        let bw = blk.b[bi].unwrap_or(&[]);
+        let j0 = s * NJ;
+        // Rows past nb repeat the last one in the prefetch (a prefetch never faults).
+        let mut pf = Prefetch { base: core::ptr::null(), stride: 0, first: 0, end: 0 };
+        let mut lines = 0;
+        cur = next((a0, b, s, c));
+        // f32 weight rows of a full stripe are read in place (the hardware prefetchers stream
+        // them); other stripes are copied (widened), the next chunk's weight rows fetched into
+        // L2 meanwhile.
+        let inplace = T::DTYPE == moe_core::DType::F32 && j0 + NJ <= nb;
+        if !inplace && let Some((pa0, pb, ps, pc)) = cur {
+            let pk0 = pa0 + pc * KC_WB;
+            let pw = blk.b[bis[pb]].unwrap_or(&[]);
+            let prow = n0 + (ps * NJ).min(nb - 1);
+            pf.base = pw.as_ptr().wrapping_add(prow * k + pk0) as *const u8;
+            pf.stride = if ps * NJ + NJ <= nb { k * core::mem::size_of::<T>() } else { 0 };
+            lines = (KC_WB.min(k - pk0) * core::mem::size_of::<T>()).div_ceil(64);
+        }
+        let (wsrc, ws) = if inplace {
+            (bw[(n0 + j0) * k + k0..][..(NJ - 1) * k + kc].as_ptr() as *const f32, k)
+        } else {
+            for jj in 0..NJ {
+                let dst = wp.wrapping_add(jj * KC_WB);
+                let src: &[T] =
+                    if j0 + jj < nb { &bw[(n0 + j0 + jj) * k + k0..][..kc] } else { &[] };
+                let mut x = 0;
+                while x < kc {
+                    // SAFETY: same features; `load16` reads only inside `src` (zeros past
+                    // it); row jj < NJ of the chunk, x + 16 <= KC_WB: inside the buffer,
+                    // 64-byte aligned.
+                    unsafe { _mm512_store_ps(dst.add(x), load16(src, x)) };
+                    x += 16;
+                }
+            }
+            (wp as *const f32, KC_WB)
+        };
+        let first = k0 == 0;
+        let cb = cp.wrapping_add(bi * NB * MB + j0 * MB);
+        for t in 0..tiles {
+            let mv = if t * RT + 16 < mb { 2 } else { 1 };
+            let at = ap.wrapping_add(t * ka * RT + (k0 - a0) * 16 * mv) as *const f32;
+            let ct = cb.wrapping_add(t * RT);
+            pf.first = t * lines / tiles;
+            pf.end = (t + 1) * lines / tiles;
+            // SAFETY: tile t holds k-rows k0 - a0..k0 - a0 + kc of 16 · mv floats (packed above
+            // for this A block); `wsrc` holds NJ rows of kc floats at stride ws (in place: the
+            // weight rows n0 + j0.., checked by the slice above; else the chunk); the Cᵀ rows
+            // j0..j0 + NJ <= NB (NB is a multiple of NJ) have room for 16 · mv rows from
+            // t * 32 < MB.
+            unsafe {
+                match (mv, inplace) {
+                    (2, true) => micro::<2, false>(at, wsrc, ws, kc, ct, first, pf),
+                    (_, true) => micro::<1, false>(at, wsrc, ws, kc, ct, first, pf),
+                    (2, false) => micro::<2, true>(at, wsrc, ws, kc, ct, first, pf),
+                    (_, false) => micro::<1, true>(at, wsrc, ws, kc, ct, first, pf),
+                }
+            }
+        }
+    }
+    // Transpose the results into the caller's tiles, 16 × 16 at a time.
+    let cols = stripes * NJ;
+    for &bi in bis {
+        let cb = cp.wrapping_add(bi * NB * MB) as *const f32;
+        for g in 0..groups {
+            let mut j = 0;
+            while j < nb {
+                let mut r = [_mm512_setzero_ps(); 16];
+                for (jj, v) in r.iter_mut().enumerate() {
+                    if j + jj < cols {
+                        // SAFETY: Cᵀ row j + jj < cols was written for rows g * 16.. (every
+                        // tile covers its 16-row groups); 64-byte aligned.
+                        *v = unsafe { _mm512_load_ps(cb.add((j + jj) * MB + g * 16)) };
+                    }
+                }
+                transpose16(&mut r);
+                for (ii, v) in r.iter().enumerate().take(mb - g * 16) {
+                    // SAFETY: row g * 16 + ii < mb, columns j..j + 16 <= NB (NB is a multiple of
+                    // 16) of the caller's tile.
+                    unsafe { _mm512_storeu_ps(out[bi].add((g * 16 + ii) * NB + j), *v) };
+                }
+                j += 16;
+            }
+        }
+    }
+}
+
+const _: () = assert!(NB.is_multiple_of(NJ) && NB.is_multiple_of(16) && MB.is_multiple_of(RT));
+const _: () = assert!(KC_WB.is_multiple_of(16));
