@@ -3,28 +3,32 @@
 //! tuning, in turn, then the best time of each. On a shared host, where a slow spell can last
 //! seconds, only such alternation in one process compares kernels fairly.
 //!
-//! `VARIANTS` (default `intel,amd`): tunings separated by `;`, each `intel`, `amd`, or fields
-//! `wb=LO-HI,pf=0|1,dp=0|1` over the detected tuning. `SHAPES` (name prefixes), `TS`, `DTS`
-//! (`f32`, `bf16`, `f16`), `NT` (threads, default 2). The instruction set is `MOE_CPU_ISA`'s.
+//! `VARIANTS` (default `intel;amd`): variants separated by `;`, each `intel`, `amd`, or fields
+//! `wb=LO-HI,dr=ROWS,pf=0|1,dp=ROWS,isa=NAME` over the detected tuning and instruction set
+//! (`Tuning`'s `wb_rows`, `direct_rows`, `inplace_prefetch`, `dpbf16_rows`; `isa=avx512`:
+//! that instruction set's kernels). `SHAPES` (name prefixes), `TS`, `DTS` (`f32`, `bf16`,
+//! `f16`), `NT` (threads, default 2).
 //!
 //! `VARIANTS='intel;wb=8-64' SHAPES=mixtral TS=128 cargo run --release -p moe-benches
 //! --features cpu --example ab_tuning`
 use moe_benches::*;
 use moe_core::{Element, MoeStages};
-use moe_cpu::{Cpu, Tuning};
+use moe_cpu::{Cpu, Isa, Kernels, Tuning};
 use std::time::Instant;
 
 fn list(var: &str, d: &str, sep: char) -> Vec<String> {
     std::env::var(var).unwrap_or(d.into()).split(sep).map(|s| s.trim().to_string()).collect()
 }
 
-fn tuning(spec: &str) -> Tuning {
+fn variant(spec: &str) -> Cpu {
+    let cpu = Cpu::parallel();
     match spec {
-        "intel" => return Tuning::INTEL,
-        "amd" => return Tuning::AMD,
+        "intel" => return cpu.with_tuning(Tuning::INTEL),
+        "amd" => return cpu.with_tuning(Tuning::AMD),
         _ => {}
     }
     let mut t = Tuning::detect();
+    let mut k = Kernels::Auto;
     for f in spec.split(',').filter(|f| !f.is_empty()) {
         let (key, v) = f.split_once('=').unwrap_or_else(|| panic!("bad field {f}"));
         match key {
@@ -32,15 +36,21 @@ fn tuning(spec: &str) -> Tuning {
                 let (a, b) = v.split_once('-').expect("wb=LO-HI");
                 t.wb_rows = (a.parse().unwrap(), b.parse().unwrap());
             }
+            "dr" => t.direct_rows = v.parse().unwrap(),
             "pf" => t.inplace_prefetch = v == "1",
-            "dp" => t.prefer_dpbf16 = v == "1",
+            "dp" => t.dpbf16_rows = v.parse().unwrap(),
+            "isa" => {
+                let isa = Isa::from_name(v).unwrap_or_else(|| panic!("unknown isa {v}"));
+                assert!(isa.available(), "{isa:?} is not available here");
+                k = Kernels::Isa(isa);
+            }
             _ => panic!("unknown field {key}"),
         }
     }
-    t
+    cpu.with_tuning(t).with_kernels(k)
 }
 
-fn run<T: Element>(sh: &Shape, tokens: &[usize], variants: &[(String, Tuning)], rounds: usize)
+fn run<T: Element>(sh: &Shape, tokens: &[usize], variants: &[(String, Cpu)], rounds: usize)
 where
     Cpu: MoeStages<T>,
 {
@@ -53,12 +63,11 @@ where
         pool.install(|| layer.forward(&Cpu::parallel()).unwrap());
         let mut best = vec![f64::MAX; variants.len()];
         for _ in 0..rounds {
-            for (v, (_, tu)) in variants.iter().enumerate() {
-                let cpu = Cpu::parallel().with_tuning(*tu);
+            for (v, (_, cpu)) in variants.iter().enumerate() {
                 let t0 = Instant::now();
                 pool.install(|| {
-                    layer.stage(&cpu, Stage::ExpertUp).unwrap();
-                    layer.stage(&cpu, Stage::ExpertDown).unwrap();
+                    layer.stage(cpu, Stage::ExpertUp).unwrap();
+                    layer.stage(cpu, Stage::ExpertDown).unwrap();
                 });
                 best[v] = best[v].min(t0.elapsed().as_secs_f64() * 1e3);
             }
@@ -78,8 +87,8 @@ fn main() {
     let tokens: Vec<usize> =
         list("TS", "128,1024", ',').iter().filter_map(|s| s.parse().ok()).collect();
     let rounds = std::env::var("ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
-    let variants: Vec<(String, Tuning)> =
-        list("VARIANTS", "intel;amd", ';').iter().map(|v| (v.clone(), tuning(v))).collect();
+    let variants: Vec<(String, Cpu)> =
+        list("VARIANTS", "intel;amd", ';').iter().map(|v| (v.clone(), variant(v))).collect();
     let dts = list("DTS", "f32", ',');
     println!("isa {:?}, detected tuning {:?}", moe_cpu::Isa::detect(), Tuning::detect());
     for sh in canonical() {

@@ -5,8 +5,8 @@
 //!
 //! A work item is one expert's block of at most [`MB`] rows by at most [`NB`] columns (weight
 //! rows); its f32 result tiles then go through the stage's epilogue (activation, routing
-//! weight, bias, rounding). Four kernels, chosen by the item's row count and element type
-//! (never by the thread count):
+//! weight, bias, rounding). The kernels below are chosen by the item's row count and element
+//! type and by the CPU model's [`Tuning`] (never by the thread count):
 //!
 //! * up to [`DIRECT_ROWS`] rows (decode, where the in-place packed kernel below does not apply):
 //!   the weight rows and the item's rows are read in place
@@ -20,8 +20,14 @@
 //!   a micro-panel is used, the next one's weight rows are prefetched into L2, a slice per
 //!   microkernel call, so that its copy does not wait on memory. With AVX-512, up to
 //!   [`INPLACE_ROWS`] rows and K a multiple of 16, the weight rows are not copied but read in
-//!   place (widened in registers, with an L2 prefetch [`INPLACE_AHEAD`] bytes ahead on each):
-//!   this replaces the few-rows kernel above, which then serves only K tails;
+//!   place (widened in registers, with an L2 prefetch [`INPLACE_AHEAD`] bytes ahead on each
+//!   where [`Tuning::inplace_prefetch`] says so): this replaces the few-rows kernel above,
+//!   which then serves only K tails;
+//! * AVX-512 and a row count in [`Tuning::wb_rows`] (Intel: 8 to 127): the weight-broadcast
+//!   kernel (module `wb`): the item's rows transposed once per K block into `[k][32]` tiles
+//!   (rows in the vector lanes), each weight element broadcast to 32 rows; f32 weight rows are
+//!   read in place, 12 at a time, other element types widened into a small stripe; a 12 × 32
+//!   register tile, no horizontal sums;
 //! * AVX-512 and at least [`BC_MIN_ROWS`] rows: the broadcast (outer-product) kernel. Per K
 //!   block of [`KC_BC`], the item's rows are copied once (L2), every 32-column weight panel is
 //!   transposed into `[k][32]` (L2), and each [`MR_BC`]-row group (L1) runs against all the
@@ -189,18 +195,13 @@ impl Isa {
         }
     }
 
-    /// The best instruction set of this machine (on CPUs whose [`Tuning`] does not prefer
-    /// `vdpbf16ps`, [`Isa::Avx512`] rather than [`Isa::Avx512Bf16`]), or the one the environment variable
+    /// The best instruction set of this machine, or the one the environment variable
     /// `MOE_CPU_ISA` names (`generic`, `avx2`, `avx512`, `avx512bf16`, `amx`, `neon`; case
     /// insensitive) when this machine can run it. Read once per process.
     pub fn detect() -> Isa {
         static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
         *ISA.get_or_init(|| {
-            let prefer_dpbf16 = Tuning::detect().prefer_dpbf16;
-            let best = Isa::all_available()
-                .filter(|&i| i != Isa::Avx512Bf16 || prefer_dpbf16)
-                .last()
-                .unwrap_or(Isa::Generic);
+            let best = Isa::all_available().last().unwrap_or(Isa::Generic);
             std::env::var("MOE_CPU_ISA")
                 .ok()
                 .and_then(|v| Isa::from_name(&v))
@@ -235,35 +236,51 @@ pub struct Tuning {
     /// weight-broadcast kernel (rows in the vector lanes, weights broadcast); none when
     /// `wb_rows.0 >= wb_rows.1`.
     pub wb_rows: (usize, usize),
+    /// AVX-512 work items of at most this many rows stream each group of weight rows over its
+    /// whole K (the few-rows kernel), also where the in-place packed kernel could take them.
+    pub direct_rows: usize,
     /// The AVX-512 dot-product kernel that reads the weight rows in place also fetches each of
     /// them [`INPLACE_AHEAD`] bytes ahead into L2 with software prefetches.
     pub inplace_prefetch: bool,
-    /// [`Isa::detect`] prefers [`Isa::Avx512Bf16`] (bf16 GEMMs on `vdpbf16ps`) over
-    /// [`Isa::Avx512`] (bf16 widened to f32 FMAs).
-    pub prefer_dpbf16: bool,
+    /// With [`Isa::Avx512Bf16`], bf16 work items of at most this many rows run on `vdpbf16ps`;
+    /// larger ones are widened to f32 FMAs (the AVX-512 kernels).
+    pub dpbf16_rows: usize,
 }
 
 impl Tuning {
     /// AMD (measured on Zen 4): `vdpbf16ps` does twice the FMA's products per cycle (211 vs 100
-    /// GFLOP/s per thread); software prefetch ahead on the in-place weight rows helped there;
-    /// the weight-broadcast kernel was not measured there, so it is off.
-    pub const AMD: Tuning = Tuning { wb_rows: (0, 0), inplace_prefetch: true, prefer_dpbf16: true };
+    /// GFLOP/s per thread), so every bf16 item uses it; the in-place packed kernel with
+    /// software prefetch beat the whole-K streaming one for few rows; the weight-broadcast
+    /// kernel was not measured there, so it is off.
+    pub const AMD: Tuning =
+        Tuning { wb_rows: (0, 0), direct_rows: 0, inplace_prefetch: true, dpbf16_rows: usize::MAX };
 
-    /// Intel (measured on a 2-core Emerald Rapids guest without AMX, 2 threads, interleaved
-    /// runs): `vdpbf16ps` runs at half the f32 FMA rate (83 vs 169 GFLOP/s per thread), so
-    /// bf16 items are widened to f32 FMAs (Mixtral bf16 T=1024 expert GEMMs 3380 vs 4798 ms);
-    /// the hardware prefetchers stream the in-place weight rows better than software
-    /// prefetches (expert GEMMs, f32, Mixtral T=16 332 vs 370 ms, gpt-oss T=1 20.7 vs 25.0,
-    /// DeepSeek-V3 T=16 230 vs 262); and from 8 to 127 rows the weight-broadcast kernel is the
-    /// fastest (f32: Mixtral T=128, 32 rows per expert, 702 vs 820 ms; gpt-oss T=128, 16 rows,
-    /// 276 vs 322; Qwen3 T=1024, 64 rows, 422 vs 573).
+    /// Intel (measured on a 2-core Emerald Rapids guest without AMX, 2 threads, expert GEMMs,
+    /// interleaved runs):
+    /// * `vdpbf16ps` runs at half the f32 FMA rate there (83 vs 169 GFLOP/s per thread), so
+    ///   bf16 items above 2 rows are widened to f32 FMAs (Mixtral bf16 T=1024 3380 vs 4798 ms,
+    ///   DeepSeek-V3 3547 vs 5691); at 1-2 rows its streaming kernel still reads fastest
+    ///   (Qwen3 bf16 T=1 2.0 vs 2.4 ms, gpt-oss 12.9 vs 15.1);
+    /// * below 8 rows, each group of weight rows streamed over its whole K beats the in-place
+    ///   packed kernel (f32 T=1: Mixtral 48 vs 65 ms, gpt-oss 15.3 vs 20.4, DeepSeek-V3 51 vs
+    ///   68; T=16: Qwen3 69 vs 83);
+    /// * the hardware prefetchers stream in-place weight rows better than software prefetches
+    ///   (f32 Mixtral T=16 332 vs 370 ms, gpt-oss T=1 20.7 vs 25.0, DeepSeek-V3 T=16 230 vs
+    ///   262);
+    /// * from 8 to 127 rows the weight-broadcast kernel is the fastest (f32: Mixtral T=128, 32
+    ///   rows per expert, 702 vs 820 ms; gpt-oss T=128, 16 rows, 276 vs 322; Qwen3 T=1024, 64
+    ///   rows, 422 vs 573); from 128 rows it and the broadcast kernel are within 5 %.
     pub const INTEL: Tuning =
-        Tuning { wb_rows: (8, 128), inplace_prefetch: false, prefer_dpbf16: false };
+        Tuning { wb_rows: (8, 128), direct_rows: 7, inplace_prefetch: false, dpbf16_rows: 2 };
 
     /// Every item the weight-broadcast kernel can take goes to it (for tests).
     #[doc(hidden)]
-    pub const ALL_WB: Tuning =
-        Tuning { wb_rows: (1, usize::MAX), inplace_prefetch: false, prefer_dpbf16: false };
+    pub const ALL_WB: Tuning = Tuning {
+        wb_rows: (1, usize::MAX),
+        direct_rows: 0,
+        inplace_prefetch: false,
+        dpbf16_rows: 0,
+    };
 
     /// The tuning of this machine's CPU vendor ([`Tuning::AMD`] on AMD, [`Tuning::INTEL`]
     /// elsewhere). Read once per process.
@@ -316,7 +333,7 @@ pub(crate) unsafe fn run_block<T: Element>(isa: Isa, tuning: Tuning, blk: &Block
         // SAFETY: the caller checked `Isa::Avx512Bf16.available()` (AVX-512 and AVX512-BF16);
         // bounds as above. bf16 items go to the `vdpbf16ps` kernels, the rest to AVX-512.
         Isa::Avx512Bf16 => unsafe {
-            if T::DTYPE == moe_core::DType::BF16 {
+            if T::DTYPE == moe_core::DType::BF16 && blk.a_rows.len() <= tuning.dpbf16_rows {
                 dpbf16::run_block(blk, out)
             } else {
                 avx512::run_block_any(blk, out, tuning)
@@ -588,15 +605,20 @@ macro_rules! engine {
         $(#[$attr])*
         pub(crate) unsafe fn run_block<T: Element>(blk: &Block<'_, T>, out: Out) {
             // SAFETY: same features; the caller's contract.
-            unsafe { run_block_pf::<T, true>(blk, out) }
+            unsafe { run_block_pf::<T, true>(blk, out, 0) }
         }
 
         /// One work item (see the module docs), in row blocks of [`MP`]; `PF`: the in-place
         /// kernel fetches each weight row [`INPLACE_AHEAD`](super::INPLACE_AHEAD) bytes ahead
-        /// into L2.
+        /// into L2; items of at most `direct_rows` rows (and at most [`DIRECT_ROWS`]) take the
+        /// few-rows kernel.
         $(#[$attr])*
         #[allow(dead_code)]
-        pub(crate) unsafe fn run_block_pf<T: Element, const PF: bool>(blk: &Block<'_, T>, out: Out) {
+        pub(crate) unsafe fn run_block_pf<T: Element, const PF: bool>(
+            blk: &Block<'_, T>,
+            out: Out,
+            direct_rows: usize,
+        ) {
             let mb = blk.a_rows.len();
             if blk.k == 0 {
                 for (bi, o) in out.iter().enumerate() {
@@ -609,7 +631,7 @@ macro_rules! engine {
             }
             // In place only where the including module allows it (INPLACE_MAX) and K needs no
             // tail step.
-            let inplace = mb <= INPLACE_MAX && blk.k % L == 0;
+            let inplace = mb <= INPLACE_MAX && blk.k % L == 0 && mb > direct_rows;
             if mb <= DIRECT_ROWS && !inplace {
                 // SAFETY: same features; the caller's contract.
                 unsafe { run_direct(blk, out) };
@@ -1011,9 +1033,9 @@ mod avx512 {
             } else if m >= super::BC_MIN_ROWS {
                 run_block_bc(blk, out)
             } else if tuning.inplace_prefetch {
-                run_block_pf::<T, true>(blk, out)
+                run_block_pf::<T, true>(blk, out, tuning.direct_rows)
             } else {
-                run_block_pf::<T, false>(blk, out)
+                run_block_pf::<T, false>(blk, out, tuning.direct_rows)
             }
         }
     }

@@ -236,6 +236,9 @@ fn simd_paths_match_the_portable_path() {
         (2100, 13, 2, 1, 66, 1, false, false),
         (520, 40, 3, 1, 51, 1, false, false),
         (300, 24, 3, 1, 144, 1, true, false),
+        // K a multiple of 16 at one or two rows per expert: the in-place packed kernel (AMD)
+        // or the whole-K streaming one (Intel's direct_rows).
+        (256, 48, 8, 1, 9, 1, false, false),
     ];
     for (name, cpu) in backends() {
         for (i, &(h, inter, e, k, t, al, bias, oi)) in shapes.iter().enumerate() {
