@@ -1080,13 +1080,29 @@ mod avx512 {
                     for gg in 0..2 {
                         let j0 = p * NP_BC + gg * 16;
                         let mut c = 0;
+                        let full_rows = j0 + 16 <= nb;
+                        let row0 = b.as_ptr().wrapping_add((blk.n0 + j0) * k + k0);
                         while c < kcp {
                             let mut r = [_mm512_setzero_ps(); 16];
-                            for (jj, v) in r.iter_mut().enumerate() {
-                                if j0 + jj < nb {
-                                    let at = (blk.n0 + j0 + jj) * k + k0;
-                                    // SAFETY: same features; reads stay in the row's kc floats.
-                                    *v = unsafe { load16(&b[at..at + kc], c) };
+                            if full_rows && c + 16 <= kc {
+                                // 16 whole rows, 16 whole columns: plain loads, one row
+                                // pointer stepped by k.
+                                let mut p = row0.wrapping_add(c);
+                                for v in r.iter_mut() {
+                                    // SAFETY: same features; rows n0 + j0 + jj < n0 + nb and
+                                    // columns k0 + c + 16 <= k0 + kc lie in the caller's
+                                    // matrix (its contract).
+                                    *v = unsafe { load_t(p) };
+                                    p = p.wrapping_add(k);
+                                }
+                            } else {
+                                for (jj, v) in r.iter_mut().enumerate() {
+                                    if j0 + jj < nb {
+                                        let at = (blk.n0 + j0 + jj) * k + k0;
+                                        // SAFETY: same features; reads stay in the row's kc
+                                        // floats.
+                                        *v = unsafe { load16(&b[at..at + kc], c) };
+                                    }
                                 }
                             }
                             transpose16(&mut r);
