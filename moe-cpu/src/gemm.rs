@@ -8,7 +8,8 @@
 //! weight, bias, rounding). The kernels below are chosen by the item's row count and element
 //! type and by the CPU model's [`Tuning`] (never by the thread count):
 //!
-//! * up to [`DIRECT_ROWS`] rows (decode, where the in-place packed kernel below does not apply):
+//! * up to [`DIRECT_ROWS`] rows (decode) where the in-place packed kernel below does not apply,
+//!   and up to [`Tuning::direct_rows`] rows anyway:
 //!   the weight rows and the item's rows are read in place
 //!   and widened in registers (f16/bf16 → f32); each group of [`NR`] weight rows is streamed
 //!   over its whole length (long sequential streams, one prefetch per cache line
@@ -34,7 +35,8 @@
 //!   panels; the next K block's weight rows are prefetched into L2 meanwhile. AVX2 has the
 //!   same kernel with a 6 × 16 register tile, 16-column panels (8 × 8 transposes) and a K
 //!   block of 256 (it fits Zen 3's 512 KiB L2);
-//! * [`Isa::Avx512Bf16`] and bf16 operands: kernels on `vdpbf16ps`, 32 bf16 products per
+//! * [`Isa::Avx512Bf16`], bf16 operands and at most [`Tuning::dpbf16_rows`] rows (AMD: all;
+//!   Intel: 1-2, where `vdpbf16ps` runs at half the FMA rate): kernels on `vdpbf16ps`, 32 bf16 products per
 //!   instruction (module `dpbf16`): one weight row at a time for decode, the packed
 //!   dot-product kernel with the weight rows in place (few rows) or copied, and a broadcast
 //!   kernel on pair-packed weights for many rows;
@@ -240,7 +242,7 @@ pub struct Tuning {
     /// whole K (the few-rows kernel), also where the in-place packed kernel could take them.
     pub direct_rows: usize,
     /// The AVX-512 dot-product kernel that reads the weight rows in place also fetches each of
-    /// them [`INPLACE_AHEAD`] bytes ahead into L2 with software prefetches.
+    /// them 4 KiB ahead into L2 with software prefetches.
     pub inplace_prefetch: bool,
     /// With [`Isa::Avx512Bf16`], bf16 work items of at most this many rows run on `vdpbf16ps`;
     /// larger ones are widened to f32 FMAs (the AVX-512 kernels).
