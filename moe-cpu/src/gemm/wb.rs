@@ -4,21 +4,22 @@
 //!
 //! The other many-row kernels put the weights' columns in the vector lanes, so every K block of
 //! every weight row is transposed (or copied) once per work item, and that cost is shared only
-//! by the item's rows. Here the item's rows are transposed instead, once per K block into
-//! `[k][32 rows]` tiles, and that cost is shared by all the item's columns (up to [`NB`], for
-//! each B); the weight rows are only copied (widened for bf16/f16), [`NJ`] at a time into a
-//! small stripe, and each weight element is broadcast to a whole vector of rows. The register
-//! tile is [`NJ`] weight rows × 32 rows (24 accumulators): 2 vector loads and 12 broadcasts per
-//! 24 FMAs, no horizontal sums.
+//! by the item's rows. Here the item's rows are transposed instead, into `[k][32 rows]` tiles,
+//! and that cost is shared by all the item's columns (up to [`NB`], for each B); each weight
+//! element is broadcast to a whole vector of rows. The register tile is [`NJ`] weight rows ×
+//! 32 rows (24 accumulators): 2 vector loads and 12 broadcasts per 24 FMAs, no horizontal sums.
 //!
 //! # Blocking
 //!
-//! Per K block of [`KC_WB`]: the item's rows are packed into row tiles of 32 (`[k][32]`, 32 KiB,
-//! a 16-row tile for a remainder of at most 16; zero rows past the item); then, for each B and
-//! each stripe of [`NJ`] weight rows, the stripe is copied into `[NJ][KC_WB]` (12 KiB, L1) while
-//! the next stripe's weight rows are fetched into L2, and every row tile runs against it. The
-//! results accumulate transposed (`[column][MB]`, each K block adds in K order) and are
-//! transposed into the caller's `[row][NB]` tiles at the end of the item.
+//! Per A block (as much of K as 256 KiB of packed rows holds: 256 rows × 256, 32 rows × 2048):
+//! the item's rows are packed into row tiles of 32 (a 16-row tile for a remainder of at most
+//! 16; zero rows past the item). Then, for each B, each stripe of [`NJ`] weight rows and each
+//! chunk of [`KC_WB`] along the A block, every row tile runs against the chunk. f32 weight rows
+//! of a full stripe are read in place, 12 sequential streams that the hardware prefetchers
+//! follow (software prefetch measured slower there); bf16/f16 and a partial last stripe are
+//! widened into a `[NJ][KC_WB]` buffer (12 KiB), while the next chunk's weight rows are fetched
+//! into L2. The results accumulate transposed (`[column][MB]`, chunks added in K order) and are
+//! transposed into the caller's `[row][NB]` tiles at the end of the item. Stack: 652 KiB.
 //!
 //! # Determinism
 //!
@@ -37,8 +38,8 @@ pub(crate) const NJ: usize = 12;
 pub(crate) const KC_WB: usize = 256;
 /// Rows per full row tile (two 16-lane vectors).
 const RT: usize = 32;
-/// Floats of the packed rows' buffer (256 KiB): [`MB`] rows of one [`KC_WB`] block, or fewer
-/// rows of a longer block.
+/// Floats of the packed rows' buffer (256 KiB): [`MB`] rows of one [`KC_WB`] chunk, or fewer
+/// rows of a longer A block.
 const A_BUF: usize = MB * KC_WB;
 
 /// Lines `first..end` of NJ weight rows (`base + j * stride`) to fetch into L2 during a
