@@ -10,9 +10,11 @@
 //! aarch64, portable Rust elsewhere); f16/bf16 operands are widened to f32 while packing. With
 //! bf16 operands on a CPU with AMX-BF16 ([`Isa::Amx`], Linux), work items of at least 6 rows run
 //! on the tile unit instead (bf16 products, f32 sums); `MOE_CPU_AMX=0` turns that off. On a CPU
-//! with AVX512-BF16 but no AMX ([`Isa::Avx512Bf16`], e.g. AMD Zen 4), bf16 operands are
-//! multiplied in pairs by `vdpbf16ps` (f32 sums) instead of being widened. `MOE_CPU_ISA`
-//! (`avx512`, `avx2`, `generic`, ...) caps the automatic choice, for comparisons.
+//! with AVX512-BF16 but no AMX ([`Isa::Avx512Bf16`]), bf16 operands are multiplied in pairs by
+//! `vdpbf16ps` (f32 sums) instead of being widened, for the items the [`Tuning`] gives it (AMD
+//! Zen 4: all; Intel, where it runs at half the FMA rate: 1-2 rows). `MOE_CPU_ISA` (`avx512`,
+//! `avx2`, `generic`, ...) caps the automatic choice, for comparisons. Which kernel takes how many
+//! rows is the CPU model's [`Tuning`] (by vendor; [`Cpu::with_tuning`] overrides it).
 //! [`Cpu::parallel`] spreads the work over the current rayon pool. The portable scalar path
 //! ([`Kernels::Portable`]) is kept as the reference the fast paths are tested against.
 
