@@ -333,7 +333,8 @@ pub(crate) unsafe fn run_block<T: Element>(isa: Isa, tuning: Tuning, blk: &Block
         Isa::Avx512 => unsafe { avx512::run_block_any(blk, out, tuning) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the caller checked `Isa::Avx512Bf16.available()` (AVX-512 and AVX512-BF16);
-        // bounds as above. bf16 items go to the `vdpbf16ps` kernels, the rest to AVX-512.
+        // bounds as above. bf16 items of at most `tuning.dpbf16_rows` rows go to the
+        // `vdpbf16ps` kernels, the rest to AVX-512.
         Isa::Avx512Bf16 => unsafe {
             if T::DTYPE == moe_core::DType::BF16 && blk.a_rows.len() <= tuning.dpbf16_rows {
                 dpbf16::run_block(blk, out)
@@ -968,6 +969,52 @@ mod avx512 {
             o[12 + q] = _mm512_shuffle_f32x4(s1, s3, 0xDD);
         }
         *r = o;
+    }
+
+    /// Transposed results into the caller's tiles: `ct` holds, for each present B `bi`, a
+    /// `[column][MB]` block at `ct + bi * NB * MB` whose columns below `cols` are written for
+    /// rows below `mb` rounded up to 16; `out[bi]` receives rows `< mb`, columns `< nb`
+    /// (rounded up to 16), 16 × 16 at a time. Columns from `cols` are read as zeros.
+    ///
+    /// # Safety
+    /// `ct` as above (64-byte aligned); each `out[bi]` of a present B valid for writes of `mb`
+    /// rows of [`NB`] floats; `mb <= MB`, `nb <= NB`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn ct_to_tiles(
+        ct: *const f32,
+        present: [bool; 2],
+        out: Out,
+        mb: usize,
+        nb: usize,
+        cols: usize,
+    ) {
+        for (bi, o) in out.iter().enumerate() {
+            if !present[bi] {
+                continue;
+            }
+            let cb = ct.wrapping_add(bi * NB * super::MB);
+            for g in 0..mb.div_ceil(16) {
+                let mut j = 0;
+                while j < nb {
+                    let mut r = [_mm512_setzero_ps(); 16];
+                    for (jj, v) in r.iter_mut().enumerate() {
+                        if j + jj < cols {
+                            // SAFETY: column j + jj < cols, rows g * 16.. < MB of the written
+                            // block (the caller's contract); 64-byte aligned.
+                            *v = unsafe { _mm512_load_ps(cb.add((j + jj) * super::MB + g * 16)) };
+                        }
+                    }
+                    transpose16(&mut r);
+                    for (i, v) in r.iter().enumerate().take(mb - g * 16) {
+                        // SAFETY: row g * 16 + i < mb, columns j..j + 16 <= NB (NB is a
+                        // multiple of 16) of the caller's tile.
+                        unsafe { _mm512_storeu_ps(o.add((g * 16 + i) * NB + j), *v) };
+                    }
+                    j += 16;
+                }
+            }
+        }
     }
 
     /// `c[i * NB + j] (+)= sum_{k < kc} a[i * KSB + k] bt[k * 32 + j]` for `i < M`, `j < 32`:

@@ -492,26 +492,10 @@ pub(crate) unsafe fn run_block<T: Element>(blk: &Block<'_, T>, out: Out) {
     // SAFETY: releases this thread's tile state (no memory access).
     unsafe { asm!("tilerelease", options(nostack, nomem, preserves_flags)) };
     // Cᵀ → the caller's [row][NB] tiles.
-    for (bi, o) in out.iter().enumerate() {
-        if blk.b[bi].is_none() {
-            continue;
-        }
-        let cb = cp.wrapping_add(bi * NB * MB);
-        for nt in 0..ntn {
-            for mt in 0..mtn {
-                let mut r = [_mm512_setzero_ps(); 16];
-                for (q, v) in r.iter_mut().enumerate() {
-                    // SAFETY: row nt*16 + q < NB of the Cᵀ buffer, columns mt*16.. < MB,
-                    // written by the kernel above.
-                    *v = unsafe { _mm512_load_ps(cb.add((nt * TR + q) * MB + mt * TR)) };
-                }
-                super::avx512::transpose16(&mut r);
-                for (i, v) in r.iter().enumerate().take(mb - mt * TR) {
-                    // SAFETY: row mt*16 + i < mb, columns nt*16..nt*16 + 16 <= NB of the
-                    // caller's tile.
-                    unsafe { _mm512_storeu_ps(o.add((mt * TR + i) * NB + nt * TR), *v) };
-                }
-            }
-        }
-    }
+    // SAFETY: the kernels above wrote every n-tile (ntn * 16 columns) of the Cᵀ block of each
+    // present B for all mtn m-tiles; the caller's tiles hold mb rows of NB floats.
+    unsafe {
+        let present = [blk.b[0].is_some(), blk.b[1].is_some()];
+        super::avx512::ct_to_tiles(cp, present, out, mb, nb, ntn * TR)
+    };
 }

@@ -26,7 +26,7 @@
 //! Every output element is one sequential sum over k per K block, the blocks added in K order;
 //! the blocking depends only on the item's shape: the same bits whatever the thread count.
 
-use super::avx512::{load16, prefetch_l2, transpose16};
+use super::avx512::{ct_to_tiles, load16, prefetch_l2, transpose16};
 use super::{Aligned, Block, MB, NB, Out};
 use core::arch::x86_64::*;
 use core::mem::MaybeUninit;
@@ -245,31 +245,12 @@ pub(crate) unsafe fn run_block<T: Element>(blk: &Block<'_, T>, out: Out) {
             }
         }
     }
-    // Transpose the results into the caller's tiles, 16 × 16 at a time.
-    let cols = stripes * NJ;
-    for &bi in bis {
-        let cb = cp.wrapping_add(bi * NB * MB) as *const f32;
-        for g in 0..groups {
-            let mut j = 0;
-            while j < nb {
-                let mut r = [_mm512_setzero_ps(); 16];
-                for (jj, v) in r.iter_mut().enumerate() {
-                    if j + jj < cols {
-                        // SAFETY: Cᵀ row j + jj < cols was written for rows g * 16.. (every
-                        // tile covers its 16-row groups); 64-byte aligned.
-                        *v = unsafe { _mm512_load_ps(cb.add((j + jj) * MB + g * 16)) };
-                    }
-                }
-                transpose16(&mut r);
-                for (ii, v) in r.iter().enumerate().take(mb - g * 16) {
-                    // SAFETY: row g * 16 + ii < mb, columns j..j + 16 <= NB (NB is a multiple of
-                    // 16) of the caller's tile.
-                    unsafe { _mm512_storeu_ps(out[bi].add((g * 16 + ii) * NB + j), *v) };
-                }
-                j += 16;
-            }
-        }
-    }
+    // SAFETY: every stripe (stripes * NJ columns) of the Cᵀ block of each present B was
+    // written above for every row tile; the caller's tiles hold mb rows of NB floats.
+    unsafe {
+        let present = [blk.b[0].is_some(), blk.b[1].is_some()];
+        ct_to_tiles(cp, present, out, mb, nb, stripes * NJ)
+    };
 }
 
 const _: () = assert!(NB.is_multiple_of(NJ) && NB.is_multiple_of(16) && MB.is_multiple_of(RT));
