@@ -3,7 +3,8 @@
 //! tuning, in turn, then the best time of each. On a shared host, where a slow spell can last
 //! seconds, only such alternation in one process compares kernels fairly.
 //!
-//! `VARIANTS` (default `intel;amd`): variants separated by `;`, each `intel`, `amd`, or fields
+//! `VARIANTS` (default `intel;amd`): variants separated by `;`, each a `Tuning::from_name` name
+//! (`intel`, `amd`, `allwb`, `detect`) or fields
 //! `wb=LO-HI,dr=ROWS,pf=0|1,dp=ROWS,isa=NAME` over the detected tuning and instruction set
 //! (`Tuning`'s `wb_rows`, `direct_rows`, `inplace_prefetch`, `dpbf16_rows`; `isa=avx512`:
 //! that instruction set's kernels). `SHAPES` (name prefixes), `TS`, `DTS` (`f32`, `bf16`,
@@ -22,10 +23,8 @@ fn list(var: &str, d: &str, sep: char) -> Vec<String> {
 
 fn variant(spec: &str) -> Cpu {
     let cpu = Cpu::parallel();
-    match spec {
-        "intel" => return cpu.with_tuning(Tuning::INTEL),
-        "amd" => return cpu.with_tuning(Tuning::AMD),
-        _ => {}
+    if let Some(t) = Tuning::from_name(spec) {
+        return cpu.with_tuning(t);
     }
     let mut t = Tuning::detect();
     let mut k = Kernels::Auto;

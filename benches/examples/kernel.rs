@@ -34,15 +34,7 @@ fn main() {
     let tunings: Vec<(String, Tuning)> = std::env::var("TUNING")
         .unwrap_or("detect".into())
         .split(',')
-        .map(|t| {
-            let tu = match t.trim() {
-                "amd" => Tuning::AMD,
-                "intel" => Tuning::INTEL,
-                "allwb" => Tuning::ALL_WB,
-                _ => Tuning::detect(),
-            };
-            (t.trim().to_string(), tu)
-        })
+        .map(|t| (t.trim().to_string(), Tuning::from_name(t).unwrap_or_else(Tuning::detect)))
         .collect();
     let mut variants = vec![];
     for isa in Isa::all_available() {

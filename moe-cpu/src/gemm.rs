@@ -284,6 +284,18 @@ impl Tuning {
         dpbf16_rows: 0,
     };
 
+    /// The tuning of a name, case insensitive: `amd`, `intel`, `allwb` ([`Tuning::ALL_WB`]) or
+    /// `detect` ([`Tuning::detect`]); for benches that compare tunings.
+    pub fn from_name(name: &str) -> Option<Tuning> {
+        match name.trim().to_ascii_lowercase().as_str() {
+            "amd" => Some(Tuning::AMD),
+            "intel" => Some(Tuning::INTEL),
+            "allwb" => Some(Tuning::ALL_WB),
+            "detect" => Some(Tuning::detect()),
+            _ => None,
+        }
+    }
+
     /// The tuning of this machine's CPU vendor ([`Tuning::AMD`] on AMD, [`Tuning::INTEL`]
     /// elsewhere). Read once per process.
     pub fn detect() -> Tuning {
