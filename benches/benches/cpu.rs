@@ -108,7 +108,7 @@ fn bench_shape<T: Element>(
             let mut g = c.benchmark_group(format!("cpu/{id}"));
             g.sampling_mode(SamplingMode::Flat);
             if o.stages && !(o.quick && t != o.tokens[0]) {
-                for st in Stage::ALL {
+                for st in layer.stages() {
                     g.bench_function(st.name(), |b| {
                         b.iter(|| pool.install(|| layer.stage(&cpu, st).unwrap()))
                     });

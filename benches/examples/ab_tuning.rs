@@ -10,6 +10,12 @@
 //! that instruction set's kernels). `SHAPES` (name prefixes), `TS`, `DTS` (`f32`, `bf16`,
 //! `f16`), `NT` (threads, default 2).
 //!
+//! Each line also gives, per variant, the median over the rounds of its rate divided by the
+//! FMA peak of the pool's threads measured just before it (a slow spell of the host lowers
+//! both). `CHECK=1` prints a checksum of the workspace (the stages' outputs) after each run:
+//! variants that must give the same bits (a blocking change that keeps the summation order)
+//! print the same value.
+//!
 //! `VARIANTS='intel;wb=8-64' SHAPES=mixtral TS=128 cargo run --release -p moe-benches
 //! --features cpu --example ab_tuning`
 use moe_benches::*;
@@ -61,21 +67,44 @@ where
         layer.retoken(t, 7).unwrap();
         pool.install(|| layer.forward(&Cpu::parallel()).unwrap());
         let mut best = vec![f64::MAX; variants.len()];
+        let mut ratios = vec![vec![]; variants.len()];
+        let check = std::env::var_os("CHECK").is_some();
+        let gf = expert_flops(&sh.config, t) / 1e6;
         for _ in 0..rounds {
             for (v, (_, cpu)) in variants.iter().enumerate() {
+                let peak: f64 = pool
+                    .broadcast(|_| moe_benches::peak::fma_peak_gflops_here(3_000_000).0)
+                    .iter()
+                    .sum();
                 let t0 = Instant::now();
                 pool.install(|| {
                     layer.stage(cpu, Stage::ExpertUp).unwrap();
                     layer.stage(cpu, Stage::ExpertDown).unwrap();
                 });
-                best[v] = best[v].min(t0.elapsed().as_secs_f64() * 1e3);
+                let ms = t0.elapsed().as_secs_f64() * 1e3;
+                if check {
+                    let h = layer
+                        .ws
+                        .iter()
+                        .fold(0u64, |h, &b| h.wrapping_mul(0x100000001b3) ^ b as u64);
+                    println!("variant {v} checksum {h:016x}");
+                }
+                best[v] = best[v].min(ms);
+                ratios[v].push(gf / ms / peak);
             }
         }
-        let gf = expert_flops(&sh.config, t) / 1e6;
         let s: Vec<String> = variants
             .iter()
             .zip(&best)
-            .map(|((name, _), b)| format!("{name}: {b:.1} ms ({:.0} GFLOP/s)", gf / b))
+            .zip(&mut ratios)
+            .map(|(((name, _), b), r)| {
+                r.sort_by(f64::total_cmp);
+                format!(
+                    "{name}: {b:.1} ms ({:.0} GFLOP/s, median {:.0} % of the peak just before)",
+                    gf / b,
+                    100.0 * r[r.len() / 2]
+                )
+            })
             .collect();
         println!("{} {} T={t} expert GEMMs: {}", sh.name, T::DTYPE.name(), s.join(" | "));
     }

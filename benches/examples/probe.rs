@@ -46,7 +46,7 @@ where
         let cpu = Cpu::parallel();
         pool.install(|| {
             l.forward(&cpu).unwrap();
-            for st in Stage::ALL {
+            for st in l.stages() {
                 let mut best = f64::MAX;
                 for _ in 0..env("REP", 3) {
                     let t0 = Instant::now();

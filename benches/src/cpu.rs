@@ -273,10 +273,17 @@ pub enum Stage {
     ExpertDown,
     /// Weighted sum of each token's expert outputs.
     Combine,
+    /// The shared expert's GEMM 1 with the fused activation (shapes with a shared expert).
+    SharedUp,
+    /// The shared expert's GEMM 2, accumulated into the output (shapes with a shared expert).
+    SharedDown,
 }
 
 impl Stage {
-    /// Every stage.
+    /// The shared expert's stages.
+    pub const SHARED: [Stage; 2] = [Stage::SharedUp, Stage::SharedDown];
+
+    /// The routed stages (every layer has them).
     pub const ALL: [Stage; 6] = [
         Stage::RouterLogits,
         Stage::Route,
@@ -295,6 +302,8 @@ impl Stage {
             Stage::ExpertUp => "expert_up",
             Stage::ExpertDown => "expert_down",
             Stage::Combine => "combine",
+            Stage::SharedUp => "shared_up",
+            Stage::SharedDown => "shared_down",
         }
     }
 }
@@ -368,6 +377,38 @@ where
                 c.output_scale() as f32,
                 &mut self.out[..],
             ),
+            Stage::SharedUp | Stage::SharedDown => {
+                let (Some(sc), Some(sw)) = (&c.shared, &w.shared) else {
+                    return Err(MoeError::Unsupported {
+                        backend: "cpu",
+                        what: "a shared-expert stage of a layer without a shared expert",
+                    });
+                };
+                let is = c.shared_local_intermediate();
+                if stage == Stage::SharedUp {
+                    cpu.mlp_up(&sc.mlp, t, c.hidden, is, x, &sw.mlp, s.shared_hidden)
+                } else {
+                    cpu.linear(
+                        t,
+                        is,
+                        c.hidden,
+                        s.shared_hidden,
+                        sw.mlp.down,
+                        sw.mlp.down_bias,
+                        None,
+                        1.0,
+                        true,
+                        &mut self.out[..],
+                    )
+                }
+            }
         }
+    }
+
+    /// The stages of this layer: [`Stage::ALL`], then [`Stage::SHARED`] when it has a shared
+    /// expert.
+    pub fn stages(&self) -> Vec<Stage> {
+        let shared = if self.config.shared.is_some() { &Stage::SHARED[..] } else { &[] };
+        Stage::ALL.iter().chain(shared).copied().collect()
     }
 }
