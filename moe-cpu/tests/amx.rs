@@ -178,6 +178,12 @@ fn shapes() -> Vec<Shape> {
         Shape { h: 96, inter: 80, rows_of: vec![20, 100, 7] },
         // Tiny K (1 < 32) and N (1).
         Shape { h: 1, inter: 1, rows_of: vec![7, 0, 9] },
+        // The longer K block of items whose tiles are all read in place (whole n-tiles, K a
+        // multiple of 32): in the up stage 16 rows take 8192 + 64, 30 rows 4096 + 4096 + 64,
+        // 120 rows eight blocks of 1024 and 64 (5 rows stay below the AMX threshold).
+        Shape { h: 8256, inter: 48, rows_of: vec![5, 16, 30, 0, 120] },
+        // The same in the down stage (K = 8224: 8192 + 32 for 16 rows, three blocks for 40).
+        Shape { h: 176, inter: 8224, rows_of: vec![16, 40] },
     ]
 }
 

@@ -10,10 +10,11 @@
 //! rows present, K block a multiple of 32): `tileloadd` reads them in place with the weights'
 //! row stride, double-buffered, with the lines a few k-steps ahead fetched into L1
 //! ([`kernel_direct`]), so the weights are read once instead of read, written and read again.
-//! The activation rows play the "B" operand: per K block of
-//! [`KA`], the item's rows are gathered and packed once into the VNNI layout (pairs of K
-//! interleaved: `[m-tile][k-step][k/2][16 rows][2]`, 16 × 16 transposes of 32-bit pairs) and
-//! reused by every weight tile. Each `tdpbf16ps` thus computes a transposed 16 × 16 result tile
+//! The activation rows play the "B" operand: per K block of [`KA`] (for items whose tiles are
+//! all read in place, as long a block as the buffer allows, up to [`KA_DIRECT_MAX`]), the
+//! item's rows are gathered and packed once into the VNNI layout (pairs of K interleaved:
+//! `[m-tile][k-step][k/2][16 rows][2]`, 16 × 16 transposes of 32-bit pairs) and reused by
+//! every weight tile. Each `tdpbf16ps` thus computes a transposed 16 × 16 result tile
 //! `Cᵀ[n][m]`; the item accumulates `Cᵀ` over K in f32 (2 × 2 tiles in registers, stored
 //! between K blocks), then transposes it into the caller's `[row][NB]` tiles, where the stage's
 //! usual epilogue runs.
@@ -49,6 +50,14 @@ pub(crate) const KA: usize = 512;
 /// second pass over the weights that costs more than the strided tile loads (measured on the
 /// Mixtral and gpt-oss shapes: 256 rows lose, 32 to 128 win).
 pub(crate) const DIRECT_MAX_ROWS: usize = 128;
+/// Longest K block of items whose weight tiles are all read in place (at most
+/// [`DIRECT_MAX_ROWS`] rows): the packed rows' buffer (`MB × KA` bf16) holds `MB × KA / rows`
+/// K positions of the item's rows, up to this many. On a 2-core slice of an AMX Xeon (Emerald
+/// Rapids), bf16 expert GEMMs in interleaved runs, 512 vs this longer block: gpt-oss T=1024
+/// 360 / 280 ms and 378 / 313, gpt-oss T=128 90 / 78 and 107 / 91, Qwen3 T=128 69 / 62 and
+/// 73 / 68, DeepSeek-V3 T=1024 842 / 815 and 1079 / 943, Mixtral T=128 202 / 255, 276 / 287 and
+/// 333 / 281 (best of 3-6 rounds; 15 of 17 such pairs faster, the same bits).
+pub(crate) const KA_DIRECT_MAX: usize = 8192;
 /// K-steps ahead that [`kernel_direct`] fetches its weight lines into L1.
 const PREFETCH_STEPS: usize = 8;
 /// bf16 per k-step (one tile row: 64 bytes).
@@ -372,9 +381,18 @@ pub(crate) unsafe fn run_block<T: Element>(blk: &Block<'_, T>, out: Out) {
     // SAFETY: `CFG` is a valid 64-byte palette-1 configuration; the tile state was permitted
     // (`available`).
     unsafe { asm!("ldtilecfg [{}]", in(reg) &CFG as *const TileCfg, options(nostack, readonly)) };
+    // Items that take the in-place kernel everywhere (few rows, whole tiles, K a multiple of
+    // 32) use a longer K block, as long as the packed rows' buffer allows: each weight row is
+    // then streamed in longer runs and the Cᵀ tiles are loaded and stored fewer times. (The
+    // sums are the same: a K block boundary only stores and reloads the f32 accumulators.)
+    let ka = if mb <= DIRECT_MAX_ROWS && nb.is_multiple_of(TR) && k.is_multiple_of(KT) {
+        (MB * KA / (mtn * TR)).min(KA_DIRECT_MAX) / KT * KT
+    } else {
+        KA
+    };
     let mut k0 = 0;
     while k0 < k {
-        let kc = KA.min(k - k0);
+        let kc = ka.min(k - k0);
         let steps = kc.div_ceil(KT);
         // Pack the rows (zero rows past mb, zeros past kc).
         for mt in 0..mtn {
@@ -388,8 +406,9 @@ pub(crate) unsafe fn run_block<T: Element>(blk: &Block<'_, T>, out: Out) {
                 }
                 super::avx512::transpose16(&mut r);
                 for (p, v) in r.iter().enumerate() {
-                    // SAFETY: tile (mt, s) of the buffer: mt < MB / 16, s < KA / 32, row p < 16
-                    // of 32 u16; 64-byte aligned.
+                    // SAFETY: tile mt * steps + s of the buffer's MB * KA / 512 tiles of 1 KiB
+                    // (mt < mtn and steps <= ka / 32, with mtn * ka <= MB * KA / 16 by the
+                    // choice of ka), row p < 16 of 32 u16; 64-byte aligned.
                     unsafe {
                         _mm512_store_ps(ap.add(((mt * steps + s) * TR + p) * KT) as *mut f32, *v)
                     };
@@ -439,6 +458,9 @@ pub(crate) unsafe fn run_block<T: Element>(blk: &Block<'_, T>, out: Out) {
                     continue;
                 }
                 // Pack the weight rows of n-tiles nt.. (rows past nb and K past kc: zeros).
+                // (Only items with the usual K block get here: the longer one is taken only
+                // where every tile goes to the in-place kernel above.)
+                assert!(kc <= KA, "the packed weight buffer holds one K block of KA");
                 for jj in 0..nn * TR {
                     let (t, r) = (jj / TR, jj % TR);
                     let j = nt * TR + jj;
@@ -487,7 +509,7 @@ pub(crate) unsafe fn run_block<T: Element>(blk: &Block<'_, T>, out: Out) {
                 nt += 2;
             }
         }
-        k0 += KA;
+        k0 += ka;
     }
     // SAFETY: releases this thread's tile state (no memory access).
     unsafe { asm!("tilerelease", options(nostack, nomem, preserves_flags)) };
