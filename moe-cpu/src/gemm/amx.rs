@@ -56,7 +56,9 @@ pub(crate) const DIRECT_MAX_ROWS: usize = 128;
 /// Rapids), bf16 expert GEMMs in interleaved runs, 512 vs this longer block: gpt-oss T=1024
 /// 360 / 280 ms and 378 / 313, gpt-oss T=128 90 / 78 and 107 / 91, Qwen3 T=128 69 / 62 and
 /// 73 / 68, DeepSeek-V3 T=1024 842 / 815 and 1079 / 943, Mixtral T=128 202 / 255, 276 / 287 and
-/// 333 / 281 (best of 3-6 rounds; 15 of 17 such pairs faster, the same bits).
+/// 333 / 281 (best of 3-6 rounds; 13 of 15 such pairs faster, the same bits). Mixtral T=1024,
+/// whose items all have more than 128 rows and so run the same code either way, gave the
+/// noise of such a pair: 692 / 675 and 1300 / 1249.
 pub(crate) const KA_DIRECT_MAX: usize = 8192;
 /// K-steps ahead that [`kernel_direct`] fetches its weight lines into L1.
 const PREFETCH_STEPS: usize = 8;
