@@ -36,8 +36,8 @@
 //!   same kernel with a 6 × 16 register tile, 16-column panels (8 × 8 transposes) and a K
 //!   block of 256 (it fits Zen 3's 512 KiB L2);
 //! * [`Isa::Avx512Bf16`], bf16 operands and at most [`Tuning::dpbf16_rows`] rows (AMD: all;
-//!   Intel: 1-2, where `vdpbf16ps` runs at half the FMA rate): kernels on `vdpbf16ps`, 32 bf16 products per
-//!   instruction (module `dpbf16`): one weight row at a time for decode, the packed
+//!   Intel: 1-2, where `vdpbf16ps` runs at half the FMA rate): kernels on `vdpbf16ps`, 32 bf16
+//!   products per instruction (module `dpbf16`): one weight row at a time for decode, the packed
 //!   dot-product kernel with the weight rows in place (few rows) or copied, and a broadcast
 //!   kernel on pair-packed weights for many rows;
 //! * [`Isa::Amx`], bf16 operands and at least [`AMX_MIN_ROWS`] rows: the AMX-BF16 tile kernel
@@ -499,7 +499,8 @@ macro_rules! engine {
         /// Packed rows, weight rows read in place and widened in registers:
         /// `c[i * NB + j] (+)= sum_{k < kc} a[i * KS + k] B_j[k]` for `i < M`, `j < NR` (`kc` a
         /// multiple of `L`: no tail step, which would keep the accumulators on the stack), one
-        /// L2 prefetch per step and weight row [`INPLACE_AHEAD`] bytes ahead when `PF`.
+        /// L2 prefetch per step and weight row [`INPLACE_AHEAD`](super::INPLACE_AHEAD) bytes
+        /// ahead when `PF`.
         $(#[$attr])*
         #[inline]
         unsafe fn micro_pb<const M: usize, T: Element, const PF: bool>(

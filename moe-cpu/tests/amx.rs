@@ -182,7 +182,7 @@ fn shapes() -> Vec<Shape> {
         // multiple of 32): in the up stage 16 rows take 8192 + 64, 30 rows 4096 + 4096 + 64,
         // 120 rows eight blocks of 1024 and 64 (5 rows stay below the AMX threshold).
         Shape { h: 8256, inter: 48, rows_of: vec![5, 16, 30, 0, 120] },
-        // The same in the down stage (K = 8224: 8192 + 32 for 16 rows, three blocks for 40).
+        // The same in the down stage (K = 8224: 8192 + 32 for 16 rows, 3 × 2720 + 64 for 40).
         Shape { h: 176, inter: 8224, rows_of: vec![16, 40] },
     ]
 }

@@ -52,7 +52,8 @@ pub(crate) const KA: usize = 512;
 pub(crate) const DIRECT_MAX_ROWS: usize = 128;
 /// Longest K block of items whose weight tiles are all read in place (at most
 /// [`DIRECT_MAX_ROWS`] rows): the packed rows' buffer (`MB × KA` bf16) holds `MB × KA / rows`
-/// K positions of the item's rows, up to this many. On a 2-core slice of an AMX Xeon (Emerald
+/// K positions of the item's rows (rows rounded up to 16; the block rounded down to 32), up to
+/// this many. On a 2-core slice of an AMX Xeon (Emerald
 /// Rapids), bf16 expert GEMMs in interleaved runs, 512 vs this longer block: gpt-oss T=1024
 /// 360 / 280 ms and 378 / 313, gpt-oss T=128 90 / 78 and 107 / 91, Qwen3 T=128 69 / 62 and
 /// 73 / 68, DeepSeek-V3 T=1024 842 / 815 and 1079 / 943, Mixtral T=128 202 / 255, 276 / 287 and
