@@ -388,6 +388,9 @@ where
                 if stage == Stage::SharedUp {
                     cpu.mlp_up(&sc.mlp, t, c.hidden, is, x, &sw.mlp, s.shared_hidden)
                 } else {
+                    // As the layer: rows scaled by the sigmoid gate where the weights have one
+                    // (its values are those the last forward left in the workspace).
+                    let gate = sw.gate.map(|_| &s.shared_gate[..]);
                     cpu.linear(
                         t,
                         is,
@@ -395,7 +398,7 @@ where
                         s.shared_hidden,
                         sw.mlp.down,
                         sw.mlp.down_bias,
-                        None,
+                        gate,
                         1.0,
                         true,
                         &mut self.out[..],

@@ -383,7 +383,7 @@ impl<T: Element> Grouped<'_, T> {
             // one sequential leaf that no idle thread can steal from. Items differ in cost
             // (row blocks of different experts, a slower core on a shared host), so the other
             // thread idled at the end of long stages: DeepSeek-V3 f32 T=1024, expert_up on 2
-            // threads, one thread busy 100 % and the other 67-74 % of the stage (timestamps
+            // threads, one thread busy 100 % and the other 72-76 % of the stage (timestamps
             // around each item). With one item per job: both 99.8 %, and the expert GEMMs
             // 4398 -> 3795 ms f32, 3704 -> 2985 ms bf16 (interleaved, best of 4).
             Threads::Rayon => (0..total).into_par_iter().with_max_len(1).for_each(item),
