@@ -28,7 +28,7 @@ struct Opts {
 }
 
 fn list(var: &str) -> Option<Vec<String>> {
-    std::env::var(var).ok().map(|v| v.split(',').map(|s| s.trim().to_string()).collect())
+    env_list(var, ',')
 }
 
 fn opts() -> Opts {

@@ -21,7 +21,7 @@ use moe_wgpu::{WgpuBackend, WgpuView, WgpuViewMut};
 use std::hint::black_box;
 
 fn list(var: &str) -> Option<Vec<String>> {
-    std::env::var(var).ok().map(|v| v.split(',').map(|s| s.trim().to_string()).collect())
+    moe_benches::env_list(var, ',')
 }
 
 fn mlp(i: usize, act: Activation, bias: bool) -> MlpConfig {

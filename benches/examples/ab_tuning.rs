@@ -20,39 +20,19 @@
 //! --features cpu --example ab_tuning`
 use moe_benches::*;
 use moe_core::{Element, MoeStages};
-use moe_cpu::{Cpu, Isa, Kernels, Tuning};
+use moe_cpu::{Cpu, Kernels, Tuning};
 use std::time::Instant;
 
 fn list(var: &str, d: &str, sep: char) -> Vec<String> {
-    std::env::var(var).unwrap_or(d.into()).split(sep).map(|s| s.trim().to_string()).collect()
+    env_list(var, sep).unwrap_or_else(|| d.split(sep).map(str::to_string).collect())
 }
 
 fn variant(spec: &str) -> Cpu {
-    let cpu = Cpu::parallel();
-    if let Some(t) = Tuning::from_name(spec) {
-        return cpu.with_tuning(t);
-    }
-    let mut t = Tuning::detect();
-    let mut k = Kernels::Auto;
-    for f in spec.split(',').filter(|f| !f.is_empty()) {
-        let (key, v) = f.split_once('=').unwrap_or_else(|| panic!("bad field {f}"));
-        match key {
-            "wb" => {
-                let (a, b) = v.split_once('-').expect("wb=LO-HI");
-                t.wb_rows = (a.parse().unwrap(), b.parse().unwrap());
-            }
-            "dr" => t.direct_rows = v.parse().unwrap(),
-            "pf" => t.inplace_prefetch = v == "1",
-            "dp" => t.dpbf16_rows = v.parse().unwrap(),
-            "isa" => {
-                let isa = Isa::from_name(v).unwrap_or_else(|| panic!("unknown isa {v}"));
-                assert!(isa.available(), "{isa:?} is not available here");
-                k = Kernels::Isa(isa);
-            }
-            _ => panic!("unknown field {key}"),
-        }
-    }
-    cpu.with_tuning(t).with_kernels(k)
+    let (t, isa) = parse_variant(spec).unwrap_or_else(|e| {
+        eprintln!("VARIANTS: {e}");
+        std::process::exit(2)
+    });
+    Cpu::parallel().with_tuning(t).with_kernels(isa.map_or(Kernels::Auto, Kernels::Isa))
 }
 
 fn run<T: Element>(sh: &Shape, tokens: &[usize], variants: &[(String, Cpu)], rounds: usize)

@@ -9,9 +9,11 @@
 //! the best rate and the median and best of those ratios.
 //!
 //! `ISA` (default: all of this machine's), `DT` (`f32`, `bf16`; default both), `TUNING`
-//! (comma-separated `intel`, `amd`, `allwb`, `detect`; default `detect`).
+//! (`;`-separated tunings: names `intel`, `amd`, `allwb`, `detect` or fields such as
+//! `wb=8-128,dr=7`, as `moe_benches::parse_variant` reads them; default `detect`; an unknown
+//! name or field is an error).
 //!
-//! `M=128 N=192 K=1024 ISA=avx512 DT=f32 TUNING=intel,amd cargo run --release -p moe-benches
+//! `M=128 N=192 K=1024 ISA=avx512 DT=f32 TUNING='intel;amd' cargo run --release -p moe-benches
 //! --features cpu --example kernel`
 use moe_cpu::{__bench::block_seconds, Isa, Tuning};
 
@@ -20,6 +22,11 @@ fn cpu_ns() -> f64 {
         .ok()
         .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
         .unwrap_or(f64::NAN)
+}
+
+fn fail(msg: &str) -> ! {
+    eprintln!("{msg}");
+    std::process::exit(2)
 }
 
 fn main() {
@@ -31,10 +38,16 @@ fn main() {
     let reps = env("REPS", (1e9 / per).ceil().max(1.0) as usize);
     let only = std::env::var("ISA").unwrap_or_default().to_lowercase();
     let dts = std::env::var("DT").unwrap_or_default();
-    let tunings: Vec<(String, Tuning)> = std::env::var("TUNING")
-        .unwrap_or("detect".into())
-        .split(',')
-        .map(|t| (t.trim().to_string(), Tuning::from_name(t).unwrap_or_else(Tuning::detect)))
+    // `;`-separated specs of `moe_benches::parse_variant` (names or `wb=..,dr=..` fields); an
+    // instruction set is chosen with `ISA`, not here.
+    let tunings: Vec<(String, Tuning)> = moe_benches::env_list("TUNING", ';')
+        .unwrap_or(vec!["detect".into()])
+        .into_iter()
+        .map(|t| match moe_benches::parse_variant(&t) {
+            Ok((tu, None)) => (t, tu),
+            Ok((_, Some(_))) => fail(&format!("TUNING {t:?}: choose the instruction set with ISA")),
+            Err(e) => fail(&format!("TUNING: {e}")),
+        })
         .collect();
     let mut variants = vec![];
     for isa in Isa::all_available() {

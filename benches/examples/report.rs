@@ -12,9 +12,7 @@ use std::io::Write;
 use std::time::Instant;
 
 fn list(var: &str, d: &[&str]) -> Vec<String> {
-    std::env::var(var).map_or(d.iter().map(|s| s.to_string()).collect(), |v| {
-        v.split(',').map(|s| s.trim().to_string()).collect()
-    })
+    env_list(var, ',').unwrap_or_else(|| d.iter().map(|s| s.to_string()).collect())
 }
 
 fn median_ms(mut f: impl FnMut()) -> f64 {

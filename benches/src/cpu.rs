@@ -2,6 +2,7 @@
 
 use moe_core::backend::{ExpertRows, PermuteBuffers, split_workspace};
 use moe_core::*;
+use moe_cpu::{Isa, Tuning};
 
 /// One canonical shape.
 #[derive(Clone, Copy, Debug)]
@@ -413,5 +414,72 @@ where
     pub fn stages(&self) -> Vec<Stage> {
         let shared = if self.config.shared.is_some() { &Stage::SHARED[..] } else { &[] };
         Stage::ALL.iter().chain(shared).copied().collect()
+    }
+}
+
+/// A kernel-selection spec of the bench tools, parsed: a [`Tuning`] name (`intel`, `amd`,
+/// `allwb`, `detect`; see [`Tuning::from_name`]) or comma-separated fields over the detected
+/// tuning: `wb=LO-HI`, `dr=ROWS`, `pf=0|1`, `dp=ROWS` ([`Tuning`]'s `wb_rows`, `direct_rows`,
+/// `inplace_prefetch`, `dpbf16_rows`) and `isa=NAME` (that instruction set's kernels).
+/// Anything else is an error naming it: a tool never runs a variant other than the one asked
+/// for.
+pub fn parse_variant(spec: &str) -> std::result::Result<(Tuning, Option<Isa>), String> {
+    if let Some(t) = Tuning::from_name(spec) {
+        return Ok((t, None));
+    }
+    let mut t = Tuning::detect();
+    let mut isa = None;
+    let num =
+        |key: &str, v: &str| v.parse::<usize>().map_err(|_| format!("{key}={v}: not a row count"));
+    for f in spec.split(',').map(str::trim).filter(|f| !f.is_empty()) {
+        let Some((key, v)) = f.split_once('=') else {
+            return Err(format!("unknown tuning name or field {f:?} in {spec:?}"));
+        };
+        match key {
+            "wb" => {
+                let (a, b) = v.split_once('-').ok_or(format!("wb={v}: expected wb=LO-HI"))?;
+                t.wb_rows = (num(key, a)?, num(key, b)?);
+            }
+            "dr" => t.direct_rows = num(key, v)?,
+            "pf" => {
+                t.inplace_prefetch = match v {
+                    "1" => true,
+                    "0" => false,
+                    _ => return Err(format!("pf={v}: expected 0 or 1")),
+                }
+            }
+            "dp" => t.dpbf16_rows = num(key, v)?,
+            "isa" => {
+                let i = Isa::from_name(v).ok_or(format!("unknown isa {v:?}"))?;
+                if !i.available() {
+                    return Err(format!("{i:?} is not available on this CPU"));
+                }
+                isa = Some(i);
+            }
+            _ => return Err(format!("unknown field {key:?} in {spec:?}")),
+        }
+    }
+    Ok((t, isa))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn variant_specs() {
+        assert_eq!(parse_variant("intel"), Ok((Tuning::INTEL, None)));
+        assert_eq!(parse_variant(" AMD "), Ok((Tuning::AMD, None)));
+        let (t, isa) = parse_variant("wb=8-64,dr=3,pf=1,dp=5").unwrap();
+        assert_eq!(
+            t,
+            Tuning { wb_rows: (8, 64), direct_rows: 3, inplace_prefetch: true, dpbf16_rows: 5 }
+        );
+        assert_eq!(isa, None);
+        assert_eq!(parse_variant("isa=generic"), Ok((Tuning::detect(), Some(Isa::Generic))));
+        for bad in ["intel,amd", "wb=8", "dr=x", "pf=2", "isa=nope", "kc=128", "fast"] {
+            let e = parse_variant(bad).unwrap_err();
+            assert!(!e.is_empty(), "{bad}");
+        }
     }
 }

@@ -6,3 +6,10 @@ mod cpu;
 #[cfg(feature = "cpu")]
 pub use cpu::*;
 pub mod peak;
+
+/// The items of environment variable `var` split at `sep` and trimmed; `None` when it is unset.
+/// (The bench targets and examples read their selections, such as `MOE_BENCH_T=1,128`, this
+/// way.)
+pub fn env_list(var: &str, sep: char) -> Option<Vec<String>> {
+    std::env::var(var).ok().map(|v| v.split(sep).map(|s| s.trim().to_string()).collect())
+}

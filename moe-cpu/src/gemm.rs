@@ -1103,9 +1103,11 @@ mod avx512 {
     }
 
     /// One work item with the broadcast kernel (at least [`super::BC_MIN_ROWS`] rows). Per K
-    /// block, the item's rows are packed once into k-major micro-panels of [`MR_BC`] rows
-    /// (16 × 16 in-register transposes; L2), then each 32-column weight panel is transposed
-    /// into `[k][32]` (L1) and used by every micro-panel.
+    /// block of [`KC_BC`], the item's rows are copied (widened) once into a buffer at row
+    /// stride [`KSB`] (L2); for each present B, every 32-column weight panel of the item is
+    /// transposed into `[k][32]` (16 × 16 in-register transposes; L2), and each [`MR_BC`]-row
+    /// group (L1) then runs against all the panels while the next K block's weight rows are
+    /// fetched into L2.
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,fma,f16c,avx2")]
     pub(crate) unsafe fn run_block_bc<T: Element>(blk: &Block<'_, T>, out: Out) {
         let (k, mb, nb) = (blk.k, blk.a_rows.len(), blk.nb);
