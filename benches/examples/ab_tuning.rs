@@ -12,7 +12,8 @@
 //!
 //! Each line also gives, per variant, the median over the rounds of its rate divided by the
 //! FMA peak of the pool's threads measured just before it (a slow spell of the host lowers
-//! both). `CHECK=1` prints a checksum of the workspace (the stages' outputs) after each run:
+//! both), and for every variant after the first the median over the rounds of its time divided
+//! by the first variant's time in the same round (each round starts one variant later). `CHECK=1` prints a checksum of the workspace (the stages' outputs) after each run:
 //! variants that must give the same bits (a blocking change that keeps the summation order)
 //! print the same value.
 //!
@@ -50,8 +51,11 @@ where
         let mut ratios = vec![vec![]; variants.len()];
         let check = std::env::var_os("CHECK").is_some();
         let gf = expert_flops(&sh.config, t) / 1e6;
-        for _ in 0..rounds {
-            for (v, (_, cpu)) in variants.iter().enumerate() {
+        let mut times = vec![vec![]; variants.len()];
+        for round in 0..rounds {
+            // Each round starts one variant later, so that none always runs first.
+            for v in (0..variants.len()).map(|i| (i + round) % variants.len()) {
+                let cpu = &variants[v].1;
                 let peak: f64 = pool
                     .broadcast(|_| moe_benches::peak::fma_peak_gflops_here(3_000_000).0)
                     .iter()
@@ -70,6 +74,7 @@ where
                     println!("variant {v} checksum {h:016x}");
                 }
                 best[v] = best[v].min(ms);
+                times[v].push(ms);
                 ratios[v].push(gf / ms / peak);
             }
         }
@@ -77,10 +82,28 @@ where
             .iter()
             .zip(&best)
             .zip(&mut ratios)
-            .map(|(((name, _), b), r)| {
+            .enumerate()
+            .map(|(v, (((name, _), b), r))| {
                 r.sort_by(f64::total_cmp);
+                // Time over the first variant's in the same round, median over the rounds: a
+                // slow spell that spans a round hits both sides of its pair.
+                let mut paired: Vec<f64> =
+                    times[v].iter().zip(&times[0]).map(|(t, t0)| t / t0).collect();
+                paired.sort_by(f64::total_cmp);
+                let vs_first = if v == 0 {
+                    String::new()
+                } else {
+                    format!(
+                        ", {:.3}x the first's time (median of {} rounds, {:.3}-{:.3})",
+                        paired[paired.len() / 2],
+                        paired.len(),
+                        paired[0],
+                        paired[paired.len() - 1]
+                    )
+                };
                 format!(
-                    "{name}: {b:.1} ms ({:.0} GFLOP/s, median {:.0} % of the peak just before)",
+                    "{name}: {b:.1} ms ({:.0} GFLOP/s, median {:.0} % of the peak just \
+                     before{vs_first})",
                     gf / b,
                     100.0 * r[r.len() / 2]
                 )
