@@ -27,20 +27,16 @@ struct Opts {
     stages: bool,
 }
 
-fn list(var: &str) -> Option<Vec<String>> {
-    env_list(var, ',')
-}
-
 fn opts() -> Opts {
     let quick = std::env::var("MOE_BENCH_QUICK").is_ok_and(|v| v != "0");
     let nums = |var: &str, d: &[usize]| {
-        list(var).map_or(d.to_vec(), |v| v.iter().filter_map(|s| s.parse().ok()).collect())
+        env_list(var, ',').map_or(d.to_vec(), |v| v.iter().filter_map(|s| s.parse().ok()).collect())
     };
     Opts {
         quick,
-        shapes: list("MOE_BENCH_SHAPES"),
+        shapes: env_list("MOE_BENCH_SHAPES", ','),
         tokens: nums("MOE_BENCH_T", if quick { &[1, 128] } else { &[1, 16, 128, 1024] }),
-        dtypes: list("MOE_BENCH_DTYPES").unwrap_or(vec!["f32".into(), "bf16".into()]),
+        dtypes: env_list("MOE_BENCH_DTYPES", ',').unwrap_or(vec!["f32".into(), "bf16".into()]),
         threads: nums("MOE_BENCH_THREADS", if quick { &[2] } else { &[1, 2] }),
         stages: std::env::var("MOE_BENCH_STAGES").map_or(true, |v| v != "0"),
     }

@@ -20,10 +20,6 @@ use moe_core::*;
 use moe_wgpu::{WgpuBackend, WgpuView, WgpuViewMut};
 use std::hint::black_box;
 
-fn list(var: &str) -> Option<Vec<String>> {
-    moe_benches::env_list(var, ',')
-}
-
 fn mlp(i: usize, act: Activation, bias: bool) -> MlpConfig {
     MlpConfig { intermediate: i, gated: true, activation: act, bias }
 }
@@ -257,11 +253,12 @@ fn benches(c: &mut Criterion) {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(if cpu { 4.0 } else { 48.0 });
-    let tokens: Vec<usize> = list("MOE_BENCH_T")
+    let tokens: Vec<usize> = moe_benches::env_list("MOE_BENCH_T", ',')
         .map(|v| v.iter().filter_map(|s| s.parse().ok()).collect())
         .unwrap_or(if quick { vec![1, 16] } else { vec![1, 16, 128, 1024] });
-    let want = list("MOE_BENCH_SHAPES");
-    let dtypes = list("MOE_BENCH_DTYPES").unwrap_or(vec!["bf16".into(), "f16".into()]);
+    let want = moe_benches::env_list("MOE_BENCH_SHAPES", ',');
+    let dtypes =
+        moe_benches::env_list("MOE_BENCH_DTYPES", ',').unwrap_or(vec!["bf16".into(), "f16".into()]);
     let (div, emax) = if quick { (16, 16) } else { (1, usize::MAX) };
     let limits = be.device().limits();
     for (name, cfg) in shapes(div, emax) {

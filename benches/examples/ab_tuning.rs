@@ -13,9 +13,10 @@
 //! Each line also gives, per variant, the median over the rounds of its rate divided by the
 //! FMA peak of the pool's threads measured just before it (a slow spell of the host lowers
 //! both), and for every variant after the first the median over the rounds of its time divided
-//! by the first variant's time in the same round (each round starts one variant later). `CHECK=1` prints a checksum of the workspace (the stages' outputs) after each run:
-//! variants that must give the same bits (a blocking change that keeps the summation order)
-//! print the same value.
+//! by the first variant's time in the same round (each round starts one variant later).
+//! `CHECK=1` prints a checksum of the workspace (the stages' outputs) after each run: variants
+//! that must give the same bits (a blocking change that keeps the summation order) print the
+//! same value.
 //!
 //! `VARIANTS='intel;wb=8-64' SHAPES=mixtral TS=128 cargo run --release -p moe-benches
 //! --features cpu --example ab_tuning`
@@ -47,7 +48,6 @@ where
     for &t in tokens {
         layer.retoken(t, 7).unwrap();
         pool.install(|| layer.forward(&Cpu::parallel()).unwrap());
-        let mut best = vec![f64::MAX; variants.len()];
         let mut ratios = vec![vec![]; variants.len()];
         let check = std::env::var_os("CHECK").is_some();
         let gf = expert_flops(&sh.config, t) / 1e6;
@@ -73,26 +73,25 @@ where
                         .fold(0u64, |h, &b| h.wrapping_mul(0x100000001b3) ^ b as u64);
                     println!("variant {v} checksum {h:016x}");
                 }
-                best[v] = best[v].min(ms);
                 times[v].push(ms);
                 ratios[v].push(gf / ms / peak);
             }
         }
         let s: Vec<String> = variants
             .iter()
-            .zip(&best)
             .zip(&mut ratios)
             .enumerate()
-            .map(|(v, (((name, _), b), r))| {
+            .map(|(v, ((name, _), r))| {
                 r.sort_by(f64::total_cmp);
-                // Time over the first variant's in the same round, median over the rounds: a
-                // slow spell that spans a round hits both sides of its pair.
-                let mut paired: Vec<f64> =
-                    times[v].iter().zip(&times[0]).map(|(t, t0)| t / t0).collect();
-                paired.sort_by(f64::total_cmp);
+                let b = times[v].iter().copied().fold(f64::MAX, f64::min);
                 let vs_first = if v == 0 {
                     String::new()
                 } else {
+                    // Time over the first variant's in the same round, median over the rounds:
+                    // a slow spell that spans a round hits both sides of its pair.
+                    let mut paired: Vec<f64> =
+                        times[v].iter().zip(&times[0]).map(|(t, t0)| t / t0).collect();
+                    paired.sort_by(f64::total_cmp);
                     format!(
                         ", {:.3}x the first's time (median of {} rounds, {:.3}-{:.3})",
                         paired[paired.len() / 2],
