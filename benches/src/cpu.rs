@@ -419,8 +419,8 @@ where
 
 /// A kernel-selection spec of the bench tools, parsed: a [`Tuning`] name (`intel`, `amd`,
 /// `allwb`, `detect`; see [`Tuning::from_name`]) or comma-separated fields over the detected
-/// tuning: `wb=LO-HI`, `dr=ROWS`, `pf=0|1`, `dp=ROWS` ([`Tuning`]'s `wb_rows`, `direct_rows`,
-/// `inplace_prefetch`, `dpbf16_rows`) and `isa=NAME` (that instruction set's kernels).
+/// tuning: `wb=LO-HI`, `dr=ROWS`, `pf=0|1`, `dp=ROWS`, `dw=LO-HI` ([`Tuning`]'s `wb_rows`,
+/// `direct_rows`, `inplace_prefetch`, `dpbf16_rows`, `dpwb_rows`) and `isa=NAME` (that instruction set's kernels).
 /// Anything else is an error naming it: a tool never runs a variant other than the one asked
 /// for.
 pub fn parse_variant(spec: &str) -> std::result::Result<(Tuning, Option<Isa>), String> {
@@ -431,15 +431,16 @@ pub fn parse_variant(spec: &str) -> std::result::Result<(Tuning, Option<Isa>), S
     let mut isa = None;
     let num =
         |key: &str, v: &str| v.parse::<usize>().map_err(|_| format!("{key}={v}: not a row count"));
+    let range = |key: &str, v: &str| {
+        let (a, b) = v.split_once('-').ok_or(format!("{key}={v}: expected {key}=LO-HI"))?;
+        Ok::<_, String>((num(key, a)?, num(key, b)?))
+    };
     for f in spec.split(',').map(str::trim).filter(|f| !f.is_empty()) {
         let Some((key, v)) = f.split_once('=') else {
             return Err(format!("unknown tuning name or field {f:?} in {spec:?}"));
         };
         match key {
-            "wb" => {
-                let (a, b) = v.split_once('-').ok_or(format!("wb={v}: expected wb=LO-HI"))?;
-                t.wb_rows = (num(key, a)?, num(key, b)?);
-            }
+            "wb" => t.wb_rows = range(key, v)?,
             "dr" => t.direct_rows = num(key, v)?,
             "pf" => {
                 t.inplace_prefetch = match v {
@@ -449,6 +450,7 @@ pub fn parse_variant(spec: &str) -> std::result::Result<(Tuning, Option<Isa>), S
                 }
             }
             "dp" => t.dpbf16_rows = num(key, v)?,
+            "dw" => t.dpwb_rows = range(key, v)?,
             "isa" => {
                 let i = Isa::from_name(v).ok_or(format!("unknown isa {v:?}"))?;
                 if !i.available() {
@@ -470,14 +472,20 @@ mod tests {
     fn variant_specs() {
         assert_eq!(parse_variant("intel"), Ok((Tuning::INTEL, None)));
         assert_eq!(parse_variant(" AMD "), Ok((Tuning::AMD, None)));
-        let (t, isa) = parse_variant("wb=8-64,dr=3,pf=1,dp=5").unwrap();
+        let (t, isa) = parse_variant("wb=8-64,dr=3,pf=1,dp=5,dw=4-96").unwrap();
         assert_eq!(
             t,
-            Tuning { wb_rows: (8, 64), direct_rows: 3, inplace_prefetch: true, dpbf16_rows: 5 }
+            Tuning {
+                wb_rows: (8, 64),
+                direct_rows: 3,
+                inplace_prefetch: true,
+                dpbf16_rows: 5,
+                dpwb_rows: (4, 96)
+            }
         );
         assert_eq!(isa, None);
         assert_eq!(parse_variant("isa=generic"), Ok((Tuning::detect(), Some(Isa::Generic))));
-        for bad in ["intel,amd", "wb=8", "dr=x", "pf=2", "isa=nope", "kc=128", "fast"] {
+        for bad in ["intel,amd", "wb=8", "dw=4", "dr=x", "pf=2", "isa=nope", "kc=128", "fast"] {
             let e = parse_variant(bad).unwrap_err();
             assert!(!e.is_empty(), "{bad}");
         }

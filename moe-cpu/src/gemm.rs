@@ -38,8 +38,10 @@
 //! * [`Isa::Avx512Bf16`], bf16 operands and at most [`Tuning::dpbf16_rows`] rows (AMD: all;
 //!   Intel: 1-2, where `vdpbf16ps` runs at half the FMA rate): kernels on `vdpbf16ps`, 32 bf16
 //!   products per instruction (module `dpbf16`): one weight row at a time for decode, the packed
-//!   dot-product kernel with the weight rows in place (few rows) or copied, and a broadcast
-//!   kernel on pair-packed weights for many rows;
+//!   dot-product kernel with the weight rows in place (few rows) or copied, a broadcast
+//!   kernel on pair-packed weights for many rows, and, for the rows in
+//!   [`Tuning::dpwb_rows`] (AMD: from 8), a weight-broadcast kernel (rows in the vector lanes
+//!   as pairs, weight pairs broadcast from the rows in place) that takes precedence;
 //! * [`Isa::Amx`], bf16 operands and at least [`AMX_MIN_ROWS`] rows: the AMX-BF16 tile kernel
 //!   (module `amx`: weights as the tiles' A operand, copied into tile order, or read in place
 //!   by the tile loads for items of at most 128 rows; the item's rows packed once per K block
@@ -247,15 +249,30 @@ pub struct Tuning {
     /// With [`Isa::Avx512Bf16`], bf16 work items of at most this many rows run on `vdpbf16ps`;
     /// larger ones are widened to f32 FMAs (the AVX-512 kernels).
     pub dpbf16_rows: usize,
+    /// With [`Isa::Avx512Bf16`], bf16 work items that go to the `vdpbf16ps` kernels (see
+    /// `dpbf16_rows`) with at least `dpwb_rows.0` and fewer than `dpwb_rows.1` rows, and an
+    /// even K, run its weight-broadcast kernel (rows in the vector lanes, weight pairs
+    /// broadcast); none when `dpwb_rows.0 >= dpwb_rows.1`.
+    pub dpwb_rows: (usize, usize),
 }
 
 impl Tuning {
     /// AMD (measured on Zen 4): `vdpbf16ps` does twice the FMA's products per cycle (211 vs 100
     /// GFLOP/s per thread), so every bf16 item uses it; the in-place packed kernel with
-    /// software prefetch beat the whole-K streaming one for few rows; the weight-broadcast
-    /// kernel was not measured there, so it is off.
-    pub const AMD: Tuning =
-        Tuning { wb_rows: (0, 0), direct_rows: 0, inplace_prefetch: true, dpbf16_rows: usize::MAX };
+    /// software prefetch beat the whole-K streaming one for few rows. The f32 weight-broadcast
+    /// kernel loses there (2 threads, interleaved, expert GEMMs, paired medians over 4 rounds,
+    /// rows 8-127 against the default: Mixtral f32 T=128 1.096x the time, Qwen3 T=128 1.122x,
+    /// DeepSeek-V3 T=128 1.047x), so it is off; its `vdpbf16ps` twin (8 weight rows per
+    /// stripe) takes every bf16 item from 8 rows (5 rounds: 0.898x-0.992x the time at all 12
+    /// bf16 points T=16/128/1024 of the four models, e.g. DeepSeek-V3 T=128 0.898x, Qwen3
+    /// T=1024 0.932x, gpt-oss T=1024 0.953x, Mixtral T=128 0.966x).
+    pub const AMD: Tuning = Tuning {
+        wb_rows: (0, 0),
+        direct_rows: 0,
+        inplace_prefetch: true,
+        dpbf16_rows: usize::MAX,
+        dpwb_rows: (8, usize::MAX),
+    };
 
     /// Intel (measured on a 2-core Emerald Rapids guest without AMX, 2 threads, expert GEMMs,
     /// interleaved runs):
@@ -272,16 +289,24 @@ impl Tuning {
     /// * from 8 to 127 rows the weight-broadcast kernel is the fastest (f32: Mixtral T=128, 32
     ///   rows per expert, 702 vs 820 ms; gpt-oss T=128, 16 rows, 276 vs 322; Qwen3 T=1024, 64
     ///   rows, 422 vs 573); from 128 rows it and the broadcast kernel are within 5 %.
-    pub const INTEL: Tuning =
-        Tuning { wb_rows: (8, 128), direct_rows: 7, inplace_prefetch: false, dpbf16_rows: 2 };
+    ///
+    /// The `vdpbf16ps` weight-broadcast kernel (`dpwb_rows`) was not measured there: off.
+    pub const INTEL: Tuning = Tuning {
+        wb_rows: (8, 128),
+        direct_rows: 7,
+        inplace_prefetch: false,
+        dpbf16_rows: 2,
+        dpwb_rows: (0, 0),
+    };
 
-    /// Every item the weight-broadcast kernel can take goes to it (for tests).
+    /// Every item a weight-broadcast kernel can take goes to it (for tests).
     #[doc(hidden)]
     pub const ALL_WB: Tuning = Tuning {
         wb_rows: (1, usize::MAX),
         direct_rows: 0,
         inplace_prefetch: false,
-        dpbf16_rows: 0,
+        dpbf16_rows: usize::MAX,
+        dpwb_rows: (1, usize::MAX),
     };
 
     /// The tuning of a name, case insensitive: `amd`, `intel`, `allwb` ([`Tuning::ALL_WB`]) or
@@ -349,7 +374,7 @@ pub(crate) unsafe fn run_block<T: Element>(isa: Isa, tuning: Tuning, blk: &Block
         // `vdpbf16ps` kernels, the rest to AVX-512.
         Isa::Avx512Bf16 => unsafe {
             if T::DTYPE == moe_core::DType::BF16 && blk.a_rows.len() <= tuning.dpbf16_rows {
-                dpbf16::run_block(blk, out)
+                dpbf16::run_block(blk, out, tuning.dpwb_rows)
             } else {
                 avx512::run_block_any(blk, out, tuning)
             }

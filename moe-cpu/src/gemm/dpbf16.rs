@@ -28,7 +28,10 @@
 //!   DeepSeek-V3 T=128 331 vs 413, Mixtral T=256 (64) 695 vs 743, DeepSeek-V3 T=256 578 vs
 //!   664, Qwen3 T=1024 (64) 272 vs 285, gpt-oss T=512 (64) 325 vs 335);
 //! * from [`BC_ROWS`] rows: the broadcast kernel ([`run_bc`]): weights packed as pairs
-//!   `[k/2][NP][2]`, activation pairs broadcast from the rows in place, no horizontal sums.
+//!   `[k/2][NP][2]`, activation pairs broadcast from the rows in place, no horizontal sums;
+//! * rows in [`super::Tuning::dpwb_rows`] (AMD: from 8) and K even, before all of the above: the
+//!   weight-broadcast kernel ([`run_wb`]): the rows packed once per A block into pair-lane
+//!   tiles, the weight rows read in place, each weight pair broadcast to 32 rows.
 //!
 //! # Numerics and determinism
 //!
@@ -38,7 +41,7 @@
 //! element is computed by exactly one work item: the same bits whatever the thread count.
 
 use super::avx512::{hsum4, prefetch_l2};
-use super::{Aligned, Block, KC, MP, MR, NB, NR, Out};
+use super::{Aligned, Block, KC, MB, MP, MR, NB, NR, Out};
 use core::arch::x86_64::*;
 use core::mem::MaybeUninit;
 use half::bf16;
@@ -544,6 +547,227 @@ unsafe fn run_bc(blk: &Block<'_, bf16>, out: Out) {
     }
 }
 
+/// Weight rows (result columns) per stripe and register tile of the weight-broadcast kernel.
+/// Eight, not the twelve of the AVX-512 kernel in module `wb`: the rows are read in place at
+/// a stride of K × 2 bytes, a multiple of 4 KiB for the models' K, so they all map to the same
+/// L1 set, and Zen 4's L1 has 8 ways. Measured on Zen 4 (2 threads, interleaved, expert GEMMs,
+/// rows 16-95, paired medians over 5 rounds against the dot-product kernels): with 12 rows
+/// Mixtral T=128 1.159x the time, Qwen3 T=1024 1.018x; with 8 rows 0.954x and 0.955x,
+/// DeepSeek-V3 T=128 0.910x.
+const NJ: usize = 8;
+/// K chunk (in pairs) of the weight-broadcast kernel: a stripe's chunk, `NJ` rows of 512 bytes,
+/// stays in L1 while every row tile runs against it.
+const KP_WB: usize = 128;
+/// Rows per full row tile of the weight-broadcast kernel (two vectors of 16 pair lanes).
+const RT: usize = 32;
+/// Pairs of the weight-broadcast kernel's packed rows (256 KiB): [`MB`] rows of two chunks,
+/// or fewer rows of a longer A block.
+const A_PAIRS: usize = MB * 2 * KP_WB;
+
+const _: () = assert!(NB.is_multiple_of(NJ) && NB.is_multiple_of(16) && MB.is_multiple_of(RT));
+
+/// Lines `first..end` of [`NJ`] weight rows (`base + j * stride`) that a microkernel call of
+/// the weight-broadcast kernel fetches into L2, one line of every row per 16 steps.
+#[derive(Clone, Copy)]
+struct Prefetch {
+    base: *const u8,
+    stride: usize,
+    first: usize,
+    end: usize,
+}
+
+/// `ct[j * MB + v * 16 + l] (+)= sum_{p < kp} pair(at[p * 16 * MV + v * 16 + l]) ·
+/// pair(W_j[2p], W_j[2p + 1])` for `j < J`, `v < MV`, `l < 16`: `at` a packed row tile (one
+/// row's pair per 32-bit lane), `W_j` the weight rows `w + j * ws` read in place, each pair
+/// broadcast.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn micro_wb<const MV: usize, const J: usize>(
+    at: *const u32,
+    w: *const bf16,
+    ws: usize,
+    kp: usize,
+    ct: *mut f32,
+    first: bool,
+    pf: Prefetch,
+) {
+    // SAFETY: the caller passes a packed row tile of kp × 16·MV pairs (64-byte aligned rows),
+    // J weight rows of at least 2·kp readable bf16 at stride ws, and J rows of at least 16·MV
+    // floats (64-byte aligned) at stride MB from `ct`.
+    unsafe {
+        let bh = |v: __m512i| core::mem::transmute::<__m512i, __m512bh>(v);
+        let mut acc = [[_mm512_setzero_ps(); MV]; J];
+        let mut ak = at;
+        let mut wk = w;
+        for p in 0..kp {
+            if p % 16 == 0 {
+                // One line of each of the next chunk's weight rows per 16 steps, into L2.
+                let l = pf.first + p / 16;
+                if l < pf.end {
+                    for j in 0..NJ {
+                        prefetch_l2(pf.base.wrapping_add(j * pf.stride + l * 64));
+                    }
+                }
+            }
+            let mut a = [bh(_mm512_setzero_si512()); MV];
+            for (v, x) in a.iter_mut().enumerate() {
+                *x = bh(_mm512_load_si512(ak.add(v * 16) as *const __m512i));
+            }
+            for (j, row) in acc.iter_mut().enumerate() {
+                let b = bh(_mm512_set1_epi32((wk.add(j * ws) as *const i32).read_unaligned()));
+                for (x, &av) in row.iter_mut().zip(a.iter()) {
+                    *x = _mm512_dpbf16_ps(*x, av, b);
+                }
+            }
+            ak = ak.add(16 * MV);
+            wk = wk.add(2);
+        }
+        for (j, row) in acc.iter().enumerate() {
+            for (v, &x) in row.iter().enumerate() {
+                let p = ct.add(j * MB + v * 16);
+                if first {
+                    _mm512_store_ps(p, x);
+                } else {
+                    _mm512_store_ps(p, _mm512_add_ps(_mm512_load_ps(p), x));
+                }
+            }
+        }
+    }
+}
+
+/// A work item with the weight-broadcast kernel on `vdpbf16ps` (K even): the `vdpbf16ps` twin
+/// of the AVX-512 weight-broadcast kernel (module `wb`). The item's rows are packed once per A
+/// block (as much of K as [`A_PAIRS`] holds for them) into row tiles of [`RT`] rows, each
+/// 32-bit lane one row's pair of consecutive K elements (16 × 16 transposes of pairs); the
+/// weight rows are read in place, [`NJ`] at a time, each pair broadcast to all the tile's
+/// rows: 2 vector loads and 8 broadcasts per 16 `vdpbf16ps`, no horizontal sums, no weight
+/// copy; the next chunk's weight rows are fetched into L2 meanwhile, a slice per call. The results accumulate transposed (`[column][MB]`, chunks of [`KP_WB`] pairs added in
+/// K order) and are transposed into the caller's tiles at the end.
+///
+/// # Safety
+/// As [`run_block`]; `blk.k` even and positive.
+#[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")]
+unsafe fn run_wb(blk: &Block<'_, bf16>, out: Out) {
+    use super::avx512::{ct_to_tiles, transpose16};
+    let (k, mb, nb, n0) = (blk.k, blk.a_rows.len(), blk.nb, blk.n0);
+    debug_assert!(k > 0 && k.is_multiple_of(2) && mb > 0 && mb <= MB && nb <= NB);
+    // Packed rows of one A block: tile t at t * kpa * RT pairs, `[pair][16 · MV]`.
+    let mut a_buf = MaybeUninit::<Aligned<A_PAIRS>>::uninit();
+    // Transposed results, `[bi][column][MB]`.
+    let mut c_buf = MaybeUninit::<Aligned<{ 2 * NB * MB }>>::uninit();
+    let ap = a_buf.as_mut_ptr() as *mut u32;
+    let cp = c_buf.as_mut_ptr() as *mut f32;
+    let groups = mb.div_ceil(16);
+    let tiles = mb.div_ceil(RT);
+    let stripes = nb.div_ceil(NJ);
+    let kpairs = k / 2;
+    let bis: &[usize] = match (blk.b[0].is_some(), blk.b[1].is_some()) {
+        (true, true) => &[0, 1],
+        (true, false) => &[0],
+        (false, true) => &[1],
+        (false, false) => return,
+    };
+    // Pairs per A block: as many as the buffer holds for this item's rows.
+    let kpa = (A_PAIRS / (tiles * RT) / KP_WB * KP_WB).max(KP_WB);
+    let mut a0 = 0;
+    while a0 < kpairs {
+        let kac = kpa.min(kpairs - a0);
+        // Pack the rows of this A block: 16-row groups, 16 × 16 pairs at a time (zero rows
+        // past mb).
+        for g in 0..groups {
+            let (t, half) = (g / 2, g % 2);
+            let mv = if t * RT + 16 < mb { 2 } else { 1 };
+            let tile = ap.wrapping_add(t * kpa * RT + half * 16);
+            let mut c = 0;
+            while c < kac {
+                let mut r = [_mm512_setzero_ps(); 16];
+                for (ii, v) in r.iter_mut().enumerate() {
+                    if let Some(&row) = blk.a_rows.get(g * 16 + ii) {
+                        let src = &blk.a[row * k + 2 * a0..row * k + 2 * (a0 + kac)];
+                        // SAFETY: same features; masked to `src`.
+                        *v = unsafe { load_pairs(src, 2 * c) };
+                    }
+                }
+                transpose16(&mut r);
+                for (q, v) in r.iter().enumerate().take(kac - c) {
+                    // SAFETY: tile t < tiles, pair row c + q < kac <= kpa of 16 · mv lanes,
+                    // lanes half * 16.. (half < mv): tiles * kpa * RT <= A_PAIRS, 64-byte
+                    // aligned.
+                    unsafe { _mm512_store_ps(tile.add((c + q) * 16 * mv) as *mut f32, *v) };
+                }
+                c += 16;
+            }
+        }
+        // Chunks in the order they run: (B, stripe, first pair), the last fastest; the next
+        // one (in this A block or the next) is fetched into L2 during each.
+        let mut cur = Some((0, 0, a0));
+        while let Some((b, s, c0)) = cur {
+            let bi = bis[b];
+            let bw = blk.b[bi].unwrap_or(&[]);
+            let j0 = s * NJ;
+            let nj = NJ.min(nb - j0);
+            let kp = KP_WB.min(a0 + kac - c0);
+            let first = c0 == 0;
+            cur = if c0 + KP_WB < a0 + kac {
+                Some((b, s, c0 + KP_WB))
+            } else if s + 1 < stripes {
+                Some((b, s + 1, a0))
+            } else if b + 1 < bis.len() {
+                Some((b + 1, 0, a0))
+            } else {
+                None
+            };
+            let nxt = cur.or((a0 + kpa < kpairs).then_some((0, 0, a0 + kpa)));
+            let mut pf = Prefetch { base: core::ptr::null(), stride: 0, first: 0, end: 0 };
+            let mut lines = 0;
+            if let Some((pb, ps, pc)) = nxt {
+                let pw = blk.b[bis[pb]].unwrap_or(&[]);
+                let prow = n0 + (ps * NJ).min(nb - 1);
+                pf.base = pw.as_ptr().wrapping_add(prow * k + 2 * pc) as *const u8;
+                // A partial stripe fetches its first row only (a prefetch never faults, but
+                // rows past the matrix are not worth fetching).
+                pf.stride = if ps * NJ + NJ <= nb { 2 * k } else { 0 };
+                lines = (4 * KP_WB.min(kpairs - pc)).div_ceil(64);
+            }
+            // The stripe's rows from pair c0: nj rows of at least 2 · kp bf16 (c0 + kp <=
+            // k / 2), checked by the slice.
+            let w = bw[(n0 + j0) * k + 2 * c0..][..(nj - 1) * k + 2 * kp].as_ptr();
+            for t in 0..tiles {
+                let mv = if t * RT + 16 < mb { 2 } else { 1 };
+                let at = ap.wrapping_add(t * kpa * RT + (c0 - a0) * 16 * mv) as *const u32;
+                let ct = cp.wrapping_add(bi * NB * MB + j0 * MB + t * RT);
+                pf.first = t * lines / tiles;
+                pf.end = (t + 1) * lines / tiles;
+                // SAFETY: tile t holds pair rows c0 - a0..c0 - a0 + kp of 16 · mv lanes
+                // (packed above for this A block); `w` holds nj rows of 2 · kp bf16 at stride
+                // k; the Cᵀ rows j0..j0 + nj <= NB have room for 16 · mv rows from t * 32 <
+                // MB, 64-byte aligned. Prefetches never fault.
+                unsafe {
+                    macro_rules! go {
+                        ($($n:literal)*) => {
+                            match (mv, nj) {
+                                $((2, $n) => micro_wb::<2, $n>(at, w, k, kp, ct, first, pf),
+                                (_, $n) => micro_wb::<1, $n>(at, w, k, kp, ct, first, pf),)*
+                                _ => unreachable!(),
+                            }
+                        };
+                    }
+                    // Every stripe width 1..=NJ has its arm.
+                    const _: () = assert!(NJ == 8);
+                    go!(1 2 3 4 5 6 7 8);
+                }
+            }
+        }
+        a0 += kpa;
+    }
+    // SAFETY: columns 0..nb of the Cᵀ block of each present B were written above for every row
+    // tile (all K); the caller's tiles hold mb rows of NB floats.
+    unsafe {
+        let present = [blk.b[0].is_some(), blk.b[1].is_some()];
+        ct_to_tiles(cp, present, out, mb, nb, nb)
+    };
+}
+
 /// One bf16 work item (see the module docs).
 ///
 /// # Safety
@@ -551,7 +775,11 @@ unsafe fn run_bc(blk: &Block<'_, bf16>, out: Out) {
 /// the item lies in its slice; each `out[bi]` of a present `blk.b[bi]` is valid for writes
 /// (and reads after them) of `blk.a_rows.len() * NB` floats.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")]
-pub(crate) unsafe fn run_block<T: moe_core::Element>(blk: &Block<'_, T>, out: Out) {
+pub(crate) unsafe fn run_block<T: moe_core::Element>(
+    blk: &Block<'_, T>,
+    out: Out,
+    wb_rows: (usize, usize),
+) {
     debug_assert!(T::DTYPE == moe_core::DType::BF16);
     // The element type is bf16 (the caller dispatches on `T::DTYPE`): the same bits.
     let blk = &Block {
@@ -570,6 +798,11 @@ pub(crate) unsafe fn run_block<T: moe_core::Element>(blk: &Block<'_, T>, out: Ou
                 unsafe { core::ptr::write_bytes(*o, 0, mb * NB) };
             }
         }
+        return;
+    }
+    if mb >= wb_rows.0 && mb < wb_rows.1 && blk.k.is_multiple_of(2) {
+        // SAFETY: same features; the caller's contract, K even and positive.
+        unsafe { run_wb(blk, out) };
         return;
     }
     if mb <= SEQ_ROWS {
