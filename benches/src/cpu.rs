@@ -419,10 +419,10 @@ where
 
 /// A kernel-selection spec of the bench tools, parsed: a [`Tuning`] name (`intel`, `amd`,
 /// `allwb`, `detect`; see [`Tuning::from_name`]) or comma-separated fields over the detected
-/// tuning: `wb=LO-HI`, `dr=ROWS`, `pf=0|1`, `dp=ROWS`, `dw=LO-HI` ([`Tuning`]'s `wb_rows`,
-/// `direct_rows`, `inplace_prefetch`, `dpbf16_rows`, `dpwb_rows`) and `isa=NAME` (that instruction set's kernels).
-/// Anything else is an error naming it: a tool never runs a variant other than the one asked
-/// for.
+/// tuning: `wb=LO-HI`, `dr=ROWS`, `pf=0|1`, `dp=ROWS`, `dw=LO-HI`, `wn=0|1` ([`Tuning`]'s
+/// `wb_rows`, `direct_rows`, `inplace_prefetch`, `dpbf16_rows`, `dpwb_rows`, `wb_narrow`) and
+/// `isa=NAME` (that instruction set's kernels). Anything else is an error naming it: a tool
+/// never runs a variant other than the one asked for.
 pub fn parse_variant(spec: &str) -> std::result::Result<(Tuning, Option<Isa>), String> {
     if let Some(t) = Tuning::from_name(spec) {
         return Ok((t, None));
@@ -431,6 +431,11 @@ pub fn parse_variant(spec: &str) -> std::result::Result<(Tuning, Option<Isa>), S
     let mut isa = None;
     let num =
         |key: &str, v: &str| v.parse::<usize>().map_err(|_| format!("{key}={v}: not a row count"));
+    let flag = |key: &str, v: &str| match v {
+        "1" => Ok(true),
+        "0" => Ok(false),
+        _ => Err(format!("{key}={v}: expected 0 or 1")),
+    };
     let range = |key: &str, v: &str| {
         let (a, b) = v.split_once('-').ok_or(format!("{key}={v}: expected {key}=LO-HI"))?;
         Ok::<_, String>((num(key, a)?, num(key, b)?))
@@ -442,13 +447,8 @@ pub fn parse_variant(spec: &str) -> std::result::Result<(Tuning, Option<Isa>), S
         match key {
             "wb" => t.wb_rows = range(key, v)?,
             "dr" => t.direct_rows = num(key, v)?,
-            "pf" => {
-                t.inplace_prefetch = match v {
-                    "1" => true,
-                    "0" => false,
-                    _ => return Err(format!("pf={v}: expected 0 or 1")),
-                }
-            }
+            "pf" => t.inplace_prefetch = flag(key, v)?,
+            "wn" => t.wb_narrow = flag(key, v)?,
             "dp" => t.dpbf16_rows = num(key, v)?,
             "dw" => t.dpwb_rows = range(key, v)?,
             "isa" => {
@@ -472,7 +472,7 @@ mod tests {
     fn variant_specs() {
         assert_eq!(parse_variant("intel"), Ok((Tuning::INTEL, None)));
         assert_eq!(parse_variant(" AMD "), Ok((Tuning::AMD, None)));
-        let (t, isa) = parse_variant("wb=8-64,dr=3,pf=1,dp=5,dw=4-96").unwrap();
+        let (t, isa) = parse_variant("wb=8-64,dr=3,pf=1,dp=5,dw=4-96,wn=1").unwrap();
         assert_eq!(
             t,
             Tuning {
@@ -480,12 +480,15 @@ mod tests {
                 direct_rows: 3,
                 inplace_prefetch: true,
                 dpbf16_rows: 5,
-                dpwb_rows: (4, 96)
+                dpwb_rows: (4, 96),
+                wb_narrow: true,
             }
         );
         assert_eq!(isa, None);
         assert_eq!(parse_variant("isa=generic"), Ok((Tuning::detect(), Some(Isa::Generic))));
-        for bad in ["intel,amd", "wb=8", "dw=4", "dr=x", "pf=2", "isa=nope", "kc=128", "fast"] {
+        for bad in
+            ["intel,amd", "wb=8", "dw=4", "wn=2", "dr=x", "pf=2", "isa=nope", "kc=128", "fast"]
+        {
             let e = parse_variant(bad).unwrap_err();
             assert!(!e.is_empty(), "{bad}");
         }

@@ -24,11 +24,12 @@
 //!   place (widened in registers, with an L2 prefetch [`INPLACE_AHEAD`] bytes ahead on each
 //!   where [`Tuning::inplace_prefetch`] says so): this replaces the few-rows kernel above,
 //!   which then serves only K tails;
-//! * AVX-512 and a row count in [`Tuning::wb_rows`] (Intel: 8 to 127): the weight-broadcast
+//! * AVX-512 and a row count in [`Tuning::wb_rows`] (Intel: 8 to 127; AMD: from 16, with 8
+//!   instead of 12 weight rows per stripe, [`Tuning::wb_narrow`]): the weight-broadcast
 //!   kernel (module `wb`): the item's rows transposed once per K block into `[k][32]` tiles
 //!   (rows in the vector lanes), each weight element broadcast to 32 rows; f32 weight rows are
-//!   read in place, 12 at a time, other element types widened into a small stripe; a 12 × 32
-//!   register tile, no horizontal sums;
+//!   read in place, 12 (or 8) at a time, other element types widened into a small stripe; a
+//!   12 (or 8) × 32 register tile, no horizontal sums;
 //! * AVX-512 and at least [`BC_MIN_ROWS`] rows: the broadcast (outer-product) kernel. Per K
 //!   block of [`KC_BC`], the item's rows are copied once (L2), every 32-column weight panel is
 //!   transposed into `[k][32]` (L2), and each [`MR_BC`]-row group (L1) runs against all the
@@ -254,24 +255,35 @@ pub struct Tuning {
     /// even K, run its weight-broadcast kernel (rows in the vector lanes, weight pairs
     /// broadcast); none when `dpwb_rows.0 >= dpwb_rows.1`.
     pub dpwb_rows: (usize, usize),
+    /// The AVX-512 weight-broadcast kernel reads 8 weight rows per stripe instead of 12 (16
+    /// accumulators instead of 24), for CPUs whose L1 data cache has 8 ways: the stripe's
+    /// rows are read in place at a stride that is a multiple of 4 KiB for the models' K, so
+    /// they all map to one L1 set. Either gives the same bits.
+    pub wb_narrow: bool,
 }
 
 impl Tuning {
     /// AMD (measured on Zen 4): `vdpbf16ps` does twice the FMA's products per cycle (211 vs 100
     /// GFLOP/s per thread), so every bf16 item uses it; the in-place packed kernel with
-    /// software prefetch beat the whole-K streaming one for few rows. The f32 weight-broadcast
-    /// kernel loses there (2 threads, interleaved, expert GEMMs, paired medians over 4 rounds,
-    /// rows 8-127 against the default: Mixtral f32 T=128 1.096x the time, Qwen3 T=128 1.122x,
-    /// DeepSeek-V3 T=128 1.047x), so it is off; its `vdpbf16ps` twin (8 weight rows per
-    /// stripe) takes every bf16 item from 8 rows (5 rounds: 0.898x-0.992x the time at all 12
-    /// bf16 points T=16/128/1024 of the four models, e.g. DeepSeek-V3 T=128 0.898x, Qwen3
-    /// T=1024 0.932x, gpt-oss T=1024 0.953x, Mixtral T=128 0.966x).
+    /// software prefetch beat the whole-K streaming one for few rows. Zen 4's L1 has 8 ways,
+    /// so the weight-broadcast kernels read 8 weight rows per stripe there (2 threads,
+    /// interleaved, expert GEMMs, time over the previous tuning's in the same round, median of
+    /// 4-5 rounds):
+    /// * f32 items from 16 rows (all sizes) go to the weight-broadcast kernel, 8 rows per
+    ///   stripe ([`Tuning::wb_narrow`]): Mixtral f32 T=128 0.962x, T=1024 0.945x, DeepSeek-V3
+    ///   0.922x / 0.944x, Qwen3 T=1024 0.966x, gpt-oss T=1024 0.975x, the T=16 points and Qwen3
+    ///   and gpt-oss T=128 0.995x-1.012x; with 12 rows per stripe the same items took 1.03x-1.08x
+    ///   the previous time (Mixtral T=128 1.075x), and from 8 rows Qwen3 T=128 1.058x;
+    /// * bf16 items from 8 rows go to the `vdpbf16ps` weight-broadcast kernel: 0.898x-0.992x at
+    ///   all 12 bf16 points T=16/128/1024 of the four models (DeepSeek-V3 T=128 0.898x, Qwen3
+    ///   T=1024 0.932x, gpt-oss T=1024 0.953x, Mixtral T=128 0.966x).
     pub const AMD: Tuning = Tuning {
-        wb_rows: (0, 0),
+        wb_rows: (16, usize::MAX),
         direct_rows: 0,
         inplace_prefetch: true,
         dpbf16_rows: usize::MAX,
         dpwb_rows: (8, usize::MAX),
+        wb_narrow: true,
     };
 
     /// Intel (measured on a 2-core Emerald Rapids guest without AMX, 2 threads, expert GEMMs,
@@ -297,6 +309,7 @@ impl Tuning {
         inplace_prefetch: false,
         dpbf16_rows: 2,
         dpwb_rows: (0, 0),
+        wb_narrow: false,
     };
 
     /// Every item a weight-broadcast kernel can take goes to it (for tests).
@@ -307,6 +320,7 @@ impl Tuning {
         inplace_prefetch: false,
         dpbf16_rows: usize::MAX,
         dpwb_rows: (1, usize::MAX),
+        wb_narrow: false,
     };
 
     /// The tuning of a name, case insensitive: `amd`, `intel`, `allwb` ([`Tuning::ALL_WB`]) or
@@ -1116,7 +1130,11 @@ mod avx512 {
         // K > 0).
         unsafe {
             if blk.k > 0 && m >= tuning.wb_rows.0 && m < tuning.wb_rows.1 {
-                super::wb::run_block(blk, out)
+                if tuning.wb_narrow {
+                    super::wb::run_block::<T, { super::wb::NJ_NARROW }>(blk, out)
+                } else {
+                    super::wb::run_block::<T, { super::wb::NJ_WIDE }>(blk, out)
+                }
             } else if m >= super::BC_MIN_ROWS {
                 run_block_bc(blk, out)
             } else if tuning.inplace_prefetch {

@@ -641,8 +641,9 @@ unsafe fn micro_wb<const MV: usize, const J: usize>(
 /// 32-bit lane one row's pair of consecutive K elements (16 × 16 transposes of pairs); the
 /// weight rows are read in place, [`NJ`] at a time, each pair broadcast to all the tile's
 /// rows: 2 vector loads and 8 broadcasts per 16 `vdpbf16ps`, no horizontal sums, no weight
-/// copy; the next chunk's weight rows are fetched into L2 meanwhile, a slice per call. The results accumulate transposed (`[column][MB]`, chunks of [`KP_WB`] pairs added in
-/// K order) and are transposed into the caller's tiles at the end.
+/// copy; the next chunk's weight rows are fetched into L2 meanwhile, a slice per call. The
+/// results accumulate transposed (`[column][MB]`, chunks of [`KP_WB`] pairs added in K order)
+/// and are transposed into the caller's tiles at the end.
 ///
 /// # Safety
 /// As [`run_block`]; `blk.k` even and positive.

@@ -6,19 +6,21 @@
 //! every weight row is transposed (or copied) once per work item, and that cost is shared only
 //! by the item's rows. Here the item's rows are transposed instead, into `[k][32 rows]` tiles,
 //! and that cost is shared by all the item's columns (up to [`NB`], for each B); each weight
-//! element is broadcast to a whole vector of rows. The register tile is [`NJ`] weight rows ×
-//! 32 rows (24 accumulators): 2 vector loads and 12 broadcasts per 24 FMAs, no horizontal sums.
+//! element is broadcast to a whole vector of rows. The register tile is [`NJ_WIDE`] weight rows
+//! × 32 rows (24 accumulators): 2 vector loads and 12 broadcasts per 24 FMAs, no horizontal sums
+//! ([`NJ_NARROW`] rows, 16 accumulators, on CPUs with an 8-way L1: see
+//! [`super::Tuning::wb_narrow`]).
 //!
 //! # Blocking
 //!
 //! Per A block (as much of K as 256 KiB of packed rows holds: 256 rows × 256, 32 rows × 2048):
 //! the item's rows are packed into row tiles of 32 (a 16-row tile for a remainder of at most
-//! 16; zero rows past the item). Then, for each B, each stripe of [`NJ`] weight rows and each
+//! 16; zero rows past the item). Then, for each B, each stripe of `NJ` weight rows and each
 //! chunk of [`KC_WB`] along the A block, every row tile runs against the chunk. f32 weight rows
-//! of a full stripe are read in place, 12 sequential streams that the hardware prefetchers
+//! of a full stripe are read in place, `NJ` sequential streams that the hardware prefetchers
 //! follow (software prefetch measured slower there); bf16/f16 and a partial last stripe are
-//! widened into a `[NJ][KC_WB]` buffer (12 KiB), while the next chunk's weight rows are fetched
-//! into L2. The results accumulate transposed (`[column][MB]`, chunks added in K order) and are
+//! widened into a `[NJ][KC_WB]` buffer (at most 12 KiB), while the next chunk's weight rows
+//! are fetched into L2. The results accumulate transposed (`[column][MB]`, chunks added in K order) and are
 //! transposed into the caller's `[row][NB]` tiles at the end of the item. Stack: 652 KiB.
 //!
 //! # Determinism
@@ -32,8 +34,13 @@ use core::arch::x86_64::*;
 use core::mem::MaybeUninit;
 use moe_core::Element;
 
-/// Weight rows (columns of the result) per stripe and register tile.
-pub(crate) const NJ: usize = 12;
+/// Weight rows (columns of the result) per stripe and register tile: [`NJ_WIDE`], or
+/// [`NJ_NARROW`] where [`super::Tuning::wb_narrow`] says so.
+pub(crate) const NJ_WIDE: usize = 12;
+/// Weight rows per stripe on CPUs whose L1 has 8 ways: the stripe's rows are read in place at a
+/// stride of K floats, a multiple of 4 KiB for the models' K, so they all map to the same L1
+/// set, and 12 of them do not fit in 8 ways.
+pub(crate) const NJ_NARROW: usize = 8;
 /// K block.
 pub(crate) const KC_WB: usize = 256;
 /// Rows per full row tile (two 16-lane vectors).
@@ -56,7 +63,7 @@ struct Prefetch {
 /// for `j < NJ`, `v < MV`, `l < 16`.
 #[inline]
 #[target_feature(enable = "avx512f,fma")]
-unsafe fn micro<const MV: usize, const PF: bool>(
+unsafe fn micro<const NJ: usize, const MV: usize, const PF: bool>(
     at: *const f32,
     w: *const f32,
     ws: usize,
@@ -113,7 +120,8 @@ unsafe fn micro<const MV: usize, const PF: bool>(
 /// # Safety
 /// As [`super::run_block`], on a CPU with the features below; `blk.k > 0`.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,fma,f16c,avx2")]
-pub(crate) unsafe fn run_block<T: Element>(blk: &Block<'_, T>, out: Out) {
+pub(crate) unsafe fn run_block<T: Element, const NJ: usize>(blk: &Block<'_, T>, out: Out) {
+    const { assert!(NJ <= NJ_WIDE && NB.is_multiple_of(NJ)) };
     let (k, mb, nb, n0) = (blk.k, blk.a_rows.len(), blk.nb, blk.n0);
     debug_assert!(k > 0 && mb > 0 && mb <= MB && nb <= NB);
     // Packed rows of one A block: tile t at t * ka * RT, `[k][16 · MV]`.
@@ -121,7 +129,7 @@ pub(crate) unsafe fn run_block<T: Element>(blk: &Block<'_, T>, out: Out) {
     // Transposed results, `[bi][column][MB]`.
     let mut c_buf = MaybeUninit::<Aligned<{ 2 * NB * MB }>>::uninit();
     // One chunk of a stripe of weight rows, `[NJ][KC_WB]`.
-    let mut w_buf = MaybeUninit::<Aligned<{ NJ * KC_WB }>>::uninit();
+    let mut w_buf = MaybeUninit::<Aligned<{ NJ_WIDE * KC_WB }>>::uninit();
     let ap = a_buf.as_mut_ptr() as *mut f32;
     let cp = c_buf.as_mut_ptr() as *mut f32;
     let wp = w_buf.as_mut_ptr() as *mut f32;
@@ -237,10 +245,10 @@ pub(crate) unsafe fn run_block<T: Element>(blk: &Block<'_, T>, out: Out) {
             // t * 32 < MB.
             unsafe {
                 match (mv, inplace) {
-                    (2, true) => micro::<2, false>(at, wsrc, ws, kc, ct, first, pf),
-                    (_, true) => micro::<1, false>(at, wsrc, ws, kc, ct, first, pf),
-                    (2, false) => micro::<2, true>(at, wsrc, ws, kc, ct, first, pf),
-                    (_, false) => micro::<1, true>(at, wsrc, ws, kc, ct, first, pf),
+                    (2, true) => micro::<NJ, 2, false>(at, wsrc, ws, kc, ct, first, pf),
+                    (_, true) => micro::<NJ, 1, false>(at, wsrc, ws, kc, ct, first, pf),
+                    (2, false) => micro::<NJ, 2, true>(at, wsrc, ws, kc, ct, first, pf),
+                    (_, false) => micro::<NJ, 1, true>(at, wsrc, ws, kc, ct, first, pf),
                 }
             }
         }
@@ -253,5 +261,5 @@ pub(crate) unsafe fn run_block<T: Element>(blk: &Block<'_, T>, out: Out) {
     };
 }
 
-const _: () = assert!(NB.is_multiple_of(NJ) && NB.is_multiple_of(16) && MB.is_multiple_of(RT));
+const _: () = assert!(NB.is_multiple_of(16) && MB.is_multiple_of(RT));
 const _: () = assert!(KC_WB.is_multiple_of(16));
