@@ -41,6 +41,7 @@
 //! element is computed by exactly one work item: the same bits whatever the thread count.
 
 use super::avx512::{hsum4, prefetch_l2};
+use super::wb::{Prefetch, store_ct};
 use super::{Aligned, Block, KC, MB, MP, MR, NB, NR, Out};
 use core::arch::x86_64::*;
 use core::mem::MaybeUninit;
@@ -566,16 +567,6 @@ const A_PAIRS: usize = MB * 2 * KP_WB;
 
 const _: () = assert!(NB.is_multiple_of(NJ) && NB.is_multiple_of(16) && MB.is_multiple_of(RT));
 
-/// Lines `first..end` of [`NJ`] weight rows (`base + j * stride`) that a microkernel call of
-/// the weight-broadcast kernel fetches into L2, one line of every row per 16 steps.
-#[derive(Clone, Copy)]
-struct Prefetch {
-    base: *const u8,
-    stride: usize,
-    first: usize,
-    end: usize,
-}
-
 /// `ct[j * MB + v * 16 + l] (+)= sum_{p < kp} pair(at[p * 16 * MV + v * 16 + l]) ·
 /// pair(W_j[2p], W_j[2p + 1])` for `j < J`, `v < MV`, `l < 16`: `at` a packed row tile (one
 /// row's pair per 32-bit lane), `W_j` the weight rows `w + j * ws` read in place, each pair
@@ -622,16 +613,7 @@ unsafe fn micro_wb<const MV: usize, const J: usize>(
             ak = ak.add(16 * MV);
             wk = wk.add(2);
         }
-        for (j, row) in acc.iter().enumerate() {
-            for (v, &x) in row.iter().enumerate() {
-                let p = ct.add(j * MB + v * 16);
-                if first {
-                    _mm512_store_ps(p, x);
-                } else {
-                    _mm512_store_ps(p, _mm512_add_ps(_mm512_load_ps(p), x));
-                }
-            }
-        }
+        store_ct(acc, ct, first);
     }
 }
 

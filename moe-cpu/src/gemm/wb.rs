@@ -50,13 +50,38 @@ const RT: usize = 32;
 const A_BUF: usize = MB * KC_WB;
 
 /// Lines `first..end` of NJ weight rows (`base + j * stride`) to fetch into L2 during a
-/// microkernel call, one line of every row per 16 steps.
+/// microkernel call, one line of every row per 16 steps (also used by the `vdpbf16ps` twin).
 #[derive(Clone, Copy)]
-struct Prefetch {
-    base: *const u8,
-    stride: usize,
-    first: usize,
-    end: usize,
+pub(super) struct Prefetch {
+    pub(super) base: *const u8,
+    pub(super) stride: usize,
+    pub(super) first: usize,
+    pub(super) end: usize,
+}
+
+/// `ct[j * MB + v * 16..][..16] (=|+=) acc[j][v]`: a weight-broadcast register tile into the
+/// transposed results (`ct` 64-byte aligned). Taken by value, as `dpbf16`'s `store` explains.
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn store_ct<const NJ: usize, const MV: usize>(
+    acc: [[__m512; MV]; NJ],
+    ct: *mut f32,
+    first: bool,
+) {
+    for (j, row) in acc.iter().enumerate() {
+        for (v, &x) in row.iter().enumerate() {
+            // SAFETY: the caller passes NJ rows of at least 16 · MV floats at stride MB from
+            // `ct`, 64-byte aligned.
+            unsafe {
+                let p = ct.add(j * MB + v * 16);
+                if first {
+                    _mm512_store_ps(p, x);
+                } else {
+                    _mm512_store_ps(p, _mm512_add_ps(_mm512_load_ps(p), x));
+                }
+            }
+        }
+    }
 }
 
 /// `ct[j * MB + v * 16 + l] (+)= sum_{k < kc} w[j * KC_WB + k] at[k * 16 * MV + v * 16 + l]`
@@ -102,16 +127,7 @@ unsafe fn micro<const NJ: usize, const MV: usize, const PF: bool>(
             ak = ak.add(16 * MV);
             wk = wk.add(1);
         }
-        for (j, row) in acc.iter().enumerate() {
-            for (v, &x) in row.iter().enumerate() {
-                let p = ct.add(j * MB + v * 16);
-                if first {
-                    _mm512_store_ps(p, x);
-                } else {
-                    _mm512_store_ps(p, _mm512_add_ps(_mm512_load_ps(p), x));
-                }
-            }
-        }
+        store_ct(acc, ct, first);
     }
 }
 
