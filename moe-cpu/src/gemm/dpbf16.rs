@@ -41,7 +41,7 @@
 //! element is computed by exactly one work item: the same bits whatever the thread count.
 
 use super::avx512::{hsum4, prefetch_l2};
-use super::wb::{Prefetch, store_ct};
+use super::wb::{Prefetch, RT, pack_row_tiles, store_ct};
 use super::{Aligned, Block, KC, MB, MP, MR, NB, NR, Out};
 use core::arch::x86_64::*;
 use core::mem::MaybeUninit;
@@ -559,8 +559,6 @@ const NJ: usize = 8;
 /// K chunk (in pairs) of the weight-broadcast kernel: a stripe's chunk, `NJ` rows of 512 bytes,
 /// stays in L1 while every row tile runs against it.
 const KP_WB: usize = 128;
-/// Rows per full row tile of the weight-broadcast kernel (two vectors of 16 pair lanes).
-const RT: usize = 32;
 /// Pairs of the weight-broadcast kernel's packed rows (256 KiB): [`MB`] rows of two chunks,
 /// or fewer rows of a longer A block.
 const A_PAIRS: usize = MB * 2 * KP_WB;
@@ -631,7 +629,7 @@ unsafe fn micro_wb<const MV: usize, const J: usize>(
 /// As [`run_block`]; `blk.k` even and positive.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")]
 unsafe fn run_wb(blk: &Block<'_, bf16>, out: Out) {
-    use super::avx512::{ct_to_tiles, transpose16};
+    use super::avx512::ct_to_tiles;
     let (k, mb, nb, n0) = (blk.k, blk.a_rows.len(), blk.nb, blk.n0);
     debug_assert!(k > 0 && k.is_multiple_of(2) && mb > 0 && mb <= MB && nb <= NB);
     // Packed rows of one A block: tile t at t * kpa * RT pairs, `[pair][16 · MV]`.
@@ -640,7 +638,6 @@ unsafe fn run_wb(blk: &Block<'_, bf16>, out: Out) {
     let mut c_buf = MaybeUninit::<Aligned<{ 2 * NB * MB }>>::uninit();
     let ap = a_buf.as_mut_ptr() as *mut u32;
     let cp = c_buf.as_mut_ptr() as *mut f32;
-    let groups = mb.div_ceil(16);
     let tiles = mb.div_ceil(RT);
     let stripes = nb.div_ceil(NJ);
     let kpairs = k / 2;
@@ -655,32 +652,16 @@ unsafe fn run_wb(blk: &Block<'_, bf16>, out: Out) {
     let mut a0 = 0;
     while a0 < kpairs {
         let kac = kpa.min(kpairs - a0);
-        // Pack the rows of this A block: 16-row groups, 16 × 16 pairs at a time (zero rows
-        // past mb).
-        for g in 0..groups {
-            let (t, half) = (g / 2, g % 2);
-            let mv = if t * RT + 16 < mb { 2 } else { 1 };
-            let tile = ap.wrapping_add(t * kpa * RT + half * 16);
-            let mut c = 0;
-            while c < kac {
-                let mut r = [_mm512_setzero_ps(); 16];
-                for (ii, v) in r.iter_mut().enumerate() {
-                    if let Some(&row) = blk.a_rows.get(g * 16 + ii) {
-                        let src = &blk.a[row * k + 2 * a0..row * k + 2 * (a0 + kac)];
-                        // SAFETY: same features; masked to `src`.
-                        *v = unsafe { load_pairs(src, 2 * c) };
-                    }
-                }
-                transpose16(&mut r);
-                for (q, v) in r.iter().enumerate().take(kac - c) {
-                    // SAFETY: tile t < tiles, pair row c + q < kac <= kpa of 16 · mv lanes,
-                    // lanes half * 16.. (half < mv): tiles * kpa * RT <= A_PAIRS, 64-byte
-                    // aligned.
-                    unsafe { _mm512_store_ps(tile.add((c + q) * 16 * mv) as *mut f32, *v) };
-                }
-                c += 16;
-            }
-        }
+        // Pack the rows of this A block, each 32-bit lane one row's pair.
+        // SAFETY: the A buffer holds tiles * kpa * RT <= A_PAIRS elements of 32 bits, 64-byte
+        // aligned; kac <= kpa; rows i < mb; same features for `load_pairs`, masked to `src`.
+        unsafe {
+            pack_row_tiles(ap as *mut f32, mb, kpa, kac, |i, c| {
+                let row = blk.a_rows[i];
+                let src = &blk.a[row * k + 2 * a0..row * k + 2 * (a0 + kac)];
+                load_pairs(src, 2 * c)
+            })
+        };
         // Chunks in the order they run: (B, stripe, first pair), the last fastest; the next
         // one (in this A block or the next) is fetched into L2 during each.
         let mut cur = Some((0, 0, a0));

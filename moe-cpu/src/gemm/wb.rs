@@ -20,8 +20,9 @@
 //! of a full stripe are read in place, `NJ` sequential streams that the hardware prefetchers
 //! follow (software prefetch measured slower there); bf16/f16 and a partial last stripe are
 //! widened into a `[NJ][KC_WB]` buffer (at most 12 KiB), while the next chunk's weight rows
-//! are fetched into L2. The results accumulate transposed (`[column][MB]`, chunks added in K order) and are
-//! transposed into the caller's `[row][NB]` tiles at the end of the item. Stack: 652 KiB.
+//! are fetched into L2. The results accumulate transposed (`[column][MB]`, chunks added in K
+//! order) and are transposed into the caller's `[row][NB]` tiles at the end of the item.
+//! Stack: 652 KiB.
 //!
 //! # Determinism
 //!
@@ -44,7 +45,7 @@ pub(crate) const NJ_NARROW: usize = 8;
 /// K block.
 pub(crate) const KC_WB: usize = 256;
 /// Rows per full row tile (two 16-lane vectors).
-const RT: usize = 32;
+pub(super) const RT: usize = 32;
 /// Floats of the packed rows' buffer (256 KiB): [`MB`] rows of one [`KC_WB`] chunk, or fewer
 /// rows of a longer A block.
 const A_BUF: usize = MB * KC_WB;
@@ -57,6 +58,45 @@ pub(super) struct Prefetch {
     pub(super) stride: usize,
     pub(super) first: usize,
     pub(super) end: usize,
+}
+
+/// Pack `mb` rows of one A block into row tiles of [`RT`] 32-bit lanes (two 16-lane halves; the
+/// last tile only 16 lanes wide when it holds at most 16 rows): tile `t` at `ap + t * kr * RT`,
+/// `[r][16 · mv]` for `r < kac`, lanes past `mb` zero. `load(i, c)` gives the 32-bit elements
+/// `c..c + 16` of the item's row `i` in this block (zeros past its end): f32 elements here,
+/// bf16 pairs in the `vdpbf16ps` twin. 16 × 16 in-register transposes.
+///
+/// # Safety
+/// `ap` is 64-byte aligned and valid for writes of `mb.div_ceil(RT) * kr * RT` floats;
+/// `kac <= kr`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn pack_row_tiles(
+    ap: *mut f32,
+    mb: usize,
+    kr: usize,
+    kac: usize,
+    load: impl Fn(usize, usize) -> __m512,
+) {
+    for g in 0..mb.div_ceil(16) {
+        let (t, half) = (g / 2, g % 2);
+        let mv = if t * RT + 16 < mb { 2 } else { 1 };
+        let tile = ap.wrapping_add(t * kr * RT + half * 16);
+        let mut c = 0;
+        while c < kac {
+            let mut r = [_mm512_setzero_ps(); 16];
+            for (ii, v) in r.iter_mut().enumerate().take(mb - g * 16) {
+                *v = load(g * 16 + ii, c);
+            }
+            transpose16(&mut r);
+            for (q, v) in r.iter().enumerate().take(kac - c) {
+                // SAFETY: tile t < mb.div_ceil(RT), row c + q < kac <= kr of 16 · mv lanes,
+                // lanes half * 16.. (half < mv): inside the caller's buffer, 64-byte aligned.
+                unsafe { _mm512_store_ps(tile.add((c + q) * 16 * mv), *v) };
+            }
+            c += 16;
+        }
+    }
 }
 
 /// `ct[j * MB + v * 16..][..16] (=|+=) acc[j][v]`: a weight-broadcast register tile into the
@@ -149,7 +189,6 @@ pub(crate) unsafe fn run_block<T: Element, const NJ: usize>(blk: &Block<'_, T>, 
     let ap = a_buf.as_mut_ptr() as *mut f32;
     let cp = c_buf.as_mut_ptr() as *mut f32;
     let wp = w_buf.as_mut_ptr() as *mut f32;
-    let groups = mb.div_ceil(16);
     let tiles = mb.div_ceil(RT);
     let stripes = nb.div_ceil(NJ);
     // The A block: as much of K as the packing buffer holds for this item's rows, so that few
@@ -182,33 +221,18 @@ pub(crate) unsafe fn run_block<T: Element, const NJ: usize>(blk: &Block<'_, T>, 
         let k0 = a0 + c * KC_WB;
         let kc = KC_WB.min(k - k0);
         if b == 0 && s == 0 && c == 0 {
-            // Pack the rows of this A block: 16-row groups transposed 16 × 16 at a time (zero
-            // rows past mb).
+            // Pack the rows of this A block.
             let kac = ka.min(k - a0);
-            for g in 0..groups {
-                let (t, half) = (g / 2, g % 2);
-                let mv = if t * RT + 16 < mb { 2 } else { 1 };
-                let tile = ap.wrapping_add(t * ka * RT + half * 16);
-                let mut kk0 = 0;
-                while kk0 < kac {
-                    let mut r = [_mm512_setzero_ps(); 16];
-                    for (ii, v) in r.iter_mut().enumerate() {
-                        if let Some(&row) = blk.a_rows.get(g * 16 + ii) {
-                            let src = &blk.a[row * k + a0..row * k + a0 + kac];
-                            // SAFETY: same features; `load16` reads only inside `src`.
-                            *v = unsafe { load16(src, kk0) };
-                        }
-                    }
-                    transpose16(&mut r);
-                    for (kk, v) in r.iter().enumerate().take(kac - kk0) {
-                        // SAFETY: tile t < tiles, k-row kk0 + kk < kac <= ka of 16 · mv floats,
-                        // lanes half * 16.. (half < mv): tiles * ka * RT <= A_BUF floats,
-                        // 64-byte aligned.
-                        unsafe { _mm512_store_ps(tile.add((kk0 + kk) * 16 * mv), *v) };
-                    }
-                    kk0 += 16;
-                }
-            }
+            // SAFETY: the A buffer holds tiles * ka * RT <= A_BUF floats, 64-byte aligned;
+            // kac <= ka; rows i < mb; same features for `load16`, which reads only inside
+            // `src`.
+            unsafe {
+                pack_row_tiles(ap, mb, ka, kac, |i, c| {
+                    let row = blk.a_rows[i];
+                    let src = &blk.a[row * k + a0..row * k + a0 + kac];
+                    load16(src, c)
+                })
+            };
         }
         let bw = blk.b[bi].unwrap_or(&[]);
         let j0 = s * NJ;
