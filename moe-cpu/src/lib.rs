@@ -3,7 +3,8 @@
 //! The CPU backend: every stage of [`moe_core::MoeStages`] for `f32`, `half::f16` and
 //! `half::bf16`, over plain slices the caller owns. Arithmetic and accumulation in f32, every
 //! sum in a fixed order (bitwise deterministic, whatever the thread count), no allocation in any
-//! stage.
+//! stage once the backend's one buffer of packed rows has its size ([`Cpu::prepare`] sizes it for
+//! a plan; otherwise the first forward that needs it allocates it, at most 64 MiB, reused after).
 //!
 //! The matrix products (router, expert GEMMs, shared expert, latent projections) run on packed,
 //! cache-blocked SIMD microkernels chosen at run time (AVX-512 or AVX2+FMA on x86-64, NEON on
@@ -15,6 +16,9 @@
 //! Zen 4: all; Intel, where it runs at half the FMA rate: 1-2 rows). `MOE_CPU_ISA` (`avx512`,
 //! `avx2`, `generic`, ...) caps the automatic choice, for comparisons. Which kernel takes how many
 //! rows is the CPU model's [`Tuning`] (by vendor; [`Cpu::with_tuning`] overrides it).
+//! Where a weight-broadcast kernel takes an expert's rows (rows in the vector lanes), they are
+//! transposed once per GEMM into that buffer and shared by all the expert's work items,
+//! instead of once per work item.
 //! [`Cpu::parallel`] spreads the work over the current rayon pool. The portable scalar path
 //! ([`Kernels::Portable`]) is kept as the reference the fast paths are tested against.
 
@@ -111,6 +115,33 @@ impl Cpu {
     /// The same backend with kernel tuning `t`.
     pub fn with_tuning(self, t: Tuning) -> Self {
         Cpu { tuning: t, ..self }
+    }
+
+    /// Make the forwards of `plan` allocate nothing, not even the first: grow the process-wide
+    /// buffer in which the expert GEMMs pack an expert's rows once for all its work items (see
+    /// [`Cpu`]) to the most those forwards can use (at most 64 MiB). Without this call the
+    /// first forward that packs rows ahead allocates the buffer (once; later forwards reuse
+    /// it). Returns whether the buffer now has that size (false: the allocation failed or
+    /// another thread's forward holds the buffer; forwards then pack rows per work item where
+    /// it is short, with the same results).
+    pub fn prepare(&self, plan: &MoePlan) -> bool {
+        if self.isa().is_none() {
+            return true;
+        }
+        let c = plan.config();
+        let rows = plan.rows_capacity(plan.max_tokens()).max(plan.max_tokens());
+        let k = [c.hidden, c.expert_width(), c.local_intermediate(), c.shared_local_intermediate()]
+            .into_iter()
+            .max()
+            .unwrap_or(0);
+        // Each row block of an expert adds at most 31 rows of padding and 15 floats.
+        let blocks = rows.div_ceil(MB) + c.local_experts();
+        let want = rows
+            .saturating_add(blocks.saturating_mul(31))
+            .saturating_mul(k)
+            .saturating_add(blocks.saturating_mul(16))
+            .min(PACK_CAP);
+        grow_row_buffer(want)
     }
 
     /// The instruction set the blocked kernels use, or `None` for the portable path.
@@ -288,6 +319,16 @@ impl<U> Shared<U> {
         Shared(s.as_mut_ptr(), s.len())
     }
 
+    /// The base pointer (a method, so that closures capture the whole `Shared`).
+    fn ptr(&self) -> *mut U {
+        self.0
+    }
+
+    /// Its length in elements.
+    fn len(&self) -> usize {
+        self.1
+    }
+
     /// `len` elements from `at`.
     ///
     /// # Safety
@@ -312,6 +353,37 @@ struct Grouped<'a, T> {
     groups: usize,
 }
 
+/// Floats of the process-wide buffer of rows packed ahead of the work items
+/// ([`gemm::RowPack`]): 64 MiB. A GEMM whose packed rows need more runs in batches of experts
+/// that fit (an expert that alone needs more packs its rows in each work item, as without the
+/// buffer).
+const PACK_CAP: usize = 16 << 20;
+
+/// At most this many groups (experts) per GEMM pack their rows ahead (the offsets live on the
+/// stack); a GEMM with more packs its rows in each work item.
+const PACK_GROUPS: usize = 1024;
+
+/// The buffer of rows packed ahead, shared by the forwards of the process: allocated by the
+/// first GEMM that packs rows ahead, grown up to [`PACK_CAP`] floats, then reused (no
+/// allocation in a steady state). A forward that finds it in use (another thread's forward)
+/// packs its rows in each work item instead.
+static ROW_PACK: std::sync::Mutex<Vec<gemm::Aligned<16>>> = std::sync::Mutex::new(Vec::new());
+
+/// Grow the row buffer to `floats` (at most [`PACK_CAP`]); whether it has them.
+fn grow(buf: &mut Vec<gemm::Aligned<16>>, floats: usize) -> bool {
+    let want = floats.min(PACK_CAP).div_ceil(16);
+    let have = buf.len();
+    if have < want && buf.try_reserve_exact(want - have).is_ok() {
+        buf.resize_with(want, || gemm::Aligned([0.0; 16]));
+    }
+    buf.len() >= want
+}
+
+/// [`grow`] the process-wide row buffer, unless another thread's forward holds it.
+fn grow_row_buffer(floats: usize) -> bool {
+    ROW_PACK.try_lock().ok().is_some_and(|mut b| grow(&mut b, floats))
+}
+
 impl<T: Element> Grouped<'_, T> {
     fn run<R, M, E>(&self, isa: Isa, tuning: Tuning, threads: Threads, rows: R, a_row: M, epi: E)
     where
@@ -321,72 +393,197 @@ impl<T: Element> Grouped<'_, T> {
     {
         let (k, n) = (self.k, self.n);
         let ncb = n.div_ceil(NB);
-        let items_of = |g: usize| rows(g).len().div_ceil(MB) * ncb;
-        let item = |it: usize| {
-            let (mut g, mut rem) = (0, it);
-            while g < self.groups {
-                let c = items_of(g);
-                if rem < c {
-                    break;
-                }
-                rem -= c;
-                g += 1;
-            }
-            if g >= self.groups {
-                return;
-            }
-            let (rb, cb) = (rem / ncb, rem % ncb);
+        // Row block rb of group g. Equal row blocks (280 rows: 140 + 140, not 256 + 24): a
+        // small remainder block would stream the expert's weights again through a few-rows
+        // kernel.
+        let blocks = |g: usize| rows(g).len().div_ceil(MB);
+        let block = |g: usize, rb: usize| {
             let r = rows(g);
-            // Equal row blocks (280 rows: 140 + 140, not 256 + 24): a small remainder block
-            // would stream the expert's weights again through a few-rows kernel.
             let blk_rows = r.len().div_ceil(r.len().div_ceil(MB));
             let r0 = r.start + rb * blk_rows;
-            let r1 = (r0 + blk_rows).min(r.end);
-            let (n0, nb) = (cb * NB, NB.min(n - cb * NB));
-            let (mut a_rows, mut o_rows, mut m) = ([0usize; MB], [0usize; MB], 0);
-            for row in r0..r1 {
+            r0..(r0 + blk_rows).min(r.end)
+        };
+        // The rows of a row block that exist: their A rows and output rows, and their count.
+        let gather = |g: usize, rb: usize, a_rows: &mut [usize; MB], o_rows: &mut [usize; MB]| {
+            let mut m = 0;
+            for row in block(g, rb) {
                 if let Some(ar) = a_row(row) {
                     a_rows[m] = ar;
                     o_rows[m] = row;
                     m += 1;
                 }
             }
-            if m == 0 {
-                return;
-            }
-            let per = n * k;
-            let b0 = self.b[0].map(|b| &b[g * per..(g + 1) * per]);
-            let b1 = self.b[1].map(|b| &b[g * per..(g + 1) * per]);
-            let blk = Block { a: self.a, a_rows: &a_rows[..m], k, b: [b0, b1], n0, nb };
-            // Not zeroed: the kernels write every element the epilogue reads.
-            let mut tiles = MaybeUninit::<Tiles>::uninit();
-            let base = tiles.as_mut_ptr() as *mut f32;
-            let out = [base, base.wrapping_add(MB * NB)];
-            // SAFETY: each tile holds MB >= m rows of NB floats; `isa` is available (from
-            // `Cpu::isa`) and the row and weight bounds were checked by the caller.
-            unsafe { gemm::run_block(isa, tuning, &blk, out) };
-            for (i, &row) in o_rows[..m].iter().enumerate() {
-                // SAFETY: row i < m, columns < nb of the tiles of the present B's were written
-                // by `run_block`.
-                let main = unsafe { core::slice::from_raw_parts(out[0].add(i * NB), nb) };
-                // SAFETY: as above, for the gate B when present.
-                let gate = self.b[1]
-                    .map(|_| unsafe { core::slice::from_raw_parts(out[1].add(i * NB), nb) });
-                epi(g, row, n0, main, gate);
-            }
+            m
         };
-        let total: usize = (0..self.groups).map(items_of).sum();
-        match threads {
-            Threads::Single => (0..total).for_each(item),
-            // One item per rayon job (`with_max_len(1)`): left to its adaptive splitter, rayon
-            // stops splitting a thread's own range after a few halvings and runs the rest as
-            // one sequential leaf that no idle thread can steal from. Items differ in cost
-            // (row blocks of different experts, a slower core on a shared host), so the other
-            // thread idled at the end of long stages: DeepSeek-V3 f32 T=1024, expert_up on 2
-            // threads, one thread busy 100 % and the other 72-76 % of the stage (timestamps
-            // around each item). With one item per job: both 99.8 %, and the expert GEMMs
-            // 4398 -> 3795 ms f32, 3704 -> 2985 ms bf16 (interleaved, best of 4).
-            Threads::Rayon => (0..total).into_par_iter().with_max_len(1).for_each(item),
+        // Floats of the row buffer reserved for a row block: room for its rows packed ahead of
+        // its work items if its kernel takes them (decided again on the rows that exist).
+        let reserve = |g: usize, rb: usize| {
+            let len = block(g, rb).len();
+            gemm::row_pack(isa, tuning, T::DTYPE, len, k)
+                .map_or(0, |_| gemm::RowPack::F32.len(len, k).next_multiple_of(16))
+        };
+        let reserved = |g: usize| (0..blocks(g)).map(|rb| reserve(g, rb)).sum::<usize>();
+        // One job per 16-row group of each row block with a reservation.
+        let groups16 = |g: usize, rb: usize| {
+            if reserve(g, rb) > 0 { block(g, rb).len().div_ceil(16) } else { 0 }
+        };
+        // Prefix sums over the groups: reserved floats and packing jobs before group g.
+        let (mut res_at, mut job_at) = ([0usize; PACK_GROUPS + 1], [0usize; PACK_GROUPS + 1]);
+        let mut total = 0;
+        if self.groups <= PACK_GROUPS {
+            for g in 0..self.groups {
+                res_at[g + 1] = res_at[g] + reserved(g);
+                job_at[g + 1] = job_at[g] + (0..blocks(g)).map(|rb| groups16(g, rb)).sum::<usize>();
+            }
+            total = res_at[self.groups];
+        }
+        let mut guard = if total > 0 { ROW_PACK.try_lock().ok() } else { None };
+        if let Some(buf) = guard.as_mut() {
+            grow(buf, total);
+        }
+        let buf = guard.as_mut().map_or(Shared(core::ptr::null_mut(), 0), |b| {
+            Shared(b.as_mut_ptr() as *mut f32, b.len() * 16)
+        });
+        let mut g0 = 0;
+        while g0 < self.groups {
+            // A batch of groups g0..g1 whose reservations fit the buffer (all of them when
+            // they fit, or when nothing is packed ahead).
+            let (g1, ahead) = if buf.len() == 0 {
+                (self.groups, false)
+            } else {
+                // Here total > 0, so groups <= PACK_GROUPS.
+                let mut g1 = g0 + 1;
+                while g1 < self.groups && res_at[g1 + 1] - res_at[g0] <= buf.len() {
+                    g1 += 1;
+                }
+                let sum = res_at[g1] - res_at[g0];
+                (g1, sum > 0 && sum <= buf.len())
+            };
+            // Where the rows of row block rb of group g are packed in this batch.
+            let at = |g: usize, rb: usize| {
+                res_at[g] - res_at[g0] + (0..rb).map(|b| reserve(g, b)).sum::<usize>()
+            };
+            if ahead {
+                let jobs = job_at[g1] - job_at[g0];
+                let job = |j: usize| {
+                    let j = j + job_at[g0];
+                    // The group of job j: the last g with job_at[g] <= j.
+                    let g = job_at[g0..g1].partition_point(|&s| s <= j) - 1 + g0;
+                    let mut rem = j - job_at[g];
+                    {
+                        for rb in 0..blocks(g) {
+                            let c = groups16(g, rb);
+                            if rem >= c {
+                                rem -= c;
+                                continue;
+                            }
+                            let (mut a_rows, mut o_rows) = ([0usize; MB], [0usize; MB]);
+                            let m = gather(g, rb, &mut a_rows, &mut o_rows);
+                            if let Some(p) = gemm::row_pack(isa, tuning, T::DTYPE, m, k)
+                                && rem < m.div_ceil(16)
+                            {
+                                let off = at(g, rb);
+                                assert!(
+                                    off + p.len(m, k) <= buf.len(),
+                                    "inside the batch's reservation"
+                                );
+                                #[cfg(target_arch = "x86_64")]
+                                // SAFETY: `row_pack` chose a layout of this available instruction
+                                // set's kernels; the destination lies in the buffer (asserted), is
+                                // 64-byte aligned (reservations are multiples of 16 floats), and
+                                // no other job writes group `rem` of this block; the rows lie in
+                                // `a` (checked by the caller).
+                                unsafe {
+                                    gemm::pack_rows(
+                                        isa,
+                                        p,
+                                        self.a,
+                                        &a_rows[..m],
+                                        k,
+                                        rem..rem + 1,
+                                        buf.ptr().add(off),
+                                    )
+                                };
+                            }
+                            return;
+                        }
+                    }
+                };
+                match threads {
+                    Threads::Single => (0..jobs).for_each(job),
+                    Threads::Rayon => (0..jobs).into_par_iter().with_max_len(1).for_each(job),
+                }
+            }
+            let items_of = |g: usize| blocks(g) * ncb;
+            let item = |it: usize| {
+                let (mut g, mut rem) = (g0, it);
+                while g < g1 {
+                    let c = items_of(g);
+                    if rem < c {
+                        break;
+                    }
+                    rem -= c;
+                    g += 1;
+                }
+                if g >= g1 {
+                    return;
+                }
+                let (rb, cb) = (rem / ncb, rem % ncb);
+                let (n0, nb) = (cb * NB, NB.min(n - cb * NB));
+                let (mut a_rows, mut o_rows) = ([0usize; MB], [0usize; MB]);
+                let m = gather(g, rb, &mut a_rows, &mut o_rows);
+                if m == 0 {
+                    return;
+                }
+                let per = n * k;
+                let b0 = self.b[0].map(|b| &b[g * per..(g + 1) * per]);
+                let b1 = self.b[1].map(|b| &b[g * per..(g + 1) * per]);
+                let packed = if ahead && reserve(g, rb) > 0 {
+                    gemm::row_pack(isa, tuning, T::DTYPE, m, k).map(|p| {
+                        let (off, len) = (at(g, rb), p.len(m, k));
+                        assert!(off + len <= buf.len(), "inside the batch's reservation");
+                        // SAFETY: inside the buffer (asserted); written by the jobs above,
+                        // which have all finished; only read from now on.
+                        (p, unsafe {
+                            core::slice::from_raw_parts(buf.ptr().add(off) as *const f32, len)
+                        })
+                    })
+                } else {
+                    None
+                };
+                let blk = Block { a: self.a, a_rows: &a_rows[..m], k, b: [b0, b1], n0, nb, packed };
+                // Not zeroed: the kernels write every element the epilogue reads.
+                let mut tiles = MaybeUninit::<Tiles>::uninit();
+                let base = tiles.as_mut_ptr() as *mut f32;
+                let out = [base, base.wrapping_add(MB * NB)];
+                // SAFETY: each tile holds MB >= m rows of NB floats; `isa` is available (from
+                // `Cpu::isa`) and the row and weight bounds were checked by the caller.
+                unsafe { gemm::run_block(isa, tuning, &blk, out) };
+                for (i, &row) in o_rows[..m].iter().enumerate() {
+                    // SAFETY: row i < m, columns < nb of the tiles of the present B's were
+                    // written by `run_block`.
+                    let main = unsafe { core::slice::from_raw_parts(out[0].add(i * NB), nb) };
+                    // SAFETY: as above, for the gate B when present.
+                    let gate = self.b[1]
+                        .map(|_| unsafe { core::slice::from_raw_parts(out[1].add(i * NB), nb) });
+                    epi(g, row, n0, main, gate);
+                }
+            };
+            let items: usize = (g0..g1).map(items_of).sum();
+            match threads {
+                Threads::Single => (0..items).for_each(item),
+                // One item per rayon job (`with_max_len(1)`): left to its adaptive splitter,
+                // rayon stops splitting a thread's own range after a few halvings and runs the
+                // rest as one sequential leaf that no idle thread can steal from. Items differ
+                // in cost (row blocks of different experts, a slower core on a shared host), so
+                // the other thread idled at the end of long stages: DeepSeek-V3 f32 T=1024,
+                // expert_up on 2 threads, one thread busy 100 % and the other 72-76 % of the
+                // stage (timestamps around each item). With one item per job: both 99.8 %, and
+                // the expert GEMMs 4398 -> 3795 ms f32, 3704 -> 2985 ms bf16 (interleaved, best
+                // of 4).
+                Threads::Rayon => (0..items).into_par_iter().with_max_len(1).for_each(item),
+            }
+            g0 = g1;
         }
     }
 }
@@ -796,7 +993,8 @@ pub mod __bench {
         let a: Vec<T> = (0..m * k).map(|i| T::from_f32((i % 7) as f32 * 0.1)).collect();
         let b: Vec<T> = (0..n * k).map(|i| T::from_f32((i % 5) as f32 * 0.1)).collect();
         let rows: Vec<usize> = (0..m).collect();
-        let blk = Block { a: &a, a_rows: &rows, k, b: [Some(&b), None], n0: 0, nb: n };
+        let blk =
+            Block { a: &a, a_rows: &rows, k, b: [Some(&b), None], n0: 0, nb: n, packed: None };
         let mut tiles: Box<Tiles> = Box::new([[0.0; MB * NB]; 2]);
         let out = [tiles[0].as_mut_ptr(), tiles[1].as_mut_ptr()];
         let isa = if isa.available() { isa } else { Isa::Generic };
@@ -809,5 +1007,50 @@ pub mod __bench {
             std::hint::black_box(&mut tiles);
         }
         t0.elapsed().as_secs_f64()
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::*;
+
+    /// A grouped GEMM's f32 results (all rows, all columns), with the row buffer free or held
+    /// elsewhere (every item then packs its own rows).
+    fn grouped(groups: usize, rows: usize, k: usize, n: usize, held: bool) -> Vec<u32> {
+        let v = |i: usize| ((i * 7919) % 29) as f32 * 0.02 - 0.25;
+        let a: Vec<f32> = (0..rows * k).map(v).collect();
+        let b: Vec<f32> = (0..groups * n * k).map(|i| v(i + 3)).collect();
+        let g = Grouped { a: &a, k, b: [Some(&b), None], n, groups };
+        let per = rows.div_ceil(groups);
+        let range = |e: usize| (e * per).min(rows)..((e + 1) * per).min(rows);
+        let mut out = vec![f32::NAN; rows * n];
+        let dst = Shared::new(&mut out);
+        let _lock = held.then(|| ROW_PACK.lock().unwrap());
+        let isa = if Isa::Avx512.available() { Isa::Avx512 } else { Isa::Generic };
+        g.run(isa, Tuning::ALL_WB, Threads::Rayon, range, Some, |_, row, n0, v, _| {
+            // SAFETY: each (row, column block) belongs to one work item.
+            unsafe { dst.slice(row * n + n0, v.len()) }.copy_from_slice(v)
+        });
+        out.iter().map(|x| x.to_bits()).collect()
+    }
+
+    /// Rows packed ahead in batches (a GEMM whose packed rows exceed the buffer's 64 MiB) and
+    /// GEMMs with more groups than the offsets' table give the bits of per-item packing.
+    #[test]
+    fn batches_and_many_groups_give_the_same_bits() {
+        if !Isa::Avx512.available() {
+            eprintln!("skipped: no AVX-512, no kernel takes packed rows");
+            return;
+        }
+        // 2200 rows x 8192 floats: 72 MiB of packed rows, more than PACK_CAP.
+        let (rows, k) = (2200, 8192);
+        assert!(rows * k > PACK_CAP);
+        assert!(grouped(4, rows, k, 40, false) == grouped(4, rows, k, 40, true));
+        let groups = PACK_GROUPS + 76;
+        assert!(
+            grouped(groups, 2 * groups, 48, 24, false) == grouped(groups, 2 * groups, 48, 24, true)
+        );
+        // Below the limits: packed ahead.
+        assert!(grouped(8, 300, 200, 24, false) == grouped(8, 300, 200, 24, true));
     }
 }

@@ -1,4 +1,6 @@
-//! A forward allocates nothing: a counting global allocator watches every call.
+//! A forward allocates nothing: a counting global allocator watches every call. The backend is
+//! prepared for the plan first (`Cpu::prepare`: its buffer of rows packed ahead), so that the
+//! very first forward must allocate nothing.
 
 use moe_core::conformance::{ElementWeights, golden_dir, load_dir};
 use moe_core::*;
@@ -42,6 +44,7 @@ where
     let mut out = vec![T::from_f32(f32::NAN); case.tokens * c.hidden];
     let mut ws = vec![0u8; plan.workspace_bytes(T::DTYPE).unwrap()];
     let cpu = Cpu::new();
+    assert!(cpu.prepare(&plan), "{}: the row buffer", case.name);
     let before = ALLOCS.load(Ordering::SeqCst);
     let r =
         forward(&cpu, &plan, &weights, case.tokens, &x[..], &mut out[..], &mut ws[..], &SingleRank);

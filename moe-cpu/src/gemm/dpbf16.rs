@@ -615,9 +615,34 @@ unsafe fn micro_wb<const MV: usize, const J: usize>(
     }
 }
 
+/// [`super::pack_rows`] for [`super::RowPack::Pairs`]: each 32-bit lane a row's bf16 pair,
+/// all of K (even).
+///
+/// # Safety
+/// As [`super::pack_rows`], on a CPU with the features below; `T` is bf16.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub(super) unsafe fn pack_rows<T: moe_core::Element>(
+    a: &[T],
+    a_rows: &[usize],
+    k: usize,
+    groups: core::ops::Range<usize>,
+    dst: *mut f32,
+) {
+    assert!(T::DTYPE == moe_core::DType::BF16 && k.is_multiple_of(2));
+    let a = bytemuck::cast_slice::<T, bf16>(a);
+    // SAFETY: the caller's buffer holds len(a_rows.len(), k) = tiles * (k / 2) * RT floats,
+    // 64-byte aligned; `load_pairs` reads only inside the row's slice (checked against `a`).
+    unsafe {
+        pack_row_tiles(dst, a_rows.len(), k / 2, k / 2, groups, |i, c| {
+            load_pairs(&a[a_rows[i] * k..(a_rows[i] + 1) * k], 2 * c)
+        })
+    }
+}
+
 /// A work item with the weight-broadcast kernel on `vdpbf16ps` (K even): the `vdpbf16ps` twin
 /// of the AVX-512 weight-broadcast kernel (module `wb`). The item's rows are packed once per A
-/// block (as much of K as [`A_PAIRS`] holds for them) into row tiles of [`RT`] rows, each
+/// block (as much of K as [`A_PAIRS`] holds for them; or they come packed ahead over all of K,
+/// [`super::RowPack::Pairs`], and the same A blocks are walked) into row tiles of [`RT`] rows, each
 /// 32-bit lane one row's pair of consecutive K elements (16 × 16 transposes of pairs); the
 /// weight rows are read in place, [`NJ`] at a time, each pair broadcast to all the tile's
 /// rows: 2 vector loads and 8 broadcasts per 16 `vdpbf16ps`, no horizontal sums, no weight
@@ -649,19 +674,30 @@ unsafe fn run_wb(blk: &Block<'_, bf16>, out: Out) {
     };
     // Pairs per A block: as many as the buffer holds for this item's rows.
     let kpa = (A_PAIRS / (tiles * RT) / KP_WB * KP_WB).max(KP_WB);
+    // Rows packed ahead (all of K; tile t at t * kpairs * RT), or packed here per A block.
+    let pre = match blk.packed {
+        Some((super::RowPack::Pairs, p)) => {
+            assert!(p.len() >= super::RowPack::Pairs.len(mb, k), "packed rows too short");
+            Some(p.as_ptr() as *const u32)
+        }
+        _ => None,
+    };
     let mut a0 = 0;
     while a0 < kpairs {
         let kac = kpa.min(kpairs - a0);
-        // Pack the rows of this A block, each 32-bit lane one row's pair.
-        // SAFETY: the A buffer holds tiles * kpa * RT <= A_PAIRS elements of 32 bits, 64-byte
-        // aligned; kac <= kpa; rows i < mb; same features for `load_pairs`, masked to `src`.
-        unsafe {
-            pack_row_tiles(ap as *mut f32, mb, kpa, kac, |i, c| {
-                let row = blk.a_rows[i];
-                let src = &blk.a[row * k + 2 * a0..row * k + 2 * (a0 + kac)];
-                load_pairs(src, 2 * c)
-            })
-        };
+        if pre.is_none() {
+            // Pack the rows of this A block, each 32-bit lane one row's pair.
+            // SAFETY: the A buffer holds tiles * kpa * RT <= A_PAIRS elements of 32 bits,
+            // 64-byte aligned; kac <= kpa; rows i < mb; same features for `load_pairs`,
+            // masked to `src`.
+            unsafe {
+                pack_row_tiles(ap as *mut f32, mb, kpa, kac, 0..mb.div_ceil(16), |i, c| {
+                    let row = blk.a_rows[i];
+                    let src = &blk.a[row * k + 2 * a0..row * k + 2 * (a0 + kac)];
+                    load_pairs(src, 2 * c)
+                })
+            };
+        }
         // Chunks in the order they run: (B, stripe, first pair), the last fastest; the next
         // one (in this A block or the next) is fetched into L2 during each.
         let mut cur = Some((0, 0, a0));
@@ -698,12 +734,16 @@ unsafe fn run_wb(blk: &Block<'_, bf16>, out: Out) {
             let w = bw[(n0 + j0) * k + 2 * c0..][..(nj - 1) * k + 2 * kp].as_ptr();
             for t in 0..tiles {
                 let mv = if t * RT + 16 < mb { 2 } else { 1 };
-                let at = ap.wrapping_add(t * kpa * RT + (c0 - a0) * 16 * mv) as *const u32;
+                let at = match pre {
+                    Some(p) => p.wrapping_add(t * kpairs * RT + c0 * 16 * mv),
+                    None => ap.wrapping_add(t * kpa * RT + (c0 - a0) * 16 * mv) as *const u32,
+                };
                 let ct = cp.wrapping_add(bi * NB * MB + j0 * MB + t * RT);
                 pf.first = t * lines / tiles;
                 pf.end = (t + 1) * lines / tiles;
                 // SAFETY: tile t holds pair rows c0 - a0..c0 - a0 + kp of 16 · mv lanes
-                // (packed above for this A block); `w` holds nj rows of 2 · kp bf16 at stride
+                // (packed above for this A block, or pair rows c0..c0 + kp of all of K packed
+                // ahead: length checked); `w` holds nj rows of 2 · kp bf16 at stride
                 // k; the Cᵀ rows j0..j0 + nj <= NB have room for 16 · mv rows from t * 32 <
                 // MB, 64-byte aligned. Prefetches never fault.
                 unsafe {
@@ -753,6 +793,7 @@ pub(crate) unsafe fn run_block<T: moe_core::Element>(
         b: blk.b.map(|b| b.map(bytemuck::cast_slice::<T, bf16>)),
         n0: blk.n0,
         nb: blk.nb,
+        packed: blk.packed,
     };
     let mb = blk.a_rows.len();
     if blk.k == 0 {

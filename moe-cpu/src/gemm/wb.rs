@@ -15,7 +15,8 @@
 //!
 //! Per A block (as much of K as 256 KiB of packed rows holds: 256 rows × 256, 32 rows × 2048):
 //! the item's rows are packed into row tiles of 32 (a 16-row tile for a remainder of at most
-//! 16; zero rows past the item). Then, for each B, each stripe of `NJ` weight rows and each
+//! 16; zero rows past the item), unless they come packed ahead over all of K
+//! ([`super::RowPack::F32`], shared by the expert's items; the same A blocks are walked). Then, for each B, each stripe of `NJ` weight rows and each
 //! chunk of [`KC_WB`] along the A block, every row tile runs against the chunk. f32 weight rows
 //! of a full stripe are read in place, `NJ` sequential streams that the hardware prefetchers
 //! follow (software prefetch measured slower there); bf16/f16 and a partial last stripe are
@@ -60,15 +61,17 @@ pub(super) struct Prefetch {
     pub(super) end: usize,
 }
 
-/// Pack `mb` rows of one A block into row tiles of [`RT`] 32-bit lanes (two 16-lane halves; the
-/// last tile only 16 lanes wide when it holds at most 16 rows): tile `t` at `ap + t * kr * RT`,
-/// `[r][16 · mv]` for `r < kac`, lanes past `mb` zero. `load(i, c)` gives the 32-bit elements
-/// `c..c + 16` of the item's row `i` in this block (zeros past its end): f32 elements here,
-/// bf16 pairs in the `vdpbf16ps` twin. 16 × 16 in-register transposes.
+/// Pack the 16-row groups `groups` (all: `0..mb.div_ceil(16)`) of `mb` rows of one A block
+/// into row tiles of [`RT`] 32-bit lanes (two 16-lane halves; the last tile only 16 lanes wide
+/// when it holds at most 16 rows): tile `t` at `ap + t * kr * RT`, `[r][16 · mv]` for
+/// `r < kac`, lanes past `mb` zero. `load(i, c)` gives the 32-bit elements `c..c + 16` of the
+/// item's row `i` in this block (zeros past its end): f32 elements here, bf16 pairs in the
+/// `vdpbf16ps` twin. 16 × 16 in-register transposes. With `kr = kac =` K' (all of K), this is
+/// the layout of [`super::RowPack`].
 ///
 /// # Safety
 /// `ap` is 64-byte aligned and valid for writes of `mb.div_ceil(RT) * kr * RT` floats;
-/// `kac <= kr`.
+/// `kac <= kr`; `groups.end <= mb.div_ceil(16)`.
 #[inline]
 #[target_feature(enable = "avx512f")]
 pub(super) unsafe fn pack_row_tiles(
@@ -76,9 +79,11 @@ pub(super) unsafe fn pack_row_tiles(
     mb: usize,
     kr: usize,
     kac: usize,
+    groups: core::ops::Range<usize>,
     load: impl Fn(usize, usize) -> __m512,
 ) {
-    for g in 0..mb.div_ceil(16) {
+    debug_assert!(groups.end <= mb.div_ceil(16));
+    for g in groups {
         let (t, half) = (g / 2, g % 2);
         let mv = if t * RT + 16 < mb { 2 } else { 1 };
         let tile = ap.wrapping_add(t * kr * RT + half * 16);
@@ -96,6 +101,27 @@ pub(super) unsafe fn pack_row_tiles(
             }
             c += 16;
         }
+    }
+}
+
+/// [`super::pack_rows`] for [`super::RowPack::F32`]: the rows widened to f32, all of K.
+///
+/// # Safety
+/// As [`super::pack_rows`], on a CPU with the features below.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+pub(super) unsafe fn pack_rows<T: Element>(
+    a: &[T],
+    a_rows: &[usize],
+    k: usize,
+    groups: core::ops::Range<usize>,
+    dst: *mut f32,
+) {
+    // SAFETY: the caller's buffer holds len(a_rows.len(), k) = tiles * k * RT floats, 64-byte
+    // aligned; `load16` reads only inside the row's slice (checked against `a`).
+    unsafe {
+        pack_row_tiles(dst, a_rows.len(), k, k, groups, |i, c| {
+            load16(&a[a_rows[i] * k..(a_rows[i] + 1) * k], c)
+        })
     }
 }
 
@@ -215,19 +241,27 @@ pub(crate) unsafe fn run_block<T: Element, const NJ: usize>(blk: &Block<'_, T>, 
             None
         }
     };
+    // Rows packed ahead (all of K; tile t at t * k * RT), or packed here per A block.
+    let pre = match blk.packed {
+        Some((super::RowPack::F32, p)) => {
+            assert!(p.len() >= super::RowPack::F32.len(mb, k), "packed rows too short");
+            Some(p.as_ptr())
+        }
+        _ => None,
+    };
     let mut cur = Some((0, 0, 0, 0));
     while let Some((a0, b, s, c)) = cur {
         let bi = bis[b];
         let k0 = a0 + c * KC_WB;
         let kc = KC_WB.min(k - k0);
-        if b == 0 && s == 0 && c == 0 {
+        if pre.is_none() && b == 0 && s == 0 && c == 0 {
             // Pack the rows of this A block.
             let kac = ka.min(k - a0);
             // SAFETY: the A buffer holds tiles * ka * RT <= A_BUF floats, 64-byte aligned;
             // kac <= ka; rows i < mb; same features for `load16`, which reads only inside
             // `src`.
             unsafe {
-                pack_row_tiles(ap, mb, ka, kac, |i, c| {
+                pack_row_tiles(ap, mb, ka, kac, 0..mb.div_ceil(16), |i, c| {
                     let row = blk.a_rows[i];
                     let src = &blk.a[row * k + a0..row * k + a0 + kac];
                     load16(src, c)
@@ -274,12 +308,15 @@ pub(crate) unsafe fn run_block<T: Element, const NJ: usize>(blk: &Block<'_, T>, 
         let cb = cp.wrapping_add(bi * NB * MB + j0 * MB);
         for t in 0..tiles {
             let mv = if t * RT + 16 < mb { 2 } else { 1 };
-            let at = ap.wrapping_add(t * ka * RT + (k0 - a0) * 16 * mv) as *const f32;
+            let at = match pre {
+                Some(p) => p.wrapping_add(t * k * RT + k0 * 16 * mv),
+                None => ap.wrapping_add(t * ka * RT + (k0 - a0) * 16 * mv) as *const f32,
+            };
             let ct = cb.wrapping_add(t * RT);
             pf.first = t * lines / tiles;
             pf.end = (t + 1) * lines / tiles;
             // SAFETY: tile t holds k-rows k0 - a0..k0 - a0 + kc of 16 · mv floats (packed above
-            // for this A block); `wsrc` holds NJ rows of kc floats at stride ws (in place: the
+            // for this A block, or rows k0..k0 + kc of all of K packed ahead: length checked); `wsrc` holds NJ rows of kc floats at stride ws (in place: the
             // weight rows n0 + j0.., checked by the slice above; else the chunk); the Cᵀ rows
             // j0..j0 + NJ <= NB (NB is a multiple of NJ) have room for 16 · mv rows from
             // t * 32 < MB.
