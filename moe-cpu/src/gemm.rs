@@ -155,10 +155,10 @@ pub(crate) struct Block<'a, T> {
 }
 
 /// The layout of an item's rows packed ahead of its work items (once per expert row block,
-/// instead of once per item, that is once per [`NB`] columns): row tiles of 32 rows (two
-/// 16-lane halves; a last tile of at most 16 rows is 16 lanes wide), each `[K'][16 · halves]`
-/// 32-bit lanes, tile `t` at `t * K' * 32`, lanes past the rows zero. Written by
-/// [`pack_rows`]; the buffer holds [`RowPack::len`] floats, 64-byte aligned.
+/// instead of once per item, that is once per [`NB`] columns): row tiles of 32 rows, tile `t`
+/// at `t * K' * 32` 32-bit lanes, the layout of `wb::pack_row_tiles` (a last tile narrower:
+/// lanes in units of 16, or of 8 for [`RowPack::Pairs`]; lanes past the rows zero). Written
+/// by [`pack_rows`]; the buffer holds [`RowPack::len`] floats, 64-byte aligned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum RowPack {
     /// f32 elements (widened from the element type), for the AVX-512 weight-broadcast kernel
@@ -1155,14 +1155,19 @@ mod avx512 {
             }
             let cb = ct.wrapping_add(bi * NB * super::MB);
             for g in 0..mb.div_ceil(16) {
+                // Only the rows < mb: a kernel may leave the lanes past them unwritten.
+                let live = (mb - g * 16).min(16);
+                let m: __mmask16 = if live == 16 { 0xFFFF } else { (1u16 << live) - 1 };
                 let mut j = 0;
                 while j < nb {
                     let mut r = [_mm512_setzero_ps(); 16];
                     for (jj, v) in r.iter_mut().enumerate() {
                         if j + jj < cols {
-                            // SAFETY: column j + jj < cols, rows g * 16.. < MB of the written
-                            // block (the caller's contract); 64-byte aligned.
-                            *v = unsafe { _mm512_load_ps(cb.add((j + jj) * super::MB + g * 16)) };
+                            // SAFETY: column j + jj < cols, rows g * 16.. < mb of the written
+                            // block (the caller's contract; masked to them); 64-byte aligned.
+                            *v = unsafe {
+                                _mm512_maskz_load_ps(m, cb.add((j + jj) * super::MB + g * 16))
+                            };
                         }
                     }
                     transpose16(&mut r);

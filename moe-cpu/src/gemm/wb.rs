@@ -61,13 +61,28 @@ pub(super) struct Prefetch {
     pub(super) end: usize,
 }
 
+/// The shape of row tile `t` of `mb` rows: (16-lane vectors, 8-lane halves) = lanes / 16 and
+/// (lanes % 16) / 8, the lanes covering the tile's `mb - t * RT` rows (at most [`RT`]) in units
+/// of 16, or of 8 with `unit8` (the `vdpbf16ps` kernel, whose 8-lane `ymm` half runs at half a
+/// 16-lane instruction's cost on Zen 4: fewer lanes wasted on an item's last rows).
+#[inline]
+pub(super) fn tile_shape(mb: usize, t: usize, unit8: bool) -> (usize, usize) {
+    let rem = (mb - t * RT).min(RT);
+    if unit8 {
+        let w8 = rem.div_ceil(8);
+        (w8 / 2, w8 % 2)
+    } else {
+        (rem.div_ceil(16), 0)
+    }
+}
+
 /// Pack the 16-row groups `groups` (all: `0..mb.div_ceil(16)`) of `mb` rows of one A block
-/// into row tiles of [`RT`] 32-bit lanes (two 16-lane halves; the last tile only 16 lanes wide
-/// when it holds at most 16 rows): tile `t` at `ap + t * kr * RT`, `[r][16 · mv]` for
-/// `r < kac`, lanes past `mb` zero. `load(i, c)` gives the 32-bit elements `c..c + 16` of the
-/// item's row `i` in this block (zeros past its end): f32 elements here, bf16 pairs in the
-/// `vdpbf16ps` twin. 16 × 16 in-register transposes. With `kr = kac =` K' (all of K), this is
-/// the layout of [`super::RowPack`].
+/// into row tiles of [`RT`] 32-bit lanes: tile `t` at `ap + t * kr * RT`, of the shape
+/// [`tile_shape`] gives (`mv` 16-lane vectors, `h` 8-lane halves): `[r][16 · mv]` for
+/// `r < kac`, then (if `h`) `[r][8]` at `16 · mv · kr`; lanes past `mb` zero. `load(i, c)`
+/// gives the 32-bit elements `c..c + 16` of the item's row `i` in this block (zeros past its
+/// end): f32 elements here, bf16 pairs in the `vdpbf16ps` twin (`unit8`). 16 × 16 in-register
+/// transposes. With `kr = kac =` K' (all of K), this is the layout of [`super::RowPack`].
 ///
 /// # Safety
 /// `ap` is 64-byte aligned and valid for writes of `mb.div_ceil(RT) * kr * RT` floats;
@@ -79,14 +94,15 @@ pub(super) unsafe fn pack_row_tiles(
     mb: usize,
     kr: usize,
     kac: usize,
+    unit8: bool,
     groups: core::ops::Range<usize>,
     load: impl Fn(usize, usize) -> __m512,
 ) {
     debug_assert!(groups.end <= mb.div_ceil(16));
     for g in groups {
         let (t, half) = (g / 2, g % 2);
-        let mv = if t * RT + 16 < mb { 2 } else { 1 };
-        let tile = ap.wrapping_add(t * kr * RT + half * 16);
+        let (mv, h) = tile_shape(mb, t, unit8);
+        let tile = ap.wrapping_add(t * kr * RT);
         let mut c = 0;
         while c < kac {
             let mut r = [_mm512_setzero_ps(); 16];
@@ -95,9 +111,23 @@ pub(super) unsafe fn pack_row_tiles(
             }
             transpose16(&mut r);
             for (q, v) in r.iter().enumerate().take(kac - c) {
-                // SAFETY: tile t < mb.div_ceil(RT), row c + q < kac <= kr of 16 · mv lanes,
-                // lanes half * 16.. (half < mv): inside the caller's buffer, 64-byte aligned.
-                unsafe { _mm512_store_ps(tile.add((c + q) * 16 * mv), *v) };
+                if half < mv {
+                    // SAFETY: tile t < mb.div_ceil(RT), row c + q < kac <= kr of 16 · mv
+                    // lanes, lanes half * 16.. (half < mv): inside the caller's buffer, 64-byte
+                    // aligned.
+                    unsafe { _mm512_store_ps(tile.add((c + q) * 16 * mv + half * 16), *v) };
+                } else {
+                    debug_assert!(h == 1 && half == mv);
+                    // SAFETY: the tile's 8-lane half (h = 1: at most 8 rows here), row c + q <
+                    // kr of 8 lanes after the 16 · mv · kr of the vectors: inside the tile's
+                    // RT · kr floats, 32-byte aligned.
+                    unsafe {
+                        _mm256_store_ps(
+                            tile.add(16 * mv * kr + (c + q) * 8),
+                            _mm512_castps512_ps256(*v),
+                        )
+                    };
+                }
             }
             c += 16;
         }
@@ -119,7 +149,7 @@ pub(super) unsafe fn pack_rows<T: Element>(
     // SAFETY: the caller's buffer holds len(a_rows.len(), k) = tiles * k * RT floats, 64-byte
     // aligned; `load16` reads only inside the row's slice (checked against `a`).
     unsafe {
-        pack_row_tiles(dst, a_rows.len(), k, k, groups, |i, c| {
+        pack_row_tiles(dst, a_rows.len(), k, k, false, groups, |i, c| {
             load16(&a[a_rows[i] * k..(a_rows[i] + 1) * k], c)
         })
     }
@@ -261,7 +291,7 @@ pub(crate) unsafe fn run_block<T: Element, const NJ: usize>(blk: &Block<'_, T>, 
             // kac <= ka; rows i < mb; same features for `load16`, which reads only inside
             // `src`.
             unsafe {
-                pack_row_tiles(ap, mb, ka, kac, 0..mb.div_ceil(16), |i, c| {
+                pack_row_tiles(ap, mb, ka, kac, false, 0..mb.div_ceil(16), |i, c| {
                     let row = blk.a_rows[i];
                     let src = &blk.a[row * k + a0..row * k + a0 + kac];
                     load16(src, c)
@@ -307,7 +337,7 @@ pub(crate) unsafe fn run_block<T: Element, const NJ: usize>(blk: &Block<'_, T>, 
         let first = k0 == 0;
         let cb = cp.wrapping_add(bi * NB * MB + j0 * MB);
         for t in 0..tiles {
-            let mv = if t * RT + 16 < mb { 2 } else { 1 };
+            let mv = tile_shape(mb, t, false).0;
             let at = match pre {
                 Some(p) => p.wrapping_add(t * k * RT + k0 * 16 * mv),
                 None => ap.wrapping_add(t * ka * RT + (k0 - a0) * 16 * mv) as *const f32,
