@@ -419,9 +419,9 @@ where
 
 /// A kernel-selection spec of the bench tools, parsed: a [`Tuning`] name (`intel`, `amd`,
 /// `allwb`, `detect`; see [`Tuning::from_name`]) or comma-separated fields over the detected
-/// tuning: `wb=LO-HI`, `dr=ROWS`, `pf=0|1`, `dp=ROWS`, `dw=LO-HI`, `wn=0|1` ([`Tuning`]'s
-/// `wb_rows`, `direct_rows`, `inplace_prefetch`, `dpbf16_rows`, `dpwb_rows`, `wb_narrow`) and
-/// `isa=NAME` (that instruction set's kernels). Anything else is an error naming it: a tool
+/// tuning: `wb=LO-HI`, `dr=ROWS`, `pf=0|1`, `dp=ROWS`, `dw=LO-HI`, `wn=0|1`, `wh=0|1`
+/// ([`Tuning`]'s `wb_rows`, `direct_rows`, `inplace_prefetch`, `dpbf16_rows`, `dpwb_rows`,
+/// `wb_narrow`, `wb_half`) and `isa=NAME` (that instruction set's kernels). Anything else is an error naming it: a tool
 /// never runs a variant other than the one asked for.
 pub fn parse_variant(spec: &str) -> std::result::Result<(Tuning, Option<Isa>), String> {
     if let Some(t) = Tuning::from_name(spec) {
@@ -449,6 +449,7 @@ pub fn parse_variant(spec: &str) -> std::result::Result<(Tuning, Option<Isa>), S
             "dr" => t.direct_rows = num(key, v)?,
             "pf" => t.inplace_prefetch = flag(key, v)?,
             "wn" => t.wb_narrow = flag(key, v)?,
+            "wh" => t.wb_half = flag(key, v)?,
             "dp" => t.dpbf16_rows = num(key, v)?,
             "dw" => t.dpwb_rows = range(key, v)?,
             "isa" => {
@@ -472,7 +473,7 @@ mod tests {
     fn variant_specs() {
         assert_eq!(parse_variant("intel"), Ok((Tuning::INTEL, None)));
         assert_eq!(parse_variant(" AMD "), Ok((Tuning::AMD, None)));
-        let (t, isa) = parse_variant("wb=8-64,dr=3,pf=1,dp=5,dw=4-96,wn=1").unwrap();
+        let (t, isa) = parse_variant("wb=8-64,dr=3,pf=1,dp=5,dw=4-96,wn=1,wh=0").unwrap();
         assert_eq!(
             t,
             Tuning {
@@ -482,13 +483,23 @@ mod tests {
                 dpbf16_rows: 5,
                 dpwb_rows: (4, 96),
                 wb_narrow: true,
+                wb_half: false,
             }
         );
         assert_eq!(isa, None);
         assert_eq!(parse_variant("isa=generic"), Ok((Tuning::detect(), Some(Isa::Generic))));
-        for bad in
-            ["intel,amd", "wb=8", "dw=4", "wn=2", "dr=x", "pf=2", "isa=nope", "kc=128", "fast"]
-        {
+        for bad in [
+            "intel,amd",
+            "wb=8",
+            "dw=4",
+            "wn=2",
+            "wh=x",
+            "dr=x",
+            "pf=2",
+            "isa=nope",
+            "kc=128",
+            "fast",
+        ] {
             let e = parse_variant(bad).unwrap_err();
             assert!(!e.is_empty(), "{bad}");
         }

@@ -157,24 +157,25 @@ pub(crate) struct Block<'a, T> {
 /// The layout of an item's rows packed ahead of its work items (once per expert row block,
 /// instead of once per item, that is once per [`NB`] columns): row tiles of 32 rows, tile `t`
 /// at `t * K' * 32` 32-bit lanes, the layout of `wb::pack_row_tiles` (a last tile narrower:
-/// lanes in units of 16, or of 8 for [`RowPack::Pairs`]; lanes past the rows zero). Written
-/// by [`pack_rows`]; the buffer holds [`RowPack::len`] floats, 64-byte aligned.
+/// lanes in units of 16, or of 8 where the flag says so, [`Tuning::wb_half`]; lanes past the
+/// rows zero). Written by [`pack_rows`]; the buffer holds [`RowPack::len`] floats, 64-byte
+/// aligned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum RowPack {
     /// f32 elements (widened from the element type), for the AVX-512 weight-broadcast kernel
     /// (module `wb`): `K' = K`.
-    F32,
+    F32(bool),
     /// bf16 pairs of consecutive K elements, for the `vdpbf16ps` weight-broadcast kernel
     /// (module `dpbf16`): `K' = K / 2` (K even).
-    Pairs,
+    Pairs(bool),
 }
 
 impl RowPack {
     /// 32-bit lanes per row (`K'`).
     pub(crate) fn width(self, k: usize) -> usize {
         match self {
-            RowPack::F32 => k,
-            RowPack::Pairs => k / 2,
+            RowPack::F32(_) => k,
+            RowPack::Pairs(_) => k / 2,
         }
     }
 
@@ -196,7 +197,7 @@ pub(crate) fn row_pack(
     k: usize,
 ) -> Option<RowPack> {
     let wb = k > 0 && m >= tuning.wb_rows.0 && m < tuning.wb_rows.1;
-    let f32_wb = wb.then_some(RowPack::F32);
+    let f32_wb = wb.then_some(RowPack::F32(tuning.wb_half));
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => f32_wb,
@@ -204,7 +205,7 @@ pub(crate) fn row_pack(
         Isa::Avx512Bf16 if dtype == DType::BF16 && m <= tuning.dpbf16_rows => {
             let dw =
                 k > 0 && k.is_multiple_of(2) && m >= tuning.dpwb_rows.0 && m < tuning.dpwb_rows.1;
-            dw.then_some(RowPack::Pairs)
+            dw.then_some(RowPack::Pairs(tuning.wb_half))
         }
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512Bf16 => f32_wb,
@@ -237,10 +238,10 @@ pub(crate) unsafe fn pack_rows<T: Element>(
     debug_assert!(matches!(isa, Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx));
     match pack {
         // SAFETY: the caller's contract (AVX-512; the buffer and the rows).
-        RowPack::F32 => unsafe { wb::pack_rows(a, a_rows, k, groups, dst) },
+        RowPack::F32(h) => unsafe { wb::pack_rows(a, a_rows, k, h, groups, dst) },
         // SAFETY: the caller's contract (AVX512-BF16, so the element type is bf16: the caller
         // chose the layout with [`row_pack`]).
-        RowPack::Pairs => unsafe { dpbf16::pack_rows(a, a_rows, k, groups, dst) },
+        RowPack::Pairs(h) => unsafe { dpbf16::pack_rows(a, a_rows, k, h, groups, dst) },
     }
 }
 
@@ -368,6 +369,11 @@ pub struct Tuning {
     /// rows are read in place at a stride that is a multiple of 4 KiB for the models' K, so
     /// they all map to one L1 set. Either gives the same bits.
     pub wb_narrow: bool,
+    /// The weight-broadcast kernels give an item's last row tile lanes in units of 8 (a 256-bit
+    /// half vector after its 512-bit ones) instead of 16, for CPUs where a 256-bit FMA or
+    /// `vdpbf16ps` costs half a 512-bit one (Zen 4 splits 512-bit operations into two 256-bit
+    /// halves): at most 7 rows' work wasted per item instead of 15. Either gives the same bits.
+    pub wb_half: bool,
 }
 
 impl Tuning {
@@ -384,7 +390,11 @@ impl Tuning {
     ///   the previous time (Mixtral T=128 1.075x), and from 8 rows Qwen3 T=128 1.058x;
     /// * bf16 items from 8 rows go to the `vdpbf16ps` weight-broadcast kernel: 0.898x-0.992x at
     ///   all 12 bf16 points T=16/128/1024 of the four models (DeepSeek-V3 T=128 0.898x, Qwen3
-    ///   T=1024 0.932x, gpt-oss T=1024 0.953x, Mixtral T=128 0.966x).
+    ///   T=1024 0.932x, gpt-oss T=1024 0.953x, Mixtral T=128 0.966x);
+    /// * an item's last row tile in 8-lane units ([`Tuning::wb_half`]; against 16, paired
+    ///   medians of 3-4 rounds, same bits): f32 T=128 Mixtral 0.937x, gpt-oss 0.952x,
+    ///   DeepSeek-V3 0.977x, Qwen3 1.000x; T=1024 0.972x / 0.984x / 0.963x / 1.011x; bf16 T=128
+    ///   0.966x / 0.949x / 0.957x / 0.978x, T=1024 1.003x / 0.989x / 0.985x / 0.966x.
     pub const AMD: Tuning = Tuning {
         wb_rows: (16, usize::MAX),
         direct_rows: 0,
@@ -392,6 +402,7 @@ impl Tuning {
         dpbf16_rows: usize::MAX,
         dpwb_rows: (8, usize::MAX),
         wb_narrow: true,
+        wb_half: true,
     };
 
     /// Intel (measured on a 2-core Emerald Rapids guest without AMX, 2 threads, expert GEMMs,
@@ -410,7 +421,8 @@ impl Tuning {
     ///   rows per expert, 702 vs 820 ms; gpt-oss T=128, 16 rows, 276 vs 322; Qwen3 T=1024, 64
     ///   rows, 422 vs 573); from 128 rows it and the broadcast kernel are within 5 %.
     ///
-    /// The `vdpbf16ps` weight-broadcast kernel (`dpwb_rows`) was not measured there: off.
+    /// The `vdpbf16ps` weight-broadcast kernel (`dpwb_rows`) was not measured there: off; nor
+    /// `wb_half` (Golden Cove runs a 512-bit FMA at the cost of a 256-bit one): off.
     pub const INTEL: Tuning = Tuning {
         wb_rows: (8, 128),
         direct_rows: 7,
@@ -418,6 +430,7 @@ impl Tuning {
         dpbf16_rows: 2,
         dpwb_rows: (0, 0),
         wb_narrow: false,
+        wb_half: false,
     };
 
     /// Every item a weight-broadcast kernel can take goes to it (for tests).
@@ -429,6 +442,7 @@ impl Tuning {
         dpbf16_rows: usize::MAX,
         dpwb_rows: (1, usize::MAX),
         wb_narrow: false,
+        wb_half: true,
     };
 
     /// The tuning of a name, case insensitive: `amd`, `intel`, `allwb` ([`Tuning::ALL_WB`]) or
@@ -496,7 +510,7 @@ pub(crate) unsafe fn run_block<T: Element>(isa: Isa, tuning: Tuning, blk: &Block
         // `vdpbf16ps` kernels, the rest to AVX-512.
         Isa::Avx512Bf16 => unsafe {
             if T::DTYPE == moe_core::DType::BF16 && blk.a_rows.len() <= tuning.dpbf16_rows {
-                dpbf16::run_block(blk, out, tuning.dpwb_rows)
+                dpbf16::run_block(blk, out, tuning.dpwb_rows, tuning.wb_half)
             } else {
                 avx512::run_block_any(blk, out, tuning)
             }
@@ -1244,9 +1258,9 @@ mod avx512 {
         unsafe {
             if blk.k > 0 && m >= tuning.wb_rows.0 && m < tuning.wb_rows.1 {
                 if tuning.wb_narrow {
-                    super::wb::run_block::<T, { super::wb::NJ_NARROW }>(blk, out)
+                    super::wb::run_block::<T, { super::wb::NJ_NARROW }>(blk, out, tuning.wb_half)
                 } else {
-                    super::wb::run_block::<T, { super::wb::NJ_WIDE }>(blk, out)
+                    super::wb::run_block::<T, { super::wb::NJ_WIDE }>(blk, out, tuning.wb_half)
                 }
             } else if m >= super::BC_MIN_ROWS {
                 run_block_bc(blk, out)

@@ -651,6 +651,7 @@ pub(super) unsafe fn pack_rows<T: moe_core::Element>(
     a: &[T],
     a_rows: &[usize],
     k: usize,
+    half: bool,
     groups: core::ops::Range<usize>,
     dst: *mut f32,
 ) {
@@ -659,7 +660,7 @@ pub(super) unsafe fn pack_rows<T: moe_core::Element>(
     // SAFETY: the caller's buffer holds len(a_rows.len(), k) = tiles * (k / 2) * RT floats,
     // 64-byte aligned; `load_pairs` reads only inside the row's slice (checked against `a`).
     unsafe {
-        pack_row_tiles(dst, a_rows.len(), k / 2, k / 2, true, groups, |i, c| {
+        pack_row_tiles(dst, a_rows.len(), k / 2, k / 2, half, groups, |i, c| {
             load_pairs(&a[a_rows[i] * k..(a_rows[i] + 1) * k], 2 * c)
         })
     }
@@ -673,9 +674,9 @@ pub(super) unsafe fn pack_rows<T: moe_core::Element>(
 /// weight rows are read in place, [`NJ`] at a time, each pair broadcast to all the tile's
 /// rows: 2 vector loads and 8 broadcasts per 16 `vdpbf16ps`, no horizontal sums, no weight
 /// copy; the next chunk's weight rows are fetched into L2 meanwhile, a slice per call. The
-/// last tile's lanes come in units of 8 (a 256-bit half after its 512-bit vectors): 8 rows of
-/// `vdpbf16ps` on `ymm` cost half a `zmm` instruction on Zen 4, so an item of 8·n + 1..8 rows
-/// wastes at most 7 lanes per pair instead of 15. Measured on Zen 4 (2 threads, expert GEMMs,
+/// last tile's lanes come in units of 8 where [`super::Tuning::wb_half`] says so (a 256-bit
+/// half after its 512-bit vectors): 8 rows of `vdpbf16ps` on `ymm` cost half a `zmm`
+/// instruction on Zen 4, so an item wastes at most 7 lanes per pair instead of 15. Measured on Zen 4 (2 threads, expert GEMMs,
 /// paired medians of 4 interleaved rounds against 16-lane units, same bits): T=128 Qwen3 0.978,
 /// gpt-oss 0.949, Mixtral 0.966, DeepSeek-V3 0.957; T=1024 0.966 / 0.989 / 1.003 / 0.985. The
 /// results accumulate transposed (`[column][MB]`, chunks of [`KP_WB`] pairs added in K order)
@@ -684,7 +685,7 @@ pub(super) unsafe fn pack_rows<T: moe_core::Element>(
 /// # Safety
 /// As [`run_block`]; `blk.k` even and positive.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")]
-unsafe fn run_wb(blk: &Block<'_, bf16>, out: Out) {
+unsafe fn run_wb(blk: &Block<'_, bf16>, out: Out, half: bool) {
     use super::avx512::ct_to_tiles;
     let (k, mb, nb, n0) = (blk.k, blk.a_rows.len(), blk.nb, blk.n0);
     debug_assert!(k > 0 && k.is_multiple_of(2) && mb > 0 && mb <= MB && nb <= NB);
@@ -707,8 +708,8 @@ unsafe fn run_wb(blk: &Block<'_, bf16>, out: Out) {
     let kpa = (A_PAIRS / (tiles * RT) / KP_WB * KP_WB).max(KP_WB);
     // Rows packed ahead (all of K; tile t at t * kpairs * RT), or packed here per A block.
     let pre = match blk.packed {
-        Some((super::RowPack::Pairs, p)) => {
-            assert!(p.len() >= super::RowPack::Pairs.len(mb, k), "packed rows too short");
+        Some((super::RowPack::Pairs(h), p)) if h == half => {
+            assert!(p.len() >= super::RowPack::Pairs(h).len(mb, k), "packed rows too short");
             Some(p.as_ptr() as *const u32)
         }
         _ => None,
@@ -722,7 +723,7 @@ unsafe fn run_wb(blk: &Block<'_, bf16>, out: Out) {
             // 64-byte aligned; kac <= kpa; rows i < mb; same features for `load_pairs`,
             // masked to `src`.
             unsafe {
-                pack_row_tiles(ap as *mut f32, mb, kpa, kac, true, 0..mb.div_ceil(16), |i, c| {
+                pack_row_tiles(ap as *mut f32, mb, kpa, kac, half, 0..mb.div_ceil(16), |i, c| {
                     let row = blk.a_rows[i];
                     let src = &blk.a[row * k + 2 * a0..row * k + 2 * (a0 + kac)];
                     load_pairs(src, 2 * c)
@@ -764,7 +765,7 @@ unsafe fn run_wb(blk: &Block<'_, bf16>, out: Out) {
             // k / 2), checked by the slice.
             let w = bw[(n0 + j0) * k + 2 * c0..][..(nj - 1) * k + 2 * kp].as_ptr();
             for t in 0..tiles {
-                let (mv, h) = tile_shape(mb, t, true);
+                let (mv, h) = tile_shape(mb, t, half);
                 let (at, ah) = match pre {
                     Some(p) => {
                         let tile = p.wrapping_add(t * kpairs * RT);
@@ -827,6 +828,7 @@ pub(crate) unsafe fn run_block<T: moe_core::Element>(
     blk: &Block<'_, T>,
     out: Out,
     wb_rows: (usize, usize),
+    half: bool,
 ) {
     debug_assert!(T::DTYPE == moe_core::DType::BF16);
     // The element type is bf16 (the caller dispatches on `T::DTYPE`): the same bits.
@@ -851,7 +853,7 @@ pub(crate) unsafe fn run_block<T: moe_core::Element>(
     }
     if mb >= wb_rows.0 && mb < wb_rows.1 && blk.k.is_multiple_of(2) {
         // SAFETY: same features; the caller's contract, K even and positive.
-        unsafe { run_wb(blk, out) };
+        unsafe { run_wb(blk, out, half) };
         return;
     }
     if mb <= SEQ_ROWS {

@@ -143,13 +143,14 @@ pub(super) unsafe fn pack_rows<T: Element>(
     a: &[T],
     a_rows: &[usize],
     k: usize,
+    half: bool,
     groups: core::ops::Range<usize>,
     dst: *mut f32,
 ) {
     // SAFETY: the caller's buffer holds len(a_rows.len(), k) = tiles * k * RT floats, 64-byte
     // aligned; `load16` reads only inside the row's slice (checked against `a`).
     unsafe {
-        pack_row_tiles(dst, a_rows.len(), k, k, false, groups, |i, c| {
+        pack_row_tiles(dst, a_rows.len(), k, k, half, groups, |i, c| {
             load16(&a[a_rows[i] * k..(a_rows[i] + 1) * k], c)
         })
     }
@@ -180,12 +181,15 @@ pub(super) unsafe fn store_ct<const NJ: usize, const MV: usize>(
     }
 }
 
-/// `ct[j * MB + v * 16 + l] (+)= sum_{k < kc} w[j * KC_WB + k] at[k * 16 * MV + v * 16 + l]`
-/// for `j < NJ`, `v < MV`, `l < 16`.
+/// `ct[j * MB + v * 16 + l] (+)= sum_{k < kc} w[j * ws + k] at[k * 16 * MV + v * 16 + l]`
+/// for `j < NJ`, `v < MV`, `l < 16`, and with `H = 1` the same for the tile's 8-lane half
+/// (`ah[k * 8 + l]`, `l < 8`, into `ct[j * MB + 16 * MV + l]`).
 #[inline]
-#[target_feature(enable = "avx512f,fma")]
-unsafe fn micro<const NJ: usize, const MV: usize, const PF: bool>(
+#[target_feature(enable = "avx512f,avx512vl,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn micro<const NJ: usize, const MV: usize, const H: usize, const PF: bool>(
     at: *const f32,
+    ah: *const f32,
     w: *const f32,
     ws: usize,
     kc: usize,
@@ -193,12 +197,15 @@ unsafe fn micro<const NJ: usize, const MV: usize, const PF: bool>(
     first: bool,
     pf: Prefetch,
 ) {
-    // SAFETY: the caller passes a packed row tile of kc × 16·MV floats (64-byte aligned rows),
-    // NJ weight rows of at least kc floats at stride ws, and NJ rows of at least 16·MV
-    // floats at stride MB from `ct`. Prefetches never fault.
+    // SAFETY: the caller passes a packed row tile of kc × 16·MV floats (64-byte aligned rows)
+    // and, with H = 1, its half of kc × 8 floats (32-byte aligned rows), NJ weight rows of at
+    // least kc floats at stride ws, and NJ rows of at least 16·MV + 8·H floats at stride MB
+    // from `ct` (64-byte aligned). Prefetches never fault.
     unsafe {
         let mut acc = [[_mm512_setzero_ps(); MV]; NJ];
+        let mut acch = [[_mm256_setzero_ps(); H]; NJ];
         let mut ak = at;
+        let mut hk = ah;
         let mut wk = w;
         for k in 0..kc {
             if PF && k % 16 == 0 {
@@ -214,16 +221,51 @@ unsafe fn micro<const NJ: usize, const MV: usize, const PF: bool>(
             for (v, x) in a.iter_mut().enumerate() {
                 *x = _mm512_load_ps(ak.add(v * 16));
             }
-            for (j, row) in acc.iter_mut().enumerate() {
-                let b = _mm512_set1_ps(*wk.add(j * ws));
+            let mut ha = [_mm256_setzero_ps(); H];
+            for x in ha.iter_mut() {
+                *x = _mm256_load_ps(hk);
+            }
+            for (j, (row, hrow)) in acc.iter_mut().zip(acch.iter_mut()).enumerate() {
+                let wv = *wk.add(j * ws);
+                let b = _mm512_set1_ps(wv);
                 for (v, x) in row.iter_mut().enumerate() {
                     *x = _mm512_fmadd_ps(a[v], b, *x);
                 }
+                for (x, &av) in hrow.iter_mut().zip(ha.iter()) {
+                    *x = _mm256_fmadd_ps(av, _mm256_set1_ps(wv), *x);
+                }
             }
             ak = ak.add(16 * MV);
+            hk = hk.add(8 * H);
             wk = wk.add(1);
         }
         store_ct(acc, ct, first);
+        store_ct_half(acch, ct.add(16 * MV), first);
+    }
+}
+
+/// `ct[j * MB..][..8] (=|+=) acc[j]` for the 8-lane halves of a register tile (`ct` 32-byte
+/// aligned).
+#[inline]
+#[target_feature(enable = "avx512f,avx512vl")]
+pub(super) unsafe fn store_ct_half<const NJ: usize, const H: usize>(
+    acc: [[__m256; H]; NJ],
+    ct: *mut f32,
+    first: bool,
+) {
+    for (j, row) in acc.iter().enumerate() {
+        for &x in row {
+            // SAFETY: the caller passes NJ rows of at least 8 floats at stride MB from `ct`,
+            // 32-byte aligned.
+            unsafe {
+                let p = ct.add(j * MB);
+                if first {
+                    _mm256_store_ps(p, x);
+                } else {
+                    _mm256_store_ps(p, _mm256_add_ps(_mm256_load_ps(p), x));
+                }
+            }
+        }
     }
 }
 
@@ -232,7 +274,11 @@ unsafe fn micro<const NJ: usize, const MV: usize, const PF: bool>(
 /// # Safety
 /// As [`super::run_block`], on a CPU with the features below; `blk.k > 0`.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,fma,f16c,avx2")]
-pub(crate) unsafe fn run_block<T: Element, const NJ: usize>(blk: &Block<'_, T>, out: Out) {
+pub(crate) unsafe fn run_block<T: Element, const NJ: usize>(
+    blk: &Block<'_, T>,
+    out: Out,
+    half: bool,
+) {
     const { assert!(NJ <= NJ_WIDE && NB.is_multiple_of(NJ)) };
     let (k, mb, nb, n0) = (blk.k, blk.a_rows.len(), blk.nb, blk.n0);
     debug_assert!(k > 0 && mb > 0 && mb <= MB && nb <= NB);
@@ -273,8 +319,8 @@ pub(crate) unsafe fn run_block<T: Element, const NJ: usize>(blk: &Block<'_, T>, 
     };
     // Rows packed ahead (all of K; tile t at t * k * RT), or packed here per A block.
     let pre = match blk.packed {
-        Some((super::RowPack::F32, p)) => {
-            assert!(p.len() >= super::RowPack::F32.len(mb, k), "packed rows too short");
+        Some((super::RowPack::F32(h), p)) if h == half => {
+            assert!(p.len() >= super::RowPack::F32(h).len(mb, k), "packed rows too short");
             Some(p.as_ptr())
         }
         _ => None,
@@ -291,7 +337,7 @@ pub(crate) unsafe fn run_block<T: Element, const NJ: usize>(blk: &Block<'_, T>, 
             // kac <= ka; rows i < mb; same features for `load16`, which reads only inside
             // `src`.
             unsafe {
-                pack_row_tiles(ap, mb, ka, kac, false, 0..mb.div_ceil(16), |i, c| {
+                pack_row_tiles(ap, mb, ka, kac, half, 0..mb.div_ceil(16), |i, c| {
                     let row = blk.a_rows[i];
                     let src = &blk.a[row * k + a0..row * k + a0 + kac];
                     load16(src, c)
@@ -337,26 +383,39 @@ pub(crate) unsafe fn run_block<T: Element, const NJ: usize>(blk: &Block<'_, T>, 
         let first = k0 == 0;
         let cb = cp.wrapping_add(bi * NB * MB + j0 * MB);
         for t in 0..tiles {
-            let mv = tile_shape(mb, t, false).0;
-            let at = match pre {
-                Some(p) => p.wrapping_add(t * k * RT + k0 * 16 * mv),
-                None => ap.wrapping_add(t * ka * RT + (k0 - a0) * 16 * mv) as *const f32,
+            let (mv, h) = tile_shape(mb, t, half);
+            let (at, ah) = match pre {
+                Some(p) => {
+                    let tile = p.wrapping_add(t * k * RT);
+                    (tile.wrapping_add(k0 * 16 * mv), tile.wrapping_add(16 * mv * k + k0 * 8))
+                }
+                None => {
+                    let tile = (ap as *const f32).wrapping_add(t * ka * RT);
+                    let c = k0 - a0;
+                    (tile.wrapping_add(c * 16 * mv), tile.wrapping_add(16 * mv * ka + c * 8))
+                }
             };
             let ct = cb.wrapping_add(t * RT);
             pf.first = t * lines / tiles;
             pf.end = (t + 1) * lines / tiles;
-            // SAFETY: tile t holds k-rows k0 - a0..k0 - a0 + kc of 16 · mv floats (packed above
-            // for this A block, or rows k0..k0 + kc of all of K packed ahead: length checked); `wsrc` holds NJ rows of kc floats at stride ws (in place: the
-            // weight rows n0 + j0.., checked by the slice above; else the chunk); the Cᵀ rows
-            // j0..j0 + NJ <= NB (NB is a multiple of NJ) have room for 16 · mv rows from
-            // t * 32 < MB.
+            // SAFETY: tile t holds k-rows k0 - a0..k0 - a0 + kc of 16 · mv floats and, if h, of
+            // 8 floats after them (packed above for this A block, or rows k0..k0 + kc of all of
+            // K packed ahead: length checked); `wsrc` holds NJ rows of kc floats at stride ws
+            // (in place: the weight rows n0 + j0.., checked by the slice above; else the
+            // chunk); the Cᵀ rows j0..j0 + NJ <= NB (NB is a multiple of NJ) have room for
+            // 16 · mv + 8 · h <= 32 rows from t * 32 < MB.
             unsafe {
-                match (mv, inplace) {
-                    (2, true) => micro::<NJ, 2, false>(at, wsrc, ws, kc, ct, first, pf),
-                    (_, true) => micro::<NJ, 1, false>(at, wsrc, ws, kc, ct, first, pf),
-                    (2, false) => micro::<NJ, 2, true>(at, wsrc, ws, kc, ct, first, pf),
-                    (_, false) => micro::<NJ, 1, true>(at, wsrc, ws, kc, ct, first, pf),
+                macro_rules! go {
+                    ($pf:literal) => {
+                        match (mv, h) {
+                            (2, _) => micro::<NJ, 2, 0, $pf>(at, ah, wsrc, ws, kc, ct, first, pf),
+                            (1, 1) => micro::<NJ, 1, 1, $pf>(at, ah, wsrc, ws, kc, ct, first, pf),
+                            (1, _) => micro::<NJ, 1, 0, $pf>(at, ah, wsrc, ws, kc, ct, first, pf),
+                            _ => micro::<NJ, 0, 1, $pf>(at, ah, wsrc, ws, kc, ct, first, pf),
+                        }
+                    };
                 }
+                if inplace { go!(false) } else { go!(true) }
             }
         }
     }
