@@ -470,43 +470,41 @@ impl<T: Element> Grouped<'_, T> {
                     // The group of job j: the last g with job_at[g] <= j.
                     let g = job_at[g0..g1].partition_point(|&s| s <= j) - 1 + g0;
                     let mut rem = j - job_at[g];
-                    {
-                        for rb in 0..blocks(g) {
-                            let c = groups16(g, rb);
-                            if rem >= c {
-                                rem -= c;
-                                continue;
-                            }
-                            let (mut a_rows, mut o_rows) = ([0usize; MB], [0usize; MB]);
-                            let m = gather(g, rb, &mut a_rows, &mut o_rows);
-                            if let Some(p) = gemm::row_pack(isa, tuning, T::DTYPE, m, k)
-                                && rem < m.div_ceil(16)
-                            {
-                                let off = at(g, rb);
-                                assert!(
-                                    off + p.len(m, k) <= buf.len(),
-                                    "inside the batch's reservation"
-                                );
-                                #[cfg(target_arch = "x86_64")]
-                                // SAFETY: `row_pack` chose a layout of this available instruction
-                                // set's kernels; the destination lies in the buffer (asserted), is
-                                // 64-byte aligned (reservations are multiples of 16 floats), and
-                                // no other job writes group `rem` of this block; the rows lie in
-                                // `a` (checked by the caller).
-                                unsafe {
-                                    gemm::pack_rows(
-                                        isa,
-                                        p,
-                                        self.a,
-                                        &a_rows[..m],
-                                        k,
-                                        rem..rem + 1,
-                                        buf.ptr().add(off),
-                                    )
-                                };
-                            }
-                            return;
+                    for rb in 0..blocks(g) {
+                        let c = groups16(g, rb);
+                        if rem >= c {
+                            rem -= c;
+                            continue;
                         }
+                        let (mut a_rows, mut o_rows) = ([0usize; MB], [0usize; MB]);
+                        let m = gather(g, rb, &mut a_rows, &mut o_rows);
+                        if let Some(p) = gemm::row_pack(isa, tuning, T::DTYPE, m, k)
+                            && rem < m.div_ceil(16)
+                        {
+                            let off = at(g, rb);
+                            assert!(
+                                off + p.len(m, k) <= buf.len(),
+                                "inside the batch's reservation"
+                            );
+                            #[cfg(target_arch = "x86_64")]
+                            // SAFETY: `row_pack` chose a layout of this available instruction
+                            // set's kernels; the destination lies in the buffer (asserted), is
+                            // 64-byte aligned (reservations are multiples of 16 floats), and
+                            // no other job writes group `rem` of this block; the rows lie in
+                            // `a` (checked by the caller).
+                            unsafe {
+                                gemm::pack_rows(
+                                    isa,
+                                    p,
+                                    self.a,
+                                    &a_rows[..m],
+                                    k,
+                                    rem..rem + 1,
+                                    buf.ptr().add(off),
+                                )
+                            };
+                        }
+                        return;
                     }
                 };
                 match threads {

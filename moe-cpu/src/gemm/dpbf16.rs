@@ -41,7 +41,7 @@
 //! element is computed by exactly one work item: the same bits whatever the thread count.
 
 use super::avx512::{hsum4, prefetch_l2};
-use super::wb::{Prefetch, RT, pack_row_tiles, store_ct, tile_shape};
+use super::wb::{Prefetch, RT, pack_row_tiles, store_ct, store_ct_half, tile_shape};
 use super::{Aligned, Block, KC, MB, MP, MR, NB, NR, Out};
 use core::arch::x86_64::*;
 use core::mem::MaybeUninit;
@@ -628,16 +628,7 @@ unsafe fn micro_wb<const MV: usize, const H: usize, const J: usize>(
             wk = wk.add(2);
         }
         store_ct(acc, ct, first);
-        for (j, hrow) in acch.iter().enumerate() {
-            for &x in hrow {
-                let q = ct.add(j * MB + 16 * MV);
-                if first {
-                    _mm256_store_ps(q, x);
-                } else {
-                    _mm256_store_ps(q, _mm256_add_ps(_mm256_load_ps(q), x));
-                }
-            }
-        }
+        store_ct_half(acch, ct.add(16 * MV), first);
     }
 }
 
