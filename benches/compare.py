@@ -2,7 +2,10 @@
 """Side by side: moe-cpu whole layer (target/moe-benches-cpu.csv) against PyTorch CPU eager
 (target/torch-cpu.csv, best of its two variants). Where a point was measured in several rounds
 (benches/compare_cpu.sh), each side keeps its best median. Ratio = PyTorch ms / moe-cpu ms
-(> 1: we are faster)."""
+(> 1: we are faster). The GEMM columns: % of the arithmetic peaks, the GB/s at which the expert
+GEMMs read the active experts' weights, and their time as % of the hardware floor (FLOPs at the
+highest arithmetic peak for the dtype, or weight bytes at the measured memory read bandwidth,
+whichever takes longer)."""
 import csv
 import os
 import sys
@@ -19,9 +22,9 @@ torch_rows = {}
 for r in csv.DictReader(open(torch_p)):
     v = torch_rows.setdefault((r["shape"], r["dtype"], r["tokens"], r["threads"]), {})
     v[r["variant"]] = min(v.get(r["variant"], float("inf")), float(r["ms"]))
-print("| shape | dtype | T | threads | GEMM % f32 peak | GEMM % bf16 peak | moe-cpu ms | torch hf_loop ms "
-      "| torch matmul_loop ms | speed-up vs best torch |")
-print("|---|---|---|---|---|---|---|---|---|---|")
+print("| shape | dtype | T | threads | GEMM % f32 peak | GEMM % bf16 peak | GEMM weights GB/s | GEMM % of floor "
+      "| moe-cpu ms | torch hf_loop ms | torch matmul_loop ms | speed-up vs best torch |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|")
 wins = 0
 for key, r in ours.items():
     t = torch_rows.get(key)
@@ -32,6 +35,9 @@ for key, r in ours.items():
     wins += best > ms
     dp = r.get("gemm_pct_dpbf16_peak") or ""
     dp = f"{float(dp):.1f}" if dp else "-"
-    print(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {float(r['gemm_pct_peak']):.1f} | {dp} | {ms:.3f} | "
+    # Columns of reports from before the memory floor was measured are absent: "-".
+    gbs = f"{float(r['gemm_weight_gbs']):.1f}" if r.get("gemm_weight_gbs") else "-"
+    fl = f"{float(r['gemm_pct_floor']):.1f}" if r.get("gemm_pct_floor") else "-"
+    print(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {float(r['gemm_pct_peak']):.1f} | {dp} | {gbs} | {fl} | {ms:.3f} | "
           f"{t.get('hf_loop', float('nan')):.3f} | {t.get('matmul_loop', float('nan')):.3f} | {best / ms:.2f}x |")
 print(f"\nfaster at {wins} of {sum(1 for k in ours if k in torch_rows)} points")

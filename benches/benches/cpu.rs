@@ -1,7 +1,9 @@
-//! CPU benches: this machine's FMA peak (1 and 2 threads), then for each canonical shape, element
-//! type (f32, bf16) and token count: every stage, the two expert GEMMs (with their share of the
-//! FMA peak, and for bf16 also of the `vdpbf16ps` peak where the CPU has AVX512-BF16) and the
-//! whole layer, with 1 and 2 threads.
+//! CPU benches: this machine's FMA peak and memory read bandwidth (1 and 2 threads), then for
+//! each canonical shape, element type (f32, bf16) and token count: every stage, the two expert
+//! GEMMs (with their share of the FMA peak, for bf16 also of the `vdpbf16ps` peak where the CPU
+//! has AVX512-BF16, the GB/s at which they read the active experts' weights, and their time as
+//! % of the hardware floor: FLOPs at the highest arithmetic peak or weight bytes at the read
+//! bandwidth, whichever takes longer) and the whole layer, with 1 and 2 threads.
 //!
 //! `cargo bench -p moe-benches --features cpu`; `MOE_BENCH_QUICK=1` for a run of a few minutes
 //! (T in {1, 128}, 2 threads, per-stage and whole-layer benches at T = 1 only, the expert GEMMs
@@ -72,7 +74,7 @@ fn bench_shape<T: Element>(
     o: &Opts,
     sh: &Shape,
     dtype: &str,
-    peaks: &[(usize, f64, Option<f64>)],
+    peaks: &[peak::Peaks],
     csv: &mut dyn Write,
 ) where
     Cpu: MoeStages<T>,
@@ -92,13 +94,15 @@ fn bench_shape<T: Element>(
         for &th in &o.threads {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(th).build().unwrap();
             let cpu = Cpu::parallel();
-            let peak = peaks.iter().find(|p| p.0 == th).map_or(f64::NAN, |p| p.1);
-            // bf16 on AVX512-BF16 runs vdpbf16ps, whose peak is twice the f32 FMA peak.
-            let dp_peak = peaks
+            let pk = peaks
                 .iter()
-                .find(|p| p.0 == th)
-                .and_then(|p| p.2)
-                .filter(|_| T::DTYPE == moe_core::DType::BF16);
+                .find(|p| p.threads == th)
+                .copied()
+                .unwrap_or_else(|| peak::Peaks::measure(th));
+            let peak = pk.fma;
+            // bf16 on AVX512-BF16 runs vdpbf16ps (on AMD; widened to f32 FMAs on Intel).
+            let bf16 = T::DTYPE == moe_core::DType::BF16;
+            let dp_peak = pk.dpbf16.filter(|_| bf16);
             pool.install(|| layer.forward(&cpu).unwrap());
             let id = format!("{}/{dtype}/T{t}/th{th}", sh.name);
             let mut g = c.benchmark_group(format!("cpu/{id}"));
@@ -133,7 +137,11 @@ fn bench_shape<T: Element>(
             }
             g.finish();
             let (gm, lm) = (gemm.borrow().median(), whole.borrow().median());
-            let gflops = expert_flops(&sh.config, t) / gm / 1e9;
+            let flops = expert_flops(&sh.config, t);
+            let gflops = flops / gm / 1e9;
+            let bytes = expert_weight_bytes::<T>(&sh.config, layer.active_experts().unwrap());
+            let (gbs, floor_pct) =
+                (bytes / gm / 1e9, 100.0 * pk.floor_ms(flops, bytes, bf16) / (gm * 1e3));
             let dp = dp_peak.map_or(String::new(), |p| {
                 format!(", {:.1}% of the {th}-thread vdpbf16ps peak ({p:.0})", 100.0 * gflops / p)
             });
@@ -142,17 +150,20 @@ fn bench_shape<T: Element>(
             let layer_txt =
                 lm.map_or("layer not run (quick mode)".to_string(), |v| format!("layer {v:.3} ms"));
             println!(
-                "RESULT {id}: expert GEMMs {:.3} ms = {gflops:.1} GFLOP/s = {:.1}% of the {th}-thread FMA peak ({peak:.0}){dp}; {layer_txt}",
+                "RESULT {id}: expert GEMMs {:.3} ms = {gflops:.1} GFLOP/s = {:.1}% of the {th}-thread FMA peak ({peak:.0}){dp}, weights read at {gbs:.1} GB/s ({:.1} measured), {floor_pct:.1}% of the hardware floor; {layer_txt}",
                 gm * 1e3,
                 100.0 * gflops / peak,
+                pk.read_gbs,
             );
             let layer_csv = lm.map_or(String::new(), |v| format!("{v:.6}"));
             let _ = writeln!(
                 csv,
-                "{},{dtype},{t},{th},{layer_csv},{:.6},{gflops:.3},{:.3}",
+                "{},{dtype},{t},{th},{layer_csv},{:.6},{gflops:.3},{:.3},{},{gbs:.3},{:.3},{floor_pct:.3}",
                 sh.name,
                 gm * 1e3,
-                100.0 * gflops / peak
+                100.0 * gflops / peak,
+                dp_peak.map_or(String::new(), |p| format!("{:.3}", 100.0 * gflops / p)),
+                pk.read_gbs,
             );
         }
     }
@@ -168,13 +179,13 @@ fn main() {
     };
     let mut peaks = vec![];
     for th in [1usize, 2] {
-        let (p, isa) = peak::fma_peak_gflops(th);
-        println!("PEAK f32 FMA, {th} thread(s): {p:.1} GFLOP/s ({isa})");
-        let dp = peak::dpbf16_peak_gflops(th);
-        if let Some(d) = dp {
+        let p = peak::Peaks::measure(th);
+        println!("PEAK f32 FMA, {th} thread(s): {:.1} GFLOP/s ({})", p.fma, p.isa);
+        if let Some(d) = p.dpbf16 {
             println!("PEAK bf16 vdpbf16ps, {th} thread(s): {d:.1} GFLOP/s");
         }
-        peaks.push((th, p, dp));
+        println!("PEAK memory read, {th} thread(s): {:.1} GB/s", p.read_gbs);
+        peaks.push(p);
     }
     println!("ISA used by the kernels: {:?}", moe_cpu::Isa::detect());
     let path = std::env::var("MOE_BENCH_CSV").unwrap_or_else(|_| {
@@ -186,7 +197,10 @@ fn main() {
         Some(f) => f,
         None => &mut sink,
     };
-    let _ = writeln!(out, "shape,dtype,tokens,threads,layer_ms,gemm_ms,gemm_gflops,gemm_pct_peak");
+    let _ = writeln!(
+        out,
+        "shape,dtype,tokens,threads,layer_ms,gemm_ms,gemm_gflops,gemm_pct_peak,gemm_pct_dpbf16_peak,gemm_weight_gbs,read_bw_gbs,gemm_pct_floor"
+    );
     for sh in canonical() {
         if let Some(s) = &o.shapes
             && !s.iter().any(|p| sh.name.starts_with(p.as_str()))

@@ -1,7 +1,10 @@
 //! The numbers of the report, timed like `benches/torch_cpu.py` (one warm-up run, then at least
 //! 3 runs and about 2 s, median): for each selected shape, dtype, T and thread count, the two
 //! expert GEMMs (GFLOP/s and % of the FMA peak measured just before; for bf16 on a CPU with
-//! AVX512-BF16 also % of the `vdpbf16ps` peak, the ceiling of those kernels) and the whole layer.
+//! AVX512-BF16 also % of the `vdpbf16ps` peak, the ceiling of those kernels), the GB/s at which
+//! they read the active experts' weights, and their time as % of the hardware floor (the larger
+//! of the FLOPs at the highest arithmetic peak for the dtype and the weight bytes at the memory
+//! read bandwidth, both measured just before), and the whole layer.
 //! Same environment variables as the criterion bench; CSV on stdout (and `MOE_BENCH_CSV`).
 //!
 //! `cargo run --release -p moe-benches --features cpu --example report`
@@ -44,9 +47,9 @@ where
         layer.retoken(t, 7).unwrap();
         for &th in threads {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(th).build().unwrap();
-            let (peak, _) = peak::fma_peak_gflops(th);
-            let dp_peak =
-                (T::DTYPE == moe_core::DType::BF16).then(|| peak::dpbf16_peak_gflops(th)).flatten();
+            let pk = peak::Peaks::measure(th);
+            let bf16 = T::DTYPE == moe_core::DType::BF16;
+            let dp_peak = pk.dpbf16.filter(|_| bf16);
             let cpu = Cpu::parallel();
             let (gm, lm) = pool.install(|| {
                 layer.forward(&cpu).unwrap();
@@ -57,12 +60,18 @@ where
                 let lm = median_ms(|| layer.forward(&cpu).unwrap());
                 (gm, lm)
             });
-            let gf = expert_flops(&sh.config, t) / gm / 1e6;
+            let flops = expert_flops(&sh.config, t);
+            let gf = flops / gm / 1e6;
+            let bytes = expert_weight_bytes::<T>(&sh.config, layer.active_experts().unwrap());
+            let floor_ms = pk.floor_ms(flops, bytes, bf16);
             let row = format!(
-                "{},{d},{t},{th},{lm:.4},{gm:.4},{gf:.2},{:.2},{}",
+                "{},{d},{t},{th},{lm:.4},{gm:.4},{gf:.2},{:.2},{},{:.2},{:.2},{:.2}",
                 sh.name,
-                100.0 * gf / peak,
-                dp_peak.map_or(String::new(), |p| format!("{:.2}", 100.0 * gf / p))
+                100.0 * gf / pk.fma,
+                dp_peak.map_or(String::new(), |p| format!("{:.2}", 100.0 * gf / p)),
+                bytes / gm / 1e6,
+                pk.read_gbs,
+                100.0 * floor_ms / gm,
             );
             println!("{row}");
             let _ = writeln!(out, "{row}");
@@ -87,7 +96,7 @@ fn main() {
         if new {
             let _ = writeln!(
                 f,
-                "shape,dtype,tokens,threads,layer_ms,gemm_ms,gemm_gflops,gemm_pct_peak,gemm_pct_dpbf16_peak"
+                "shape,dtype,tokens,threads,layer_ms,gemm_ms,gemm_gflops,gemm_pct_peak,gemm_pct_dpbf16_peak,gemm_weight_gbs,read_bw_gbs,gemm_pct_floor"
             );
         }
         Some(f)
@@ -98,7 +107,7 @@ fn main() {
         None => &mut sink,
     };
     println!(
-        "shape,dtype,tokens,threads,layer_ms,gemm_ms,gemm_gflops,gemm_pct_peak,gemm_pct_dpbf16_peak"
+        "shape,dtype,tokens,threads,layer_ms,gemm_ms,gemm_gflops,gemm_pct_peak,gemm_pct_dpbf16_peak,gemm_weight_gbs,read_bw_gbs,gemm_pct_floor"
     );
     for sh in canonical() {
         if !shapes.iter().any(|p| sh.name.starts_with(p.as_str())) {

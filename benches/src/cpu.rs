@@ -194,6 +194,14 @@ pub fn expert_flops(c: &MoeConfig, tokens: usize) -> f64 {
     2.0 * rows * mats * (c.hidden * c.expert.mlp.intermediate) as f64
 }
 
+/// Bytes of routed expert weights (gate/up and down matrices, not biases) that `active` experts
+/// hold in element type `T`: what the expert GEMMs must read from memory at least once per
+/// forward when the weights do not fit in cache.
+pub fn expert_weight_bytes<T: Element>(c: &MoeConfig, active: usize) -> f64 {
+    let mats = if c.expert.mlp.gated { 3.0 } else { 2.0 };
+    active as f64 * mats * (c.hidden * c.expert.mlp.intermediate * size_of::<T>()) as f64
+}
+
 /// A layer ready to run: plan, weights, input, output, workspace.
 pub struct Layer<T> {
     /// Configuration.
@@ -238,6 +246,13 @@ impl<T: Element> Layer<T> {
         self.out = vec![T::default(); tokens * self.config.hidden];
         self.tokens = tokens;
         Ok(())
+    }
+
+    /// The experts that received at least one row in the last forward (or routing and
+    /// permute stages): their weights are what the expert GEMMs read.
+    pub fn active_experts(&mut self) -> Result<usize> {
+        let s = split_workspace::<moe_cpu::Cpu, T>(&self.plan.layout(T::DTYPE)?, &mut self.ws[..])?;
+        Ok(s.expert_offsets.windows(2).filter(|w| w[1] > w[0]).count())
     }
 
     /// One whole-layer forward.

@@ -132,3 +132,102 @@ pub fn dpbf16_peak_gflops(threads: usize) -> Option<f64> {
     let _ = threads;
     None
 }
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn sum_avx512(v: &[f32]) -> f32 {
+    use core::arch::x86_64::*;
+    let mut acc = [_mm512_setzero_ps(); 8];
+    let chunks = v.chunks_exact(128);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for (j, a) in acc.iter_mut().enumerate() {
+            // SAFETY: `c` holds 128 floats, so lanes 16 j .. 16 j + 16 are in it.
+            *a = _mm512_add_ps(*a, unsafe { _mm512_loadu_ps(c.as_ptr().add(16 * j)) });
+        }
+    }
+    let mut s = _mm512_setzero_ps();
+    for a in acc {
+        s = _mm512_add_ps(s, a);
+    }
+    _mm512_reduce_add_ps(s) + tail
+}
+
+/// One pass over `v` that reads every element (a sum, so nothing is optimized away).
+fn read_pass(v: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F (checked above).
+        return unsafe { sum_avx512(v) };
+    }
+    let mut acc = [0f32; 16];
+    for c in v.chunks(16) {
+        for (a, x) in acc.iter_mut().zip(c) {
+            *a += x;
+        }
+    }
+    acc.iter().sum()
+}
+
+/// This machine's memory read bandwidth in GB/s with `threads` threads at once: each thread
+/// sums its own `mib_per_thread` MiB buffer (far larger than the last-level cache), best of 10
+/// passes (one sequential stream per thread; 2-8 streams side by side read no faster on Zen 4).
+/// The floor of a GEMM that streams its weights once. On a shared host it moves with the
+/// neighbours' traffic (24-44 GB/s within minutes on a 2-vCPU Zen 4 guest).
+pub fn read_bandwidth_gbs(threads: usize, mib_per_thread: usize) -> f64 {
+    let n = mib_per_thread << 18;
+    let bufs: Vec<Vec<f32>> = (0..threads).map(|i| vec![1.0 + i as f32; n]).collect();
+    let mut best = 0f64;
+    for _ in 0..10 {
+        let t0 = Instant::now();
+        std::thread::scope(|s| {
+            for b in &bufs {
+                s.spawn(|| std::hint::black_box(read_pass(std::hint::black_box(b))));
+            }
+        });
+        best = best.max((threads * n * 4) as f64 / t0.elapsed().as_secs_f64() / 1e9);
+    }
+    best
+}
+
+/// This machine's ceilings for `threads` threads running at once, measured together.
+#[derive(Clone, Copy, Debug)]
+pub struct Peaks {
+    /// Threads.
+    pub threads: usize,
+    /// f32 FMA peak, GFLOP/s.
+    pub fma: f64,
+    /// The instruction set of the FMA chains.
+    pub isa: &'static str,
+    /// `vdpbf16ps` peak, GFLOP/s, where the CPU has AVX512-BF16.
+    pub dpbf16: Option<f64>,
+    /// Memory read bandwidth, GB/s.
+    pub read_gbs: f64,
+}
+
+impl Peaks {
+    /// Measure them (about 3 s).
+    pub fn measure(threads: usize) -> Peaks {
+        let (fma, isa) = fma_peak_gflops(threads);
+        Peaks {
+            threads,
+            fma,
+            isa,
+            dpbf16: dpbf16_peak_gflops(threads),
+            read_gbs: read_bandwidth_gbs(threads, 256),
+        }
+    }
+
+    /// The highest arithmetic peak measured for an element type (`bf16`: the larger of the
+    /// FMA and `vdpbf16ps` peaks; AMX tiles are not measured), GFLOP/s.
+    pub fn arith(&self, bf16: bool) -> f64 {
+        self.dpbf16.filter(|_| bf16).map_or(self.fma, |d| d.max(self.fma))
+    }
+
+    /// The hardware floor of a computation of `flops` FLOPs that must read `bytes` from
+    /// memory, in ms: the larger of the two at the highest arithmetic peak and at the read
+    /// bandwidth.
+    pub fn floor_ms(&self, flops: f64, bytes: f64, bf16: bool) -> f64 {
+        (flops / self.arith(bf16)).max(bytes / self.read_gbs) / 1e6
+    }
+}
