@@ -24,7 +24,7 @@
 //!   place (widened in registers, with an L2 prefetch [`INPLACE_AHEAD`] bytes ahead on each
 //!   where [`Tuning::inplace_prefetch`] says so): this replaces the few-rows kernel above,
 //!   which then serves only K tails;
-//! * AVX-512 and a row count in [`Tuning::wb_rows`] (Intel: 8 to 127; AMD: from 16, with 8
+//! * AVX-512 and a row count in [`Tuning::wb_rows`] (Intel: 8 to 127; AMD: from 8, with 8
 //!   instead of 12 weight rows per stripe, [`Tuning::wb_narrow`]): the weight-broadcast
 //!   kernel (module `wb`): the item's rows transposed once per K block into `[k][32]` tiles
 //!   (rows in the vector lanes), each weight element broadcast to 32 rows; f32 weight rows are
@@ -374,6 +374,10 @@ pub struct Tuning {
     /// `vdpbf16ps` costs half a 512-bit one (Zen 4 splits 512-bit operations into two 256-bit
     /// halves): at most 7 rows' work wasted per item instead of 15. Either gives the same bits.
     pub wb_half: bool,
+    /// The f32 weight-broadcast kernel also fetches the weight rows it reads in place into L2
+    /// a chunk ahead with software prefetches (as it always does for the rows it copies),
+    /// instead of leaving them to the hardware prefetchers alone. Either gives the same bits.
+    pub wb_prefetch: bool,
 }
 
 impl Tuning {
@@ -383,7 +387,7 @@ impl Tuning {
     /// so the weight-broadcast kernels read 8 weight rows per stripe there (2 threads,
     /// interleaved, expert GEMMs, time over the previous tuning's in the same round, median of
     /// 4-5 rounds):
-    /// * f32 items from 16 rows (all sizes) go to the weight-broadcast kernel, 8 rows per
+    /// * f32 items from 16 rows (all sizes) went to the weight-broadcast kernel, 8 rows per
     ///   stripe ([`Tuning::wb_narrow`]): Mixtral f32 T=128 0.962x, T=1024 0.945x, DeepSeek-V3
     ///   0.922x / 0.944x, Qwen3 T=1024 0.966x, gpt-oss T=1024 0.975x, the T=16 points and Qwen3
     ///   and gpt-oss T=128 0.995x-1.012x; with 12 rows per stripe the same items took 1.03x-1.08x
@@ -395,14 +399,23 @@ impl Tuning {
     ///   medians of 3-4 rounds, same bits): f32 T=128 Mixtral 0.937x, gpt-oss 0.952x,
     ///   DeepSeek-V3 0.977x, Qwen3 1.000x; T=1024 0.972x / 0.984x / 0.963x / 1.011x; bf16 T=128
     ///   0.966x / 0.949x / 0.957x / 0.978x, T=1024 1.003x / 0.989x / 0.985x / 0.966x.
+    /// * then from 8 rows (with the 8-lane tail, 8-15-row items take one 256-bit half; against
+    ///   16, medians of 11 and 15 rounds): Qwen3 f32 T=128 0.961x / 0.972x, gpt-oss T=128 0.950x
+    ///   / 0.950x, DeepSeek-V3 T=16 0.969x / 0.969x, the other T=16 / T=128 points 0.98x-1.007x
+    ///   (from 4 or 6 rows: no better; bf16 `dpwb_rows` from 2, 4 or 6 instead of 8: 0.99x-1.18x);
+    /// * the in-place f32 weight rows also prefetched into L2 a chunk ahead
+    ///   ([`Tuning::wb_prefetch`]; 11 rounds): Qwen3 f32 T=128 0.921x, gpt-oss T=128 0.950x;
+    ///   for items of more than 32 rows too (7 rounds): Qwen3 T=1024 0.968x, the other T=128 /
+    ///   T=1024 points 0.995x-1.011x.
     pub const AMD: Tuning = Tuning {
-        wb_rows: (16, usize::MAX),
+        wb_rows: (8, usize::MAX),
         direct_rows: 0,
         inplace_prefetch: true,
         dpbf16_rows: usize::MAX,
         dpwb_rows: (8, usize::MAX),
         wb_narrow: true,
         wb_half: true,
+        wb_prefetch: true,
     };
 
     /// Intel (measured on a 2-core Emerald Rapids guest without AMX, 2 threads, expert GEMMs,
@@ -422,7 +435,9 @@ impl Tuning {
     ///   rows, 422 vs 573); from 128 rows it and the broadcast kernel are within 5 %.
     ///
     /// The `vdpbf16ps` weight-broadcast kernel (`dpwb_rows`) was not measured there: off; nor
-    /// `wb_half` (Golden Cove runs a 512-bit FMA at the cost of a 256-bit one): off.
+    /// `wb_half` (Golden Cove runs a 512-bit FMA at the cost of a 256-bit one): off. Software
+    /// prefetch of the in-place f32 weight rows in the weight-broadcast kernel measured slower
+    /// there than the hardware prefetchers alone (`wb_prefetch`): off.
     pub const INTEL: Tuning = Tuning {
         wb_rows: (8, 128),
         direct_rows: 7,
@@ -431,6 +446,7 @@ impl Tuning {
         dpwb_rows: (0, 0),
         wb_narrow: false,
         wb_half: false,
+        wb_prefetch: false,
     };
 
     /// Every item a weight-broadcast kernel can take goes to it (for tests).
@@ -443,6 +459,7 @@ impl Tuning {
         dpwb_rows: (1, usize::MAX),
         wb_narrow: false,
         wb_half: true,
+        wb_prefetch: true,
     };
 
     /// The tuning of a name, case insensitive: `amd`, `intel`, `allwb` ([`Tuning::ALL_WB`]) or
@@ -1258,9 +1275,9 @@ mod avx512 {
         unsafe {
             if blk.k > 0 && m >= tuning.wb_rows.0 && m < tuning.wb_rows.1 {
                 if tuning.wb_narrow {
-                    super::wb::run_block::<T, { super::wb::NJ_NARROW }>(blk, out, tuning.wb_half)
+                    super::wb::run_block::<T, { super::wb::NJ_NARROW }>(blk, out, tuning)
                 } else {
-                    super::wb::run_block::<T, { super::wb::NJ_WIDE }>(blk, out, tuning.wb_half)
+                    super::wb::run_block::<T, { super::wb::NJ_WIDE }>(blk, out, tuning)
                 }
             } else if m >= super::BC_MIN_ROWS {
                 run_block_bc(blk, out)

@@ -19,7 +19,8 @@
 //! ([`super::RowPack::F32`], shared by the expert's items; the same A blocks are walked). Then, for each B, each stripe of `NJ` weight rows and each
 //! chunk of [`KC_WB`] along the A block, every row tile runs against the chunk. f32 weight rows
 //! of a full stripe are read in place, `NJ` sequential streams that the hardware prefetchers
-//! follow (software prefetch measured slower there); bf16/f16 and a partial last stripe are
+//! follow (and, with [`super::Tuning::wb_prefetch`], software prefetches into L2 a chunk
+//! ahead: faster on Zen 4, slower on Emerald Rapids); bf16/f16 and a partial last stripe are
 //! widened into a `[NJ][KC_WB]` buffer (at most 12 KiB), while the next chunk's weight rows
 //! are fetched into L2. The results accumulate transposed (`[column][MB]`, chunks added in K
 //! order) and are transposed into the caller's `[row][NB]` tiles at the end of the item.
@@ -277,8 +278,9 @@ pub(super) unsafe fn store_ct_half<const NJ: usize, const H: usize>(
 pub(crate) unsafe fn run_block<T: Element, const NJ: usize>(
     blk: &Block<'_, T>,
     out: Out,
-    half: bool,
+    tuning: super::Tuning,
 ) {
+    let (half, prefetch) = (tuning.wb_half, tuning.wb_prefetch);
     const { assert!(NJ <= NJ_WIDE && NB.is_multiple_of(NJ)) };
     let (k, mb, nb, n0) = (blk.k, blk.a_rows.len(), blk.nb, blk.n0);
     debug_assert!(k > 0 && mb > 0 && mb <= MB && nb <= NB);
@@ -350,11 +352,13 @@ pub(crate) unsafe fn run_block<T: Element, const NJ: usize>(
         let mut pf = Prefetch { base: core::ptr::null(), stride: 0, first: 0, end: 0 };
         let mut lines = 0;
         cur = next((a0, b, s, c));
-        // f32 weight rows of a full stripe are read in place (the hardware prefetchers stream
-        // them); other stripes are copied (widened), the next chunk's weight rows fetched into
-        // L2 meanwhile.
+        // f32 weight rows of a full stripe are read in place (followed by the hardware
+        // prefetchers, and where `tuning.wb_prefetch` says so also fetched a chunk ahead into
+        // L2); other stripes are copied (widened), the next chunk's weight rows fetched into L2
+        // meanwhile.
         let inplace = T::DTYPE == moe_core::DType::F32 && j0 + NJ <= nb;
-        if !inplace && let Some((pa0, pb, ps, pc)) = cur {
+        let swpf = !inplace || prefetch;
+        if swpf && let Some((pa0, pb, ps, pc)) = cur {
             let pk0 = pa0 + pc * KC_WB;
             let pw = blk.b[bis[pb]].unwrap_or(&[]);
             let prow = n0 + (ps * NJ).min(nb - 1);
@@ -415,7 +419,7 @@ pub(crate) unsafe fn run_block<T: Element, const NJ: usize>(
                         }
                     };
                 }
-                if inplace { go!(false) } else { go!(true) }
+                if !swpf { go!(false) } else { go!(true) }
             }
         }
     }
