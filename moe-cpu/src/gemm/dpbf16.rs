@@ -597,7 +597,7 @@ unsafe fn micro_wb<const MV: usize, const H: usize, const J: usize>(
         let mut wk = w;
         for p in 0..kp {
             if p % 16 == 0 {
-                // One line of each of the next chunk's weight rows per 16 steps, into L2.
+                // One line of each of a later chunk's weight rows (`pf`) per 16 steps, into L2.
                 let l = pf.first + p / 16;
                 if l < pf.end {
                     for j in 0..NJ {
@@ -664,8 +664,8 @@ pub(super) unsafe fn pack_rows<T: moe_core::Element>(
 /// 32-bit lane one row's pair of consecutive K elements (16 × 16 transposes of pairs); the
 /// weight rows are read in place, [`NJ`] at a time, each pair broadcast to all the tile's
 /// rows: 2 vector loads and 8 broadcasts per 16 `vdpbf16ps`, no horizontal sums, no weight
-/// copy; the next chunk's weight rows are fetched into L2 meanwhile, a slice per call. The
-/// last tile's lanes come in units of 8 where [`super::Tuning::wb_half`] says so (a 256-bit
+/// copy; the weight rows of the chunk after the next are fetched into L2 meanwhile, a slice
+/// per call. The last tile's lanes come in units of 8 where [`super::Tuning::wb_half`] says so (a 256-bit
 /// half after its 512-bit vectors): 8 rows of `vdpbf16ps` on `ymm` cost half a `zmm`
 /// instruction on Zen 4, so an item wastes at most 7 lanes per pair instead of 15. Measured on Zen 4 (2 threads, expert GEMMs,
 /// paired medians of 4 interleaved rounds against 16-lane units, same bits): T=128 Qwen3 0.978,
@@ -721,8 +721,8 @@ unsafe fn run_wb(blk: &Block<'_, bf16>, out: Out, half: bool) {
                 })
             };
         }
-        // Chunks in the order they run: (B, stripe, first pair), the last fastest; the next
-        // one (in this A block or the next) is fetched into L2 during each.
+        // Chunks in the order they run: (B, stripe, first pair), the last fastest; a later one
+        // (in this A block or the next) is fetched into L2 during each.
         let mut cur = Some((0, 0, a0));
         while let Some((b, s, c0)) = cur {
             let bi = bis[b];
@@ -731,16 +731,30 @@ unsafe fn run_wb(blk: &Block<'_, bf16>, out: Out, half: bool) {
             let nj = NJ.min(nb - j0);
             let kp = KP_WB.min(a0 + kac - c0);
             let first = c0 == 0;
-            cur = if c0 + KP_WB < a0 + kac {
-                Some((b, s, c0 + KP_WB))
-            } else if s + 1 < stripes {
-                Some((b, s + 1, a0))
-            } else if b + 1 < bis.len() {
-                Some((b + 1, 0, a0))
-            } else {
-                None
+            // The chunk after this one in this A block's walk.
+            let step = |(b, s, c): (usize, usize, usize)| {
+                if c + KP_WB < a0 + kac {
+                    Some((b, s, c + KP_WB))
+                } else if s + 1 < stripes {
+                    Some((b, s + 1, a0))
+                } else if b + 1 < bis.len() {
+                    Some((b + 1, 0, a0))
+                } else {
+                    None
+                }
             };
-            let nxt = cur.or((a0 + kpa < kpairs).then_some((0, 0, a0 + kpa)));
+            cur = step((b, s, c0));
+            // Fetched into L2 meanwhile: the chunk after the next one (the next A block's first
+            // where this walk ends there), or the next A block's first during this walk's last
+            // chunk. Two chunks ahead rather than one (a chunk is only 512 bytes of each weight
+            // row; Zen 4, 2 threads, expert GEMMs, 9 interleaved rounds: gpt-oss bf16 T=128
+            // 0.964x / 0.965x, Qwen3 T=128 0.973x / 0.988x, the other bf16 points of the four
+            // models at T=16 / 128 / 1024 0.986x-1.009x; f32's 1 KiB chunks gained nothing).
+            let next_block = (a0 + kpa < kpairs).then_some((0, 0, a0 + kpa));
+            let nxt = match cur {
+                Some(n) => step(n).or(next_block),
+                None => next_block,
+            };
             let mut pf = Prefetch { base: core::ptr::null(), stride: 0, first: 0, end: 0 };
             let mut lines = 0;
             if let Some((pb, ps, pc)) = nxt {
