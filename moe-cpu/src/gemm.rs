@@ -378,6 +378,11 @@ pub struct Tuning {
     /// a chunk ahead with software prefetches (as it always does for the rows it copies),
     /// instead of leaving them to the hardware prefetchers alone. Either gives the same bits.
     pub wb_prefetch: bool,
+    /// The `vdpbf16ps` decode kernel (items of 1-2 rows, each weight row streamed over its
+    /// whole K) also fetches its weight rows into L2 ahead with software prefetches, instead of
+    /// leaving the one sequential stream to the hardware prefetchers. Either gives the same
+    /// bits.
+    pub seq_prefetch: bool,
 }
 
 impl Tuning {
@@ -407,6 +412,14 @@ impl Tuning {
     ///   ([`Tuning::wb_prefetch`]; 11 rounds): Qwen3 f32 T=128 0.921x, gpt-oss T=128 0.950x;
     ///   for items of more than 32 rows too (7 rounds): Qwen3 T=1024 0.968x, the other T=128 /
     ///   T=1024 points 0.995x-1.011x.
+    /// * the `vdpbf16ps` decode kernel without its software prefetch ([`Tuning::seq_prefetch`]
+    ///   off; three runs of 11 rounds, same bits): bf16 T=1 Qwen3 0.928x / 0.968x / 0.989x,
+    ///   gpt-oss 0.995x / 0.965x / 1.007x, Mixtral 1.006x / 0.954x / 1.005x, DeepSeek-V3 1.003x
+    ///   / 0.998x / 1.004x (0.927x in a faster spell of the host); T=16 (1-4 rows per expert)
+    ///   Qwen3 0.873x / 0.881x / 0.903x, gpt-oss 0.981x / 0.911x / 0.913x, Mixtral 1.004x /
+    ///   0.996x / 0.984x, DeepSeek-V3 0.991x / 1.007x / 1.026x. The few-rows dot kernel's
+    ///   prefetch (3-7 rows) stays: without it Mixtral bf16 T=16 took 1.100x; so does f32's
+    ///   (`inplace_prefetch`): without it Mixtral f32 T=1 1.119x, DeepSeek-V3 1.107x.
     pub const AMD: Tuning = Tuning {
         wb_rows: (8, usize::MAX),
         direct_rows: 0,
@@ -416,6 +429,7 @@ impl Tuning {
         wb_narrow: true,
         wb_half: true,
         wb_prefetch: true,
+        seq_prefetch: false,
     };
 
     /// Intel (measured on a 2-core Emerald Rapids guest without AMX, 2 threads, expert GEMMs,
@@ -437,7 +451,8 @@ impl Tuning {
     /// The `vdpbf16ps` weight-broadcast kernel (`dpwb_rows`) was not measured there: off; nor
     /// `wb_half` (Golden Cove runs a 512-bit FMA at the cost of a 256-bit one): off. Software
     /// prefetch of the in-place f32 weight rows in the weight-broadcast kernel measured slower
-    /// there than the hardware prefetchers alone (`wb_prefetch`): off.
+    /// there than the hardware prefetchers alone (`wb_prefetch`): off. The `vdpbf16ps` decode
+    /// kernel keeps the software prefetch measured with it there (`seq_prefetch`).
     pub const INTEL: Tuning = Tuning {
         wb_rows: (8, 128),
         direct_rows: 7,
@@ -447,6 +462,7 @@ impl Tuning {
         wb_narrow: false,
         wb_half: false,
         wb_prefetch: false,
+        seq_prefetch: true,
     };
 
     /// Every item a weight-broadcast kernel can take goes to it (for tests).
@@ -460,6 +476,7 @@ impl Tuning {
         wb_narrow: false,
         wb_half: true,
         wb_prefetch: true,
+        seq_prefetch: true,
     };
 
     /// The tuning of a name, case insensitive: `amd`, `intel`, `allwb` ([`Tuning::ALL_WB`]) or
@@ -527,7 +544,7 @@ pub(crate) unsafe fn run_block<T: Element>(isa: Isa, tuning: Tuning, blk: &Block
         // `vdpbf16ps` kernels, the rest to AVX-512.
         Isa::Avx512Bf16 => unsafe {
             if T::DTYPE == moe_core::DType::BF16 && blk.a_rows.len() <= tuning.dpbf16_rows {
-                dpbf16::run_block(blk, out, tuning.dpwb_rows, tuning.wb_half)
+                dpbf16::run_block(blk, out, tuning)
             } else {
                 avx512::run_block_any(blk, out, tuning)
             }

@@ -14,8 +14,9 @@
 //! along K, reduced horizontally at the end), the shape of the AVX-512 dot-product kernels:
 //!
 //! * up to [`SEQ_ROWS`] rows (decode): one weight row at a time over its whole K, four
-//!   accumulators per activation row, read in place, one L2 prefetch per weight line
-//!   [`L2_AHEAD`] bytes ahead, the K tail read with masked loads (zeros past the end);
+//!   accumulators per activation row, read in place (where [`super::Tuning::seq_prefetch`]
+//!   says so with one L2 prefetch per weight line [`L2_AHEAD`] bytes ahead), the K tail read
+//!   with masked loads (zeros past the end);
 //! * more rows: per K block the item's rows are copied once into an aligned `[MP][KSH]` buffer
 //!   (zero-padded to a multiple of 32), and an `MR × NR` dot tile runs against each micro-panel
 //!   of [`NR`] weight rows, the next micro-panel's weight rows prefetched into L2 meanwhile, a
@@ -61,7 +62,8 @@ const KSH: usize = KC + L;
 const SEQ_ROWS: usize = 2;
 /// Bytes ahead on each weight stream that the in-place kernels fetch into L2. Zen 4 measured
 /// no gain, or a loss, from L1 prefetches (Mixtral T=1: 34.3 ms with L1 prefetches 2 KiB ahead,
-/// 27.5 without any, 25.8 with these).
+/// 27.5 without any, 25.8 with these, on the first instance measured; later ones ran the
+/// decode kernel faster without any: [`super::Tuning::seq_prefetch`]).
 const L2_AHEAD: usize = 4096;
 
 const _: () = assert!(KC.is_multiple_of(L));
@@ -188,10 +190,11 @@ unsafe fn micro_pb<const M: usize>(
 }
 
 /// One weight row at a time: `c[i * NB] (+)= sum_{k < kc} A_i[k] B[k]` for `i < M`, four
-/// accumulators per row (four vectors of B per step), masked tail.
+/// accumulators per row (four vectors of B per step), masked tail; with `PF` one L2 prefetch
+/// per weight line [`L2_AHEAD`] bytes ahead.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn micro_seq<const M: usize>(
+unsafe fn micro_seq<const M: usize, const PF: bool>(
     arow: [*const bf16; M],
     brow: *const bf16,
     kc: usize,
@@ -205,7 +208,9 @@ unsafe fn micro_seq<const M: usize>(
         while k < full {
             let mut b = [load(brow.add(k)); 4];
             for (q, v) in b.iter_mut().enumerate() {
-                prefetch_l2((brow as *const u8).wrapping_add(2 * (k + q * L) + L2_AHEAD));
+                if PF {
+                    prefetch_l2((brow as *const u8).wrapping_add(2 * (k + q * L) + L2_AHEAD));
+                }
                 *v = load(brow.add(k + q * L));
             }
             for (i, row) in acc.iter_mut().enumerate() {
@@ -233,9 +238,10 @@ unsafe fn micro_seq<const M: usize>(
 }
 
 /// A work item of at most [`SEQ_ROWS`] rows: weight rows one at a time over their whole K,
-/// so that a thread reads its item's weights as one sequential stream.
+/// so that a thread reads its item's weights as one sequential stream (`PF`: see
+/// [`super::Tuning::seq_prefetch`]).
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")]
-unsafe fn run_seq(blk: &Block<'_, bf16>, out: Out) {
+unsafe fn run_seq<const PF: bool>(blk: &Block<'_, bf16>, out: Out) {
     let (k, mb, nb) = (blk.k, blk.a_rows.len(), blk.nb);
     for (bi, b) in blk.b.iter().enumerate() {
         let Some(b) = b else { continue };
@@ -255,10 +261,10 @@ unsafe fn run_seq(blk: &Block<'_, bf16>, out: Out) {
                     let c = out[bi].add(i * NB + j);
                     let [a0, a1, a2, a3] = arow;
                     match m {
-                        4 => micro_seq::<4>([a0, a1, a2, a3], brow, k, c),
-                        3 => micro_seq::<3>([a0, a1, a2], brow, k, c),
-                        2 => micro_seq::<2>([a0, a1], brow, k, c),
-                        _ => micro_seq::<1>([a0], brow, k, c),
+                        4 => micro_seq::<4, PF>([a0, a1, a2, a3], brow, k, c),
+                        3 => micro_seq::<3, PF>([a0, a1, a2], brow, k, c),
+                        2 => micro_seq::<2, PF>([a0, a1], brow, k, c),
+                        _ => micro_seq::<1, PF>([a0], brow, k, c),
                     }
                 }
                 i += MR;
@@ -832,9 +838,9 @@ unsafe fn run_wb(blk: &Block<'_, bf16>, out: Out, half: bool) {
 pub(crate) unsafe fn run_block<T: moe_core::Element>(
     blk: &Block<'_, T>,
     out: Out,
-    wb_rows: (usize, usize),
-    half: bool,
+    tuning: super::Tuning,
 ) {
+    let (wb_rows, half) = (tuning.dpwb_rows, tuning.wb_half);
     debug_assert!(T::DTYPE == moe_core::DType::BF16);
     // The element type is bf16 (the caller dispatches on `T::DTYPE`): the same bits.
     let blk = &Block {
@@ -863,7 +869,9 @@ pub(crate) unsafe fn run_block<T: moe_core::Element>(
     }
     if mb <= SEQ_ROWS {
         // SAFETY: same features; the caller's contract.
-        unsafe { run_seq(blk, out) };
+        unsafe {
+            if tuning.seq_prefetch { run_seq::<true>(blk, out) } else { run_seq::<false>(blk, out) }
+        };
         return;
     }
     if mb >= BC_ROWS {
