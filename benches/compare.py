@@ -5,7 +5,9 @@
 (> 1: we are faster). The GEMM columns: % of the arithmetic peaks, the GB/s at which the expert
 GEMMs read the active experts' weights, and their time as % of the hardware floor (FLOPs at the
 highest arithmetic peak for the dtype, or weight bytes at the measured memory read bandwidth,
-whichever takes longer)."""
+whichever takes longer). Above 100 %: part of the weights stayed in the last-level cache between
+forwards (small decode working sets), or the bandwidth reading fell in a slower spell of a shared
+host than the GEMM's."""
 import csv
 import os
 import sys
