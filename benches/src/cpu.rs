@@ -432,12 +432,13 @@ where
     }
 }
 
-/// A kernel-selection spec of the bench tools, parsed: a [`Tuning`] name (`intel`, `amd`,
-/// `allwb`, `detect`; see [`Tuning::from_name`]) or comma-separated fields over the detected
-/// tuning: `wb=LO-HI`, `dr=ROWS`, `pf=0|1`, `dp=ROWS`, `dw=LO-HI`, `wn=0|1`, `wh=0|1`, `wp=0|1`,
-/// `sp=0|1` ([`Tuning`]'s `wb_rows`, `direct_rows`, `inplace_prefetch`, `dpbf16_rows`,
-/// `dpwb_rows`, `wb_narrow`, `wb_half`, `wb_prefetch`, `seq_prefetch`) and `isa=NAME` (that instruction set's kernels). Anything else is an error naming it: a tool
-/// never runs a variant other than the one asked for.
+/// A kernel-selection spec of the bench tools, parsed: a [`Tuning`] name (`intel`, `amd`, `allwb`,
+/// `detect`; see [`Tuning::from_name`]) or comma-separated fields over the detected tuning:
+/// `wb=LO-HI`, `dr=ROWS`, `pf=0|1`, `dp=ROWS`, `dw=LO-HI`, `wn=0|1`, `wh=0|1`, `wp=0|1`, `sp=0|1`
+/// ([`Tuning`]'s `wb_rows`, `direct_rows`, `inplace_prefetch`, `dpbf16_rows`, `dpwb_rows`,
+/// `wb_narrow`, `wb_half`, `wb_prefetch`, `seq_prefetch`) and `isa=NAME` (that instruction set's
+/// kernels). Anything else is an error naming it: a tool never runs a variant other than the one
+/// asked for.
 pub fn parse_variant(spec: &str) -> std::result::Result<(Tuning, Option<Isa>), String> {
     if let Some(t) = Tuning::from_name(spec) {
         return Ok((t, None));

@@ -570,9 +570,9 @@ pub(crate) unsafe fn run_block<T: Element>(isa: Isa, tuning: Tuning, blk: &Block
     }
 }
 
-/// The engine, written once and compiled per instruction set. The including module defines
-/// `L` (lanes), `MRX` (rows of its microkernel tile, at most [`MR`]), `V` (vector type), and `zero`, `load`, `fma`, `hsum4`, `widen_f16` with the
-/// module's `#[target_feature]`s.
+/// The engine, written once and compiled per instruction set. The including module defines `L`
+/// (lanes), `MRX` (rows of its microkernel tile, at most [`MR`]), `V` (vector type), and `zero`,
+/// `load`, `fma`, `hsum4`, `widen_f16` with the module's `#[target_feature]`s.
 macro_rules! engine {
     ($(#[$attr:meta])*) => {
         use super::{Aligned, Block, DIRECT_ROWS, KC, KS, MP, NB, NR, Out, PREFETCH_AHEAD};

@@ -671,13 +671,13 @@ pub(super) unsafe fn pack_rows<T: moe_core::Element>(
 /// weight rows are read in place, [`NJ`] at a time, each pair broadcast to all the tile's
 /// rows: 2 vector loads and 8 broadcasts per 16 `vdpbf16ps`, no horizontal sums, no weight
 /// copy; the weight rows of the chunk after the next are fetched into L2 meanwhile, a slice
-/// per call. The last tile's lanes come in units of 8 where [`super::Tuning::wb_half`] says so (a 256-bit
-/// half after its 512-bit vectors): 8 rows of `vdpbf16ps` on `ymm` cost half a `zmm`
-/// instruction on Zen 4, so an item wastes at most 7 lanes per pair instead of 15. Measured on Zen 4 (2 threads, expert GEMMs,
-/// paired medians of 4 interleaved rounds against 16-lane units, same bits): T=128 Qwen3 0.978,
-/// gpt-oss 0.949, Mixtral 0.966, DeepSeek-V3 0.957; T=1024 0.966 / 0.989 / 1.003 / 0.985. The
-/// results accumulate transposed (`[column][MB]`, chunks of [`KP_WB`] pairs added in K order)
-/// and are transposed into the caller's tiles at the end.
+/// per call. The last tile's lanes come in units of 8 where [`super::Tuning::wb_half`] says
+/// so (a 256-bit half after its 512-bit vectors): 8 rows of `vdpbf16ps` on `ymm` cost half a
+/// `zmm` instruction on Zen 4, so an item wastes at most 7 lanes per pair instead of 15.
+/// Measured on Zen 4 (2 threads, expert GEMMs, paired medians of 4 interleaved rounds against
+/// 16-lane units, same bits): T=128 Qwen3 0.978, gpt-oss 0.949, Mixtral 0.966, DeepSeek-V3 0.957;
+/// T=1024 0.966 / 0.989 / 1.003 / 0.985. The results accumulate transposed (`[column][MB]`, chunks
+/// of [`KP_WB`] pairs added in K order) and are transposed into the caller's tiles at the end.
 ///
 /// # Safety
 /// As [`run_block`]; `blk.k` even and positive.

@@ -13,18 +13,17 @@
 //!
 //! # Blocking
 //!
-//! Per A block (as much of K as 256 KiB of packed rows holds: 256 rows × 256, 32 rows × 2048):
-//! the item's rows are packed into row tiles of 32 (a 16-row tile for a remainder of at most
-//! 16; zero rows past the item), unless they come packed ahead over all of K
-//! ([`super::RowPack::F32`], shared by the expert's items; the same A blocks are walked). Then, for each B, each stripe of `NJ` weight rows and each
-//! chunk of [`KC_WB`] along the A block, every row tile runs against the chunk. f32 weight rows
-//! of a full stripe are read in place, `NJ` sequential streams that the hardware prefetchers
-//! follow (and, with [`super::Tuning::wb_prefetch`], software prefetches into L2 a chunk
-//! ahead: faster on Zen 4, slower on Emerald Rapids); bf16/f16 and a partial last stripe are
-//! widened into a `[NJ][KC_WB]` buffer (at most 12 KiB), while the next chunk's weight rows
-//! are fetched into L2. The results accumulate transposed (`[column][MB]`, chunks added in K
-//! order) and are transposed into the caller's `[row][NB]` tiles at the end of the item.
-//! Stack: 652 KiB.
+//! Per A block (as much of K as 256 KiB of packed rows holds: 256 rows × 256, 32 rows × 2048): the
+//! item's rows are packed into row tiles of 32 (a 16-row tile for a remainder of at most 16; zero
+//! rows past the item), unless they come packed ahead over all of K ([`super::RowPack::F32`],
+//! shared by the expert's items; the same A blocks are walked). Then, for each B, each stripe of
+//! `NJ` weight rows and each chunk of [`KC_WB`] along the A block, every row tile runs against the
+//! chunk. f32 weight rows of a full stripe are read in place, `NJ` sequential streams that the
+//! hardware prefetchers follow (and, with [`super::Tuning::wb_prefetch`], software prefetches into
+//! L2 a chunk ahead: faster on Zen 4, slower on Emerald Rapids); bf16/f16 and a partial last stripe
+//! are widened into a `[NJ][KC_WB]` buffer (at most 12 KiB), while the next chunk's weight rows are
+//! fetched into L2. The results accumulate transposed (`[column][MB]`, chunks added in K order) and
+//! are transposed into the caller's `[row][NB]` tiles at the end of the item. Stack: 652 KiB.
 //!
 //! # Determinism
 //!
