@@ -99,10 +99,6 @@ fn bench_shape<T: Element>(
                 .find(|p| p.threads == th)
                 .copied()
                 .unwrap_or_else(|| peak::Peaks::measure(th));
-            let peak = pk.fma;
-            // bf16 on AVX512-BF16 runs vdpbf16ps (on AMD; widened to f32 FMAs on Intel).
-            let bf16 = T::DTYPE == moe_core::DType::BF16;
-            let dp_peak = pk.dpbf16.filter(|_| bf16);
             pool.install(|| layer.forward(&cpu).unwrap());
             let id = format!("{}/{dtype}/T{t}/th{th}", sh.name);
             let mut g = c.benchmark_group(format!("cpu/{id}"));
@@ -137,33 +133,31 @@ fn bench_shape<T: Element>(
             }
             g.finish();
             let (gm, lm) = (gemm.borrow().median(), whole.borrow().median());
-            let flops = expert_flops(&sh.config, t);
-            let gflops = flops / gm / 1e9;
-            let bytes = expert_weight_bytes::<T>(&sh.config, layer.active_experts().unwrap());
-            let (gbs, floor_pct) =
-                (bytes / gm / 1e9, 100.0 * pk.floor_ms(flops, bytes, bf16) / (gm * 1e3));
-            let dp = dp_peak.map_or(String::new(), |p| {
-                format!(", {:.1}% of the {th}-thread vdpbf16ps peak ({p:.0})", 100.0 * gflops / p)
+            let fig = GemmFigures::new(&mut layer, &pk, gm * 1e3).unwrap();
+            let dp = pk.dpbf16.zip(fig.pct_dpbf16).map_or(String::new(), |(p, pct)| {
+                format!(", {pct:.1}% of the {th}-thread vdpbf16ps peak ({p:.0})")
             });
             // None: the layer bench did not run (quick mode, T after the first).
             let lm = (!whole.borrow().0.is_empty()).then_some(lm * 1e3);
             let layer_txt =
                 lm.map_or("layer not run (quick mode)".to_string(), |v| format!("layer {v:.3} ms"));
             println!(
-                "RESULT {id}: expert GEMMs {:.3} ms = {gflops:.1} GFLOP/s = {:.1}% of the {th}-thread FMA peak ({peak:.0}){dp}, weights read at {gbs:.1} GB/s ({:.1} measured), {floor_pct:.1}% of the hardware floor; {layer_txt}",
+                "RESULT {id}: expert GEMMs {:.3} ms = {:.1} GFLOP/s = {:.1}% of the {th}-thread FMA peak ({:.0}){dp}, weights read at {:.1} GB/s ({:.1} measured), {:.1}% of the hardware floor; {layer_txt}",
                 gm * 1e3,
-                100.0 * gflops / peak,
+                fig.gflops,
+                fig.pct_fma,
+                pk.fma,
+                fig.weight_gbs,
                 pk.read_gbs,
+                fig.pct_floor,
             );
             let layer_csv = lm.map_or(String::new(), |v| format!("{v:.6}"));
             let _ = writeln!(
                 csv,
-                "{},{dtype},{t},{th},{layer_csv},{:.6},{gflops:.3},{:.3},{},{gbs:.3},{:.3},{floor_pct:.3}",
+                "{},{dtype},{t},{th},{layer_csv},{:.6},{}",
                 sh.name,
                 gm * 1e3,
-                100.0 * gflops / peak,
-                dp_peak.map_or(String::new(), |p| format!("{:.3}", 100.0 * gflops / p)),
-                pk.read_gbs,
+                fig.csv(&pk)
             );
         }
     }
@@ -197,10 +191,7 @@ fn main() {
         Some(f) => f,
         None => &mut sink,
     };
-    let _ = writeln!(
-        out,
-        "shape,dtype,tokens,threads,layer_ms,gemm_ms,gemm_gflops,gemm_pct_peak,gemm_pct_dpbf16_peak,gemm_weight_gbs,read_bw_gbs,gemm_pct_floor"
-    );
+    let _ = writeln!(out, "{CSV_HEADER}");
     for sh in canonical() {
         if let Some(s) = &o.shapes
             && !s.iter().any(|p| sh.name.starts_with(p.as_str()))

@@ -48,8 +48,6 @@ where
         for &th in threads {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(th).build().unwrap();
             let pk = peak::Peaks::measure(th);
-            let bf16 = T::DTYPE == moe_core::DType::BF16;
-            let dp_peak = pk.dpbf16.filter(|_| bf16);
             let cpu = Cpu::parallel();
             let (gm, lm) = pool.install(|| {
                 layer.forward(&cpu).unwrap();
@@ -60,19 +58,8 @@ where
                 let lm = median_ms(|| layer.forward(&cpu).unwrap());
                 (gm, lm)
             });
-            let flops = expert_flops(&sh.config, t);
-            let gf = flops / gm / 1e6;
-            let bytes = expert_weight_bytes::<T>(&sh.config, layer.active_experts().unwrap());
-            let floor_ms = pk.floor_ms(flops, bytes, bf16);
-            let row = format!(
-                "{},{d},{t},{th},{lm:.4},{gm:.4},{gf:.2},{:.2},{},{:.2},{:.2},{:.2}",
-                sh.name,
-                100.0 * gf / pk.fma,
-                dp_peak.map_or(String::new(), |p| format!("{:.2}", 100.0 * gf / p)),
-                bytes / gm / 1e6,
-                pk.read_gbs,
-                100.0 * floor_ms / gm,
-            );
+            let fig = GemmFigures::new(&mut layer, &pk, gm).unwrap();
+            let row = format!("{},{d},{t},{th},{lm:.4},{gm:.4},{}", sh.name, fig.csv(&pk));
             println!("{row}");
             let _ = writeln!(out, "{row}");
             let _ = out.flush();
@@ -94,10 +81,7 @@ fn main() {
         let new = !std::path::Path::new(p).exists();
         let mut f = std::fs::OpenOptions::new().create(true).append(true).open(p).ok()?;
         if new {
-            let _ = writeln!(
-                f,
-                "shape,dtype,tokens,threads,layer_ms,gemm_ms,gemm_gflops,gemm_pct_peak,gemm_pct_dpbf16_peak,gemm_weight_gbs,read_bw_gbs,gemm_pct_floor"
-            );
+            let _ = writeln!(f, "{CSV_HEADER}");
         }
         Some(f)
     });
@@ -106,9 +90,7 @@ fn main() {
         Some(f) => f,
         None => &mut sink,
     };
-    println!(
-        "shape,dtype,tokens,threads,layer_ms,gemm_ms,gemm_gflops,gemm_pct_peak,gemm_pct_dpbf16_peak,gemm_weight_gbs,read_bw_gbs,gemm_pct_floor"
-    );
+    println!("{CSV_HEADER}");
     for sh in canonical() {
         if !shapes.iter().any(|p| sh.name.starts_with(p.as_str())) {
             continue;

@@ -202,6 +202,58 @@ pub fn expert_weight_bytes<T: Element>(c: &MoeConfig, active: usize) -> f64 {
     active as f64 * mats * (c.hidden * c.expert.mlp.intermediate * size_of::<T>()) as f64
 }
 
+/// The CSV columns of the CPU reports (the criterion bench and the `report` example), which
+/// `benches/compare.py` reads: the point, the layer and expert-GEMM times, then
+/// [`GemmFigures::csv`].
+pub const CSV_HEADER: &str = "shape,dtype,tokens,threads,layer_ms,gemm_ms,gemm_gflops,gemm_pct_peak,gemm_pct_dpbf16_peak,gemm_weight_gbs,read_bw_gbs,gemm_pct_floor";
+
+/// An expert-GEMM time set against this machine's ceilings ([`crate::peak::Peaks`]).
+#[derive(Clone, Copy, Debug)]
+pub struct GemmFigures {
+    /// GFLOP/s.
+    pub gflops: f64,
+    /// % of the FMA peak.
+    pub pct_fma: f64,
+    /// % of the `vdpbf16ps` peak, for bf16 where the CPU has one.
+    pub pct_dpbf16: Option<f64>,
+    /// GB/s at which the active experts' weights ([`expert_weight_bytes`]) were read.
+    pub weight_gbs: f64,
+    /// % of the hardware floor ([`crate::peak::Peaks::floor_ms`]).
+    pub pct_floor: f64,
+}
+
+impl GemmFigures {
+    /// The figures of expert GEMMs that took `gemm_ms` for the layer's last routing (the
+    /// active experts are read from its workspace).
+    pub fn new<T: Element>(
+        layer: &mut Layer<T>,
+        pk: &crate::peak::Peaks,
+        gemm_ms: f64,
+    ) -> Result<Self> {
+        let bf16 = T::DTYPE == DType::BF16;
+        let flops = expert_flops(&layer.config, layer.tokens);
+        let active = layer.active_experts()?;
+        let bytes = expert_weight_bytes::<T>(&layer.config, active);
+        let gflops = flops / gemm_ms / 1e6;
+        Ok(GemmFigures {
+            gflops,
+            pct_fma: 100.0 * gflops / pk.fma,
+            pct_dpbf16: pk.dpbf16.filter(|_| bf16).map(|p| 100.0 * gflops / p),
+            weight_gbs: bytes / gemm_ms / 1e6,
+            pct_floor: 100.0 * pk.floor_ms(flops, bytes, bf16) / gemm_ms,
+        })
+    }
+
+    /// The columns of [`CSV_HEADER`] from `gemm_gflops` on (`read_bw_gbs` from `pk`).
+    pub fn csv(&self, pk: &crate::peak::Peaks) -> String {
+        let dp = self.pct_dpbf16.map_or(String::new(), |p| format!("{p:.3}"));
+        format!(
+            "{:.3},{:.3},{dp},{:.3},{:.3},{:.3}",
+            self.gflops, self.pct_fma, self.weight_gbs, pk.read_gbs, self.pct_floor
+        )
+    }
+}
+
 /// A layer ready to run: plan, weights, input, output, workspace.
 pub struct Layer<T> {
     /// Configuration.

@@ -728,7 +728,20 @@ unsafe fn run_wb(blk: &Block<'_, bf16>, out: Out, half: bool) {
             };
         }
         // Chunks in the order they run: (B, stripe, first pair), the last fastest; a later one
-        // (in this A block or the next) is fetched into L2 during each.
+        // (in this A block or the next) is fetched into L2 during each. `step`: the chunk after
+        // one in this A block's walk.
+        let step = |(b, s, c): (usize, usize, usize)| {
+            if c + KP_WB < a0 + kac {
+                Some((b, s, c + KP_WB))
+            } else if s + 1 < stripes {
+                Some((b, s + 1, a0))
+            } else if b + 1 < bis.len() {
+                Some((b + 1, 0, a0))
+            } else {
+                None
+            }
+        };
+        let next_block = (a0 + kpa < kpairs).then_some((0, 0, a0 + kpa));
         let mut cur = Some((0, 0, a0));
         while let Some((b, s, c0)) = cur {
             let bi = bis[b];
@@ -737,18 +750,6 @@ unsafe fn run_wb(blk: &Block<'_, bf16>, out: Out, half: bool) {
             let nj = NJ.min(nb - j0);
             let kp = KP_WB.min(a0 + kac - c0);
             let first = c0 == 0;
-            // The chunk after this one in this A block's walk.
-            let step = |(b, s, c): (usize, usize, usize)| {
-                if c + KP_WB < a0 + kac {
-                    Some((b, s, c + KP_WB))
-                } else if s + 1 < stripes {
-                    Some((b, s + 1, a0))
-                } else if b + 1 < bis.len() {
-                    Some((b + 1, 0, a0))
-                } else {
-                    None
-                }
-            };
             cur = step((b, s, c0));
             // Fetched into L2 meanwhile: the chunk after the next one (the next A block's first
             // where this walk ends there), or the next A block's first during this walk's last
@@ -756,7 +757,6 @@ unsafe fn run_wb(blk: &Block<'_, bf16>, out: Out, half: bool) {
             // row; Zen 4, 2 threads, expert GEMMs, 9 interleaved rounds: gpt-oss bf16 T=128
             // 0.964x / 0.965x, Qwen3 T=128 0.973x / 0.988x, the other bf16 points of the four
             // models at T=16 / 128 / 1024 0.986x-1.009x; f32's 1 KiB chunks gained nothing).
-            let next_block = (a0 + kpa < kpairs).then_some((0, 0, a0 + kpa));
             let nxt = match cur {
                 Some(n) => step(n).or(next_block),
                 None => next_block,

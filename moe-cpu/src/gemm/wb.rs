@@ -418,7 +418,7 @@ pub(crate) unsafe fn run_block<T: Element, const NJ: usize>(
                         }
                     };
                 }
-                if !swpf { go!(false) } else { go!(true) }
+                if swpf { go!(true) } else { go!(false) }
             }
         }
     }
