@@ -486,11 +486,11 @@ where
 
 /// A kernel-selection spec of the bench tools, parsed: a [`Tuning`] name (`intel`, `amd`, `allwb`,
 /// `detect`; see [`Tuning::from_name`]) or comma-separated fields over the detected tuning:
-/// `wb=LO-HI`, `dr=ROWS`, `pf=0|1`, `dp=ROWS`, `dw=LO-HI`, `wn=0|1`, `wh=0|1`, `wp=0|1`, `sp=0|1`
-/// ([`Tuning`]'s `wb_rows`, `direct_rows`, `inplace_prefetch`, `dpbf16_rows`, `dpwb_rows`,
-/// `wb_narrow`, `wb_half`, `wb_prefetch`, `seq_prefetch`) and `isa=NAME` (that instruction set's
-/// kernels). Anything else is an error naming it: a tool never runs a variant other than the one
-/// asked for.
+/// `wb=LO-HI`, `dr=ROWS`, `pf=0|1`, `dp=ROWS`, `dw=LO-HI`, `wn=0|1`, `wh=0|1`, `wp=0|1`, `sp=0|1`,
+/// `wd=ROWS` ([`Tuning`]'s `wb_rows`, `direct_rows`, `inplace_prefetch`, `dpbf16_rows`,
+/// `dpwb_rows`, `wb_narrow`, `wb_half`, `wb_prefetch`, `seq_prefetch`, `wb_dot_rows`) and
+/// `isa=NAME` (that instruction set's kernels). Anything else is an error naming it: a tool never
+/// runs a variant other than the one asked for.
 pub fn parse_variant(spec: &str) -> std::result::Result<(Tuning, Option<Isa>), String> {
     if let Some(t) = Tuning::from_name(spec) {
         return Ok((t, None));
@@ -520,6 +520,7 @@ pub fn parse_variant(spec: &str) -> std::result::Result<(Tuning, Option<Isa>), S
             "wh" => t.wb_half = flag(key, v)?,
             "wp" => t.wb_prefetch = flag(key, v)?,
             "sp" => t.seq_prefetch = flag(key, v)?,
+            "wd" => t.wb_dot_rows = num(key, v)?,
             "dp" => t.dpbf16_rows = num(key, v)?,
             "dw" => t.dpwb_rows = range(key, v)?,
             "isa" => {
@@ -543,7 +544,8 @@ mod tests {
     fn variant_specs() {
         assert_eq!(parse_variant("intel"), Ok((Tuning::INTEL, None)));
         assert_eq!(parse_variant(" AMD "), Ok((Tuning::AMD, None)));
-        let (t, isa) = parse_variant("wb=8-64,dr=3,pf=1,dp=5,dw=4-96,wn=1,wh=0,wp=0,sp=1").unwrap();
+        let (t, isa) =
+            parse_variant("wb=8-64,dr=3,pf=1,dp=5,dw=4-96,wn=1,wh=0,wp=0,sp=1,wd=3").unwrap();
         assert_eq!(
             t,
             Tuning {
@@ -556,6 +558,7 @@ mod tests {
                 wb_half: false,
                 wb_prefetch: false,
                 seq_prefetch: true,
+                wb_dot_rows: 3,
             }
         );
         assert_eq!(isa, None);

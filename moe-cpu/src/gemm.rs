@@ -163,8 +163,9 @@ pub(crate) struct Block<'a, T> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum RowPack {
     /// f32 elements (widened from the element type), for the AVX-512 weight-broadcast kernel
-    /// (module `wb`): `K' = K`.
-    F32(bool),
+    /// (module `wb`): `K' = K`; its `wb_half` and (f32 only) `wb_dot_rows` (the rows it packs:
+    /// [`wb::tiled_rows`]).
+    F32(bool, usize),
     /// bf16 pairs of consecutive K elements, for the `vdpbf16ps` weight-broadcast kernel
     /// (module `dpbf16`): `K' = K / 2` (K even).
     Pairs(bool),
@@ -174,7 +175,7 @@ impl RowPack {
     /// 32-bit lanes per row (`K'`).
     pub(crate) fn width(self, k: usize) -> usize {
         match self {
-            RowPack::F32(_) => k,
+            RowPack::F32(..) => k,
             RowPack::Pairs(_) => k / 2,
         }
     }
@@ -197,7 +198,8 @@ pub(crate) fn row_pack(
     k: usize,
 ) -> Option<RowPack> {
     let wb = k > 0 && m >= tuning.wb_rows.0 && m < tuning.wb_rows.1;
-    let f32_wb = wb.then_some(RowPack::F32(tuning.wb_half));
+    let dots = if dtype == DType::F32 { tuning.wb_dot_rows } else { 0 };
+    let f32_wb = wb.then_some(RowPack::F32(tuning.wb_half, dots));
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => f32_wb,
@@ -238,7 +240,7 @@ pub(crate) unsafe fn pack_rows<T: Element>(
     debug_assert!(matches!(isa, Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx));
     match pack {
         // SAFETY: the caller's contract (AVX-512; the buffer and the rows).
-        RowPack::F32(h) => unsafe { wb::pack_rows(a, a_rows, k, h, groups, dst) },
+        RowPack::F32(h, d) => unsafe { wb::pack_rows(a, a_rows, k, h, d, groups, dst) },
         // SAFETY: the caller's contract (AVX512-BF16, so the element type is bf16: the caller
         // chose the layout with [`row_pack`]).
         RowPack::Pairs(h) => unsafe { dpbf16::pack_rows(a, a_rows, k, h, groups, dst) },
@@ -383,6 +385,13 @@ pub struct Tuning {
     /// leaving the one sequential stream to the hardware prefetchers. Either gives the same
     /// bits.
     pub seq_prefetch: bool,
+    /// With [`Tuning::wb_half`], the f32 weight-broadcast kernel leaves an item's last
+    /// `rows % 8` rows, when there are at most this many of them (and at least 8 other rows), to
+    /// dot products over the same weight rows while they are in cache (all 16 lanes of each
+    /// product used) instead of an 8-lane unit whose other lanes would be idle; 0: never.
+    /// Either gives results within rounding of the other, each the same bits whatever the
+    /// thread count.
+    pub wb_dot_rows: usize,
 }
 
 impl Tuning {
@@ -420,6 +429,12 @@ impl Tuning {
     ///   0.996x / 0.984x, DeepSeek-V3 0.991x / 1.007x / 1.026x. The few-rows dot kernel's
     ///   prefetch (3-7 rows) stays: without it Mixtral bf16 T=16 took 1.100x; so does f32's
     ///   (`inplace_prefetch`): without it Mixtral f32 T=1 1.119x, DeepSeek-V3 1.107x.
+    /// * an f32 item's last 1-5 rows past a multiple of 8 as dot products
+    ///   ([`Tuning::wb_dot_rows`] 5, against 0; 5 rounds): T=128 Mixtral 0.912x, DeepSeek-V3
+    ///   0.957x, gpt-oss 0.962x (0.948x-0.955x in three more runs), Qwen3 0.98x-1.03x
+    ///   (bandwidth-bound); T=1024 0.973x-1.008x; T=16 0.999x-1.027x (few items of 8 rows).
+    ///   Up to 3, 4, 6 or 7 rows instead of 5: gpt-oss T=128 1.037x, 1.000x, 1.024x, 1.02x-1.03x
+    ///   the time of 5, the other T=128 points within 1 %.
     pub const AMD: Tuning = Tuning {
         wb_rows: (8, usize::MAX),
         direct_rows: 0,
@@ -430,6 +445,7 @@ impl Tuning {
         wb_half: true,
         wb_prefetch: true,
         seq_prefetch: false,
+        wb_dot_rows: 5,
     };
 
     /// Intel (measured on a 2-core Emerald Rapids guest without AMX, 2 threads, expert GEMMs,
@@ -452,7 +468,8 @@ impl Tuning {
     /// `wb_half` (Golden Cove runs a 512-bit FMA at the cost of a 256-bit one): off. Software
     /// prefetch of the in-place f32 weight rows in the weight-broadcast kernel measured slower
     /// there than the hardware prefetchers alone (`wb_prefetch`): off. The `vdpbf16ps` decode
-    /// kernel keeps the software prefetch measured with it there (`seq_prefetch`).
+    /// kernel keeps the software prefetch measured with it there (`seq_prefetch`). Nor the
+    /// last rows as dot products (`wb_dot_rows`), which go with `wb_half`: off.
     pub const INTEL: Tuning = Tuning {
         wb_rows: (8, 128),
         direct_rows: 7,
@@ -463,6 +480,7 @@ impl Tuning {
         wb_half: false,
         wb_prefetch: false,
         seq_prefetch: true,
+        wb_dot_rows: 0,
     };
 
     /// Every item a weight-broadcast kernel can take goes to it (for tests).
@@ -477,6 +495,7 @@ impl Tuning {
         wb_half: true,
         wb_prefetch: true,
         seq_prefetch: true,
+        wb_dot_rows: 7,
     };
 
     /// The tuning of a name, case insensitive: `amd`, `intel`, `allwb` ([`Tuning::ALL_WB`]) or
@@ -1890,8 +1909,16 @@ mod tests {
                 // SAFETY: as above.
                 let poisoned = unsafe { core::slice::from_raw_parts(dst as *const f32, len) };
                 let r = run(Some((p, poisoned)));
+                // Every row the layout packs reads them (the f32 kernel's last rows may run
+                // as dot products on the rows in place).
+                let packed_rows = match p {
+                    RowPack::F32(h, d) => wb::tiled_rows(m, h, d),
+                    RowPack::Pairs(_) => m,
+                };
                 assert!(
-                    r.iter().all(|&x| f32::from_bits(x).is_nan()),
+                    r.chunks(nb * m)
+                        .flat_map(|t| &t[..nb * packed_rows])
+                        .all(|&x| f32::from_bits(x).is_nan()),
                     "{what}: packed rows unused"
                 );
                 used += 1;

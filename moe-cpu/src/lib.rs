@@ -420,7 +420,7 @@ impl<T: Element> Grouped<'_, T> {
         let reserve = |g: usize, rb: usize| {
             let len = block(g, rb).len();
             gemm::row_pack(isa, tuning, T::DTYPE, len, k)
-                .map_or(0, |_| gemm::RowPack::F32(false).len(len, k).next_multiple_of(16))
+                .map_or(0, |_| gemm::RowPack::F32(false, 0).len(len, k).next_multiple_of(16))
         };
         let reserved = |g: usize| (0..blocks(g)).map(|rb| reserve(g, rb)).sum::<usize>();
         // One job per 16-row group of each row block with a reservation.

@@ -25,10 +25,18 @@
 //! fetched into L2. The results accumulate transposed (`[column][MB]`, chunks added in K order) and
 //! are transposed into the caller's `[row][NB]` tiles at the end of the item. Stack: 652 KiB.
 //!
+//! With 8-lane units ([`super::Tuning::wb_half`]) an item of `8q + r` rows would leave `8 - r`
+//! lanes of its last unit idle; with f32 elements and `r` at most
+//! [`super::Tuning::wb_dot_rows`], the tiles take the `8q` rows ([`tiled_rows`]) and the last
+//! `r` run as dot products (K in the 16 lanes, [`dot_rows`]) against each stripe's weight rows
+//! over the whole A block, after its last chunk, while they are in L2.
+//!
 //! # Determinism
 //!
-//! Every output element is one sequential sum over k per K block, the blocks added in K order;
-//! the blocking depends only on the item's shape: the same bits whatever the thread count.
+//! Every output element is one sequential sum over k per K block (for the dot-product rows: 16
+//! lane sums over the A block, added across the lanes in a fixed order), the blocks added in K
+//! order; the blocking depends only on the item's shape: the same bits whatever the thread
+//! count.
 
 use super::avx512::{ct_to_tiles, load16, prefetch_l2, transpose16};
 use super::{Aligned, Block, MB, NB, Out};
@@ -134,7 +142,17 @@ pub(super) unsafe fn pack_row_tiles(
     }
 }
 
-/// [`super::pack_rows`] for [`super::RowPack::F32`]: the rows widened to f32, all of K.
+/// The rows of an item of `mb` rows that run in row tiles: all of them, or (`half`, `dots > 0`)
+/// all but the last `mb % 8` when there are at most `dots` of those and at least 8 others;
+/// the kernel computes the rest as dot products ([`dot_rows`]).
+#[inline]
+pub(crate) fn tiled_rows(mb: usize, half: bool, dots: usize) -> usize {
+    let r = mb % 8;
+    if half && r <= dots && mb >= 8 { mb - r } else { mb }
+}
+
+/// [`super::pack_rows`] for [`super::RowPack::F32`]: the rows widened to f32, all of K; only
+/// the item's [`tiled_rows`] (groups past them pack nothing).
 ///
 /// # Safety
 /// As [`super::pack_rows`], on a CPU with the features below.
@@ -144,15 +162,120 @@ pub(super) unsafe fn pack_rows<T: Element>(
     a_rows: &[usize],
     k: usize,
     half: bool,
+    dots: usize,
     groups: core::ops::Range<usize>,
     dst: *mut f32,
 ) {
-    // SAFETY: the caller's buffer holds len(a_rows.len(), k) = tiles * k * RT floats, 64-byte
-    // aligned; `load16` reads only inside the row's slice (checked against `a`).
+    let mt = tiled_rows(a_rows.len(), half, dots);
+    let g = mt.div_ceil(16);
+    // SAFETY: the caller's buffer holds len(a_rows.len(), k) >= tiles(mt) * k * RT floats,
+    // 64-byte aligned; `load16` reads only inside the row's slice (checked against `a`).
     unsafe {
-        pack_row_tiles(dst, a_rows.len(), k, k, half, groups, |i, c| {
+        pack_row_tiles(dst, mt, k, k, half, groups.start.min(g)..groups.end.min(g), |i, c| {
             load16(&a[a_rows[i] * k..(a_rows[i] + 1) * k], c)
         })
+    }
+}
+
+/// `[i][j] = sum_{k < kc} a[i][k] w[j][k]` for `i < R`, `j < J` (the rest zero): each sum 16
+/// lane partial sums (k in steps of 16, the last step masked), then added across the lanes in a
+/// fixed order.
+///
+/// # Safety
+/// Each `a[i]` and `w[j]` is valid for reads of `kc` floats.
+#[inline]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn dots<const R: usize, const J: usize>(
+    a: [*const f32; R],
+    w: [*const f32; J],
+    kc: usize,
+) -> [[f32; 8]; 4] {
+    // SAFETY: every load reads inside the first `kc` floats of its row (the last step masked).
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); J]; R];
+        let mut k = 0;
+        while k < kc {
+            let m: __mmask16 = if kc - k >= 16 { 0xFFFF } else { (1u16 << (kc - k)) - 1 };
+            let mut av = [_mm512_setzero_ps(); R];
+            for (x, p) in av.iter_mut().zip(a) {
+                *x = _mm512_maskz_loadu_ps(m, p.add(k));
+            }
+            for (j, p) in w.iter().enumerate() {
+                let wv = _mm512_maskz_loadu_ps(m, p.add(k));
+                for (row, &x) in acc.iter_mut().zip(av.iter()) {
+                    row[j] = _mm512_fmadd_ps(x, wv, row[j]);
+                }
+            }
+            k += 16;
+        }
+        let mut s = [[0.0; 8]; 4];
+        for (o, row) in s.iter_mut().zip(acc) {
+            for (x, v) in o.iter_mut().zip(row) {
+                *x = _mm512_reduce_add_ps(v);
+            }
+        }
+        s
+    }
+}
+
+/// The rows past an item's [`tiled_rows`] (`rows`, at most 7), f32 activations `a` (row
+/// length `k`) against the weight rows `w` (f32, `cols` of them from row `w0`), over `a0..a0
+/// + kac`: `ct[j * MB + i] (=|+=)` the sums for `j < cols`, `i < rows.len()`.
+///
+/// # Safety
+/// Every row lies in its slice (`a` rows of `rows`, `w` rows `w0..w0 + cols`), `a0 + kac <=
+/// k`; `ct` is valid for `cols` rows of at least `rows.len()` floats at stride [`MB`].
+#[inline]
+#[target_feature(enable = "avx512f,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn dot_rows(
+    a: &[f32],
+    rows: &[usize],
+    w: &[f32],
+    w0: usize,
+    cols: usize,
+    k: usize,
+    a0: usize,
+    kac: usize,
+    ct: *mut f32,
+    first: bool,
+) {
+    debug_assert!(rows.len() <= 7 && cols > 0 && a0 + kac <= k);
+    let wrow = |j: usize| w[(w0 + j) * k + a0..][..kac].as_ptr();
+    let mut i0 = 0;
+    while i0 < rows.len() {
+        // Groups of up to 3 rows against 8 weight rows (24 accumulators; 3 + 8 loads per 24
+        // FMAs), or of 4 against 4 where 4 or 7 rows are left (4 + 4 loads per 16 FMAs).
+        let left = rows.len() - i0;
+        let r = if left == 4 || left == 7 { 4 } else { left.min(3) };
+        let jw = if r == 4 { 4 } else { 8 };
+        let arow = |i: usize| a[rows[i0 + i.min(r - 1)] * k + a0..][..kac].as_ptr();
+        let mut j0 = 0;
+        while j0 < cols {
+            // Weight rows past `cols` repeat the last one (their sums are dropped).
+            let wr = |j: usize| wrow((j0 + j).min(cols - 1));
+            // SAFETY: each row pointer is valid for kac floats (sliced above).
+            let s = unsafe {
+                match r {
+                    1 => dots::<1, 8>([arow(0)], core::array::from_fn(wr), kac),
+                    2 => dots::<2, 8>([0, 1].map(arow), core::array::from_fn(wr), kac),
+                    3 => dots::<3, 8>([0, 1, 2].map(arow), core::array::from_fn(wr), kac),
+                    _ => dots::<4, 4>([0, 1, 2, 3].map(arow), core::array::from_fn(wr), kac),
+                }
+            };
+            for (i, row) in s.iter().enumerate().take(r) {
+                for (j, &x) in row.iter().enumerate().take(jw.min(cols - j0)) {
+                    // SAFETY: column j0 + j < cols, row i0 + i < rows.len() (the caller's
+                    // contract on `ct`).
+                    unsafe {
+                        let p = ct.add((j0 + j) * MB + i0 + i);
+                        *p = if first { x } else { *p + x };
+                    }
+                }
+            }
+            j0 += jw;
+        }
+        i0 += r;
     }
 }
 
@@ -283,6 +406,9 @@ pub(crate) unsafe fn run_block<T: Element, const NJ: usize>(
     const { assert!(NJ <= NJ_WIDE && NB.is_multiple_of(NJ)) };
     let (k, mb, nb, n0) = (blk.k, blk.a_rows.len(), blk.nb, blk.n0);
     debug_assert!(k > 0 && mb > 0 && mb <= MB && nb <= NB);
+    // The rows in row tiles; the rest (f32 only) as dot products.
+    let dots = if T::DTYPE == moe_core::DType::F32 { tuning.wb_dot_rows } else { 0 };
+    let (all, mb) = (mb, tiled_rows(mb, half, dots));
     // Packed rows of one A block: tile t at t * ka * RT, `[k][16 · MV]`.
     let mut a_buf = MaybeUninit::<Aligned<{ A_BUF }>>::uninit();
     // Transposed results, `[bi][column][MB]`.
@@ -320,8 +446,8 @@ pub(crate) unsafe fn run_block<T: Element, const NJ: usize>(
     };
     // Rows packed ahead (all of K; tile t at t * k * RT), or packed here per A block.
     let pre = match blk.packed {
-        Some((super::RowPack::F32(h), p)) if h == half => {
-            assert!(p.len() >= super::RowPack::F32(h).len(mb, k), "packed rows too short");
+        Some((super::RowPack::F32(h, d), p)) if h == half && tiled_rows(all, h, d) == mb => {
+            assert!(p.len() >= super::RowPack::F32(h, d).len(mb, k), "packed rows too short");
             Some(p.as_ptr())
         }
         _ => None,
@@ -421,12 +547,37 @@ pub(crate) unsafe fn run_block<T: Element, const NJ: usize>(
                 if swpf { go!(true) } else { go!(false) }
             }
         }
+        if all > mb && c + 1 == chunks_of(a0) {
+            // The stripe's last chunk of this A block: the rows past the tiles against its
+            // weight rows over the whole block (in L2 now).
+            let kac = ka.min(k - a0);
+            let cols = NJ.min(nb - j0);
+            let a32: &[f32] = bytemuck::cast_slice(blk.a);
+            let w32: &[f32] = bytemuck::cast_slice(bw);
+            // SAFETY: f32 elements (`dots` is 0 otherwise); the rows lie in their slices
+            // (checked by the slicing inside); columns j0..j0 + cols of the Cᵀ block, rows
+            // mb..all < MB.
+            unsafe {
+                dot_rows(
+                    a32,
+                    &blk.a_rows[mb..all],
+                    w32,
+                    n0 + j0,
+                    cols,
+                    k,
+                    a0,
+                    kac,
+                    cb.wrapping_add(mb),
+                    a0 == 0,
+                )
+            };
+        }
     }
     // SAFETY: every stripe (stripes * NJ columns) of the Cᵀ block of each present B was
     // written above for every row tile; the caller's tiles hold mb rows of NB floats.
     unsafe {
         let present = [blk.b[0].is_some(), blk.b[1].is_some()];
-        ct_to_tiles(cp, present, out, mb, nb, stripes * NJ)
+        ct_to_tiles(cp, present, out, all, nb, stripes * NJ)
     };
 }
 
