@@ -167,8 +167,8 @@ pub(crate) enum RowPack {
     /// [`wb::tiled_rows`]).
     F32(bool, usize),
     /// bf16 pairs of consecutive K elements, for the `vdpbf16ps` weight-broadcast kernel
-    /// (module `dpbf16`): `K' = K / 2` (K even).
-    Pairs(bool),
+    /// (module `dpbf16`): `K' = K / 2` (K even); its `wb_half` and `wb_dot_rows`.
+    Pairs(bool, usize),
 }
 
 impl RowPack {
@@ -176,7 +176,7 @@ impl RowPack {
     pub(crate) fn width(self, k: usize) -> usize {
         match self {
             RowPack::F32(..) => k,
-            RowPack::Pairs(_) => k / 2,
+            RowPack::Pairs(..) => k / 2,
         }
     }
 
@@ -207,7 +207,7 @@ pub(crate) fn row_pack(
         Isa::Avx512Bf16 if dtype == DType::BF16 && m <= tuning.dpbf16_rows => {
             let dw =
                 k > 0 && k.is_multiple_of(2) && m >= tuning.dpwb_rows.0 && m < tuning.dpwb_rows.1;
-            dw.then_some(RowPack::Pairs(tuning.wb_half))
+            dw.then_some(RowPack::Pairs(tuning.wb_half, tuning.wb_dot_rows))
         }
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512Bf16 => f32_wb,
@@ -243,7 +243,7 @@ pub(crate) unsafe fn pack_rows<T: Element>(
         RowPack::F32(h, d) => unsafe { wb::pack_rows(a, a_rows, k, h, d, groups, dst) },
         // SAFETY: the caller's contract (AVX512-BF16, so the element type is bf16: the caller
         // chose the layout with [`row_pack`]).
-        RowPack::Pairs(h) => unsafe { dpbf16::pack_rows(a, a_rows, k, h, groups, dst) },
+        RowPack::Pairs(h, d) => unsafe { dpbf16::pack_rows(a, a_rows, k, h, d, groups, dst) },
     }
 }
 
@@ -385,12 +385,12 @@ pub struct Tuning {
     /// leaving the one sequential stream to the hardware prefetchers. Either gives the same
     /// bits.
     pub seq_prefetch: bool,
-    /// With [`Tuning::wb_half`], the f32 weight-broadcast kernel leaves an item's last
-    /// `rows % 8` rows, when there are at most this many of them (and at least 8 other rows), to
-    /// dot products over the same weight rows while they are in cache (all 16 lanes of each
-    /// product used) instead of an 8-lane unit whose other lanes would be idle; 0: never.
-    /// Either gives results within rounding of the other, each the same bits whatever the
-    /// thread count.
+    /// With [`Tuning::wb_half`], the weight-broadcast kernels (f32, and `vdpbf16ps` for bf16)
+    /// leave an item's last `rows % 8` rows, when there are at most this many of them (and at
+    /// least 8 other rows), to dot products over the same weight rows while they are in cache
+    /// (all 16 lanes of each product used) instead of an 8-lane unit whose other lanes would be
+    /// idle; 0: never. Either gives results within rounding of the other, each the same bits
+    /// whatever the thread count.
     pub wb_dot_rows: usize,
 }
 
@@ -429,12 +429,15 @@ impl Tuning {
     ///   0.996x / 0.984x, DeepSeek-V3 0.991x / 1.007x / 1.026x. The few-rows dot kernel's
     ///   prefetch (3-7 rows) stays: without it Mixtral bf16 T=16 took 1.100x; so does f32's
     ///   (`inplace_prefetch`): without it Mixtral f32 T=1 1.119x, DeepSeek-V3 1.107x.
-    /// * an f32 item's last 1-5 rows past a multiple of 8 as dot products
-    ///   ([`Tuning::wb_dot_rows`] 5, against 0; 5 rounds): T=128 Mixtral 0.912x, DeepSeek-V3
-    ///   0.957x, gpt-oss 0.962x (0.948x-0.955x in three more runs), Qwen3 0.98x-1.03x
-    ///   (bandwidth-bound); T=1024 0.973x-1.008x; T=16 0.999x-1.027x (few items of 8 rows).
-    ///   Up to 3, 4, 6 or 7 rows instead of 5: gpt-oss T=128 1.037x, 1.000x, 1.024x, 1.02x-1.03x
-    ///   the time of 5, the other T=128 points within 1 %.
+    /// * an item's last 1-5 rows past a multiple of 8 as dot products
+    ///   ([`Tuning::wb_dot_rows`] 5, against 0; 5 rounds): f32 T=128 Mixtral 0.912x,
+    ///   DeepSeek-V3 0.957x, gpt-oss 0.962x (0.948x-0.955x in three more runs), Qwen3
+    ///   0.98x-1.03x (bandwidth-bound); T=1024 0.973x-1.008x; T=16 0.999x-1.027x (few items of
+    ///   8 rows); bf16 T=128 Mixtral 0.888x, DeepSeek-V3 0.953x, gpt-oss 0.956x (0.956x in 9
+    ///   more rounds), Qwen3 1.023x (0.995x in 9 more); T=1024 0.970x-0.996x. Up to 3, 4, 6 or
+    ///   7 rows instead of 5: f32 gpt-oss T=128 1.037x, 1.000x, 1.024x, 1.02x-1.03x the time of
+    ///   5, the other T=128 points within 1 %; bf16 within the noise of 5 but for gpt-oss T=128
+    ///   (3: 1.015x, 7: 1.022x).
     pub const AMD: Tuning = Tuning {
         wb_rows: (8, usize::MAX),
         direct_rows: 0,
@@ -1912,8 +1915,7 @@ mod tests {
                 // Every row the layout packs reads them (the f32 kernel's last rows may run
                 // as dot products on the rows in place).
                 let packed_rows = match p {
-                    RowPack::F32(h, d) => wb::tiled_rows(m, h, d),
-                    RowPack::Pairs(_) => m,
+                    RowPack::F32(h, d) | RowPack::Pairs(h, d) => wb::tiled_rows(m, h, d),
                 };
                 assert!(
                     r.chunks(nb * m)

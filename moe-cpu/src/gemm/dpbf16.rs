@@ -32,7 +32,9 @@
 //!   `[k/2][NP][2]`, activation pairs broadcast from the rows in place, no horizontal sums;
 //! * rows in [`super::Tuning::dpwb_rows`] (AMD: from 8) and K even, before all of the above: the
 //!   weight-broadcast kernel ([`run_wb`]): the rows packed once per A block into pair-lane
-//!   tiles, the weight rows read in place, each weight pair broadcast to 32 rows.
+//!   tiles, the weight rows read in place, each weight pair broadcast to 32 rows; an item's
+//!   last 1-5 rows past a multiple of 8 ([`super::Tuning::wb_dot_rows`]) as dot products
+//!   against each stripe's weight rows over the A block, while they are in L2.
 //!
 //! # Numerics and determinism
 //!
@@ -42,7 +44,9 @@
 //! element is computed by exactly one work item: the same bits whatever the thread count.
 
 use super::avx512::{hsum4, prefetch_l2};
-use super::wb::{Prefetch, RT, pack_row_tiles, store_ct, store_ct_half, tile_shape};
+use super::wb::{
+    Prefetch, RT, dot_groups, pack_row_tiles, store_ct, store_ct_half, tile_shape, tiled_rows,
+};
 use super::{Aligned, Block, KC, MB, MP, MR, NB, NR, Out};
 use core::arch::x86_64::*;
 use core::mem::MaybeUninit;
@@ -649,16 +653,100 @@ pub(super) unsafe fn pack_rows<T: moe_core::Element>(
     a_rows: &[usize],
     k: usize,
     half: bool,
+    dots: usize,
     groups: core::ops::Range<usize>,
     dst: *mut f32,
 ) {
     assert!(T::DTYPE == moe_core::DType::BF16 && k.is_multiple_of(2));
     let a = bytemuck::cast_slice::<T, bf16>(a);
-    // SAFETY: the caller's buffer holds len(a_rows.len(), k) = tiles * (k / 2) * RT floats,
-    // 64-byte aligned; `load_pairs` reads only inside the row's slice (checked against `a`).
+    let mt = tiled_rows(a_rows.len(), half, dots);
+    let g = mt.div_ceil(16);
+    // SAFETY: the caller's buffer holds len(a_rows.len(), k) >= tiles(mt) * (k / 2) * RT
+    // floats, 64-byte aligned; `load_pairs` reads only inside the row's slice (checked against
+    // `a`).
     unsafe {
-        pack_row_tiles(dst, a_rows.len(), k / 2, k / 2, half, groups, |i, c| {
-            load_pairs(&a[a_rows[i] * k..(a_rows[i] + 1) * k], 2 * c)
+        pack_row_tiles(
+            dst,
+            mt,
+            k / 2,
+            k / 2,
+            half,
+            groups.start.min(g)..groups.end.min(g),
+            |i, c| load_pairs(&a[a_rows[i] * k..(a_rows[i] + 1) * k], 2 * c),
+        )
+    }
+}
+
+/// `[i][j] = sum_{k < n} a[i][k] w[j][k]` for `i < R`, `j < J` (the rest zero) on `vdpbf16ps`:
+/// each sum 16 lane partial sums (32 bf16 per step, the last step masked), then added across
+/// the lanes in a fixed order.
+///
+/// # Safety
+/// Each `a[i]` and `w[j]` is valid for reads of `n` bf16.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn dots<const R: usize, const J: usize>(
+    a: [*const bf16; R],
+    w: [*const bf16; J],
+    n: usize,
+) -> [[f32; 8]; 4] {
+    // SAFETY: every load reads inside the first `n` bf16 of its row (`load_tail` masks).
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); J]; R];
+        let mut k = 0;
+        while k < n {
+            let av = a.map(|p| load_tail(p.add(k), n - k));
+            for (j, p) in w.iter().enumerate() {
+                let wv = load_tail(p.add(k), n - k);
+                for (row, &x) in acc.iter_mut().zip(av.iter()) {
+                    row[j] = _mm512_dpbf16_ps(row[j], x, wv);
+                }
+            }
+            k += L;
+        }
+        let mut s = [[0.0; 8]; 4];
+        for (o, row) in s.iter_mut().zip(acc) {
+            for (x, v) in o.iter_mut().zip(row) {
+                *x = _mm512_reduce_add_ps(v);
+            }
+        }
+        s
+    }
+}
+
+/// The rows past an item's [`tiled_rows`] (`rows`, at most 7) against the weight rows `w`
+/// (`cols` of them from row `w0`), over the bf16 `e0..e0 + n` of each row (length `k`):
+/// `ct[j * MB + i] (=|+=)` the sums for `j < cols`, `i < rows.len()`.
+///
+/// # Safety
+/// `e0 + n <= k`; `ct` is valid for `cols` rows of at least `rows.len()` floats at stride
+/// [`MB`]. (Every row read is sliced from `a` or `w`.)
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn dot_rows(
+    a: &[bf16],
+    rows: &[usize],
+    w: &[bf16],
+    w0: usize,
+    cols: usize,
+    k: usize,
+    e0: usize,
+    n: usize,
+    ct: *mut f32,
+    first: bool,
+) {
+    debug_assert!(rows.len() <= 7 && cols > 0 && e0 + n <= k);
+    let arow = |i: usize| a[rows[i] * k + e0..][..n].as_ptr();
+    let wrow = |j: usize| w[(w0 + j) * k + e0..][..n].as_ptr();
+    // SAFETY: the caller's contract on `ct`; each row pointer is valid for n bf16 (sliced
+    // above), the CPU has this function's features. The groups as the f32 twin's.
+    unsafe {
+        dot_groups(rows.len(), cols, ct, first, |r, ai, wj| match r {
+            1 => dots::<1, 8>([arow(ai[0])], wj.map(wrow), n),
+            2 => dots::<2, 8>([0, 1].map(|i| arow(ai[i])), wj.map(wrow), n),
+            3 => dots::<3, 8>([0, 1, 2].map(|i| arow(ai[i])), wj.map(wrow), n),
+            _ => dots::<4, 4>(ai.map(arow), [0, 1, 2, 3].map(|j| wrow(wj[j])), n),
         })
     }
 }
@@ -676,16 +764,21 @@ pub(super) unsafe fn pack_rows<T: moe_core::Element>(
 /// `zmm` instruction on Zen 4, so an item wastes at most 7 lanes per pair instead of 15.
 /// Measured on Zen 4 (2 threads, expert GEMMs, paired medians of 4 interleaved rounds against
 /// 16-lane units, same bits): T=128 Qwen3 0.978, gpt-oss 0.949, Mixtral 0.966, DeepSeek-V3 0.957;
-/// T=1024 0.966 / 0.989 / 1.003 / 0.985. The results accumulate transposed (`[column][MB]`, chunks
-/// of [`KP_WB`] pairs added in K order) and are transposed into the caller's tiles at the end.
+/// T=1024 0.966 / 0.989 / 1.003 / 0.985. With `dots` ([`super::Tuning::wb_dot_rows`]) an
+/// item's last `mb % 8 <= dots` rows (past at least 8) are left to [`dot_rows`] instead, after
+/// each stripe's last chunk of an A block. The results accumulate transposed (`[column][MB]`,
+/// chunks of [`KP_WB`] pairs added in K order) and are transposed into the caller's tiles at
+/// the end.
 ///
 /// # Safety
 /// As [`run_block`]; `blk.k` even and positive.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")]
-unsafe fn run_wb(blk: &Block<'_, bf16>, out: Out, half: bool) {
+unsafe fn run_wb(blk: &Block<'_, bf16>, out: Out, half: bool, dots: usize) {
     use super::avx512::ct_to_tiles;
     let (k, mb, nb, n0) = (blk.k, blk.a_rows.len(), blk.nb, blk.n0);
     debug_assert!(k > 0 && k.is_multiple_of(2) && mb > 0 && mb <= MB && nb <= NB);
+    // The rows in row tiles; the rest as dot products.
+    let (all, mb) = (mb, tiled_rows(mb, half, dots));
     // Packed rows of one A block: tile t at t * kpa * RT pairs, `[pair][16 · MV]`.
     let mut a_buf = MaybeUninit::<Aligned<A_PAIRS>>::uninit();
     // Transposed results, `[bi][column][MB]`.
@@ -705,8 +798,8 @@ unsafe fn run_wb(blk: &Block<'_, bf16>, out: Out, half: bool) {
     let kpa = (A_PAIRS / (tiles * RT) / KP_WB * KP_WB).max(KP_WB);
     // Rows packed ahead (all of K; tile t at t * kpairs * RT), or packed here per A block.
     let pre = match blk.packed {
-        Some((super::RowPack::Pairs(h), p)) if h == half => {
-            assert!(p.len() >= super::RowPack::Pairs(h).len(mb, k), "packed rows too short");
+        Some((super::RowPack::Pairs(h, d), p)) if h == half && tiled_rows(all, h, d) == mb => {
+            assert!(p.len() >= super::RowPack::Pairs(h, d).len(mb, k), "packed rows too short");
             Some(p.as_ptr() as *const u32)
         }
         _ => None,
@@ -817,6 +910,26 @@ unsafe fn run_wb(blk: &Block<'_, bf16>, out: Out, half: bool) {
                     go!(1 2 3 4 5 6 7 8);
                 }
             }
+            if all > mb && c0 + KP_WB >= a0 + kac {
+                // The stripe's last chunk of this A block: the rows past the tiles against its
+                // weight rows over the whole block (in L2 now).
+                // SAFETY: pairs a0..a0 + kac lie in K; columns j0..j0 + nj of the Cᵀ block,
+                // rows mb..all < MB.
+                unsafe {
+                    dot_rows(
+                        blk.a,
+                        &blk.a_rows[mb..all],
+                        bw,
+                        n0 + j0,
+                        nj,
+                        k,
+                        2 * a0,
+                        2 * kac,
+                        cp.wrapping_add(bi * NB * MB + j0 * MB + mb),
+                        a0 == 0,
+                    )
+                };
+            }
         }
         a0 += kpa;
     }
@@ -824,7 +937,7 @@ unsafe fn run_wb(blk: &Block<'_, bf16>, out: Out, half: bool) {
     // tile (all K); the caller's tiles hold mb rows of NB floats.
     unsafe {
         let present = [blk.b[0].is_some(), blk.b[1].is_some()];
-        ct_to_tiles(cp, present, out, mb, nb, nb)
+        ct_to_tiles(cp, present, out, all, nb, nb)
     };
 }
 
@@ -864,7 +977,7 @@ pub(crate) unsafe fn run_block<T: moe_core::Element>(
     }
     if mb >= wb_rows.0 && mb < wb_rows.1 && blk.k.is_multiple_of(2) {
         // SAFETY: same features; the caller's contract, K even and positive.
-        unsafe { run_wb(blk, out, half) };
+        unsafe { run_wb(blk, out, half, tuning.wb_dot_rows) };
         return;
     }
     if mb <= SEQ_ROWS {

@@ -241,32 +241,53 @@ unsafe fn dot_rows(
     first: bool,
 ) {
     debug_assert!(rows.len() <= 7 && cols > 0 && a0 + kac <= k);
+    let arow = |i: usize| a[rows[i] * k + a0..][..kac].as_ptr();
     let wrow = |j: usize| w[(w0 + j) * k + a0..][..kac].as_ptr();
+    // SAFETY: the caller's contract on `ct`; each row pointer is valid for kac floats (sliced
+    // above), the CPU has this function's features.
+    unsafe {
+        dot_groups(rows.len(), cols, ct, first, |r, ai, wj| match r {
+            1 => dots::<1, 8>([arow(ai[0])], wj.map(wrow), kac),
+            2 => dots::<2, 8>([0, 1].map(|i| arow(ai[i])), wj.map(wrow), kac),
+            3 => dots::<3, 8>([0, 1, 2].map(|i| arow(ai[i])), wj.map(wrow), kac),
+            _ => dots::<4, 4>(ai.map(arow), [0, 1, 2, 3].map(|j| wrow(wj[j])), kac),
+        })
+    }
+}
+
+/// The dot-product rows of both weight-broadcast kernels, `nrows` (at most 7) against `cols`
+/// weight rows: in groups of up to 3 rows against 8 weight rows (24 accumulators; 3 + 8 loads
+/// per 24 products), or of 4 against 4 where 4 or 7 rows are left (4 + 4 per 16).
+/// `sums(r, rows, weight_rows)` gives a group's `[row][weight row]` sums, given its `r` rows'
+/// indices (past `r` the last repeats) and its weight rows' (past `cols` the last repeats; those
+/// sums are dropped); `ct[j * MB + i] (=|+=)` them for `j < cols`, `i < nrows`.
+///
+/// # Safety
+/// `ct` is valid for `cols` rows of at least `nrows` floats at stride [`MB`]; `sums` is safe to
+/// call with such indices.
+pub(super) unsafe fn dot_groups(
+    nrows: usize,
+    cols: usize,
+    ct: *mut f32,
+    first: bool,
+    mut sums: impl FnMut(usize, [usize; 4], [usize; 8]) -> [[f32; 8]; 4],
+) {
     let mut i0 = 0;
-    while i0 < rows.len() {
-        // Groups of up to 3 rows against 8 weight rows (24 accumulators; 3 + 8 loads per 24
-        // FMAs), or of 4 against 4 where 4 or 7 rows are left (4 + 4 loads per 16 FMAs).
-        let left = rows.len() - i0;
+    while i0 < nrows {
+        let left = nrows - i0;
         let r = if left == 4 || left == 7 { 4 } else { left.min(3) };
         let jw = if r == 4 { 4 } else { 8 };
-        let arow = |i: usize| a[rows[i0 + i.min(r - 1)] * k + a0..][..kac].as_ptr();
         let mut j0 = 0;
         while j0 < cols {
-            // Weight rows past `cols` repeat the last one (their sums are dropped).
-            let wr = |j: usize| wrow((j0 + j).min(cols - 1));
-            // SAFETY: each row pointer is valid for kac floats (sliced above).
-            let s = unsafe {
-                match r {
-                    1 => dots::<1, 8>([arow(0)], core::array::from_fn(wr), kac),
-                    2 => dots::<2, 8>([0, 1].map(arow), core::array::from_fn(wr), kac),
-                    3 => dots::<3, 8>([0, 1, 2].map(arow), core::array::from_fn(wr), kac),
-                    _ => dots::<4, 4>([0, 1, 2, 3].map(arow), core::array::from_fn(wr), kac),
-                }
-            };
+            let s = sums(
+                r,
+                core::array::from_fn(|i| i0 + i.min(r - 1)),
+                core::array::from_fn(|j| (j0 + j).min(cols - 1)),
+            );
             for (i, row) in s.iter().enumerate().take(r) {
                 for (j, &x) in row.iter().enumerate().take(jw.min(cols - j0)) {
-                    // SAFETY: column j0 + j < cols, row i0 + i < rows.len() (the caller's
-                    // contract on `ct`).
+                    // SAFETY: column j0 + j < cols, row i0 + i < nrows (the caller's contract
+                    // on `ct`).
                     unsafe {
                         let p = ct.add((j0 + j) * MB + i0 + i);
                         *p = if first { x } else { *p + x };
