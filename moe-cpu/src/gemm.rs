@@ -164,7 +164,7 @@ pub(crate) struct Block<'a, T> {
 pub(crate) enum RowPack {
     /// f32 elements (widened from the element type), for the AVX-512 weight-broadcast kernel
     /// (module `wb`): `K' = K`; its `wb_half` and (f32 only) `wb_dot_rows` (the rows it packs:
-    /// [`wb::tiled_rows`]).
+    /// [`RowPack::rows`]).
     F32(bool, usize),
     /// bf16 pairs of consecutive K elements, for the `vdpbf16ps` weight-broadcast kernel
     /// (module `dpbf16`): `K' = K / 2` (K even); its `wb_half` and `wb_dot_rows`.
@@ -184,6 +184,26 @@ impl RowPack {
     pub(crate) fn len(self, m: usize, k: usize) -> usize {
         m.div_ceil(32) * 32 * self.width(k)
     }
+
+    /// The rows of an item of `m` rows that this layout packs: the kernel's row tiles take
+    /// them ([`tiled_rows`]); the rest run as dot products on the rows in place.
+    #[cfg(target_arch = "x86_64")]
+    pub(crate) fn rows(self, m: usize) -> usize {
+        match self {
+            RowPack::F32(half, dots) | RowPack::Pairs(half, dots) => tiled_rows(m, half, dots),
+        }
+    }
+}
+
+/// The rows of a weight-broadcast item of `mb` rows that run in row tiles: all of them, or
+/// (`half`, `dots > 0`) all but the last `mb % 8` when there are at most `dots` of those and at
+/// least 8 others; the kernels compute the rest as dot products (`wb::dot_rows` and its
+/// `vdpbf16ps` twin).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+pub(crate) fn tiled_rows(mb: usize, half: bool, dots: usize) -> usize {
+    let r = mb % 8;
+    if half && r <= dots && mb >= 8 { mb - r } else { mb }
 }
 
 /// The packed row layout the kernel of an item of `m` rows takes, if that kernel is a
@@ -221,7 +241,8 @@ pub(crate) fn row_pack(
 
 /// Pack the 16-row groups `groups` of the rows `a_rows` of `a` (row length `k`) in the layout
 /// `pack` (see [`RowPack`]) into `dst`, which holds [`RowPack::len`] floats for all of
-/// `a_rows`. Groups may be packed by different threads into disjoint parts of the buffer.
+/// `a_rows`: only the rows the layout packs ([`RowPack::rows`]; groups past them pack
+/// nothing). Groups may be packed by different threads into disjoint parts of the buffer.
 ///
 /// # Safety
 /// `isa` is available and is one whose kernels take `pack` (an AVX-512 one; AVX512-BF16 for
@@ -238,12 +259,16 @@ pub(crate) unsafe fn pack_rows<T: Element>(
     dst: *mut f32,
 ) {
     debug_assert!(matches!(isa, Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx));
+    let a_rows = &a_rows[..pack.rows(a_rows.len())];
+    let g = a_rows.len().div_ceil(16);
+    let groups = groups.start.min(g)..groups.end.min(g);
     match pack {
-        // SAFETY: the caller's contract (AVX-512; the buffer and the rows).
-        RowPack::F32(h, d) => unsafe { wb::pack_rows(a, a_rows, k, h, d, groups, dst) },
+        // SAFETY: the caller's contract (AVX-512; the buffer, which holds the packed rows of
+        // all of the caller's rows, and the rows).
+        RowPack::F32(h, _) => unsafe { wb::pack_rows(a, a_rows, k, h, groups, dst) },
         // SAFETY: the caller's contract (AVX512-BF16, so the element type is bf16: the caller
         // chose the layout with [`row_pack`]).
-        RowPack::Pairs(h, d) => unsafe { dpbf16::pack_rows(a, a_rows, k, h, d, groups, dst) },
+        RowPack::Pairs(h, _) => unsafe { dpbf16::pack_rows(a, a_rows, k, h, groups, dst) },
     }
 }
 
@@ -1914,9 +1939,7 @@ mod tests {
                 let r = run(Some((p, poisoned)));
                 // Every row the layout packs reads them (the f32 kernel's last rows may run
                 // as dot products on the rows in place).
-                let packed_rows = match p {
-                    RowPack::F32(h, d) | RowPack::Pairs(h, d) => wb::tiled_rows(m, h, d),
-                };
+                let packed_rows = p.rows(m);
                 assert!(
                     r.chunks(nb * m)
                         .flat_map(|t| &t[..nb * packed_rows])

@@ -44,10 +44,8 @@
 //! element is computed by exactly one work item: the same bits whatever the thread count.
 
 use super::avx512::{hsum4, prefetch_l2};
-use super::wb::{
-    Prefetch, RT, dot_groups, pack_row_tiles, store_ct, store_ct_half, tile_shape, tiled_rows,
-};
-use super::{Aligned, Block, KC, MB, MP, MR, NB, NR, Out};
+use super::wb::{Prefetch, RT, dot_groups, pack_row_tiles, store_ct, store_ct_half, tile_shape};
+use super::{Aligned, Block, KC, MB, MP, MR, NB, NR, Out, tiled_rows};
 use core::arch::x86_64::*;
 use core::mem::MaybeUninit;
 use half::bf16;
@@ -653,27 +651,17 @@ pub(super) unsafe fn pack_rows<T: moe_core::Element>(
     a_rows: &[usize],
     k: usize,
     half: bool,
-    dots: usize,
     groups: core::ops::Range<usize>,
     dst: *mut f32,
 ) {
     assert!(T::DTYPE == moe_core::DType::BF16 && k.is_multiple_of(2));
     let a = bytemuck::cast_slice::<T, bf16>(a);
-    let mt = tiled_rows(a_rows.len(), half, dots);
-    let g = mt.div_ceil(16);
-    // SAFETY: the caller's buffer holds len(a_rows.len(), k) >= tiles(mt) * (k / 2) * RT
-    // floats, 64-byte aligned; `load_pairs` reads only inside the row's slice (checked against
-    // `a`).
+    // SAFETY: the caller's buffer holds len(a_rows.len(), k) = tiles * (k / 2) * RT floats,
+    // 64-byte aligned; `load_pairs` reads only inside the row's slice (checked against `a`).
     unsafe {
-        pack_row_tiles(
-            dst,
-            mt,
-            k / 2,
-            k / 2,
-            half,
-            groups.start.min(g)..groups.end.min(g),
-            |i, c| load_pairs(&a[a_rows[i] * k..(a_rows[i] + 1) * k], 2 * c),
-        )
+        pack_row_tiles(dst, a_rows.len(), k / 2, k / 2, half, groups, |i, c| {
+            load_pairs(&a[a_rows[i] * k..(a_rows[i] + 1) * k], 2 * c)
+        })
     }
 }
 
@@ -798,8 +786,8 @@ unsafe fn run_wb(blk: &Block<'_, bf16>, out: Out, half: bool, dots: usize) {
     let kpa = (A_PAIRS / (tiles * RT) / KP_WB * KP_WB).max(KP_WB);
     // Rows packed ahead (all of K; tile t at t * kpairs * RT), or packed here per A block.
     let pre = match blk.packed {
-        Some((super::RowPack::Pairs(h, d), p)) if h == half && tiled_rows(all, h, d) == mb => {
-            assert!(p.len() >= super::RowPack::Pairs(h, d).len(mb, k), "packed rows too short");
+        Some((rp @ super::RowPack::Pairs(h, _), p)) if h == half && rp.rows(all) == mb => {
+            assert!(p.len() >= rp.len(mb, k), "packed rows too short");
             Some(p.as_ptr() as *const u32)
         }
         _ => None,

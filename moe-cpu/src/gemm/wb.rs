@@ -39,7 +39,7 @@
 //! count.
 
 use super::avx512::{ct_to_tiles, load16, prefetch_l2, transpose16};
-use super::{Aligned, Block, MB, NB, Out};
+use super::{Aligned, Block, MB, NB, Out, tiled_rows};
 use core::arch::x86_64::*;
 use core::mem::MaybeUninit;
 use moe_core::Element;
@@ -142,17 +142,7 @@ pub(super) unsafe fn pack_row_tiles(
     }
 }
 
-/// The rows of an item of `mb` rows that run in row tiles: all of them, or (`half`, `dots > 0`)
-/// all but the last `mb % 8` when there are at most `dots` of those and at least 8 others;
-/// the kernel computes the rest as dot products ([`dot_rows`]).
-#[inline]
-pub(crate) fn tiled_rows(mb: usize, half: bool, dots: usize) -> usize {
-    let r = mb % 8;
-    if half && r <= dots && mb >= 8 { mb - r } else { mb }
-}
-
-/// [`super::pack_rows`] for [`super::RowPack::F32`]: the rows widened to f32, all of K; only
-/// the item's [`tiled_rows`] (groups past them pack nothing).
+/// [`super::pack_rows`] for [`super::RowPack::F32`]: the rows widened to f32, all of K.
 ///
 /// # Safety
 /// As [`super::pack_rows`], on a CPU with the features below.
@@ -162,16 +152,13 @@ pub(super) unsafe fn pack_rows<T: Element>(
     a_rows: &[usize],
     k: usize,
     half: bool,
-    dots: usize,
     groups: core::ops::Range<usize>,
     dst: *mut f32,
 ) {
-    let mt = tiled_rows(a_rows.len(), half, dots);
-    let g = mt.div_ceil(16);
-    // SAFETY: the caller's buffer holds len(a_rows.len(), k) >= tiles(mt) * k * RT floats,
-    // 64-byte aligned; `load16` reads only inside the row's slice (checked against `a`).
+    // SAFETY: the caller's buffer holds len(a_rows.len(), k) = tiles * k * RT floats, 64-byte
+    // aligned; `load16` reads only inside the row's slice (checked against `a`).
     unsafe {
-        pack_row_tiles(dst, mt, k, k, half, groups.start.min(g)..groups.end.min(g), |i, c| {
+        pack_row_tiles(dst, a_rows.len(), k, k, half, groups, |i, c| {
             load16(&a[a_rows[i] * k..(a_rows[i] + 1) * k], c)
         })
     }
@@ -467,8 +454,8 @@ pub(crate) unsafe fn run_block<T: Element, const NJ: usize>(
     };
     // Rows packed ahead (all of K; tile t at t * k * RT), or packed here per A block.
     let pre = match blk.packed {
-        Some((super::RowPack::F32(h, d), p)) if h == half && tiled_rows(all, h, d) == mb => {
-            assert!(p.len() >= super::RowPack::F32(h, d).len(mb, k), "packed rows too short");
+        Some((rp @ super::RowPack::F32(h, _), p)) if h == half && rp.rows(all) == mb => {
+            assert!(p.len() >= rp.len(mb, k), "packed rows too short");
             Some(p.as_ptr())
         }
         _ => None,
