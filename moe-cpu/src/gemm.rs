@@ -104,6 +104,38 @@ pub(crate) const NR: usize = 6;
 
 const _: () = assert!(NB.is_multiple_of(NR) && KC.is_multiple_of(16));
 
+/// The cache lines `span` of a run of weight rows, for L2 prefetches: line `t` is line
+/// `t % lines` of row `(t / lines) % rows`, at `base + row * stride + line * step` elements.
+/// Walked with one division per span, not one per line: a 32-bit division costs about as much
+/// as the few-rows kernels' FMAs on one line (on Zen 4, dividing per line made the in-place
+/// kernel run 4-row items at 43 GFLOP/s per thread in cache instead of 52).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+#[inline(always)]
+fn line_span<T>(
+    base: *const T,
+    stride: usize,
+    step: usize,
+    lines: usize,
+    rows: usize,
+    span: core::ops::Range<usize>,
+) -> impl Iterator<Item = *const u8> {
+    let n = if lines == 0 || rows == 0 { 0 } else { span.len() };
+    let (mut row, mut line) =
+        if n == 0 { (0, 0) } else { ((span.start / lines) % rows, span.start % lines) };
+    (0..n).map(move |_| {
+        let p = base.wrapping_add(row * stride + line * step) as *const u8;
+        line += 1;
+        if line == lines {
+            line = 0;
+            row += 1;
+            if row == rows {
+                row = 0;
+            }
+        }
+        p
+    })
+}
+
 /// From this many rows (below it, transposing the weights costs more than it saves),
 /// AVX-512 work items use the broadcast (outer-product) kernel: 12 × 32
 /// register tile, weights transposed into `[k][32]` panels while packing (16 × 16 in-register
@@ -381,7 +413,8 @@ pub struct Tuning {
     /// whole K (the few-rows kernel), also where the in-place packed kernel could take them.
     pub direct_rows: usize,
     /// The AVX-512 dot-product kernel that reads the weight rows in place also fetches each of
-    /// them 4 KiB ahead into L2 with software prefetches.
+    /// them 4 KiB ahead into L2 with software prefetches, instead of fetching the next panel's
+    /// weight rows into L2 while a panel runs. Either gives the same bits.
     pub inplace_prefetch: bool,
     /// With [`Isa::Avx512Bf16`], bf16 work items of at most this many rows run on `vdpbf16ps`;
     /// larger ones are widened to f32 FMAs (the AVX-512 kernels).
@@ -463,6 +496,16 @@ impl Tuning {
     ///   7 rows instead of 5: f32 gpt-oss T=128 1.037x, 1.000x, 1.024x, 1.02x-1.03x the time of
     ///   5, the other T=128 points within 1 %; bf16 within the noise of 5 but for gpt-oss T=128
     ///   (3: 1.015x, 7: 1.022x).
+    /// * the f32 in-place kernel with its per-row prefetch no longer also fetches the next
+    ///   panel's weight rows (7-9 rounds, same bits): f32 T=1 Qwen3 0.913x, gpt-oss 0.927x,
+    ///   Mixtral 0.858x, DeepSeek-V3 0.976x; T=16 0.915x / 0.984x / 0.906x / 0.916x; T=128
+    ///   0.99x-1.01x. In cache (one thread, 192 weight rows, K 768 / 2048) its 4-row items went
+    ///   from 52 / 50 to 90 / 83 GFLOP/s, 2-row items from 33 / 29 to 71 / 57. Against the
+    ///   next-panel prefetch alone (`inplace_prefetch` off) it is still faster: T=1 Qwen3
+    ///   1.117x, gpt-oss 1.132x, Mixtral 1.521x, DeepSeek-V3 1.122x; T=16 1.239x / 1.092x /
+    ///   1.366x / 1.082x the time without it. bf16 keeps its next-panel prefetch beside the
+    ///   per-row one: without it Qwen3 bf16 T=128 took 1.048x, gpt-oss T=16 1.061x (Mixtral
+    ///   T=16 0.935x).
     pub const AMD: Tuning = Tuning {
         wb_rows: (8, usize::MAX),
         direct_rows: 0,
@@ -967,18 +1010,21 @@ macro_rules! engine {
                             }
                         }
                         // The next panel's weight rows (this K block), fetched into L2 a
-                        // slice per microkernel call so that its copy does not wait on memory.
-                        let next = (nb - (j + nr).min(nb)).min(NR);
+                        // slice per microkernel call so that its copy does not wait on memory;
+                        // not where `micro_pb` fetches each in-place row ahead itself (`PF`):
+                        // those rows are read there in turn, and the extra prefetches cost
+                        // the few-rows items more than they saved (see `Tuning::AMD`).
+                        let next = if INPLACE && PF { 0 } else { (nb - (j + nr).min(nb)).min(NR) };
                         let lines = kc.div_ceil(LINE);
                         let calls = mb.div_ceil(MRX);
                         let per = (next * lines).div_ceil(calls);
                         let mut i = 0;
                         while i < mb {
                             let q = i / MRX;
-                            for t in q * per..((q + 1) * per).min(next * lines) {
-                                let (jj, l) = (t / lines, t % lines);
-                                let at = (blk.n0 + j + nr + jj) * k + k0 + l * LINE;
-                                prefetch_l2(b.as_ptr().wrapping_add(at) as *const u8);
+                            let (t0, t1) = (q * per, ((q + 1) * per).min(next * lines));
+                            let row0 = b.as_ptr().wrapping_add((blk.n0 + j + nr) * k + k0);
+                            for p in super::line_span(row0, k, LINE, lines, next, t0..t1) {
+                                prefetch_l2(p);
                             }
                             let first = k0 == 0;
                             // SAFETY: rows i..i + m of the A buffer and all NR rows of the B
@@ -1440,10 +1486,10 @@ mod avx512 {
                     let i = g * MR_BC;
                     for p in 0..panels {
                         let q = g * panels + p;
-                        for t in q * per..((q + 1) * per).min(nb * lines) {
-                            let (jj, l) = (t / lines, t % lines);
-                            let at = (blk.n0 + jj) * k + k0 + kc + l * 16;
-                            prefetch_l2(b.as_ptr().wrapping_add(at) as *const u8);
+                        let span = q * per..((q + 1) * per).min(nb * lines);
+                        let row0 = b.as_ptr().wrapping_add(blk.n0 * k + k0 + kc);
+                        for p in super::line_span(row0, k, 16, lines, nb, span) {
+                            prefetch_l2(p);
                         }
                         // SAFETY: rows i..i + M of the A buffer hold kc floats; panel p kc rows of 32;
                         // the caller's tile has room for 32 columns from p * 32 of rows i..
@@ -1778,10 +1824,10 @@ mod avx2 {
                     }
                     for p in 0..panels {
                         let q = g * panels + p;
-                        for t in q * per..((q + 1) * per).min(nb * lines) {
-                            let (jj, l) = (t / lines, t % lines);
-                            let at = (blk.n0 + jj) * k + k0 + kc + l * LINE;
-                            prefetch_l2(b.as_ptr().wrapping_add(at) as *const u8);
+                        let span = q * per..((q + 1) * per).min(nb * lines);
+                        let row0 = b.as_ptr().wrapping_add(blk.n0 * k + k0 + kc);
+                        for p in super::line_span(row0, k, LINE, lines, nb, span) {
+                            prefetch_l2(p);
                         }
                         // SAFETY: the M row pointers address kc floats each: rows of the A
                         // buffer, or (in place, f32) A rows from k0 (k0 + kc <= k; the caller
@@ -1882,6 +1928,30 @@ mod neon {
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use super::*;
+
+    /// The prefetch walk visits exactly the lines of the per-line division it replaced, in the
+    /// same order, for spans that start mid-row, wrap over the rows, or are empty.
+    #[test]
+    fn line_span_walks_the_lines_of_the_division() {
+        let base = 1000usize as *const f32;
+        for (lines, rows) in [(1, 1), (3, 2), (16, 6), (7, 5), (0, 4), (5, 0)] {
+            for start in 0..2 * lines * rows + 2 {
+                for len in [0, 1, lines + 1, 3 * lines * rows + 1] {
+                    let span = start..start + len;
+                    let got: Vec<usize> = line_span(base, 100, 16, lines, rows, span.clone())
+                        .map(|p| p as usize)
+                        .collect();
+                    let want: Vec<usize> = if lines == 0 || rows == 0 {
+                        vec![]
+                    } else {
+                        span.map(|t| 1000 + 4 * (((t / lines) % rows) * 100 + (t % lines) * 16))
+                            .collect()
+                    };
+                    assert_eq!(got, want, "lines {lines} rows {rows} span from {start}, {len}");
+                }
+            }
+        }
+    }
 
     /// Rows packed ahead give the kernels the same bits as rows they pack themselves, and the
     /// kernels do read them (NaN-poisoned packed rows poison the results) wherever

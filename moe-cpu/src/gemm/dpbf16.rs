@@ -335,10 +335,10 @@ unsafe fn run_rows<const INPLACE: bool>(blk: &Block<'_, bf16>, a_rows: &[usize],
                 let mut i = 0;
                 while i < mb {
                     let q = i / MR;
-                    for t in q * per..((q + 1) * per).min(next * lines) {
-                        let (jj, l) = (t / lines, t % lines);
-                        let at = (blk.n0 + j + nr + jj) * k + k0 + l * L;
-                        prefetch_l2(b.as_ptr().wrapping_add(at) as *const u8);
+                    let span = q * per..((q + 1) * per).min(next * lines);
+                    let row0 = b.as_ptr().wrapping_add((blk.n0 + j + nr) * k + k0);
+                    for p in super::line_span(row0, k, L, lines, next, span) {
+                        prefetch_l2(p);
                     }
                     let first = k0 == 0;
                     // SAFETY: rows i..i + m of the A buffer and all NR rows of the B buffer
@@ -524,10 +524,10 @@ unsafe fn run_bc(blk: &Block<'_, bf16>, out: Out) {
             for (bi, b) in blk.b.iter().enumerate() {
                 let Some(b) = b else { continue };
                 for p in 0..panels {
-                    for t in q * per..((q + 1) * per).min(nb * lines * nmat) {
-                        let (jj, l) = ((t / lines) % nb, t % lines);
-                        let at = (blk.n0 + jj) * k + k0 + kc + l * 32;
-                        prefetch_l2(b.as_ptr().wrapping_add(at) as *const u8);
+                    let span = q * per..((q + 1) * per).min(nb * lines * nmat);
+                    let row0 = b.as_ptr().wrapping_add(blk.n0 * k + k0 + kc);
+                    for p in super::line_span(row0, k, 32, lines, nb, span) {
+                        prefetch_l2(p);
                     }
                     q += 1;
                     // SAFETY: m rows of kc bf16 from `arow`; panel p of B bi holds kp pair
