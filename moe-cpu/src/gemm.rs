@@ -21,9 +21,9 @@
 //!   a micro-panel is used, the next one's weight rows are prefetched into L2, a slice per
 //!   microkernel call, so that its copy does not wait on memory. With AVX-512, up to
 //!   [`INPLACE_ROWS`] rows and K a multiple of 16, the weight rows are not copied but read in
-//!   place (widened in registers, with an L2 prefetch [`INPLACE_AHEAD`] bytes ahead on each
-//!   where [`Tuning::inplace_prefetch`] says so): this replaces the few-rows kernel above,
-//!   which then serves only K tails;
+//!   place (widened in registers, with an L2 prefetch [`INPLACE_AHEAD`] bytes ahead on each,
+//!   instead of the next micro-panel's, where [`Tuning::inplace_prefetch`] says so): this
+//!   replaces the few-rows kernel above, which then serves only K tails;
 //! * AVX-512 and a row count in [`Tuning::wb_rows`] (Intel: 8 to 127; AMD: from 8, with 8
 //!   instead of 12 weight rows per stripe, [`Tuning::wb_narrow`]): the weight-broadcast
 //!   kernel (module `wb`): the item's rows transposed once per K block into `[k][32]` tiles
@@ -109,7 +109,6 @@ const _: () = assert!(NB.is_multiple_of(NR) && KC.is_multiple_of(16));
 /// Walked with one division per span, not one per line: a 32-bit division costs about as much
 /// as the few-rows kernels' FMAs on one line (on Zen 4, dividing per line made the in-place
 /// kernel run 4-row items at 43 GFLOP/s per thread in cache instead of 52).
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 #[inline(always)]
 fn line_span<T>(
     base: *const T,
