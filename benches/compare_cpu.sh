@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# moe-cpu against PyTorch CPU eager, back to back per shape (ours, then PyTorch, same shape and
-# settings), MOE_COMPARE_ROUNDS times (default 2) in alternation, then the side-by-side table:
-# each side's best median over the rounds, so that a slow spell of a shared machine hits both
-# sides alike. Honors MOE_BENCH_SHAPES / _T / _DTYPES / _THREADS.
+# moe-cpu against PyTorch CPU eager, point by point: for each shape, both sides start together
+# and take turns through two named pipes (a baton), so that each point (shape, dtype, T, threads)
+# is timed by moe-cpu and by PyTorch within seconds of each other and never while the other side
+# runs; layer builds take turns too. MOE_COMPARE_ROUNDS times (default 2), the side that goes
+# first alternating between rounds, then the side-by-side table: each side's best median over the
+# rounds. Honors MOE_BENCH_SHAPES / _T / _DTYPES / _THREADS.
 # Creates benches/.venv with torch on first use (see run_torch_cpu.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,14 +15,34 @@ mkdir -p "$out"
 rm -f "$out"/ours.csv "$out"/torch*.csv
 cargo build --release -p moe-benches --features cpu --example report --example peaks
 ./target/release/examples/peaks | tee "$out/peaks.txt"
+# Fresh pipes per round (a last hand-on may stay unread in one); this shell keeps both open
+# read-write so that neither side's open blocks and neither write fails.
+pipes() {
+  exec 3>&- 4>&- 2>/dev/null || true
+  rm -f "$out/baton.ours" "$out/baton.torch"
+  mkfifo "$out/baton.ours" "$out/baton.torch"
+  exec 3<>"$out/baton.ours" 4<>"$out/baton.torch"
+}
 shapes="${MOE_BENCH_SHAPES:-qwen3_30b_a3b,gpt_oss_120b,mixtral_8x7b,deepseek_v3}"
 for s in ${shapes//,/ }; do
   for r in $(seq "$rounds"); do
     echo "== $s round $r: load $(cut -d' ' -f1-3 /proc/loadavg) at $(date -u +%H:%M:%S)"
-    MOE_BENCH_SHAPES=$s MOE_BENCH_CSV="$out/ours.csv" ./target/release/examples/report
-    MOE_BENCH_SHAPES=$s benches/run_torch_cpu.sh --csv "$out/torch-$s-$r.csv"
+    pipes
+    MOE_BENCH_SHAPES=$s MOE_BENCH_CSV="$out/ours.csv" MOE_BENCH_BATON_IN="$out/baton.ours" \
+      MOE_BENCH_BATON_OUT="$out/baton.torch" ./target/release/examples/report &
+    ours=$!
+    MOE_BENCH_SHAPES=$s MOE_BENCH_BATON_IN="$out/baton.torch" MOE_BENCH_BATON_OUT="$out/baton.ours" \
+      benches/run_torch_cpu.sh --csv "$out/torch-$s-$r.csv" &
+    torch=$!
+    if ((r % 2)); then echo go >&3; else echo go >&4; fi
+    # Either side failing would leave the other waiting for the baton: stop both.
+    for _ in 1 2; do
+      wait -n "$ours" "$torch" || { kill "$ours" "$torch" 2>/dev/null; echo "a side failed" >&2; exit 1; }
+    done
   done
 done
+exec 3>&- 4>&-
+rm -f "$out/baton.ours" "$out/baton.torch"
 first=$(ls "$out"/torch-*-1.csv | head -1)
 head -1 "$first" > "$out/torch.csv"
 for f in "$out"/torch-*-*.csv; do tail -n +2 "$f" >> "$out/torch.csv"; done

@@ -12,6 +12,10 @@ activations), random weights, timed as two eager implementations:
 Environment (same names as the Rust bench): MOE_BENCH_SHAPES, MOE_BENCH_T, MOE_BENCH_DTYPES,
 MOE_BENCH_THREADS, MOE_BENCH_QUICK. Writes CSV rows
 ``shape,dtype,tokens,threads,variant,ms`` to ``--csv`` (default target/torch-cpu.csv).
+
+With MOE_BENCH_BATON_IN and MOE_BENCH_BATON_OUT (two named pipes, set by compare_cpu.sh) it
+takes turns with the Rust side (examples/report.rs): each layer build and each timed point waits
+for a line on the first pipe and hands one on through the second when done.
 """
 import argparse
 import math
@@ -164,6 +168,24 @@ def timeit(fn, quick):
     return statistics.median(times) * 1e3
 
 
+class Baton:
+    """Turn-taking with the Rust side of a compare run; does nothing when the variables are unset."""
+
+    def __init__(self):
+        i, o = os.environ.get("MOE_BENCH_BATON_IN"), os.environ.get("MOE_BENCH_BATON_OUT")
+        self.rx = open(i, "r") if i else None
+        self.tx = open(o, "w") if o else None
+
+    def hold(self, fn):
+        if self.rx and not self.rx.readline():
+            raise SystemExit("torch_cpu: the baton pipe closed")
+        r = fn()
+        if self.tx:
+            self.tx.write("go\n")
+            self.tx.flush()
+        return r
+
+
 def env_list(var, default):
     v = os.environ.get(var)
     return [s.strip() for s in v.split(",")] if v else default
@@ -180,6 +202,7 @@ def main():
     threads = [int(t) for t in env_list("MOE_BENCH_THREADS", ["2"] if quick else ["1", "2"])]
     os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
     print(f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}")
+    baton = Baton()
     with open(args.csv, "w") as f, torch.inference_mode():
         f.write("shape,dtype,tokens,threads,variant,ms\n")
         for name in SHAPES:
@@ -187,17 +210,21 @@ def main():
                 continue
             for d in dtypes:
                 dt = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[d]
-                layer = Layer(name, dt)
+                layer = baton.hold(lambda: Layer(name, dt))
                 for t in tokens:
                     x = (torch.rand(t, SHAPES[name]["h"], generator=torch.Generator().manual_seed(t)) * 2 - 1).to(dt)
                     for th in threads:
-                        torch.set_num_threads(th)
-                        for var in ("hf_loop", "matmul_loop"):
-                            ms = timeit(lambda: getattr(layer, var)(x), quick)
-                            row = f"{name},{d},{t},{th},{var},{ms:.4f}"
-                            print(row, flush=True)
-                            f.write(row + "\n")
-                            f.flush()
+
+                        def point():
+                            torch.set_num_threads(th)
+                            for var in ("hf_loop", "matmul_loop"):
+                                ms = timeit(lambda: getattr(layer, var)(x), quick)
+                                row = f"{name},{d},{t},{th},{var},{ms:.4f}"
+                                print(row, flush=True)
+                                f.write(row + "\n")
+                                f.flush()
+
+                        baton.hold(point)
                 del layer
 
 

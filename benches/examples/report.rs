@@ -7,12 +7,65 @@
 //! read bandwidth, both measured just before), and the whole layer.
 //! Same environment variables as the criterion bench; CSV on stdout (and `MOE_BENCH_CSV`).
 //!
+//! With `MOE_BENCH_BATON_IN` and `MOE_BENCH_BATON_OUT` (two named pipes, set by
+//! `benches/compare_cpu.sh`) it takes turns with `benches/torch_cpu.py`: each layer build and
+//! each timed point waits for a line on the first pipe and hands one on through the second when
+//! done, so the two sides never run at once and time each point within seconds of each other.
+//!
 //! `cargo run --release -p moe-benches --features cpu --example report`
 use moe_benches::*;
 use moe_core::{Element, MoeStages};
 use moe_cpu::Cpu;
-use std::io::Write;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
 use std::time::Instant;
+
+/// Turn-taking with the PyTorch side of a compare run (see the module docs); does nothing when
+/// the two variables are unset.
+struct Baton {
+    rx: Option<BufReader<File>>,
+    tx: Option<File>,
+}
+
+impl Baton {
+    fn from_env() -> Baton {
+        let open = |var: &str, write: bool| {
+            let p = std::env::var(var).ok()?;
+            match std::fs::OpenOptions::new().read(!write).write(write).open(&p) {
+                Ok(f) => Some(f),
+                Err(e) => fail(&format!("{var}={p}: {e}")),
+            }
+        };
+        Baton {
+            rx: open("MOE_BENCH_BATON_IN", false).map(BufReader::new),
+            tx: open("MOE_BENCH_BATON_OUT", true),
+        }
+    }
+
+    /// Runs `f` on this side's turn: waits for the baton first, hands it on after.
+    fn hold<R>(&mut self, f: impl FnOnce() -> R) -> R {
+        if let Some(rx) = self.rx.as_mut() {
+            let mut line = String::new();
+            match rx.read_line(&mut line) {
+                Ok(0) => fail("the baton pipe closed"),
+                Ok(_) => {}
+                Err(e) => fail(&format!("reading the baton: {e}")),
+            }
+        }
+        let r = f();
+        if let Some(tx) = self.tx.as_mut()
+            && let Err(e) = writeln!(tx, "go").and_then(|_| tx.flush())
+        {
+            fail(&format!("handing the baton on: {e}"));
+        }
+        r
+    }
+}
+
+fn fail(msg: &str) -> ! {
+    eprintln!("report: {msg}");
+    std::process::exit(1)
+}
 
 fn list(var: &str, d: &[&str]) -> Vec<String> {
     env_list(var, ',').unwrap_or_else(|| d.iter().map(|s| s.to_string()).collect())
@@ -37,32 +90,40 @@ fn median_ms(mut f: impl FnMut()) -> f64 {
     v[v.len() / 2]
 }
 
-fn run<T: Element>(sh: &Shape, d: &str, tokens: &[usize], threads: &[usize], out: &mut dyn Write)
-where
+fn run<T: Element>(
+    sh: &Shape,
+    d: &str,
+    tokens: &[usize],
+    threads: &[usize],
+    out: &mut dyn Write,
+    baton: &mut Baton,
+) where
     Cpu: MoeStages<T>,
 {
     let tmax = *tokens.iter().max().unwrap_or(&1);
-    let mut layer = Layer::<T>::new(&sh.config, tmax, 7).unwrap();
+    let mut layer = baton.hold(|| Layer::<T>::new(&sh.config, tmax, 7).unwrap());
     for &t in tokens {
-        layer.retoken(t, 7).unwrap();
         for &th in threads {
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(th).build().unwrap();
-            let pk = peak::Peaks::measure(th);
-            let cpu = Cpu::parallel();
-            let (gm, lm) = pool.install(|| {
-                layer.forward(&cpu).unwrap();
-                let gm = median_ms(|| {
-                    layer.stage(&cpu, Stage::ExpertUp).unwrap();
-                    layer.stage(&cpu, Stage::ExpertDown).unwrap();
+            baton.hold(|| {
+                layer.retoken(t, 7).unwrap();
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(th).build().unwrap();
+                let pk = peak::Peaks::measure(th);
+                let cpu = Cpu::parallel();
+                let (gm, lm) = pool.install(|| {
+                    layer.forward(&cpu).unwrap();
+                    let gm = median_ms(|| {
+                        layer.stage(&cpu, Stage::ExpertUp).unwrap();
+                        layer.stage(&cpu, Stage::ExpertDown).unwrap();
+                    });
+                    let lm = median_ms(|| layer.forward(&cpu).unwrap());
+                    (gm, lm)
                 });
-                let lm = median_ms(|| layer.forward(&cpu).unwrap());
-                (gm, lm)
+                let fig = GemmFigures::new(&mut layer, &pk, gm).unwrap();
+                let row = format!("{},{d},{t},{th},{lm:.4},{gm:.4},{}", sh.name, fig.csv(&pk));
+                println!("{row}");
+                let _ = writeln!(out, "{row}");
+                let _ = out.flush();
             });
-            let fig = GemmFigures::new(&mut layer, &pk, gm).unwrap();
-            let row = format!("{},{d},{t},{th},{lm:.4},{gm:.4},{}", sh.name, fig.csv(&pk));
-            println!("{row}");
-            let _ = writeln!(out, "{row}");
-            let _ = out.flush();
         }
     }
 }
@@ -90,6 +151,7 @@ fn main() {
         Some(f) => f,
         None => &mut sink,
     };
+    let mut baton = Baton::from_env();
     println!("{CSV_HEADER}");
     for sh in canonical() {
         if !shapes.iter().any(|p| sh.name.starts_with(p.as_str())) {
@@ -97,9 +159,9 @@ fn main() {
         }
         for d in &dtypes {
             match d.as_str() {
-                "f32" => run::<f32>(&sh, d, &tokens, &threads, out),
-                "bf16" => run::<half::bf16>(&sh, d, &tokens, &threads, out),
-                _ => run::<half::f16>(&sh, d, &tokens, &threads, out),
+                "f32" => run::<f32>(&sh, d, &tokens, &threads, out, &mut baton),
+                "bf16" => run::<half::bf16>(&sh, d, &tokens, &threads, out, &mut baton),
+                _ => run::<half::f16>(&sh, d, &tokens, &threads, out, &mut baton),
             }
         }
     }
