@@ -9,7 +9,9 @@
 //! depends on its inputs only, so the bits do not depend on the blocking or the thread count.
 
 use crate::Isa;
-use moe_core::{Activation, Element, MlpConfig, math};
+#[cfg(target_arch = "x86_64")]
+use moe_core::Activation;
+use moe_core::{Element, MlpConfig, math};
 
 /// One row of the epilogue. `up` and `gate` (when the MLP is gated) hold the f32 products of
 /// columns `n0..n0 + up.len()`; `ub` and `gb` are the whole bias vectors of this weight block

@@ -93,6 +93,7 @@ pub(crate) const DIRECT_ROWS: usize = 16;
 pub(crate) const PREFETCH_AHEAD: usize = 2048;
 /// Up to this many rows (and K a multiple of the vector width), the packed dot-product kernel
 /// reads the weight rows in place: every item below the broadcast kernel's [`BC_MIN_ROWS`].
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) const INPLACE_ROWS: usize = BC_MIN_ROWS - 1;
 /// Bytes ahead on each weight row that the in-place packed kernel fetches into L2.
 pub(crate) const INPLACE_AHEAD: usize = 4096;
@@ -182,6 +183,7 @@ pub(crate) struct Block<'a, T> {
     /// The item's rows already packed for a weight-broadcast kernel (see [`RowPack`]), shared
     /// by every item of the same rows; `None`: the kernel packs them itself. A kernel uses
     /// them only if they are packed for it (the layout named), so any value is safe to pass.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub packed: Option<(RowPack, &'a [f32])>,
 }
 
@@ -199,6 +201,7 @@ pub(crate) enum RowPack {
     F32(bool, usize),
     /// bf16 pairs of consecutive K elements, for the `vdpbf16ps` weight-broadcast kernel
     /// (module `dpbf16`): `K' = K / 2` (K even); its `wb_half` and `wb_dot_rows`.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     Pairs(bool, usize),
 }
 
@@ -622,6 +625,9 @@ pub(crate) unsafe fn run_block<T: Element>(isa: Isa, tuning: Tuning, blk: &Block
     debug_assert!(blk.a_rows.len() <= MB && blk.nb <= NB);
     debug_assert!(blk.a_rows.iter().all(|&r| (r + 1) * blk.k <= blk.a.len()));
     debug_assert!(blk.b.iter().flatten().all(|b| (blk.n0 + blk.nb) * blk.k <= b.len()));
+    // Only the x86-64 kernels take tunings.
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = tuning;
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the caller checked that the CPU has AVX-512 (`Isa::available`); the bounds of
