@@ -71,6 +71,10 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
             .map_or("none".to_string(), |s| format!("I={} gate={:?}", s.mlp.intermediate, s.gate)),
         c.latent.map_or("none".to_string(), |l| format!("L={}", l.size)),
     );
+    println!(
+        "  instruction set {:?} (chosen at run time; MOE_CPU_ISA caps it)",
+        moe_cpu::Isa::detect()
+    );
     let (ids, w, out, secs) = run::<f32>(&case)?;
     let k = c.top_k;
     println!("\nrouting (f32), first tokens: expert:weight (weights include the routed scale)");
