@@ -4,7 +4,8 @@
 # is timed by moe-cpu and by PyTorch within seconds of each other and never while the other side
 # runs; layer builds take turns too. MOE_COMPARE_ROUNDS times (default 2), the side that goes
 # first alternating between rounds, then the side-by-side table: each side's best median over the
-# rounds. Honors MOE_BENCH_SHAPES / _T / _DTYPES / _THREADS.
+# rounds, and the worst of the per-round ratios (each round's PyTorch time over ours in that
+# round, the two timed seconds apart). Honors MOE_BENCH_SHAPES / _T / _DTYPES / _THREADS.
 # Creates benches/.venv with torch on first use (see run_torch_cpu.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +13,7 @@ out=target/compare-cpu
 export MOE_BENCH_THREADS="${MOE_BENCH_THREADS:-2}"
 rounds="${MOE_COMPARE_ROUNDS:-2}"
 mkdir -p "$out"
-rm -f "$out"/ours.csv "$out"/torch*.csv
+rm -f "$out"/ours*.csv "$out"/torch*.csv
 cargo build --release -p moe-benches --features cpu --example report --example peaks
 ./target/release/examples/peaks | tee "$out/peaks.txt"
 # Fresh pipes per round (a last hand-on may stay unread in one); this shell keeps both open
@@ -28,7 +29,7 @@ for s in ${shapes//,/ }; do
   for r in $(seq "$rounds"); do
     echo "== $s round $r: load $(cut -d' ' -f1-3 /proc/loadavg) at $(date -u +%H:%M:%S)"
     pipes
-    MOE_BENCH_SHAPES=$s MOE_BENCH_CSV="$out/ours.csv" MOE_BENCH_BATON_IN="$out/baton.ours" \
+    MOE_BENCH_SHAPES=$s MOE_BENCH_CSV="$out/ours-$s-$r.csv" MOE_BENCH_BATON_IN="$out/baton.ours" \
       MOE_BENCH_BATON_OUT="$out/baton.torch" ./target/release/examples/report &
     ours=$!
     MOE_BENCH_SHAPES=$s MOE_BENCH_BATON_IN="$out/baton.torch" MOE_BENCH_BATON_OUT="$out/baton.ours" \
@@ -43,7 +44,14 @@ for s in ${shapes//,/ }; do
 done
 exec 3>&- 4>&-
 rm -f "$out/baton.ours" "$out/baton.torch"
-first=$(ls "$out"/torch-*-1.csv | head -1)
-head -1 "$first" > "$out/torch.csv"
-for f in "$out"/torch-*-*.csv; do tail -n +2 "$f" >> "$out/torch.csv"; done
+# Each side's rows of all rounds in one file, with the round in a last column (compare.py
+# pairs the two sides' times of the same round).
+for side in ours torch; do
+  first=$(ls "$out/$side"-*-1.csv | head -1)
+  echo "$(head -1 "$first"),round" > "$out/$side.csv"
+  for f in "$out/$side"-*-*.csv; do
+    r=${f##*-}
+    tail -n +2 "$f" | sed "s/\$/,${r%.csv}/" >> "$out/$side.csv"
+  done
+done
 python3 benches/compare.py "$out/ours.csv" "$out/torch.csv" | tee "$out/table.md"
