@@ -19,7 +19,7 @@ cargo build --release -p moe-benches --features cpu --example report --example p
 # Fresh pipes per round (a last hand-on may stay unread in one); this shell keeps both open
 # read-write so that neither side's open blocks and neither write fails.
 pipes() {
-  exec 3>&- 4>&- 2>/dev/null || true
+  exec 3>&- 4>&-
   rm -f "$out/baton.ours" "$out/baton.torch"
   mkfifo "$out/baton.ours" "$out/baton.torch"
   exec 3<>"$out/baton.ours" 4<>"$out/baton.torch"
