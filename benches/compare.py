@@ -5,10 +5,10 @@
 (> 1: we are faster). The GEMM columns: % of the arithmetic peaks, the GB/s at which the expert
 GEMMs read the active experts' weights, and their time as % of the hardware floor (FLOPs at the
 highest arithmetic peak for the dtype, or weight bytes at the measured memory read bandwidth,
-whichever takes longer). Where both files carry a `round` column (compare_cpu.sh), the last column
-is the worst over the rounds of the ratio within one round (the two sides timed seconds apart). Above 100 %: part of the weights stayed in the last-level cache between
+whichever takes longer). Above 100 %: part of the weights stayed in the last-level cache between
 forwards (small decode working sets), or the bandwidth reading fell in a slower spell of a shared
-host than the GEMM's."""
+host than the GEMM's. Where both files carry a `round` column (compare_cpu.sh), the last column is
+the worst over the rounds of the ratio within one round (the two sides timed seconds apart)."""
 import csv
 import os
 import sys
@@ -48,15 +48,10 @@ wins = 0
 every_round = 0
 
 
-def worst_round(key):
-    """The lowest per-round ratio over the rounds both sides timed, and how many rounds."""
-    global every_round
+def round_ratios(key):
+    """The per-round ratios of a point, over the rounds both sides timed."""
     o, t = ours_r.get(key, {}), torch_r.get(key, {})
-    ratios = [t[n] / o[n] for n in o if n in t]
-    if not ratios:
-        return "-"
-    every_round += min(ratios) > 1
-    return f"{min(ratios):.2f}x of {len(ratios)}"
+    return [t[n] / o[n] for n in o if n in t]
 
 
 for key, r in ours.items():
@@ -71,9 +66,12 @@ for key, r in ours.items():
     # Columns of reports from before the memory floor was measured are absent: "-".
     gbs = f"{float(r['gemm_weight_gbs']):.1f}" if r.get("gemm_weight_gbs") else "-"
     fl = f"{float(r['gemm_pct_floor']):.1f}" if r.get("gemm_pct_floor") else "-"
+    rr = round_ratios(key)
+    every_round += bool(rr) and min(rr) > 1
+    worst = f"{min(rr):.2f}x of {len(rr)}" if rr else "-"
     print(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {float(r['gemm_pct_peak']):.1f} | {dp} | {gbs} | {fl} | {ms:.3f} | "
           f"{t.get('hf_loop', float('nan')):.3f} | {t.get('matmul_loop', float('nan')):.3f} | {best / ms:.2f}x |"
-          + (f" {worst_round(key)} |" if paired else ""))
+          + (f" {worst} |" if paired else ""))
 print(f"\nfaster at {wins} of {sum(1 for k in ours if k in torch_rows)} points")
 if paired:
     print(f"faster in every round at {every_round} of them")
