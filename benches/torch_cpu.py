@@ -21,6 +21,7 @@ import argparse
 import math
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -191,15 +192,34 @@ def env_list(var, default):
     return [s.strip() for s in v.split(",")] if v else default
 
 
+def counts(var, default):
+    """The positive integers of a comma-separated variable; exits with a message otherwise."""
+    out = []
+    for s in env_list(var, default):
+        if not s.isdigit() or int(s) == 0:
+            sys.exit(f"{var}: {s!r} is not a positive count")
+        out.append(int(s))
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--csv", default=os.path.join(os.path.dirname(__file__), "..", "target", "torch-cpu.csv"))
     args = ap.parse_args()
     quick = os.environ.get("MOE_BENCH_QUICK", "0") not in ("", "0")
     shapes = env_list("MOE_BENCH_SHAPES", list(SHAPES))
-    tokens = [int(t) for t in env_list("MOE_BENCH_T", ["1", "128"] if quick else ["1", "16", "128", "1024"])]
+    tokens = counts("MOE_BENCH_T", ["1", "128"] if quick else ["1", "16", "128", "1024"])
     dtypes = env_list("MOE_BENCH_DTYPES", ["f32", "bf16"])
-    threads = [int(t) for t in env_list("MOE_BENCH_THREADS", ["2"] if quick else ["1", "2"])]
+    threads = counts("MOE_BENCH_THREADS", ["2"] if quick else ["1", "2"])
+    # Every selection is checked before the first point, like the Rust side (examples/report.rs):
+    # a typo stops both sides here instead of running something else or nothing.
+    dtype_of = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
+    for p in shapes:
+        if not any(name.startswith(p) for name in SHAPES):
+            sys.exit(f"MOE_BENCH_SHAPES: no shape starts with {p!r}")
+    for d in dtypes:
+        if d not in dtype_of:
+            sys.exit(f"MOE_BENCH_DTYPES: unknown {d!r} (f32, bf16, f16)")
     os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
     print(f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}")
     baton = Baton()
@@ -209,7 +229,7 @@ def main():
             if not any(name.startswith(p) for p in shapes):
                 continue
             for d in dtypes:
-                dt = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[d]
+                dt = dtype_of[d]
                 layer = baton.hold(lambda: Layer(name, dt))
                 for t in tokens:
                     x = (torch.rand(t, SHAPES[name]["h"], generator=torch.Generator().manual_seed(t)) * 2 - 1).to(dt)

@@ -9,7 +9,8 @@
 //! (T in {1, 128}, 2 threads, per-stage and whole-layer benches at T = 1 only, the expert GEMMs
 //! at both, shorter measurement). Narrow a run with `MOE_BENCH_SHAPES=qwen,mixtral`,
 //! `MOE_BENCH_T=1,128`, `MOE_BENCH_DTYPES=f32`, `MOE_BENCH_THREADS=2`,
-//! `MOE_BENCH_STAGES=0`. The layer and GEMM figures are also written as CSV to
+//! `MOE_BENCH_STAGES=0` (a value that names nothing, such as an unknown dtype, stops the bench
+//! with a message: [`moe_benches::Selection`]). The layer and GEMM figures are also written as CSV to
 //! `target/moe-benches-cpu.csv` (or `MOE_BENCH_CSV`), for `benches/compare.py`.
 
 use criterion::{Criterion, SamplingMode};
@@ -22,26 +23,19 @@ use std::time::{Duration, Instant};
 
 struct Opts {
     quick: bool,
-    shapes: Option<Vec<String>>,
-    tokens: Vec<usize>,
-    dtypes: Vec<String>,
-    threads: Vec<usize>,
+    sel: Selection,
     stages: bool,
 }
 
 fn opts() -> Opts {
     let quick = std::env::var("MOE_BENCH_QUICK").is_ok_and(|v| v != "0");
-    let nums = |var: &str, d: &[usize]| {
-        env_list(var, ',').map_or(d.to_vec(), |v| v.iter().filter_map(|s| s.parse().ok()).collect())
-    };
-    Opts {
-        quick,
-        shapes: env_list("MOE_BENCH_SHAPES", ','),
-        tokens: nums("MOE_BENCH_T", if quick { &[1, 128] } else { &[1, 16, 128, 1024] }),
-        dtypes: env_list("MOE_BENCH_DTYPES", ',').unwrap_or(vec!["f32".into(), "bf16".into()]),
-        threads: nums("MOE_BENCH_THREADS", if quick { &[2] } else { &[1, 2] }),
-        stages: std::env::var("MOE_BENCH_STAGES").map_or(true, |v| v != "0"),
-    }
+    let (tokens, threads): (&[usize], &[usize]) =
+        if quick { (&[1, 128], &[2]) } else { (&[1, 16, 128, 1024], &[1, 2]) };
+    let sel = Selection::from_env(tokens, threads, &["f32", "bf16"]).unwrap_or_else(|e| {
+        eprintln!("{e}");
+        std::process::exit(2)
+    });
+    Opts { quick, sel, stages: std::env::var("MOE_BENCH_STAGES").map_or(true, |v| v != "0") }
 }
 
 /// Median and minimum seconds per iteration seen by a bench.
@@ -79,7 +73,7 @@ fn bench_shape<T: Element>(
 ) where
     Cpu: MoeStages<T>,
 {
-    let tmax = *o.tokens.iter().max().unwrap_or(&1);
+    let tmax = *o.sel.tokens.iter().max().unwrap_or(&1);
     let t_build = Instant::now();
     let mut layer = match Layer::<T>::new(&sh.config, tmax, 7) {
         Ok(l) => l,
@@ -89,9 +83,9 @@ fn bench_shape<T: Element>(
         }
     };
     eprintln!("{} {dtype}: weights ready in {:.1} s", sh.name, t_build.elapsed().as_secs_f64());
-    for &t in &o.tokens {
+    for &t in &o.sel.tokens {
         layer.retoken(t, 7).unwrap();
-        for &th in &o.threads {
+        for &th in &o.sel.threads {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(th).build().unwrap();
             let cpu = Cpu::parallel();
             let pk = peaks
@@ -103,7 +97,7 @@ fn bench_shape<T: Element>(
             let id = format!("{}/{dtype}/T{t}/th{th}", sh.name);
             let mut g = c.benchmark_group(format!("cpu/{id}"));
             g.sampling_mode(SamplingMode::Flat);
-            if o.stages && !(o.quick && t != o.tokens[0]) {
+            if o.stages && !(o.quick && t != o.sel.tokens[0]) {
                 for st in layer.stages() {
                     g.bench_function(st.name(), |b| {
                         b.iter(|| pool.install(|| layer.stage(&cpu, st).unwrap()))
@@ -124,7 +118,7 @@ fn bench_shape<T: Element>(
             // Quick mode: the whole layer at the first T only (at T = 128 the big shapes take
             // about a second per forward, and criterion takes at least ten samples).
             let whole = RefCell::new(Seen::default());
-            if !(o.quick && t != o.tokens[0]) {
+            if !(o.quick && t != o.sel.tokens[0]) {
                 g.bench_function("layer", |b| {
                     b.iter_custom(|n| {
                         timed(&whole, n, || pool.install(|| layer.forward(&cpu).unwrap()))
@@ -192,18 +186,12 @@ fn main() {
         None => &mut sink,
     };
     let _ = writeln!(out, "{CSV_HEADER}");
-    for sh in canonical() {
-        if let Some(s) = &o.shapes
-            && !s.iter().any(|p| sh.name.starts_with(p.as_str()))
-        {
-            continue;
-        }
-        for d in &o.dtypes {
+    for sh in o.sel.shapes.clone() {
+        for d in &o.sel.dtypes {
             match d.as_str() {
                 "f32" => bench_shape::<f32>(&mut c, &o, &sh, "f32", &peaks, out),
                 "bf16" => bench_shape::<half::bf16>(&mut c, &o, &sh, "bf16", &peaks, out),
-                "f16" => bench_shape::<half::f16>(&mut c, &o, &sh, "f16", &peaks, out),
-                other => eprintln!("unknown dtype {other}"),
+                _ => bench_shape::<half::f16>(&mut c, &o, &sh, "f16", &peaks, out),
             }
             let _ = out.flush();
         }

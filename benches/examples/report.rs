@@ -67,10 +67,6 @@ fn fail(msg: &str) -> ! {
     std::process::exit(1)
 }
 
-fn list(var: &str, d: &[&str]) -> Vec<String> {
-    env_list(var, ',').unwrap_or_else(|| d.iter().map(|s| s.to_string()).collect())
-}
-
 fn median_ms(mut f: impl FnMut()) -> f64 {
     let t0 = Instant::now();
     f();
@@ -129,14 +125,11 @@ fn run<T: Element>(
 }
 
 fn main() {
-    let shapes = list("MOE_BENCH_SHAPES", &[""]);
-    let tokens: Vec<usize> = list("MOE_BENCH_T", &["1", "16", "128", "1024"])
-        .iter()
-        .filter_map(|s| s.parse().ok())
-        .collect();
-    let threads: Vec<usize> =
-        list("MOE_BENCH_THREADS", &["2"]).iter().filter_map(|s| s.parse().ok()).collect();
-    let dtypes = list("MOE_BENCH_DTYPES", &["f32", "bf16"]);
+    // Checked before the first point, so that a typo fails here (and, under `compare_cpu.sh`,
+    // stops the PyTorch side, which checks the same) instead of running something else.
+    let sel = Selection::from_env(&[1, 16, 128, 1024], &[2], &["f32", "bf16"])
+        .unwrap_or_else(|e| fail(&e));
+    let (tokens, threads) = (&sel.tokens, &sel.threads);
     let path = std::env::var("MOE_BENCH_CSV").ok();
     let mut file = path.as_ref().and_then(|p| {
         let new = !std::path::Path::new(p).exists();
@@ -153,15 +146,12 @@ fn main() {
     };
     let mut baton = Baton::from_env();
     println!("{CSV_HEADER}");
-    for sh in canonical() {
-        if !shapes.iter().any(|p| sh.name.starts_with(p.as_str())) {
-            continue;
-        }
-        for d in &dtypes {
+    for sh in &sel.shapes {
+        for d in &sel.dtypes {
             match d.as_str() {
-                "f32" => run::<f32>(&sh, d, &tokens, &threads, out, &mut baton),
-                "bf16" => run::<half::bf16>(&sh, d, &tokens, &threads, out, &mut baton),
-                _ => run::<half::f16>(&sh, d, &tokens, &threads, out, &mut baton),
+                "f32" => run::<f32>(sh, d, tokens, threads, out, &mut baton),
+                "bf16" => run::<half::bf16>(sh, d, tokens, threads, out, &mut baton),
+                _ => run::<half::f16>(sh, d, tokens, threads, out, &mut baton),
             }
         }
     }

@@ -13,6 +13,80 @@ pub struct Shape {
     pub config: MoeConfig,
 }
 
+/// The points a CPU bench runs, read from the environment: `MOE_BENCH_SHAPES` (prefixes of
+/// canonical shape names), `MOE_BENCH_T` and `MOE_BENCH_THREADS` (positive counts),
+/// `MOE_BENCH_DTYPES` (`f32`, `bf16`, `f16`), each comma-separated, the given defaults where
+/// unset. A value that names nothing (a prefix of no shape, a count that does not parse, an
+/// unknown dtype) is an error that says which, never skipped or read as something else.
+#[derive(Clone, Debug)]
+pub struct Selection {
+    /// The canonical shapes selected, in [`canonical`]'s order.
+    pub shapes: Vec<Shape>,
+    /// Token counts.
+    pub tokens: Vec<usize>,
+    /// Thread counts.
+    pub threads: Vec<usize>,
+    /// Element types, by name.
+    pub dtypes: Vec<String>,
+}
+
+impl Selection {
+    /// The selection in the environment, with these defaults for the unset variables (all
+    /// shapes when `MOE_BENCH_SHAPES` is unset).
+    pub fn from_env(tokens: &[usize], threads: &[usize], dtypes: &[&str]) -> Result<Self, String> {
+        Self::from_vars(|v| std::env::var(v).ok(), tokens, threads, dtypes)
+    }
+
+    /// [`Selection::from_env`] with the variables read through `var`.
+    pub fn from_vars(
+        var: impl Fn(&str) -> Option<String>,
+        tokens: &[usize],
+        threads: &[usize],
+        dtypes: &[&str],
+    ) -> Result<Self, String> {
+        let list = |name: &str| {
+            var(name).map(|v| v.split(',').map(|s| s.trim().to_string()).collect::<Vec<_>>())
+        };
+        let all = canonical();
+        let shapes = match list("MOE_BENCH_SHAPES") {
+            None => all,
+            Some(prefixes) => {
+                if let Some(p) =
+                    prefixes.iter().find(|p| !all.iter().any(|s| s.name.starts_with(p.as_str())))
+                {
+                    return Err(format!("MOE_BENCH_SHAPES: no shape starts with {p:?}"));
+                }
+                all.into_iter()
+                    .filter(|s| prefixes.iter().any(|p| s.name.starts_with(p.as_str())))
+                    .collect()
+            }
+        };
+        let counts = |var: &str, d: &[usize]| -> Result<Vec<usize>, String> {
+            match list(var) {
+                None => Ok(d.to_vec()),
+                Some(v) => v
+                    .iter()
+                    .map(|s| match s.parse() {
+                        Ok(n) if n > 0 => Ok(n),
+                        _ => Err(format!("{var}: {s:?} is not a positive count")),
+                    })
+                    .collect(),
+            }
+        };
+        let dtypes = list("MOE_BENCH_DTYPES")
+            .unwrap_or_else(|| dtypes.iter().map(|d| d.to_string()).collect());
+        if let Some(d) = dtypes.iter().find(|d| !["f32", "bf16", "f16"].contains(&d.as_str())) {
+            return Err(format!("MOE_BENCH_DTYPES: unknown {d:?} (f32, bf16, f16)"));
+        }
+        Ok(Selection {
+            shapes,
+            tokens: counts("MOE_BENCH_T", tokens)?,
+            threads: counts("MOE_BENCH_THREADS", threads)?,
+            dtypes,
+        })
+    }
+}
+
 fn mlp(i: usize, act: Activation, bias: bool) -> MlpConfig {
     MlpConfig { intermediate: i, gated: true, activation: act, bias }
 }
@@ -539,6 +613,48 @@ pub fn parse_variant(spec: &str) -> std::result::Result<(Tuning, Option<Isa>), S
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn selections_name_something_or_fail() {
+        let sel = |vars: &[(&str, &str)]| {
+            let vars: Vec<(String, String)> =
+                vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            Selection::from_vars(
+                |n| vars.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone()),
+                &[1, 128],
+                &[2],
+                &["f32", "bf16"],
+            )
+        };
+        let d = sel(&[]).unwrap();
+        assert_eq!(d.shapes.len(), canonical().len());
+        assert_eq!(
+            (d.tokens, d.threads, d.dtypes),
+            (vec![1, 128], vec![2], vec!["f32".into(), "bf16".into()])
+        );
+        let s = sel(&[
+            ("MOE_BENCH_SHAPES", "mixtral, qwen"),
+            ("MOE_BENCH_T", "16,1024"),
+            ("MOE_BENCH_THREADS", "1"),
+            ("MOE_BENCH_DTYPES", "f16"),
+        ])
+        .unwrap();
+        // Canonical order, not the variable's.
+        let names: Vec<_> = s.shapes.iter().map(|s| s.name).collect();
+        assert_eq!(names, ["qwen3_30b_a3b", "mixtral_8x7b"]);
+        assert_eq!((s.tokens, s.threads, s.dtypes), (vec![16, 1024], vec![1], vec!["f16".into()]));
+        for (k, v, msg) in [
+            ("MOE_BENCH_SHAPES", "qwen,llama", "no shape starts with \"llama\""),
+            ("MOE_BENCH_T", "1,x", "\"x\" is not a positive count"),
+            ("MOE_BENCH_T", "0", "\"0\" is not a positive count"),
+            ("MOE_BENCH_T", "", "\"\" is not a positive count"),
+            ("MOE_BENCH_THREADS", "-1", "\"-1\" is not a positive count"),
+            ("MOE_BENCH_DTYPES", "f32,f64", "unknown \"f64\""),
+        ] {
+            let e = sel(&[(k, v)]).unwrap_err();
+            assert!(e.starts_with(k) && e.contains(msg), "{k}={v}: {e}");
+        }
+    }
 
     #[test]
     fn variant_specs() {
