@@ -10,8 +10,8 @@
 //! at both, shorter measurement). Narrow a run with `MOE_BENCH_SHAPES=qwen,mixtral`,
 //! `MOE_BENCH_T=1,128`, `MOE_BENCH_DTYPES=f32`, `MOE_BENCH_THREADS=2`,
 //! `MOE_BENCH_STAGES=0` (a value that names nothing, such as an unknown dtype, stops the bench
-//! with a message: [`moe_benches::Selection`]). The layer and GEMM figures are also written as CSV to
-//! `target/moe-benches-cpu.csv` (or `MOE_BENCH_CSV`), for `benches/compare.py`.
+//! with a message: [`moe_benches::Selection`]). The layer and GEMM figures are also written as
+//! CSV to `target/moe-benches-cpu.csv` (or `MOE_BENCH_CSV`), for `benches/compare.py`.
 
 use criterion::{Criterion, SamplingMode};
 use moe_benches::*;

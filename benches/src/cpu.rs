@@ -16,7 +16,7 @@ pub struct Shape {
 /// The points a CPU bench runs, read from the environment: `MOE_BENCH_SHAPES` (prefixes of
 /// canonical shape names), `MOE_BENCH_T` and `MOE_BENCH_THREADS` (positive counts),
 /// `MOE_BENCH_DTYPES` (`f32`, `bf16`, `f16`), each comma-separated, the given defaults where
-/// unset. A value that names nothing (a prefix of no shape, a count that does not parse, an
+/// unset or empty. A value that names nothing (a prefix of no shape, a count that does not parse, an
 /// unknown dtype) is an error that says which, never skipped or read as something else.
 #[derive(Clone, Debug)]
 pub struct Selection {
@@ -44,9 +44,9 @@ impl Selection {
         threads: &[usize],
         dtypes: &[&str],
     ) -> Result<Self, String> {
-        let list = |name: &str| {
-            var(name).map(|v| v.split(',').map(|s| s.trim().to_string()).collect::<Vec<_>>())
-        };
+        // An empty variable counts as unset, as in `torch_cpu.py`.
+        let list =
+            |name: &str| var(name).filter(|v| !v.is_empty()).map(|v| crate::split_list(&v, ','));
         let all = canonical();
         let shapes = match list("MOE_BENCH_SHAPES") {
             None => all,
@@ -626,7 +626,7 @@ mod tests {
                 &["f32", "bf16"],
             )
         };
-        let d = sel(&[]).unwrap();
+        let d = sel(&[("MOE_BENCH_T", "")]).unwrap();
         assert_eq!(d.shapes.len(), canonical().len());
         assert_eq!(
             (d.tokens, d.threads, d.dtypes),
@@ -647,7 +647,7 @@ mod tests {
             ("MOE_BENCH_SHAPES", "qwen,llama", "no shape starts with \"llama\""),
             ("MOE_BENCH_T", "1,x", "\"x\" is not a positive count"),
             ("MOE_BENCH_T", "0", "\"0\" is not a positive count"),
-            ("MOE_BENCH_T", "", "\"\" is not a positive count"),
+            ("MOE_BENCH_T", "1,", "\"\" is not a positive count"),
             ("MOE_BENCH_THREADS", "-1", "\"-1\" is not a positive count"),
             ("MOE_BENCH_DTYPES", "f32,f64", "unknown \"f64\""),
         ] {

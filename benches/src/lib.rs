@@ -11,5 +11,10 @@ pub mod peak;
 /// (The bench targets and examples read their selections, such as `MOE_BENCH_T=1,128`, this
 /// way.)
 pub fn env_list(var: &str, sep: char) -> Option<Vec<String>> {
-    std::env::var(var).ok().map(|v| v.split(sep).map(|s| s.trim().to_string()).collect())
+    std::env::var(var).ok().map(|v| split_list(&v, sep))
+}
+
+/// The items of `v` split at `sep` and trimmed (how [`env_list`] reads a variable).
+pub fn split_list(v: &str, sep: char) -> Vec<String> {
+    v.split(sep).map(|s| s.trim().to_string()).collect()
 }
