@@ -186,12 +186,12 @@ fn main() {
         None => &mut sink,
     };
     let _ = writeln!(out, "{CSV_HEADER}");
-    for sh in o.sel.shapes.clone() {
+    for sh in &o.sel.shapes {
         for d in &o.sel.dtypes {
             match d.as_str() {
-                "f32" => bench_shape::<f32>(&mut c, &o, &sh, "f32", &peaks, out),
-                "bf16" => bench_shape::<half::bf16>(&mut c, &o, &sh, "bf16", &peaks, out),
-                _ => bench_shape::<half::f16>(&mut c, &o, &sh, "f16", &peaks, out),
+                "f32" => bench_shape::<f32>(&mut c, &o, sh, "f32", &peaks, out),
+                "bf16" => bench_shape::<half::bf16>(&mut c, &o, sh, "bf16", &peaks, out),
+                _ => bench_shape::<half::f16>(&mut c, &o, sh, "f16", &peaks, out),
             }
             let _ = out.flush();
         }

@@ -16,8 +16,8 @@ pub struct Shape {
 /// The points a CPU bench runs, read from the environment: `MOE_BENCH_SHAPES` (prefixes of
 /// canonical shape names), `MOE_BENCH_T` and `MOE_BENCH_THREADS` (positive counts),
 /// `MOE_BENCH_DTYPES` (`f32`, `bf16`, `f16`), each comma-separated, the given defaults where
-/// unset or empty. A value that names nothing (a prefix of no shape, a count that does not parse, an
-/// unknown dtype) is an error that says which, never skipped or read as something else.
+/// unset or empty. A value that names nothing (a prefix of no shape, a count that does not
+/// parse, an unknown dtype) is an error that says which, never skipped or read as something else.
 #[derive(Clone, Debug)]
 pub struct Selection {
     /// The canonical shapes selected, in [`canonical`]'s order.
