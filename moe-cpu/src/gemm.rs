@@ -533,25 +533,32 @@ impl Tuning {
     /// * the hardware prefetchers stream in-place weight rows better than software prefetches
     ///   (f32 Mixtral T=16 332 vs 370 ms, gpt-oss T=1 20.7 vs 25.0, DeepSeek-V3 T=16 230 vs
     ///   262);
-    /// * from 8 to 127 rows the weight-broadcast kernel is the fastest (f32: Mixtral T=128, 32
-    ///   rows per expert, 702 vs 820 ms; gpt-oss T=128, 16 rows, 276 vs 322; Qwen3 T=1024, 64
-    ///   rows, 422 vs 573); from 128 rows it and the broadcast kernel are within 5 %.
+    /// * from 8 rows the weight-broadcast kernel is the fastest (f32: Mixtral T=128, 32 rows per
+    ///   expert, 702 vs 820 ms; gpt-oss T=128, 16 rows, 276 vs 322; Qwen3 T=1024, 64 rows, 422 vs
+    ///   573); from 128 rows too since its rows were packed once per GEMM (re-measured on another
+    ///   such guest on 2026-12-06, against `wb_rows` (8, 128), 3 rounds, time in the same round:
+    ///   f32 T=1024 Mixtral 0.920x, DeepSeek-V3 0.950x, gpt-oss 0.909x, Qwen3 0.982x);
+    /// * there too, with the in-place f32 weight rows also prefetched into L2 a chunk ahead
+    ///   ([`Tuning::wb_prefetch`], measured with the line above): f32 T=128 Qwen3 0.896x,
+    ///   Mixtral 0.969x, DeepSeek-V3 0.967x, gpt-oss 1.018x (0.981x in another 5 rounds);
+    ///   bf16 (widened, not read in place) T=128 / T=1024 0.96x-1.06x, within the rounds'
+    ///   spread.
     ///
-    /// The `vdpbf16ps` weight-broadcast kernel (`dpwb_rows`) was not measured there: off; nor
-    /// `wb_half` (Golden Cove runs a 512-bit FMA at the cost of a 256-bit one): off. Software
-    /// prefetch of the in-place f32 weight rows in the weight-broadcast kernel measured slower
-    /// there than the hardware prefetchers alone (`wb_prefetch`): off. The `vdpbf16ps` decode
-    /// kernel keeps the software prefetch measured with it there (`seq_prefetch`). Nor the
-    /// last rows as dot products (`wb_dot_rows`), which go with `wb_half`: off.
+    /// The `vdpbf16ps` weight-broadcast kernel (`dpwb_rows`) was not measured there: off. Nor
+    /// is `wb_half` on (Golden Cove runs a 512-bit FMA at the cost of a 256-bit one), nor the
+    /// last rows as dot products (`wb_dot_rows`), which go with it: together (5 rounds, against
+    /// the two lines above) f32 T=128 Mixtral 0.918x but gpt-oss 1.053x, Qwen3 1.025x. The
+    /// `vdpbf16ps` decode kernel keeps the software prefetch measured with it there
+    /// (`seq_prefetch`).
     pub const INTEL: Tuning = Tuning {
-        wb_rows: (8, 128),
+        wb_rows: (8, usize::MAX),
         direct_rows: 7,
         inplace_prefetch: false,
         dpbf16_rows: 2,
         dpwb_rows: (0, 0),
         wb_narrow: false,
         wb_half: false,
-        wb_prefetch: false,
+        wb_prefetch: true,
         seq_prefetch: true,
         wb_dot_rows: 0,
     };

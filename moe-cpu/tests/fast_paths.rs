@@ -11,12 +11,14 @@ use moe_core::*;
 use moe_cpu::{Cpu, Isa, Kernels, Threads, Tuning};
 
 /// The tunings worth running with `isa`: the detected one, and on AVX-512 (where the tuning
-/// picks kernels) also the other vendor's and one that sends every item it can to the
-/// weight-broadcast kernel.
+/// picks kernels) also the other vendor's, one that sends every item it can to the
+/// weight-broadcast kernels and one that sends none (the packed kernels, which no vendor's
+/// tuning gives items of 8 or more rows).
 fn tunings(isa: Isa) -> Vec<Tuning> {
     let mut v = vec![Tuning::detect()];
     if matches!(isa, Isa::Avx512 | Isa::Avx512Bf16 | Isa::Amx) {
-        for t in [Tuning::INTEL, Tuning::AMD, Tuning::ALL_WB] {
+        let no_wb = Tuning { wb_rows: (0, 0), dpwb_rows: (0, 0), ..Tuning::INTEL };
+        for t in [Tuning::INTEL, Tuning::AMD, Tuning::ALL_WB, no_wb] {
             if !v.contains(&t) {
                 v.push(t);
             }

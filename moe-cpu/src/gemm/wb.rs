@@ -20,7 +20,7 @@
 //! `NJ` weight rows and each chunk of [`KC_WB`] along the A block, every row tile runs against the
 //! chunk. f32 weight rows of a full stripe are read in place, `NJ` sequential streams that the
 //! hardware prefetchers follow (and, with [`super::Tuning::wb_prefetch`], software prefetches into
-//! L2 a chunk ahead: faster on Zen 4, slower on Emerald Rapids); bf16/f16 and a partial last stripe
+//! L2 a chunk ahead: faster on Zen 4 and on Emerald Rapids); bf16/f16 and a partial last stripe
 //! are widened into a `[NJ][KC_WB]` buffer (at most 12 KiB), while the next chunk's weight rows are
 //! fetched into L2. The results accumulate transposed (`[column][MB]`, chunks added in K order) and
 //! are transposed into the caller's `[row][NB]` tiles at the end of the item. Stack: 652 KiB.
@@ -338,7 +338,8 @@ unsafe fn micro<const NJ: usize, const MV: usize, const H: usize, const PF: bool
         let mut ak = at;
         let mut hk = ah;
         let mut wk = w;
-        for k in 0..kc {
+        let mut k = 0;
+        while k < kc {
             if PF && k % 16 == 0 {
                 // One line of each of the next chunk's weight rows per 16 steps, into L2.
                 let l = pf.first + k / 16;
@@ -348,27 +349,34 @@ unsafe fn micro<const NJ: usize, const MV: usize, const H: usize, const PF: bool
                     }
                 }
             }
-            let mut a = [_mm512_setzero_ps(); MV];
-            for (v, x) in a.iter_mut().enumerate() {
-                *x = _mm512_load_ps(ak.add(v * 16));
-            }
-            let mut ha = [_mm256_setzero_ps(); H];
-            for x in ha.iter_mut() {
-                *x = _mm256_load_ps(hk);
-            }
-            for (j, (row, hrow)) in acc.iter_mut().zip(acch.iter_mut()).enumerate() {
-                let wv = *wk.add(j * ws);
-                let b = _mm512_set1_ps(wv);
-                for (v, x) in row.iter_mut().enumerate() {
-                    *x = _mm512_fmadd_ps(a[v], b, *x);
+            // Steps of 4 k (1 at the end): each weight row's address is formed once per 4
+            // broadcasts instead of once per broadcast (the stride is a runtime value). The
+            // same sums in the same order.
+            let u = if kc - k >= 4 { 4 } else { 1 };
+            for q in 0..u {
+                let mut a = [_mm512_setzero_ps(); MV];
+                for (v, x) in a.iter_mut().enumerate() {
+                    *x = _mm512_load_ps(ak.add(v * 16));
                 }
-                for (x, &av) in hrow.iter_mut().zip(ha.iter()) {
-                    *x = _mm256_fmadd_ps(av, _mm256_set1_ps(wv), *x);
+                let mut ha = [_mm256_setzero_ps(); H];
+                for x in ha.iter_mut() {
+                    *x = _mm256_load_ps(hk);
                 }
+                for (j, (row, hrow)) in acc.iter_mut().zip(acch.iter_mut()).enumerate() {
+                    let wv = *wk.add(j * ws + q);
+                    let b = _mm512_set1_ps(wv);
+                    for (v, x) in row.iter_mut().enumerate() {
+                        *x = _mm512_fmadd_ps(a[v], b, *x);
+                    }
+                    for (x, &av) in hrow.iter_mut().zip(ha.iter()) {
+                        *x = _mm256_fmadd_ps(av, _mm256_set1_ps(wv), *x);
+                    }
+                }
+                ak = ak.add(16 * MV);
+                hk = hk.add(8 * H);
             }
-            ak = ak.add(16 * MV);
-            hk = hk.add(8 * H);
-            wk = wk.add(1);
+            wk = wk.add(u);
+            k += u;
         }
         store_ct(acc, ct, first);
         store_ct_half(acch, ct.add(16 * MV), first);
