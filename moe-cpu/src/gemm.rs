@@ -230,14 +230,15 @@ impl RowPack {
 }
 
 /// The rows of a weight-broadcast item of `mb` rows that run in row tiles: all of them, or
-/// (`half`, `dots > 0`) all but the last `mb % 8` when there are at most `dots` of those and at
-/// least 8 others; the kernels compute the rest as dot products (`wb::dot_rows` and its
-/// `vdpbf16ps` twin).
+/// (`dots > 0`) all but the last `mb % u` (`u` the lanes of a tile's unit: 8 with `half`, else
+/// 16) when there are at most `dots` (and at most 7) of those and at least `u` others; the
+/// kernels compute the rest as dot products (`wb::dot_rows` and its `vdpbf16ps` twin).
 #[cfg(target_arch = "x86_64")]
 #[inline]
 pub(crate) fn tiled_rows(mb: usize, half: bool, dots: usize) -> usize {
-    let r = mb % 8;
-    if half && r <= dots && mb >= 8 { mb - r } else { mb }
+    let u = if half { 8 } else { 16 };
+    let r = mb % u;
+    if r <= dots.min(7) && mb >= u { mb - r } else { mb }
 }
 
 /// The packed row layout the kernel of an item of `m` rows takes, if that kernel is a
@@ -445,12 +446,12 @@ pub struct Tuning {
     /// leaving the one sequential stream to the hardware prefetchers. Either gives the same
     /// bits.
     pub seq_prefetch: bool,
-    /// With [`Tuning::wb_half`], the weight-broadcast kernels (f32, and `vdpbf16ps` for bf16)
-    /// leave an item's last `rows % 8` rows, when there are at most this many of them (and at
-    /// least 8 other rows), to dot products over the same weight rows while they are in cache
-    /// (all 16 lanes of each product used) instead of an 8-lane unit whose other lanes would be
-    /// idle; 0: never. Either gives results within rounding of the other, each the same bits
-    /// whatever the thread count.
+    /// The weight-broadcast kernels (f32, and `vdpbf16ps` for bf16) leave an item's last `rows
+    /// % u` rows (`u` = 8 with [`Tuning::wb_half`], else 16), when there are at most this many
+    /// of them (at most 7 count) and at least `u` other rows, to dot products over the same
+    /// weight rows while they are in cache (all 16 lanes of each product used) instead of a
+    /// unit whose other lanes would be idle; 0: never. Either gives results within rounding of
+    /// the other, each the same bits whatever the thread count.
     pub wb_dot_rows: usize,
 }
 
@@ -544,12 +545,16 @@ impl Tuning {
     ///   bf16 (widened, not read in place) T=128 / T=1024 0.96x-1.06x, within the rounds'
     ///   spread.
     ///
+    /// * an item's last 1-5 rows past a multiple of 16 as dot products ([`Tuning::wb_dot_rows`]
+    ///   5, against 0 with the lines above; 9 rounds): f32 T=128 Mixtral 0.888x, DeepSeek-V3
+    ///   0.963x, gpt-oss 0.973x, Qwen3 0.995x; T=1024 (5 rounds) 0.948x-0.990x, within the
+    ///   rounds' spread; up to 7 rows: no better (T=128 Mixtral 0.865x, gpt-oss 1.031x).
+    ///
     /// The `vdpbf16ps` weight-broadcast kernel (`dpwb_rows`) was not measured there: off. Nor
-    /// is `wb_half` on (Golden Cove runs a 512-bit FMA at the cost of a 256-bit one), nor the
-    /// last rows as dot products (`wb_dot_rows`), which go with it: together (5 rounds, against
-    /// the two lines above) f32 T=128 Mixtral 0.918x but gpt-oss 1.053x, Qwen3 1.025x. The
-    /// `vdpbf16ps` decode kernel keeps the software prefetch measured with it there
-    /// (`seq_prefetch`).
+    /// is `wb_half` on (Golden Cove runs a 512-bit FMA at the cost of a 256-bit one): with 8-row
+    /// units and up to 5 dot-product rows (5 rounds) f32 T=128 Mixtral 0.918x but gpt-oss
+    /// 1.053x, Qwen3 1.025x. The `vdpbf16ps` decode kernel keeps the software prefetch measured
+    /// with it there (`seq_prefetch`; without it, 9 rounds: bf16 T=1 1.22x-1.31x the time).
     pub const INTEL: Tuning = Tuning {
         wb_rows: (8, usize::MAX),
         direct_rows: 7,
@@ -560,7 +565,7 @@ impl Tuning {
         wb_half: false,
         wb_prefetch: true,
         seq_prefetch: true,
-        wb_dot_rows: 0,
+        wb_dot_rows: 5,
     };
 
     /// Every item a weight-broadcast kernel can take goes to it (for tests).

@@ -33,7 +33,7 @@
 //! * rows in [`super::Tuning::dpwb_rows`] (AMD: from 8) and K even, before all of the above: the
 //!   weight-broadcast kernel ([`run_wb`]): the rows packed once per A block into pair-lane
 //!   tiles, the weight rows read in place, each weight pair broadcast to 32 rows; an item's
-//!   last 1-5 rows past a multiple of 8 ([`super::Tuning::wb_dot_rows`]) as dot products
+//!   last 1-5 rows past a multiple of 8 or 16 ([`super::Tuning::wb_dot_rows`]) as dot products
 //!   against each stripe's weight rows over the A block, while they are in L2.
 //!
 //! # Numerics and determinism

@@ -25,11 +25,11 @@
 //! fetched into L2. The results accumulate transposed (`[column][MB]`, chunks added in K order) and
 //! are transposed into the caller's `[row][NB]` tiles at the end of the item. Stack: 652 KiB.
 //!
-//! With 8-lane units ([`super::Tuning::wb_half`]) an item of `8q + r` rows would leave `8 - r`
-//! lanes of its last unit idle; with f32 elements and `r` at most
-//! [`super::Tuning::wb_dot_rows`], the tiles take the `8q` rows ([`tiled_rows`]) and the last
-//! `r` run as dot products (K in the 16 lanes, [`dot_rows`]) against each stripe's weight rows
-//! over the whole A block, after its last chunk, while they are in L2.
+//! An item of `uq + r` rows would leave `u - r` lanes of its last unit idle (`u` = 8 with
+//! [`super::Tuning::wb_half`]'s 8-lane units, else 16); with f32 elements and `r` at most
+//! [`super::Tuning::wb_dot_rows`] (and 7), the tiles take the `uq` rows ([`tiled_rows`]) and
+//! the last `r` run as dot products (K in the 16 lanes, [`dot_rows`]) against each stripe's
+//! weight rows over the whole A block, after its last chunk, while they are in L2.
 //!
 //! # Determinism
 //!
