@@ -531,9 +531,9 @@ impl Tuning {
     /// * below 8 rows, each group of weight rows streamed over its whole K beats the in-place
     ///   packed kernel (f32 T=1: Mixtral 48 vs 65 ms, gpt-oss 15.3 vs 20.4, DeepSeek-V3 51 vs
     ///   68; T=16: Qwen3 69 vs 83);
-    /// * the hardware prefetchers stream in-place weight rows better than software prefetches
-    ///   (f32 Mixtral T=16 332 vs 370 ms, gpt-oss T=1 20.7 vs 25.0, DeepSeek-V3 T=16 230 vs
-    ///   262);
+    /// * in the in-place packed kernel, the hardware prefetchers stream the weight rows better
+    ///   than software prefetches ([`Tuning::inplace_prefetch`]; f32 Mixtral T=16 332 vs 370
+    ///   ms, gpt-oss T=1 20.7 vs 25.0, DeepSeek-V3 T=16 230 vs 262);
     /// * from 8 rows the weight-broadcast kernel is the fastest (f32: Mixtral T=128, 32 rows per
     ///   expert, 702 vs 820 ms; gpt-oss T=128, 16 rows, 276 vs 322; Qwen3 T=1024, 64 rows, 422 vs
     ///   573); from 128 rows too since its rows were packed once per GEMM (re-measured on another
