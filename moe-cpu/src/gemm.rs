@@ -232,7 +232,7 @@ impl RowPack {
 /// The rows of a weight-broadcast item of `mb` rows that run in row tiles: all of them, or
 /// (`dots > 0`) all but the last `mb % u` (`u` the lanes of a tile's unit: 8 with `half`, else
 /// 16) when there are at most `dots` (and at most 7) of those and at least `u` others; the
-/// kernels compute the rest as dot products (`wb::dot_rows` and its `vdpbf16ps` twin).
+/// kernels compute the rest as dot products (`wb::dot_chunk` and its `vdpbf16ps` twin).
 #[cfg(target_arch = "x86_64")]
 #[inline]
 pub(crate) fn tiled_rows(mb: usize, half: bool, dots: usize) -> usize {
@@ -2037,6 +2037,60 @@ mod tests {
             }
         }
         used
+    }
+
+    /// The weight-broadcast kernel's dot-product rows (1-7 past 16 or 32 tiled rows, 12 and 8
+    /// weight rows per stripe, a partial last stripe, K over one and two A blocks and a partial
+    /// chunk) against double-precision sums.
+    #[test]
+    fn dot_product_rows_match_double_sums() {
+        if !Isa::Avx512.available() {
+            eprintln!("skipped: no AVX-512 on this CPU");
+            return;
+        }
+        let wide = Tuning { wb_half: false, wb_dot_rows: 7, ..Tuning::INTEL };
+        let narrow = Tuning { wb_narrow: true, ..wide };
+        let nb = 40;
+        let v = |i: usize| ((i * 7919) % 23) as f32 * 0.03 - 0.3;
+        for tuning in [wide, narrow] {
+            for k in [31usize, 300, 2100] {
+                for m in (17..=23).chain(33..=39) {
+                    assert!(tiled_rows(m, false, 7) < m);
+                    let a: Vec<f32> = (0..(m + 3) * k).map(v).collect();
+                    let b0: Vec<f32> = (0..nb * k).map(|i| v(i + 5)).collect();
+                    let rows: Vec<usize> = (0..m).map(|i| (i * 5 + 1) % (m + 3)).collect();
+                    let mut t: Box<Tiles> = Box::new([[f32::NAN; MB * NB]; 2]);
+                    let blk = Block {
+                        a: &a,
+                        a_rows: &rows,
+                        k,
+                        b: [Some(&b0), None],
+                        n0: 0,
+                        nb,
+                        packed: None,
+                    };
+                    let out = [t[0].as_mut_ptr(), t[1].as_mut_ptr()];
+                    // SAFETY: MB rows of NB floats per tile; AVX-512 is available; A and B hold
+                    // every row read.
+                    unsafe { run_block(Isa::Avx512, tuning, &blk, out) };
+                    for (i, &row) in rows.iter().enumerate() {
+                        for j in 0..nb {
+                            let (mut s, mut mag) = (0f64, 0f64);
+                            for x in 0..k {
+                                let p = a[row * k + x] as f64 * b0[j * k + x] as f64;
+                                s += p;
+                                mag += p.abs();
+                            }
+                            let got = t[0][i * NB + j] as f64;
+                            assert!(
+                                (got - s).abs() <= 1e-6 * mag,
+                                "{tuning:?} m={m} k={k} row {i} column {j}: {got} vs {s}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]

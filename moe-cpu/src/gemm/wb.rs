@@ -23,13 +23,17 @@
 //! L2 a chunk ahead: faster on Zen 4 and on Emerald Rapids); bf16/f16 and a partial last stripe
 //! are widened into a `[NJ][KC_WB]` buffer (at most 12 KiB), while the next chunk's weight rows are
 //! fetched into L2. The results accumulate transposed (`[column][MB]`, chunks added in K order) and
-//! are transposed into the caller's `[row][NB]` tiles at the end of the item. Stack: 652 KiB.
+//! are transposed into the caller's `[row][NB]` tiles at the end of the item. Stack: 657 KiB.
 //!
 //! An item of `uq + r` rows would leave `u - r` lanes of its last unit idle (`u` = 8 with
 //! [`super::Tuning::wb_half`]'s 8-lane units, else 16); with f32 elements and `r` at most
-//! [`super::Tuning::wb_dot_rows`] (and 7), the tiles take the `uq` rows ([`tiled_rows`]) and
-//! the last `r` run as dot products (K in the 16 lanes, [`dot_rows`]) against each stripe's
-//! weight rows over the whole A block, after its last chunk, while they are in L2.
+//! [`super::Tuning::wb_dot_rows`] (and [`DOT_ROWS`]), the tiles take the `uq` rows
+//! ([`tiled_rows`]) and the last `r` run as dot products (K in the 16 lanes, [`dot_chunk`])
+//! against each chunk of weight rows right after the tiles, while it is in L1; their 16-lane
+//! sums are kept over the A block (a `[row][NJ]` buffer per stripe, 5 KiB) and added across
+//! the lanes at the stripe's last chunk. (Before 2026-12-06 they ran after the stripe's last
+//! chunk over the whole A block, the weight rows read again from L2: 3 times a tiled row's
+//! cost per row in cache, now 1.6 times; the same sums in the same order, the same bits.)
 //!
 //! # Determinism
 //!
@@ -53,6 +57,9 @@ pub(crate) const NJ_WIDE: usize = 12;
 pub(crate) const NJ_NARROW: usize = 8;
 /// K block.
 pub(crate) const KC_WB: usize = 256;
+/// The most rows an item leaves to the dot products ([`dot_chunk`]; see
+/// [`super::Tuning::wb_dot_rows`]), as [`tiled_rows`] caps them.
+pub(crate) const DOT_ROWS: usize = 7;
 /// Rows per full row tile (two 16-lane vectors).
 pub(super) const RT: usize = 32;
 /// Floats of the packed rows' buffer (256 KiB): [`MB`] rows of one [`KC_WB`] chunk, or fewer
@@ -164,81 +171,131 @@ pub(super) unsafe fn pack_rows<T: Element>(
     }
 }
 
-/// `[i][j] = sum_{k < kc} a[i][k] w[j][k]` for `i < R`, `j < J` (the rest zero): each sum 16
-/// lane partial sums (k in steps of 16, the last step masked), then added across the lanes in a
-/// fixed order.
+/// The dot-product rows' 16-lane partial sums over one chunk: `p[i * ps + j] (=|+=)` lane `l`
+/// of `a[i][16 s + l] · w[j * ws + 16 s + l]` summed over the steps `s` (`16 s + l < kc`), for
+/// the `R` rows `a[i]` and the `J` weight rows at `w`, in that order after the chunks before
+/// (`first`: none).
 ///
 /// # Safety
-/// Each `a[i]` and `w[j]` is valid for reads of `kc` floats.
+/// Each `a[i]` is valid for reads of `kc` floats, `w` for `J` rows of `kc` floats at stride
+/// `ws`; `p` for `R` rows of `J` vectors at stride `ps`.
 #[inline]
 #[target_feature(enable = "avx512f,fma")]
-unsafe fn dots<const R: usize, const J: usize>(
+unsafe fn dot_group<const R: usize, const J: usize>(
     a: [*const f32; R],
-    w: [*const f32; J],
+    w: *const f32,
+    ws: usize,
     kc: usize,
-) -> [[f32; 8]; 4] {
-    // SAFETY: every load reads inside the first `kc` floats of its row (the last step masked).
+    p: *mut __m512,
+    ps: usize,
+    first: bool,
+) {
+    // SAFETY: every load reads inside the first `kc` floats of its row (the last step masked:
+    // masked-off elements are not read); `p` as the caller says.
     unsafe {
         let mut acc = [[_mm512_setzero_ps(); J]; R];
+        if !first {
+            for (i, row) in acc.iter_mut().enumerate() {
+                for (j, x) in row.iter_mut().enumerate() {
+                    *x = *p.add(i * ps + j);
+                }
+            }
+        }
         let mut k = 0;
         while k < kc {
             let m: __mmask16 = if kc - k >= 16 { 0xFFFF } else { (1u16 << (kc - k)) - 1 };
             let mut av = [_mm512_setzero_ps(); R];
-            for (x, p) in av.iter_mut().zip(a) {
-                *x = _mm512_maskz_loadu_ps(m, p.add(k));
+            for (x, q) in av.iter_mut().zip(a) {
+                *x = _mm512_maskz_loadu_ps(m, q.add(k));
             }
-            for (j, p) in w.iter().enumerate() {
-                let wv = _mm512_maskz_loadu_ps(m, p.add(k));
+            for j in 0..J {
+                let wv = _mm512_maskz_loadu_ps(m, w.add(j * ws + k));
                 for (row, &x) in acc.iter_mut().zip(av.iter()) {
                     row[j] = _mm512_fmadd_ps(x, wv, row[j]);
                 }
             }
             k += 16;
         }
-        let mut s = [[0.0; 8]; 4];
-        for (o, row) in s.iter_mut().zip(acc) {
-            for (x, v) in o.iter_mut().zip(row) {
-                *x = _mm512_reduce_add_ps(v);
+        for (i, row) in acc.iter().enumerate() {
+            for (j, &x) in row.iter().enumerate() {
+                *p.add(i * ps + j) = x;
             }
         }
-        s
     }
 }
 
-/// The rows past an item's [`tiled_rows`] (`rows`, at most 7), f32 activations `a` (row
-/// length `k`) against the weight rows `w` (f32, `cols` of them from row `w0`), over `a0..a0
-/// + kac`: `ct[j * MB + i] (=|+=)` the sums for `j < cols`, `i < rows.len()`.
+/// The rows past an item's [`tiled_rows`] (`rows`, at most [`DOT_ROWS`]; f32 activations `a`,
+/// row length `k`) against one chunk of a stripe's `NJ` weight rows (`w`, stride `ws`, just
+/// read by the row tiles: in L1), over `k0..k0 + kc`: their 16-lane partial sums added into
+/// `p` (`[row][NJ]`; `first`: the A block's first chunk). All the rows in one group against as
+/// many weight rows at a time as keep 24 accumulators (5 rows: 3 passes of 4 weight rows, 27
+/// loads per 60 FMAs; in groups of 2 rows against 12 it was 41), the rows reloaded (from L1)
+/// per pass; more than 7 rows (6 with 8 weight rows) in groups as even as they come.
 ///
 /// # Safety
-/// Every row lies in its slice (`a` rows of `rows`, `w` rows `w0..w0 + cols`), `a0 + kac <=
-/// k`; `ct` is valid for `cols` rows of at least `rows.len()` floats at stride [`MB`].
+/// Every row lies in `a`'s slice, `k0 + kc <= k`; `w` holds `NJ` rows of `kc` floats at stride
+/// `ws`; `p` is valid for `rows.len() * NJ` vectors.
 #[inline]
 #[target_feature(enable = "avx512f,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn dot_rows(
+unsafe fn dot_chunk<const NJ: usize>(
     a: &[f32],
     rows: &[usize],
-    w: &[f32],
-    w0: usize,
-    cols: usize,
     k: usize,
-    a0: usize,
-    kac: usize,
-    ct: *mut f32,
+    k0: usize,
+    kc: usize,
+    w: *const f32,
+    ws: usize,
+    p: *mut __m512,
     first: bool,
 ) {
-    debug_assert!(rows.len() <= 7 && cols > 0 && a0 + kac <= k);
-    let arow = |i: usize| a[rows[i] * k + a0..][..kac].as_ptr();
-    let wrow = |j: usize| w[(w0 + j) * k + a0..][..kac].as_ptr();
-    // SAFETY: the caller's contract on `ct`; each row pointer is valid for kac floats (sliced
-    // above), the CPU has this function's features.
-    unsafe {
-        dot_groups(rows.len(), cols, ct, first, |r, ai, wj| match r {
-            1 => dots::<1, 8>([arow(ai[0])], wj.map(wrow), kac),
-            2 => dots::<2, 8>([0, 1].map(|i| arow(ai[i])), wj.map(wrow), kac),
-            3 => dots::<3, 8>([0, 1, 2].map(|i| arow(ai[i])), wj.map(wrow), kac),
-            _ => dots::<4, 4>(ai.map(arow), [0, 1, 2, 3].map(|j| wrow(wj[j])), kac),
-        })
+    debug_assert!(rows.len() <= DOT_ROWS && k0 + kc <= k);
+    let arow = |i: usize| a[rows[i] * k + k0..][..kc].as_ptr();
+    let wide = NJ == NJ_WIDE;
+    // Groups of at most 7 rows (6 against 8 weight rows), as even as they come.
+    let n = rows.len();
+    let ng = n.div_ceil(if wide { 7 } else { 6 });
+    let mut i0 = 0;
+    for gi in 0..ng {
+        let g = (n - i0).div_ceil(ng - gi);
+        let pg = p.wrapping_add(i0 * NJ);
+        macro_rules! go {
+            ($r:literal, $j:expr) => {{
+                let ar: [*const f32; $r] = core::array::from_fn(|i| arow(i0 + i));
+                let mut jb = 0;
+                while jb < NJ {
+                    debug_assert!(NJ % $j == 0);
+                    // SAFETY: each row pointer is valid for kc floats (sliced above); weight
+                    // rows jb..jb + J <= NJ (J = $j divides NJ) of `w`, and the group's rows of
+                    // `p` at columns jb..jb + J, as the caller passes them; same features.
+                    unsafe {
+                        dot_group::<$r, { $j }>(
+                            ar,
+                            w.wrapping_add(jb * ws),
+                            ws,
+                            kc,
+                            pg.wrapping_add(jb),
+                            NJ,
+                            first,
+                        )
+                    };
+                    jb += $j;
+                }
+            }};
+        }
+        match (g, wide) {
+            (0, _) => {}
+            (1, _) => go!(1, NJ),
+            (2, _) => go!(2, NJ),
+            (3, true) => go!(3, 6),
+            (3, false) => go!(3, NJ),
+            (4, true) => go!(4, 6),
+            (4, false) => go!(4, 4),
+            (5, _) => go!(5, 4),
+            (6, _) => go!(6, 4),
+            _ => go!(7, 3),
+        }
+        i0 += g;
     }
 }
 
@@ -434,6 +491,8 @@ pub(crate) unsafe fn run_block<T: Element, const NJ: usize>(
     let ap = a_buf.as_mut_ptr() as *mut f32;
     let cp = c_buf.as_mut_ptr() as *mut f32;
     let wp = w_buf.as_mut_ptr() as *mut f32;
+    // The dot-product rows' 16-lane partial sums for the current stripe, `[row][NJ]`.
+    let mut p_buf = MaybeUninit::<Aligned<{ DOT_ROWS * NJ_WIDE * 16 }>>::uninit();
     let tiles = mb.div_ceil(RT);
     let stripes = nb.div_ceil(NJ);
     // The A block: as much of K as the packing buffer holds for this item's rows, so that few
@@ -563,30 +622,33 @@ pub(crate) unsafe fn run_block<T: Element, const NJ: usize>(
                 if swpf { go!(true) } else { go!(false) }
             }
         }
-        if all > mb && c + 1 == chunks_of(a0) {
-            // The stripe's last chunk of this A block: the rows past the tiles against its
-            // weight rows over the whole block (in L2 now).
-            let kac = ka.min(k - a0);
-            let cols = NJ.min(nb - j0);
+        if all > mb {
+            // The rows past the tiles against the same chunk of weight rows (in L1 now),
+            // their lane sums kept over the A block; at the stripe's last chunk of the block,
+            // added across the lanes into the results.
             let a32: &[f32] = bytemuck::cast_slice(blk.a);
-            let w32: &[f32] = bytemuck::cast_slice(bw);
-            // SAFETY: f32 elements (`dots` is 0 otherwise); the rows lie in their slices
-            // (checked by the slicing inside); columns j0..j0 + cols of the Cᵀ block, rows
-            // mb..all < MB.
+            let pp = p_buf.as_mut_ptr() as *mut __m512;
+            // SAFETY: f32 elements (`dots` is 0 otherwise); the rows lie in `a` (sliced
+            // inside), k0 + kc <= k; `wsrc` holds NJ rows of kc floats at stride ws (above);
+            // the partial sums' buffer holds DOT_ROWS * NJ_WIDE vectors, 64-byte aligned.
             unsafe {
-                dot_rows(
-                    a32,
-                    &blk.a_rows[mb..all],
-                    w32,
-                    n0 + j0,
-                    cols,
-                    k,
-                    a0,
-                    kac,
-                    cb.wrapping_add(mb),
-                    a0 == 0,
-                )
+                dot_chunk::<NJ>(a32, &blk.a_rows[mb..all], k, k0, kc, wsrc, ws, pp, k0 == a0)
             };
+            if c + 1 == chunks_of(a0) {
+                let cols = NJ.min(nb - j0);
+                for i in 0..all - mb {
+                    for j in 0..cols {
+                        // SAFETY: vector i * NJ + j < DOT_ROWS * NJ_WIDE of the buffer, written
+                        // above; column j0 + j < nb <= NB, row mb + i < all <= MB of the
+                        // Cᵀ block.
+                        unsafe {
+                            let x = _mm512_reduce_add_ps(*pp.add(i * NJ + j));
+                            let q = cb.add(j * MB + mb + i);
+                            *q = if a0 == 0 { x } else { *q + x };
+                        }
+                    }
+                }
+            }
         }
     }
     // SAFETY: every stripe (stripes * NJ columns) of the Cᵀ block of each present B was
