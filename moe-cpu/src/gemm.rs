@@ -548,7 +548,13 @@ impl Tuning {
     /// * an item's last 1-5 rows past a multiple of 16 as dot products ([`Tuning::wb_dot_rows`]
     ///   5, against 0 with the lines above; 9 rounds): f32 T=128 Mixtral 0.888x, DeepSeek-V3
     ///   0.963x, gpt-oss 0.973x, Qwen3 0.995x; T=1024 (5 rounds) 0.948x-0.990x, within the
-    ///   rounds' spread; up to 7 rows: no better (T=128 Mixtral 0.865x, gpt-oss 1.031x).
+    ///   rounds' spread; up to 7 rows: no better then (T=128 Mixtral 0.865x, gpt-oss 1.031x);
+    /// * up to 7 rows once the dot products ran per chunk against the weight rows in L1 (the
+    ///   next session, same machine type; against 5, 7 rounds): f32 T=128 Mixtral 0.966x
+    ///   (0.962x-0.968x; 0.969x in 7 other rounds), DeepSeek-V3 0.991x (0.994x), Qwen3 0.990x,
+    ///   gpt-oss 1.004x (1.008x); T=1024 0.978x-1.017x, within the rounds' spread. Up to 9 or
+    ///   11 rows (in a build that allowed more than 7), against 5: no better (Mixtral T=128
+    ///   1.017x / 1.021x, DeepSeek-V3 0.989x / 1.005x).
     ///
     /// The `vdpbf16ps` weight-broadcast kernel (`dpwb_rows`) was not measured there: off. Nor
     /// is `wb_half` on (Golden Cove runs a 512-bit FMA at the cost of a 256-bit one): with 8-row
@@ -565,7 +571,7 @@ impl Tuning {
         wb_half: false,
         wb_prefetch: true,
         seq_prefetch: true,
-        wb_dot_rows: 5,
+        wb_dot_rows: 7,
     };
 
     /// Every item a weight-broadcast kernel can take goes to it (for tests).
