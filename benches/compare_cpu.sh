@@ -36,9 +36,12 @@ for s in ${shapes//,/ }; do
       benches/run_torch_cpu.sh --csv "$out/torch-$s-$r.csv" &
     torch=$!
     if ((r % 2)); then echo go >&3; else echo go >&4; fi
-    # Either side failing would leave the other waiting for the baton: stop both.
+    # Either side failing would leave the other waiting for the baton: stop both. (Each wait
+    # names only the side still running: bash reports a reaped pid as "no such job".)
+    left=("$ours" "$torch")
     for _ in 1 2; do
-      wait -n "$ours" "$torch" || { kill "$ours" "$torch" 2>/dev/null; echo "a side failed" >&2; exit 1; }
+      wait -n -p fin "${left[@]}" || { kill "$ours" "$torch" 2>/dev/null; echo "a side failed" >&2; exit 1; }
+      if [[ $fin == "$ours" ]]; then left=("$torch"); else left=("$ours"); fi
     done
   done
 done
