@@ -229,16 +229,21 @@ impl RowPack {
     }
 }
 
+/// The most rows a weight-broadcast item leaves to dot products ([`tiled_rows`]).
+#[cfg(target_arch = "x86_64")]
+pub(crate) const DOT_ROWS: usize = 7;
+
 /// The rows of a weight-broadcast item of `mb` rows that run in row tiles: all of them, or
 /// (`dots > 0`) all but the last `mb % u` (`u` the lanes of a tile's unit: 8 with `half`, else
-/// 16) when there are at most `dots` (and at most 7) of those and at least `u` others; the
-/// kernels compute the rest as dot products (`wb::dot_chunk` and its `vdpbf16ps` twin).
+/// 16) when there are at most `dots` (and at most [`DOT_ROWS`]) of those and at least `u`
+/// others; the kernels compute the rest as dot products (`wb::dot_chunk` and its `vdpbf16ps`
+/// twin).
 #[cfg(target_arch = "x86_64")]
 #[inline]
 pub(crate) fn tiled_rows(mb: usize, half: bool, dots: usize) -> usize {
     let u = if half { 8 } else { 16 };
     let r = mb % u;
-    if r <= dots.min(7) && mb >= u { mb - r } else { mb }
+    if r <= dots.min(DOT_ROWS) && mb >= u { mb - r } else { mb }
 }
 
 /// The packed row layout the kernel of an item of `m` rows takes, if that kernel is a

@@ -44,8 +44,8 @@
 //! element is computed by exactly one work item: the same bits whatever the thread count.
 
 use super::avx512::{hsum4, prefetch_l2};
-use super::wb::{Prefetch, RT, dot_groups, pack_row_tiles, store_ct, store_ct_half, tile_shape};
-use super::{Aligned, Block, KC, MB, MP, MR, NB, NR, Out, tiled_rows};
+use super::wb::{Prefetch, RT, pack_row_tiles, store_ct, store_ct_half, tile_shape};
+use super::{Aligned, Block, DOT_ROWS, KC, MB, MP, MR, NB, NR, Out, tiled_rows};
 use core::arch::x86_64::*;
 use core::mem::MaybeUninit;
 use half::bf16;
@@ -702,6 +702,51 @@ unsafe fn dots<const R: usize, const J: usize>(
     }
 }
 
+/// The dot-product rows of this weight-broadcast kernel, `nrows` (at most 7) against `cols`
+/// weight rows: in groups of up to 3 rows against 8 weight rows (24 accumulators; 3 + 8 loads
+/// per 24 products), or of 4 against 4 where 4 or 7 rows are left (4 + 4 per 16).
+/// `sums(r, rows, weight_rows)` gives a group's `[row][weight row]` sums, given its `r` rows'
+/// indices (past `r` the last repeats) and its weight rows' (past `cols` the last repeats; those
+/// sums are dropped); `ct[j * MB + i] (=|+=)` them for `j < cols`, `i < nrows`.
+///
+/// # Safety
+/// `ct` is valid for `cols` rows of at least `nrows` floats at stride [`MB`]; `sums` is safe to
+/// call with such indices.
+unsafe fn dot_groups(
+    nrows: usize,
+    cols: usize,
+    ct: *mut f32,
+    first: bool,
+    mut sums: impl FnMut(usize, [usize; 4], [usize; 8]) -> [[f32; 8]; 4],
+) {
+    let mut i0 = 0;
+    while i0 < nrows {
+        let left = nrows - i0;
+        let r = if left == 4 || left == 7 { 4 } else { left.min(3) };
+        let jw = if r == 4 { 4 } else { 8 };
+        let mut j0 = 0;
+        while j0 < cols {
+            let s = sums(
+                r,
+                core::array::from_fn(|i| i0 + i.min(r - 1)),
+                core::array::from_fn(|j| (j0 + j).min(cols - 1)),
+            );
+            for (i, row) in s.iter().enumerate().take(r) {
+                for (j, &x) in row.iter().enumerate().take(jw.min(cols - j0)) {
+                    // SAFETY: column j0 + j < cols, row i0 + i < nrows (the caller's contract
+                    // on `ct`).
+                    unsafe {
+                        let p = ct.add((j0 + j) * MB + i0 + i);
+                        *p = if first { x } else { *p + x };
+                    }
+                }
+            }
+            j0 += jw;
+        }
+        i0 += r;
+    }
+}
+
 /// The rows past an item's [`tiled_rows`] (`rows`, at most 7) against the weight rows `w`
 /// (`cols` of them from row `w0`), over the bf16 `e0..e0 + n` of each row (length `k`):
 /// `ct[j * MB + i] (=|+=)` the sums for `j < cols`, `i < rows.len()`.
@@ -724,7 +769,7 @@ unsafe fn dot_rows(
     ct: *mut f32,
     first: bool,
 ) {
-    debug_assert!(rows.len() <= 7 && cols > 0 && e0 + n <= k);
+    debug_assert!(rows.len() <= DOT_ROWS && cols > 0 && e0 + n <= k);
     let arow = |i: usize| a[rows[i] * k + e0..][..n].as_ptr();
     let wrow = |j: usize| w[(w0 + j) * k + e0..][..n].as_ptr();
     // SAFETY: the caller's contract on `ct`; each row pointer is valid for n bf16 (sliced

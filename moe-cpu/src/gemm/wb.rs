@@ -43,7 +43,7 @@
 //! count.
 
 use super::avx512::{ct_to_tiles, load16, prefetch_l2, transpose16};
-use super::{Aligned, Block, MB, NB, Out, tiled_rows};
+use super::{Aligned, Block, DOT_ROWS, MB, NB, Out, tiled_rows};
 use core::arch::x86_64::*;
 use core::mem::MaybeUninit;
 use moe_core::Element;
@@ -57,9 +57,6 @@ pub(crate) const NJ_WIDE: usize = 12;
 pub(crate) const NJ_NARROW: usize = 8;
 /// K block.
 pub(crate) const KC_WB: usize = 256;
-/// The most rows an item leaves to the dot products ([`dot_chunk`]; see
-/// [`super::Tuning::wb_dot_rows`]), as [`tiled_rows`] caps them.
-pub(crate) const DOT_ROWS: usize = 7;
 /// Rows per full row tile (two 16-lane vectors).
 pub(super) const RT: usize = 32;
 /// Floats of the packed rows' buffer (256 KiB): [`MB`] rows of one [`KC_WB`] chunk, or fewer
@@ -230,7 +227,7 @@ unsafe fn dot_group<const R: usize, const J: usize>(
 /// `p` (`[row][NJ]`; `first`: the A block's first chunk). All the rows in one group against as
 /// many weight rows at a time as keep 24 accumulators (5 rows: 3 passes of 4 weight rows, 27
 /// loads per 60 FMAs; in groups of 2 rows against 12 it was 41), the rows reloaded (from L1)
-/// per pass; more than 7 rows (6 with 8 weight rows) in groups as even as they come.
+/// per pass; with 8 weight rows, 7 rows as 4 + 3.
 ///
 /// # Safety
 /// Every row lies in `a`'s slice, `k0 + kc <= k`; `w` holds `NJ` rows of `kc` floats at stride
@@ -252,12 +249,13 @@ unsafe fn dot_chunk<const NJ: usize>(
     debug_assert!(rows.len() <= DOT_ROWS && k0 + kc <= k);
     let arow = |i: usize| a[rows[i] * k + k0..][..kc].as_ptr();
     let wide = NJ == NJ_WIDE;
-    // Groups of at most 7 rows (6 against 8 weight rows), as even as they come.
-    let n = rows.len();
-    let ng = n.div_ceil(if wide { 7 } else { 6 });
-    let mut i0 = 0;
-    for gi in 0..ng {
-        let g = (n - i0).div_ceil(ng - gi);
+    // All the rows in one group (the arms below choose the weight rows per pass), but 7 rows
+    // against 8 weight rows as 4 + 3 (7 against 2 at a time would take 4 passes).
+    let groups: &[(usize, usize)] = match rows.len() {
+        7 if !wide => &[(0, 4), (4, 3)],
+        n => &[(0, n)],
+    };
+    for &(i0, g) in groups {
         let pg = p.wrapping_add(i0 * NJ);
         macro_rules! go {
             ($r:literal, $j:expr) => {{
@@ -284,7 +282,6 @@ unsafe fn dot_chunk<const NJ: usize>(
             }};
         }
         match (g, wide) {
-            (0, _) => {}
             (1, _) => go!(1, NJ),
             (2, _) => go!(2, NJ),
             (3, true) => go!(3, 6),
@@ -295,52 +292,6 @@ unsafe fn dot_chunk<const NJ: usize>(
             (6, _) => go!(6, 4),
             _ => go!(7, 3),
         }
-        i0 += g;
-    }
-}
-
-/// The dot-product rows of both weight-broadcast kernels, `nrows` (at most 7) against `cols`
-/// weight rows: in groups of up to 3 rows against 8 weight rows (24 accumulators; 3 + 8 loads
-/// per 24 products), or of 4 against 4 where 4 or 7 rows are left (4 + 4 per 16).
-/// `sums(r, rows, weight_rows)` gives a group's `[row][weight row]` sums, given its `r` rows'
-/// indices (past `r` the last repeats) and its weight rows' (past `cols` the last repeats; those
-/// sums are dropped); `ct[j * MB + i] (=|+=)` them for `j < cols`, `i < nrows`.
-///
-/// # Safety
-/// `ct` is valid for `cols` rows of at least `nrows` floats at stride [`MB`]; `sums` is safe to
-/// call with such indices.
-pub(super) unsafe fn dot_groups(
-    nrows: usize,
-    cols: usize,
-    ct: *mut f32,
-    first: bool,
-    mut sums: impl FnMut(usize, [usize; 4], [usize; 8]) -> [[f32; 8]; 4],
-) {
-    let mut i0 = 0;
-    while i0 < nrows {
-        let left = nrows - i0;
-        let r = if left == 4 || left == 7 { 4 } else { left.min(3) };
-        let jw = if r == 4 { 4 } else { 8 };
-        let mut j0 = 0;
-        while j0 < cols {
-            let s = sums(
-                r,
-                core::array::from_fn(|i| i0 + i.min(r - 1)),
-                core::array::from_fn(|j| (j0 + j).min(cols - 1)),
-            );
-            for (i, row) in s.iter().enumerate().take(r) {
-                for (j, &x) in row.iter().enumerate().take(jw.min(cols - j0)) {
-                    // SAFETY: column j0 + j < cols, row i0 + i < nrows (the caller's contract
-                    // on `ct`).
-                    unsafe {
-                        let p = ct.add((j0 + j) * MB + i0 + i);
-                        *p = if first { x } else { *p + x };
-                    }
-                }
-            }
-            j0 += jw;
-        }
-        i0 += r;
     }
 }
 
