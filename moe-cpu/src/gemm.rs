@@ -24,7 +24,7 @@
 //!   place (widened in registers, with an L2 prefetch [`INPLACE_AHEAD`] bytes ahead on each,
 //!   instead of the next micro-panel's, where [`Tuning::inplace_prefetch`] says so): this
 //!   replaces the few-rows kernel above, which then serves only K tails;
-//! * AVX-512 and a row count in [`Tuning::wb_rows`] (Intel: 8 to 127; AMD: from 8, with 8
+//! * AVX-512 and a row count in [`Tuning::wb_rows`] (Intel and AMD: from 8; both with 8
 //!   instead of 12 weight rows per stripe, [`Tuning::wb_narrow`]): the weight-broadcast
 //!   kernel (module `wb`): the item's rows transposed once per K block into `[k][32]` tiles
 //!   (rows in the vector lanes), each weight element broadcast to 32 rows; f32 weight rows are
@@ -433,9 +433,10 @@ pub struct Tuning {
     /// broadcast); none when `dpwb_rows.0 >= dpwb_rows.1`.
     pub dpwb_rows: (usize, usize),
     /// The AVX-512 weight-broadcast kernel reads 8 weight rows per stripe instead of 12 (16
-    /// accumulators instead of 24), for CPUs whose L1 data cache has 8 ways: the stripe's
-    /// rows are read in place at a stride that is a multiple of 4 KiB for the models' K, so
-    /// they all map to one L1 set. Either gives the same bits.
+    /// accumulators instead of 24): the stripe's rows are read in place at a stride that is a
+    /// multiple of 4 KiB for most of the models' K, so they all map to one L1 set, and 12 of
+    /// them take more ways than an 8-way L1 has (Zen 4) or all 12 ways of Emerald Rapids',
+    /// evicting the packed rows' lines of that set. Either gives the same bits.
     pub wb_narrow: bool,
     /// The weight-broadcast kernels give an item's last row tile lanes in units of 8 (a 256-bit
     /// half vector after its 512-bit ones) instead of 16, for CPUs where a 256-bit FMA or
@@ -560,6 +561,13 @@ impl Tuning {
     ///   gpt-oss 1.004x (1.008x); T=1024 0.978x-1.017x, within the rounds' spread. Up to 9 or
     ///   11 rows (in a build that allowed more than 7), against 5: no better (Mixtral T=128
     ///   1.017x / 1.021x, DeepSeek-V3 0.989x / 1.005x).
+    /// * 8 weight rows per stripe instead of 12 ([`Tuning::wb_narrow`]; the session after,
+    ///   same machine type; same bits): f32 T=128 Mixtral 0.967x (0.944x-1.000x, 7 rounds;
+    ///   0.964x in 5 more), DeepSeek-V3 1.000x / 0.985x, gpt-oss 0.998x, Qwen3 1.012x; T=1024
+    ///   0.986x-0.999x; T=16 f32 and bf16 T=16 / T=128 0.983x-1.012x. In cache (one thread, 192
+    ///   weight rows, K 4096) 16 / 32 / 48 / 64 / 128 rows: 106 / 145 / 135 / 145 / 148
+    ///   GFLOP/s against 102 / 141 / 130 / 145 / 147; 32 rows at K 2880 (no 4 KiB stride) 147
+    ///   against 144, K 2048 151 against 145.
     ///
     /// The `vdpbf16ps` weight-broadcast kernel (`dpwb_rows`) was not measured there: off. Nor
     /// is `wb_half` on (Golden Cove runs a 512-bit FMA at the cost of a 256-bit one): with 8-row
@@ -572,7 +580,7 @@ impl Tuning {
         inplace_prefetch: false,
         dpbf16_rows: 2,
         dpwb_rows: (0, 0),
-        wb_narrow: false,
+        wb_narrow: true,
         wb_half: false,
         wb_prefetch: true,
         seq_prefetch: true,
@@ -2059,7 +2067,7 @@ mod tests {
             eprintln!("skipped: no AVX-512 on this CPU");
             return;
         }
-        let wide = Tuning { wb_half: false, wb_dot_rows: 7, ..Tuning::INTEL };
+        let wide = Tuning { wb_narrow: false, wb_half: false, wb_dot_rows: 7, ..Tuning::INTEL };
         let narrow = Tuning { wb_narrow: true, ..wide };
         let nb = 40;
         let v = |i: usize| ((i * 7919) % 23) as f32 * 0.03 - 0.3;

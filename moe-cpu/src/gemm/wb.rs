@@ -6,10 +6,10 @@
 //! every weight row is transposed (or copied) once per work item, and that cost is shared only
 //! by the item's rows. Here the item's rows are transposed instead, into `[k][32 rows]` tiles,
 //! and that cost is shared by all the item's columns (up to [`NB`], for each B); each weight
-//! element is broadcast to a whole vector of rows. The register tile is [`NJ_WIDE`] weight rows
-//! × 32 rows (24 accumulators): 2 vector loads and 12 broadcasts per 24 FMAs, no horizontal sums
-//! ([`NJ_NARROW`] rows, 16 accumulators, on CPUs with an 8-way L1: see
-//! [`super::Tuning::wb_narrow`]).
+//! element is broadcast to a whole vector of rows. The register tile is [`NJ_NARROW`] weight
+//! rows × 32 rows (16 accumulators): 2 vector loads and 8 broadcasts per 16 FMAs, no horizontal
+//! sums; or [`NJ_WIDE`] weight rows (24 accumulators, 12 broadcasts per 24 FMAs), which the
+//! L1's ways favour less than the load ratio suggests (see [`super::Tuning::wb_narrow`]).
 //!
 //! # Blocking
 //!
@@ -51,9 +51,10 @@ use moe_core::Element;
 /// Weight rows (columns of the result) per stripe and register tile: [`NJ_WIDE`], or
 /// [`NJ_NARROW`] where [`super::Tuning::wb_narrow`] says so.
 pub(crate) const NJ_WIDE: usize = 12;
-/// Weight rows per stripe on CPUs whose L1 has 8 ways: the stripe's rows are read in place at a
-/// stride of K floats, a multiple of 4 KiB for the models' K, so they all map to the same L1
-/// set, and 12 of them do not fit in 8 ways.
+/// Weight rows per stripe where [`super::Tuning::wb_narrow`] says so (both presets): the
+/// stripe's rows are read in place at a stride of K floats, a multiple of 4 KiB for most of the
+/// models' K, so they all map to the same L1 set, and 12 of them do not fit in 8 ways (Zen 4)
+/// or fill all 12 (Emerald Rapids), evicting the packed rows' lines there.
 pub(crate) const NJ_NARROW: usize = 8;
 /// K block.
 pub(crate) const KC_WB: usize = 256;
