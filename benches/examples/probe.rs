@@ -1,4 +1,8 @@
 //! Quick look at one shape: `cargo run --release -p moe-benches --features cpu --example probe`.
+//!
+//! `S` (shape index in `canonical()`), `T`, `DT` (`f32`, `bf16`), `TH` (thread counts 1..=TH),
+//! `REP`, `PEAK` (measure the FMA peak for 1..=PEAK threads); `COUNTS=1` only prints the rows
+//! the router gives each expert (the work items' row counts), as routed and sorted.
 use moe_benches::*;
 use moe_core::{Element, MoeStages};
 use moe_cpu::Cpu;
@@ -41,6 +45,19 @@ where
     Cpu: MoeStages<T>,
 {
     let mut l = Layer::<T>::new(&sh.config, t, 1).unwrap();
+    if env("COUNTS", 0) == 1 {
+        // The permute stage's `expert_offsets` (first row of each expert, then the total).
+        l.forward(&Cpu::parallel()).unwrap();
+        let lay = l.plan.layout(T::DTYPE).unwrap();
+        let base = l.ws.as_ptr().align_offset(256);
+        let o = &l.ws[base + lay.expert_offsets.offset..][..4 * lay.expert_offsets.len];
+        let o: Vec<i32> = o.chunks(4).map(|c| i32::from_le_bytes(c.try_into().unwrap())).collect();
+        let mut c: Vec<i32> = o.windows(2).map(|w| w[1] - w[0]).collect();
+        println!("rows per expert: {c:?}");
+        c.sort();
+        println!("sorted: {c:?}");
+        return;
+    }
     for th in [1usize, 2].into_iter().take(env("TH", 2)) {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(th).build().unwrap();
         let cpu = Cpu::parallel();
