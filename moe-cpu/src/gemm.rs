@@ -28,8 +28,8 @@
 //!   instead of 12 weight rows per stripe, [`Tuning::wb_narrow`]): the weight-broadcast
 //!   kernel (module `wb`): the item's rows transposed once per K block into `[k][32]` tiles
 //!   (rows in the vector lanes), each weight element broadcast to 32 rows; f32 weight rows are
-//!   read in place, 12 (or 8) at a time, other element types widened into a small stripe; a
-//!   12 (or 8) × 32 register tile, no horizontal sums;
+//!   read in place, 8 (or 12) at a time, other element types widened into a small stripe; an
+//!   8 (or 12) × 32 register tile, no horizontal sums;
 //! * AVX-512 and at least [`BC_MIN_ROWS`] rows: the broadcast (outer-product) kernel. Per K
 //!   block of [`KC_BC`], the item's rows are copied once (L2), every 32-column weight panel is
 //!   transposed into `[k][32]` (L2), and each [`MR_BC`]-row group (L1) runs against all the
