@@ -49,7 +49,7 @@ where
         // The permute stage's `expert_offsets` (first row of each expert, then the total).
         l.forward(&Cpu::parallel()).unwrap();
         let lay = l.plan.layout(T::DTYPE).unwrap();
-        let base = l.ws.as_ptr().align_offset(256);
+        let base = l.ws.as_ptr().align_offset(moe_core::REGION_ALIGN);
         let o = &l.ws[base + lay.expert_offsets.offset..][..4 * lay.expert_offsets.len];
         let o: Vec<i32> = o.chunks(4).map(|c| i32::from_le_bytes(c.try_into().unwrap())).collect();
         let mut c: Vec<i32> = o.windows(2).map(|w| w[1] - w[0]).collect();

@@ -702,7 +702,7 @@ unsafe fn dots<const R: usize, const J: usize>(
     }
 }
 
-/// The dot-product rows of this weight-broadcast kernel, `nrows` (at most 7) against `cols`
+/// The dot-product rows of this weight-broadcast kernel, `nrows` (at most [`DOT_ROWS`]) against `cols`
 /// weight rows: in groups of up to 3 rows against 8 weight rows (24 accumulators; 3 + 8 loads
 /// per 24 products), or of 4 against 4 where 4 or 7 rows are left (4 + 4 per 16).
 /// `sums(r, rows, weight_rows)` gives a group's `[row][weight row]` sums, given its `r` rows'
@@ -747,7 +747,7 @@ unsafe fn dot_groups(
     }
 }
 
-/// The rows past an item's [`tiled_rows`] (`rows`, at most 7) against the weight rows `w`
+/// The rows past an item's [`tiled_rows`] (`rows`, at most [`DOT_ROWS`]) against the weight rows `w`
 /// (`cols` of them from row `w0`), over the bf16 `e0..e0 + n` of each row (length `k`):
 /// `ct[j * MB + i] (=|+=)` the sums for `j < cols`, `i < rows.len()`.
 ///
