@@ -94,7 +94,7 @@ int main(int argc, char **argv) {
     int rounds = argc > 1 ? atoi(argv[1]) : 5;
     size_t mib = argc > 2 ? (size_t)atol(argv[2]) : 256;
     int nt = argc > 3 ? atoi(argv[3]) : 2;
-    if (rounds < 1 || nt < 1 || nt > 64 || mib < 1) return 2;
+    if (rounds < 1 || rounds > 64 || nt < 1 || nt > 64 || mib < 1) return 2;
     per = mib << 18;
     buf = aligned_alloc(64, per * nt * sizeof(float));
     if (!buf) return 1;
