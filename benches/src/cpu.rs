@@ -561,8 +561,9 @@ where
 /// A kernel-selection spec of the bench tools, parsed: a [`Tuning`] name (`intel`, `amd`, `allwb`,
 /// `detect`; see [`Tuning::from_name`]) or comma-separated fields over the detected tuning:
 /// `wb=LO-HI`, `dr=ROWS`, `pf=0|1`, `dp=ROWS`, `dw=LO-HI`, `wn=0|1`, `wh=0|1`, `wp=0|1`, `sp=0|1`,
-/// `wd=ROWS` ([`Tuning`]'s `wb_rows`, `direct_rows`, `inplace_prefetch`, `dpbf16_rows`,
-/// `dpwb_rows`, `wb_narrow`, `wb_half`, `wb_prefetch`, `seq_prefetch`, `wb_dot_rows`) and
+/// `wd=ROWS`, `wf=0|1` ([`Tuning`]'s `wb_rows`, `direct_rows`, `inplace_prefetch`,
+/// `dpbf16_rows`, `dpwb_rows`, `wb_narrow`, `wb_half`, `wb_prefetch`, `seq_prefetch`,
+/// `wb_dot_rows`, `wb_fuse`) and
 /// `isa=NAME` (that instruction set's kernels). Anything else is an error naming it: a tool never
 /// runs a variant other than the one asked for.
 pub fn parse_variant(spec: &str) -> std::result::Result<(Tuning, Option<Isa>), String> {
@@ -595,6 +596,7 @@ pub fn parse_variant(spec: &str) -> std::result::Result<(Tuning, Option<Isa>), S
             "wp" => t.wb_prefetch = flag(key, v)?,
             "sp" => t.seq_prefetch = flag(key, v)?,
             "wd" => t.wb_dot_rows = num(key, v)?,
+            "wf" => t.wb_fuse = flag(key, v)?,
             "dp" => t.dpbf16_rows = num(key, v)?,
             "dw" => t.dpwb_rows = range(key, v)?,
             "isa" => {
@@ -661,7 +663,7 @@ mod tests {
         assert_eq!(parse_variant("intel"), Ok((Tuning::INTEL, None)));
         assert_eq!(parse_variant(" AMD "), Ok((Tuning::AMD, None)));
         let (t, isa) =
-            parse_variant("wb=8-64,dr=3,pf=1,dp=5,dw=4-96,wn=1,wh=0,wp=0,sp=1,wd=3").unwrap();
+            parse_variant("wb=8-64,dr=3,pf=1,dp=5,dw=4-96,wn=1,wh=0,wp=0,sp=1,wd=3,wf=1").unwrap();
         assert_eq!(
             t,
             Tuning {
@@ -675,6 +677,7 @@ mod tests {
                 wb_prefetch: false,
                 seq_prefetch: true,
                 wb_dot_rows: 3,
+                wb_fuse: true,
             }
         );
         assert_eq!(isa, None);
@@ -684,6 +687,7 @@ mod tests {
             "wb=8",
             "dw=4",
             "wn=2",
+            "wf=2",
             "wh=x",
             "dr=x",
             "pf=2",

@@ -459,6 +459,11 @@ pub struct Tuning {
     /// unit whose other lanes would be idle; 0: never. Either gives results within rounding of
     /// the other, each the same bits whatever the thread count.
     pub wb_dot_rows: usize,
+    /// The f32 weight-broadcast kernel with 8 weight rows per stripe ([`Tuning::wb_narrow`])
+    /// runs an item's last two row tiles, of 2 and 1 16-lane vectors, as one register tile of
+    /// 3 vectors (24 accumulators), one pass over each chunk of weight rows for both. Either
+    /// gives the same bits.
+    pub wb_fuse: bool,
 }
 
 impl Tuning {
@@ -515,6 +520,8 @@ impl Tuning {
     ///   1.366x / 1.082x the time without it. bf16 keeps its next-panel prefetch beside the
     ///   per-row one: without it Qwen3 bf16 T=128 took 1.048x, gpt-oss T=16 1.061x (Mixtral
     ///   T=16 0.935x).
+    ///
+    /// [`Tuning::wb_fuse`] (measured on Emerald Rapids) is off until measured on Zen 4.
     pub const AMD: Tuning = Tuning {
         wb_rows: (8, usize::MAX),
         direct_rows: 0,
@@ -526,6 +533,7 @@ impl Tuning {
         wb_prefetch: true,
         seq_prefetch: false,
         wb_dot_rows: 5,
+        wb_fuse: false,
     };
 
     /// Intel (measured on a 2-core Emerald Rapids guest without AMX, 2 threads, expert GEMMs,
@@ -568,6 +576,12 @@ impl Tuning {
     ///   weight rows, K 4096) 16 / 32 / 48 / 64 / 128 rows: 106 / 145 / 135 / 145 / 148
     ///   GFLOP/s against 102 / 141 / 130 / 145 / 147; 32 rows at K 2880 (no 4 KiB stride) 147
     ///   against 144, K 2048 151 against 145.
+    /// * an item's last two row tiles of 2 and 1 vectors as one register tile of 3
+    ///   ([`Tuning::wb_fuse`]; the session after, same machine type; against apart, same bits):
+    ///   f32 T=128 DeepSeek-V3 (experts of 40-51 and 77 rows) 0.969x (7 rounds), Mixtral 1.004x,
+    ///   Qwen3 0.993x, gpt-oss 0.984x; T=1024 Qwen3 0.973x (9 rounds), DeepSeek-V3 0.955x (5),
+    ///   Mixtral 0.995x, gpt-oss 0.999x (9). In cache (one thread, 192 weight rows, K 2048),
+    ///   40 / 48 / 80 rows: 125 / 149 / 147 GFLOP/s against 113-115 / 131-137 / 140.
     ///
     /// The `vdpbf16ps` weight-broadcast kernel (`dpwb_rows`) was not measured there: off. Nor
     /// is `wb_half` on (Golden Cove runs a 512-bit FMA at the cost of a 256-bit one): with 8-row
@@ -585,9 +599,12 @@ impl Tuning {
         wb_prefetch: true,
         seq_prefetch: true,
         wb_dot_rows: 7,
+        wb_fuse: true,
     };
 
-    /// Every item a weight-broadcast kernel can take goes to it (for tests).
+    /// Every item a weight-broadcast kernel can take goes to it (for tests). [`Tuning::wb_fuse`]
+    /// is on but idle with 12 weight rows per stripe (`fused_row_tiles_give_the_same_bits`
+    /// tests it).
     #[doc(hidden)]
     pub const ALL_WB: Tuning = Tuning {
         wb_rows: (1, usize::MAX),
@@ -600,6 +617,7 @@ impl Tuning {
         wb_prefetch: true,
         seq_prefetch: true,
         wb_dot_rows: 7,
+        wb_fuse: true,
     };
 
     /// The tuning of a name, case insensitive: `amd`, `intel`, `allwb` ([`Tuning::ALL_WB`]) or
@@ -1996,7 +2014,7 @@ mod tests {
         let mut used = 0;
         let nb = 40;
         for k in [2usize, 31, 64, 300, 1030] {
-            for m in [1usize, 7, 8, 9, 16, 17, 31, 33, 100, 256] {
+            for m in [1usize, 7, 8, 9, 16, 17, 31, 33, 48, 83, 100, 256] {
                 let v = |i: usize| T::from_f32(((i * 7919) % 23) as f32 * 0.03 - 0.3);
                 let a: Vec<T> = (0..(m + 3) * k).map(v).collect();
                 let b0: Vec<T> = (0..nb * k).map(|i| v(i + 5)).collect();
@@ -2105,6 +2123,65 @@ mod tests {
                                 (got - s).abs() <= 1e-6 * mag,
                                 "{tuning:?} m={m} k={k} row {i} column {j}: {got} vs {s}"
                             );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// An item's last two row tiles run as one 3-vector register tile ([`Tuning::wb_fuse`]):
+    /// the same bits as the two tiles apart, and within rounding of double-precision sums
+    /// (with dot-product rows after the tiles, a partial last stripe, K over one and two A
+    /// blocks and a partial chunk).
+    #[test]
+    fn fused_row_tiles_give_the_same_bits() {
+        if !Isa::Avx512.available() {
+            eprintln!("skipped: no AVX-512 on this CPU");
+            return;
+        }
+        let fused = Tuning { wb_narrow: true, wb_half: false, wb_fuse: true, ..Tuning::INTEL };
+        let apart = Tuning { wb_fuse: false, ..fused };
+        let v = |i: usize| ((i * 7919) % 23) as f32 * 0.03 - 0.3;
+        for nb in [40usize, 48] {
+            for k in [31usize, 300, 2100] {
+                for m in [33usize, 40, 47, 48, 51, 55, 80, 90, 112] {
+                    let a: Vec<f32> = (0..(m + 3) * k).map(v).collect();
+                    let b0: Vec<f32> = (0..nb * k).map(|i| v(i + 5)).collect();
+                    let b1: Vec<f32> = (0..nb * k).map(|i| v(i + 9)).collect();
+                    let rows: Vec<usize> = (0..m).map(|i| (i * 5 + 1) % (m + 3)).collect();
+                    let run = |tuning: Tuning| {
+                        let mut t: Box<Tiles> = Box::new([[f32::NAN; MB * NB]; 2]);
+                        let blk = Block {
+                            a: &a,
+                            a_rows: &rows,
+                            k,
+                            b: [Some(&b0), Some(&b1)],
+                            n0: 0,
+                            nb,
+                            packed: None,
+                        };
+                        let out = [t[0].as_mut_ptr(), t[1].as_mut_ptr()];
+                        // SAFETY: MB rows of NB floats per tile; AVX-512 is available; A and B
+                        // hold every row read.
+                        unsafe { run_block(Isa::Avx512, tuning, &blk, out) };
+                        t
+                    };
+                    let (f, p) = (run(fused), run(apart));
+                    for (bi, b) in [&b0, &b1].into_iter().enumerate() {
+                        for (i, &row) in rows.iter().enumerate() {
+                            for j in 0..nb {
+                                let (mut s, mut mag) = (0f64, 0f64);
+                                for x in 0..k {
+                                    let q = a[row * k + x] as f64 * b[j * k + x] as f64;
+                                    s += q;
+                                    mag += q.abs();
+                                }
+                                let (got, other) = (f[bi][i * NB + j], p[bi][i * NB + j]);
+                                let at = format!("m={m} k={k} nb={nb} B{bi} row {i} column {j}");
+                                assert_eq!(got.to_bits(), other.to_bits(), "{at}: other bits");
+                                assert!((got as f64 - s).abs() <= 1e-6 * mag, "{at}: {got} vs {s}");
+                            }
                         }
                     }
                 }

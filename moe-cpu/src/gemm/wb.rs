@@ -9,7 +9,9 @@
 //! element is broadcast to a whole vector of rows. The register tile is [`NJ_NARROW`] weight
 //! rows × 32 rows (16 accumulators): 2 vector loads and 8 broadcasts per 16 FMAs, no horizontal
 //! sums; or [`NJ_WIDE`] weight rows (24 accumulators, 12 broadcasts per 24 FMAs), which the
-//! L1's ways favour less than the load ratio suggests (see [`super::Tuning::wb_narrow`]).
+//! L1's ways favour less than the load ratio suggests (see [`super::Tuning::wb_narrow`]). An
+//! item's last 16-row tile after a 32-row one runs with it as one register tile of 48 rows
+//! where [`fuses`] says so.
 //!
 //! # Blocking
 //!
@@ -323,12 +325,22 @@ pub(super) unsafe fn store_ct<const NJ: usize, const MV: usize>(
 
 /// `ct[j * MB + v * 16 + l] (+)= sum_{k < kc} w[j * ws + k] at[k * 16 * MV + v * 16 + l]`
 /// for `j < NJ`, `v < MV`, `l < 16`, and with `H = 1` the same for the tile's 8-lane half
-/// (`ah[k * 8 + l]`, `l < 8`, into `ct[j * MB + 16 * MV + l]`).
+/// (`ah[k * 8 + l]`, `l < 8`, into `ct[j * MB + 16 * MV + l]`). With `MT > MV` the register
+/// tile also takes the next row tile's `MT - MV` vectors (`at2[k * 16 * (MT - MV) + ..]`, into
+/// lanes `16 * MV..16 * MT` of `ct`, where that tile's results lie), and then `H = 0`: one
+/// pass over the weight rows for both tiles (see [`fuses`]).
 #[inline]
 #[target_feature(enable = "avx512f,avx512vl,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn micro<const NJ: usize, const MV: usize, const H: usize, const PF: bool>(
+unsafe fn micro<
+    const NJ: usize,
+    const MT: usize,
+    const MV: usize,
+    const H: usize,
+    const PF: bool,
+>(
     at: *const f32,
+    at2: *const f32,
     ah: *const f32,
     w: *const f32,
     ws: usize,
@@ -337,14 +349,17 @@ unsafe fn micro<const NJ: usize, const MV: usize, const H: usize, const PF: bool
     first: bool,
     pf: Prefetch,
 ) {
+    const { assert!(MT >= MV && (MT == MV || H == 0)) };
     // SAFETY: the caller passes a packed row tile of kc × 16·MV floats (64-byte aligned rows)
-    // and, with H = 1, its half of kc × 8 floats (32-byte aligned rows), NJ weight rows of at
-    // least kc floats at stride ws, and NJ rows of at least 16·MV + 8·H floats at stride MB
-    // from `ct` (64-byte aligned). Prefetches never fault.
+    // and, with H = 1, its half of kc × 8 floats (32-byte aligned rows), with MT > MV the next
+    // tile's kc × 16·(MT - MV) floats (64-byte aligned rows), NJ weight rows of at least kc
+    // floats at stride ws, and NJ rows of at least 16·MT + 8·H floats at stride MB from `ct`
+    // (64-byte aligned). Prefetches never fault.
     unsafe {
-        let mut acc = [[_mm512_setzero_ps(); MV]; NJ];
+        let mut acc = [[_mm512_setzero_ps(); MT]; NJ];
         let mut acch = [[_mm256_setzero_ps(); H]; NJ];
         let mut ak = at;
+        let mut ak2 = at2;
         let mut hk = ah;
         let mut wk = w;
         let mut k = 0;
@@ -363,9 +378,13 @@ unsafe fn micro<const NJ: usize, const MV: usize, const H: usize, const PF: bool
             // same sums in the same order.
             let u = if kc - k >= 4 { 4 } else { 1 };
             for q in 0..u {
-                let mut a = [_mm512_setzero_ps(); MV];
+                let mut a = [_mm512_setzero_ps(); MT];
                 for (v, x) in a.iter_mut().enumerate() {
-                    *x = _mm512_load_ps(ak.add(v * 16));
+                    *x = if v < MV {
+                        _mm512_load_ps(ak.add(v * 16))
+                    } else {
+                        _mm512_load_ps(ak2.add((v - MV) * 16))
+                    };
                 }
                 let mut ha = [_mm256_setzero_ps(); H];
                 for x in ha.iter_mut() {
@@ -382,6 +401,9 @@ unsafe fn micro<const NJ: usize, const MV: usize, const H: usize, const PF: bool
                     }
                 }
                 ak = ak.add(16 * MV);
+                if MT > MV {
+                    ak2 = ak2.add(16 * (MT - MV));
+                }
                 hk = hk.add(8 * H);
             }
             wk = wk.add(u);
@@ -417,6 +439,17 @@ pub(super) unsafe fn store_ct_half<const NJ: usize, const H: usize>(
     }
 }
 
+/// Whether an item's last two row tiles, of 2 vectors and of 1 (17-32 and 9-16 rows, or 1-16
+/// without the 8-lane halves), run as one register tile of 3 vectors × `NJ` weight rows (24
+/// accumulators: 3 loads and 8 broadcasts per 24 FMAs, where the 1-vector tile alone takes 9
+/// loads per 8 FMAs and 8 accumulators, as many as the FMAs' latency needs in flight):
+/// [`super::Tuning::wb_fuse`] with 8 weight rows per stripe (12 would take 36 accumulators).
+/// The same sums in the same order: the same bits.
+#[inline]
+fn fuses(nj: usize, tuning: super::Tuning) -> bool {
+    tuning.wb_fuse && nj == NJ_NARROW
+}
+
 /// One work item with the weight-broadcast kernel (see the module docs).
 ///
 /// # Safety
@@ -428,6 +461,7 @@ pub(crate) unsafe fn run_block<T: Element, const NJ: usize>(
     tuning: super::Tuning,
 ) {
     let (half, prefetch) = (tuning.wb_half, tuning.wb_prefetch);
+    let fuse = fuses(NJ, tuning);
     const { assert!(NJ <= NJ_WIDE && NB.is_multiple_of(NJ)) };
     let (k, mb, nb, n0) = (blk.k, blk.a_rows.len(), blk.nb, blk.n0);
     debug_assert!(k > 0 && mb > 0 && mb <= MB && nb <= NB);
@@ -538,9 +572,10 @@ pub(crate) unsafe fn run_block<T: Element, const NJ: usize>(
         };
         let first = k0 == 0;
         let cb = cp.wrapping_add(bi * NB * MB + j0 * MB);
-        for t in 0..tiles {
-            let (mv, h) = tile_shape(mb, t, half);
-            let (at, ah) = match pre {
+        // Tile t's packed rows of this chunk: its vectors and its 8-lane half.
+        let tile_at = |t: usize| {
+            let (mv, _) = tile_shape(mb, t, half);
+            match pre {
                 Some(p) => {
                     let tile = p.wrapping_add(t * k * RT);
                     (tile.wrapping_add(k0 * 16 * mv), tile.wrapping_add(16 * mv * k + k0 * 8))
@@ -550,29 +585,55 @@ pub(crate) unsafe fn run_block<T: Element, const NJ: usize>(
                     let c = k0 - a0;
                     (tile.wrapping_add(c * 16 * mv), tile.wrapping_add(16 * mv * ka + c * 8))
                 }
-            };
+            }
+        };
+        let mut t = 0;
+        while t < tiles {
+            let (mv, h) = tile_shape(mb, t, half);
+            // The last two tiles as one register tile of 3 vectors (see `fuses`).
+            let two = fuse
+                && t + 2 == tiles
+                && (mv, h) == (2, 0)
+                && tile_shape(mb, t + 1, half) == (1, 0);
+            let (at, ah) = tile_at(t);
+            let at2 = if two { tile_at(t + 1).0 } else { at };
             let ct = cb.wrapping_add(t * RT);
+            let span = if two { 2 } else { 1 };
             pf.first = t * lines / tiles;
-            pf.end = (t + 1) * lines / tiles;
+            pf.end = (t + span) * lines / tiles;
             // SAFETY: tile t holds k-rows k0 - a0..k0 - a0 + kc of 16 · mv floats and, if h, of
             // 8 floats after them (packed above for this A block, or rows k0..k0 + kc of all of
-            // K packed ahead: length checked); `wsrc` holds NJ rows of kc floats at stride ws
-            // (in place: the weight rows n0 + j0.., checked by the slice above; else the
-            // chunk); the Cᵀ rows j0..j0 + NJ <= NB (NB is a multiple of NJ) have room for
-            // 16 · mv + 8 · h <= 32 rows from t * 32 < MB.
+            // K packed ahead: length checked), and when fused tile t + 1 those rows of 16
+            // floats; `wsrc` holds NJ rows of kc floats at stride ws (in place: the weight
+            // rows n0 + j0.., checked by the slice above; else the chunk); the Cᵀ rows j0..j0 +
+            // NJ <= NB (NB is a multiple of NJ) have room for 16 · mv + 8 · h <= 32 rows from t
+            // * 32 < MB, or when fused 48 from t * 32 (tile t + 1 < tiles starts below MB and
+            // takes 16 of its 32 rows).
             unsafe {
                 macro_rules! go {
                     ($pf:literal) => {
-                        match (mv, h) {
-                            (2, _) => micro::<NJ, 2, 0, $pf>(at, ah, wsrc, ws, kc, ct, first, pf),
-                            (1, 1) => micro::<NJ, 1, 1, $pf>(at, ah, wsrc, ws, kc, ct, first, pf),
-                            (1, _) => micro::<NJ, 1, 0, $pf>(at, ah, wsrc, ws, kc, ct, first, pf),
-                            _ => micro::<NJ, 0, 1, $pf>(at, ah, wsrc, ws, kc, ct, first, pf),
+                        match (mv, h, two) {
+                            (2, _, true) => {
+                                micro::<NJ, 3, 2, 0, $pf>(at, at2, ah, wsrc, ws, kc, ct, first, pf)
+                            }
+                            (2, _, _) => {
+                                micro::<NJ, 2, 2, 0, $pf>(at, at2, ah, wsrc, ws, kc, ct, first, pf)
+                            }
+                            (1, 1, _) => {
+                                micro::<NJ, 1, 1, 1, $pf>(at, at2, ah, wsrc, ws, kc, ct, first, pf)
+                            }
+                            (1, _, _) => {
+                                micro::<NJ, 1, 1, 0, $pf>(at, at2, ah, wsrc, ws, kc, ct, first, pf)
+                            }
+                            _ => {
+                                micro::<NJ, 0, 0, 1, $pf>(at, at2, ah, wsrc, ws, kc, ct, first, pf)
+                            }
                         }
                     };
                 }
                 if swpf { go!(true) } else { go!(false) }
             }
+            t += span;
         }
         if all > mb {
             // The rows past the tiles against the same chunk of weight rows (in L1 now),
