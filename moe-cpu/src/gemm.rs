@@ -279,6 +279,57 @@ pub(crate) fn row_pack(
     }
 }
 
+/// Another item's work that a weight-broadcast item takes on while it runs (the crate's
+/// overlap of few-rows items, see [`Tuning::overlap_rows`]): lines of that work's weights to
+/// fetch into L2 during the item's microkernel calls, and the work itself, run between two of
+/// its chunks once they were fetched.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(crate) trait Assist {
+    /// The lines to fetch into L2 during one microkernel call: at most `max` 64-byte lines
+    /// from the address returned (none: 0).
+    fn lines(&mut self, max: usize) -> (*const u8, usize);
+    /// Between two chunks of the item: run the work whose lines were fetched, if any.
+    fn between(&mut self);
+}
+
+/// Whether [`run_block`] gives an item of `m` rows (`m > 0`) to the AVX-512 few-rows kernel,
+/// which streams each group of [`NR`] weight rows over all of K ([`run_direct_cols`] runs one
+/// such group).
+#[allow(unused_variables)]
+pub(crate) fn direct_item(isa: Isa, tuning: Tuning, dtype: DType, m: usize, k: usize) -> bool {
+    let avx512 = match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => true,
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Bf16 => !(dtype == DType::BF16 && m <= tuning.dpbf16_rows),
+        #[cfg(all(target_arch = "x86_64", not(miri)))]
+        Isa::Amx => !(dtype == DType::BF16 && k > 0 && m >= AMX_MIN_ROWS),
+        _ => false,
+    };
+    // As `avx512::run_block_any` and the engine's `run_block_pf` choose.
+    let wb = k > 0 && m >= tuning.wb_rows.0 && m < tuning.wb_rows.1;
+    let inplace = m <= INPLACE_ROWS && k.is_multiple_of(16) && m > tuning.direct_rows;
+    avx512 && k > 0 && m > 0 && !wb && m < BC_MIN_ROWS && m <= DIRECT_ROWS && !inplace
+}
+
+/// Columns `j..j + NR` of B `bi` of an item that [`direct_item`] gives to the few-rows kernel:
+/// what that kernel writes for them (columns past `blk.nb` too, never read), the same bits.
+///
+/// # Safety
+/// As [`run_block`], with `direct_item` true for this item; `blk.b[bi]` present, `j < blk.nb`.
+#[cfg(target_arch = "x86_64")]
+pub(crate) unsafe fn run_direct_cols<T: Element>(
+    blk: &Block<'_, T>,
+    out: Out,
+    bi: usize,
+    j: usize,
+) {
+    debug_assert!(blk.b[bi].is_some() && j < blk.nb);
+    // SAFETY: `direct_item` holds only for AVX-512 instruction sets, which the caller checked;
+    // the caller's contract otherwise.
+    unsafe { avx512::run_direct_cols(blk, out, bi, j) }
+}
+
 /// Pack the 16-row groups `groups` of the rows `a_rows` of `a` (row length `k`) in the layout
 /// `pack` (see [`RowPack`]) into `dst`, which holds [`RowPack::len`] floats for all of
 /// `a_rows`: only the rows the layout packs ([`RowPack::rows`]; groups past them pack
@@ -464,6 +515,13 @@ pub struct Tuning {
     /// 3 vectors (24 accumulators), one pass over each chunk of weight rows for both. Either
     /// gives the same bits.
     pub wb_fuse: bool,
+    /// With several threads, work items of at least this many rows (compute-bound ones) take on
+    /// the few-rows items' work (those of the streaming kernel, at most `direct_rows` rows,
+    /// memory-bound) while they run: one group of that kernel's weight rows at a time is
+    /// fetched into L2 during their microkernel calls, then run from there; the groups left
+    /// run after them. The memory stalls of the few-rows items overlap the others' arithmetic;
+    /// 0: never. Either gives the same bits.
+    pub overlap_rows: usize,
 }
 
 impl Tuning {
@@ -521,7 +579,8 @@ impl Tuning {
     ///   per-row one: without it Qwen3 bf16 T=128 took 1.048x, gpt-oss T=16 1.061x (Mixtral
     ///   T=16 0.935x).
     ///
-    /// [`Tuning::wb_fuse`] (measured on Emerald Rapids) is off until measured on Zen 4.
+    /// [`Tuning::wb_fuse`] (measured on Emerald Rapids) is off until measured on Zen 4; so is
+    /// [`Tuning::overlap_rows`], which needs few-rows items (`direct_rows`, 0 here).
     pub const AMD: Tuning = Tuning {
         wb_rows: (8, usize::MAX),
         direct_rows: 0,
@@ -534,6 +593,7 @@ impl Tuning {
         seq_prefetch: false,
         wb_dot_rows: 5,
         wb_fuse: false,
+        overlap_rows: 0,
     };
 
     /// Intel (measured on a 2-core Emerald Rapids guest without AMX, 2 threads, expert GEMMs,
@@ -582,6 +642,16 @@ impl Tuning {
     ///   Qwen3 0.993x, gpt-oss 0.984x; T=1024 Qwen3 0.973x (9 rounds), DeepSeek-V3 0.955x (5),
     ///   Mixtral 0.995x, gpt-oss 0.999x (9). In cache (one thread, 192 weight rows, K 2048),
     ///   40 / 48 / 80 rows: 125 / 149 / 147 GFLOP/s against 113-115 / 131-137 / 140.
+    /// * the few-rows items' work taken on by the items of at least 24 rows
+    ///   ([`Tuning::overlap_rows`]; same session; against none, 5 rounds, same bits): f32 T=128
+    ///   DeepSeek-V3 (8 of its 32 experts get 3-7 rows, streamed at 10-14 GB/s per thread, 15 %
+    ///   of the threads' time for 3 % of the FLOPs) 0.946x (0.918x-0.962x; 0.943x, 0.951x in
+    ///   two more runs: 378-383 ms, 239-235 GFLOP/s, against 404-414), bf16 T=128 0.921x,
+    ///   gpt-oss T=128 f32 0.989x (0.933x in 7 other rounds), bf16 0.975x; without its
+    ///   prefetches (the groups run from memory) 1.061x, no better than none. The points
+    ///   without both kinds of items (T=16, Mixtral, Qwen3 T=128) and T=1024: 0.97x-1.03x,
+    ///   within the rounds' spread. In the DeepSeek-V3 T=128 GEMMs the few-rows work took 62
+    ///   thread-ms as groups run from L2 against 128 as items.
     ///
     /// The `vdpbf16ps` weight-broadcast kernel (`dpwb_rows`) was not measured there: off. Nor
     /// is `wb_half` on (Golden Cove runs a 512-bit FMA at the cost of a 256-bit one): with 8-row
@@ -600,6 +670,7 @@ impl Tuning {
         seq_prefetch: true,
         wb_dot_rows: 7,
         wb_fuse: true,
+        overlap_rows: 24,
     };
 
     /// Every item a weight-broadcast kernel can take goes to it (for tests). [`Tuning::wb_fuse`]
@@ -618,6 +689,7 @@ impl Tuning {
         seq_prefetch: true,
         wb_dot_rows: 7,
         wb_fuse: true,
+        overlap_rows: 0,
     };
 
     /// The tuning of a name, case insensitive: `amd`, `intel`, `allwb` ([`Tuning::ALL_WB`]) or
@@ -671,6 +743,23 @@ fn cpu_is_amd() -> bool {
 /// Each `out[bi]` of a present `blk.b[bi]` must be valid for writes (and reads after them) of
 /// `blk.a_rows.len() * NB` floats.
 pub(crate) unsafe fn run_block<T: Element>(isa: Isa, tuning: Tuning, blk: &Block<'_, T>, out: Out) {
+    // SAFETY: the caller's contract.
+    unsafe { run_block_with(isa, tuning, blk, out, None) }
+}
+
+/// [`run_block`], the weight-broadcast kernel (if it takes the item) taking on `assist`'s work
+/// meanwhile.
+///
+/// # Safety
+/// As [`run_block`].
+#[allow(unused_variables, unused_mut)]
+pub(crate) unsafe fn run_block_with<T: Element>(
+    isa: Isa,
+    tuning: Tuning,
+    blk: &Block<'_, T>,
+    out: Out,
+    mut assist: Option<&mut dyn Assist>,
+) {
     debug_assert!(blk.a_rows.len() <= MB && blk.nb <= NB);
     debug_assert!(blk.a_rows.iter().all(|&r| (r + 1) * blk.k <= blk.a.len()));
     debug_assert!(blk.b.iter().flatten().all(|b| (blk.n0 + blk.nb) * blk.k <= b.len()));
@@ -681,7 +770,7 @@ pub(crate) unsafe fn run_block<T: Element>(isa: Isa, tuning: Tuning, blk: &Block
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the caller checked that the CPU has AVX-512 (`Isa::available`); the bounds of
         // every row read are checked by the caller (asserted above in debug builds).
-        Isa::Avx512 => unsafe { avx512::run_block_any(blk, out, tuning) },
+        Isa::Avx512 => unsafe { avx512::run_block_any(blk, out, tuning, assist) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the caller checked `Isa::Avx512Bf16.available()` (AVX-512 and AVX512-BF16);
         // bounds as above. bf16 items of at most `tuning.dpbf16_rows` rows go to the
@@ -690,7 +779,7 @@ pub(crate) unsafe fn run_block<T: Element>(isa: Isa, tuning: Tuning, blk: &Block
             if T::DTYPE == moe_core::DType::BF16 && blk.a_rows.len() <= tuning.dpbf16_rows {
                 dpbf16::run_block(blk, out, tuning)
             } else {
-                avx512::run_block_any(blk, out, tuning)
+                avx512::run_block_any(blk, out, tuning, assist)
             }
         },
         #[cfg(all(target_arch = "x86_64", not(miri)))]
@@ -700,7 +789,7 @@ pub(crate) unsafe fn run_block<T: Element>(isa: Isa, tuning: Tuning, blk: &Block
             if T::DTYPE == moe_core::DType::BF16 && blk.k > 0 && blk.a_rows.len() >= AMX_MIN_ROWS {
                 amx::run_block(blk, out)
             } else {
-                avx512::run_block_any(blk, out, tuning)
+                avx512::run_block_any(blk, out, tuning, assist)
             }
         },
         #[cfg(target_arch = "x86_64")]
@@ -907,51 +996,72 @@ macro_rules! engine {
         /// order (per K block, horizontal sum, then added in K order), bit for bit.
         $(#[$attr])*
         unsafe fn run_direct<T: Element>(blk: &Block<'_, T>, out: Out) {
-            let (k, mb, nb) = (blk.k, blk.a_rows.len(), blk.nb);
-            for (bi, b) in blk.b.iter().enumerate() {
-                let Some(b) = b else { continue };
+            for bi in 0..2 {
+                if blk.b[bi].is_none() {
+                    continue;
+                }
                 let mut j = 0;
-                while j < nb {
-                    let nr = NR.min(nb - j);
-                    let first_row = (blk.n0 + j) * k;
-                    // Rows past nb repeat the first row (their columns are never read).
-                    let mut brow = [b[first_row..first_row + k].as_ptr(); NR];
-                    for (jj, p) in brow.iter_mut().enumerate().take(nr) {
-                        let at = (blk.n0 + j + jj) * k;
-                        *p = b[at..at + k].as_ptr();
-                    }
-                    let mut k0 = 0;
-                    while k0 < k {
-                        let kc = KC.min(k - k0);
-                        let bk = brow.map(|p| p.wrapping_add(k0));
-                        let mut i = 0;
-                        while i < mb {
-                            let m = (mb - i).min(MRX);
-                            let mut arow = [blk.a.as_ptr(); 4];
-                            for (ii, p) in arow.iter_mut().enumerate().take(m) {
-                                let at = blk.a_rows[i + ii] * k + k0;
-                                *p = blk.a[at..at + kc].as_ptr();
-                            }
-                            // SAFETY: m rows of kc elements from `arow`; NR weight rows of kc
-                            // elements from `bk` (each lies in its row of k); the caller's
-                            // tile has room for NR columns from j.
-                            unsafe {
-                                let c = out[bi].add(i * NB + j);
-                                let f = k0 == 0;
-                                let [a0, a1, a2, a3] = arow;
-                                match m {
-                                    4 => micro_direct::<4, T>([a0, a1, a2, a3], bk, kc, c, f),
-                                    3 => micro_direct::<3, T>([a0, a1, a2], bk, kc, c, f),
-                                    2 => micro_direct::<2, T>([a0, a1], bk, kc, c, f),
-                                    _ => micro_direct::<1, T>([a0], bk, kc, c, f),
-                                }
-                            }
-                            i += MRX;
-                        }
-                        k0 += KC;
-                    }
+                while j < blk.nb {
+                    // SAFETY: same features; the caller's contract, B `bi` present, j < nb.
+                    unsafe { run_direct_cols(blk, out, bi, j) };
                     j += NR;
                 }
+            }
+        }
+
+        /// Columns `j..j + NR` (those below `nb`) of B `bi` of a few-rows item (see
+        /// [`run_direct`]): its NR weight rows streamed over all of K against all its rows;
+        /// columns `j..j + NR` of `out[bi]` written (those past `nb` too, never read).
+        ///
+        /// # Safety
+        /// As [`run_direct`]; `blk.b[bi]` present, `j < blk.nb`, and the tile has room for NR
+        /// columns from `j` (NB is a multiple of NR).
+        $(#[$attr])*
+        pub(crate) unsafe fn run_direct_cols<T: Element>(
+            blk: &Block<'_, T>,
+            out: Out,
+            bi: usize,
+            j: usize,
+        ) {
+            let (k, mb, nb) = (blk.k, blk.a_rows.len(), blk.nb);
+            let Some(b) = blk.b[bi] else { return };
+            let nr = NR.min(nb - j);
+            let first_row = (blk.n0 + j) * k;
+            // Rows past nb repeat the first row (their columns are never read).
+            let mut brow = [b[first_row..first_row + k].as_ptr(); NR];
+            for (jj, p) in brow.iter_mut().enumerate().take(nr) {
+                let at = (blk.n0 + j + jj) * k;
+                *p = b[at..at + k].as_ptr();
+            }
+            let mut k0 = 0;
+            while k0 < k {
+                let kc = KC.min(k - k0);
+                let bk = brow.map(|p| p.wrapping_add(k0));
+                let mut i = 0;
+                while i < mb {
+                    let m = (mb - i).min(MRX);
+                    let mut arow = [blk.a.as_ptr(); 4];
+                    for (ii, p) in arow.iter_mut().enumerate().take(m) {
+                        let at = blk.a_rows[i + ii] * k + k0;
+                        *p = blk.a[at..at + kc].as_ptr();
+                    }
+                    // SAFETY: m rows of kc elements from `arow`; NR weight rows of kc
+                    // elements from `bk` (each lies in its row of k); the caller's
+                    // tile has room for NR columns from j.
+                    unsafe {
+                        let c = out[bi].add(i * NB + j);
+                        let f = k0 == 0;
+                        let [a0, a1, a2, a3] = arow;
+                        match m {
+                            4 => micro_direct::<4, T>([a0, a1, a2, a3], bk, kc, c, f),
+                            3 => micro_direct::<3, T>([a0, a1, a2], bk, kc, c, f),
+                            2 => micro_direct::<2, T>([a0, a1], bk, kc, c, f),
+                            _ => micro_direct::<1, T>([a0], bk, kc, c, f),
+                        }
+                    }
+                    i += MRX;
+                }
+                k0 += KC;
             }
         }
 
@@ -1432,16 +1542,21 @@ mod avx512 {
     /// # Safety
     /// As [`super::run_block`], on a CPU with the features below.
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,fma,f16c,avx2")]
-    pub(crate) unsafe fn run_block_any<T: Element>(blk: &Block<'_, T>, out: Out, tuning: Tuning) {
+    pub(crate) unsafe fn run_block_any<T: Element>(
+        blk: &Block<'_, T>,
+        out: Out,
+        tuning: Tuning,
+        assist: Option<&mut dyn super::Assist>,
+    ) {
         let m = blk.a_rows.len();
         // SAFETY: same features; the caller's contract (the weight-broadcast kernel needs
         // K > 0).
         unsafe {
             if blk.k > 0 && m >= tuning.wb_rows.0 && m < tuning.wb_rows.1 {
                 if tuning.wb_narrow {
-                    super::wb::run_block::<T, { super::wb::NJ_NARROW }>(blk, out, tuning)
+                    super::wb::run_block::<T, { super::wb::NJ_NARROW }>(blk, out, tuning, assist)
                 } else {
-                    super::wb::run_block::<T, { super::wb::NJ_WIDE }>(blk, out, tuning)
+                    super::wb::run_block::<T, { super::wb::NJ_WIDE }>(blk, out, tuning, assist)
                 }
             } else if m >= super::BC_MIN_ROWS {
                 run_block_bc(blk, out)

@@ -4,7 +4,9 @@
 //! `half::bf16`, over plain slices the caller owns. Arithmetic and accumulation in f32, every
 //! sum in a fixed order (bitwise deterministic, whatever the thread count), no allocation in any
 //! stage once the backend's one buffer of packed rows has its size ([`Cpu::prepare`] sizes it for
-//! a plan; otherwise the first forward that needs it allocates it, at most 64 MiB, reused after).
+//! a plan; otherwise the first forward that needs it allocates it, at most 64 MiB, reused after;
+//! with several threads, a second buffer of at most 8 MiB holds the few-rows items' results
+//! where compute-bound items take their work on, see [`Tuning::overlap_rows`]).
 //!
 //! The matrix products (router, expert GEMMs, shared expert, latent projections) run on packed,
 //! cache-blocked SIMD microkernels chosen at run time (AVX-512 or AVX2+FMA on x86-64, NEON on
@@ -19,7 +21,10 @@
 //! Where a weight-broadcast kernel takes an expert's rows (rows in the vector lanes), they are
 //! transposed once per GEMM into that buffer and shared by all the expert's work items,
 //! instead of once per work item.
-//! [`Cpu::parallel`] spreads the work over the current rayon pool. The portable scalar path
+//! [`Cpu::parallel`] spreads the work over the current rayon pool; there, where the
+//! [`Tuning`] says so, the items that stream their weights for few rows (memory-bound) are cut
+//! into steps that the compute-bound items take on while they run (their weights fetched into
+//! L2 during those items' arithmetic, then run from there). The portable scalar path
 //! ([`Kernels::Portable`]) is kept as the reference the fast paths are tested against.
 
 mod act;
@@ -30,6 +35,7 @@ pub use gemm::{Isa, Tuning};
 
 use bytemuck::Pod;
 use core::mem::MaybeUninit;
+use core::sync::atomic::{AtomicUsize, Ordering};
 use gemm::{Block, MB, NB, Tiles};
 use moe_core::backend::{Backend, ExpertRows, MlpWeights, MoeStages, PermuteBuffers};
 use moe_core::math::{self, RouteScratch};
@@ -123,7 +129,8 @@ impl Cpu {
     /// first forward that packs rows ahead allocates the buffer (once; later forwards reuse
     /// it). Returns whether the buffer now has that size (false: the allocation failed or
     /// another thread's forward holds the buffer; forwards then pack rows per work item where
-    /// it is short, with the same results).
+    /// it is short, with the same results). With several threads and
+    /// [`Tuning::overlap_rows`], also the few-rows items' buffer (8 MiB; false if that failed).
     pub fn prepare(&self, plan: &MoePlan) -> bool {
         if self.isa().is_none() {
             return true;
@@ -141,7 +148,21 @@ impl Cpu {
             .saturating_mul(k)
             .saturating_add(blocks.saturating_mul(16))
             .min(PACK_CAP);
-        grow_row_buffer(want)
+        let packed = grow_row_buffer(want);
+        // The few-rows items' buffer (several threads): at most one few-rows row block per
+        // expert, in column blocks of NB.
+        let streamed = !matches!(self.threads, Threads::Rayon)
+            || self.tuning.overlap_rows == 0
+            || STREAM.try_lock().ok().is_some_and(|mut st| {
+                let items = c.local_experts().saturating_mul(k.div_ceil(NB));
+                let more = items.saturating_sub(st.items.len());
+                let ok = st.items.try_reserve(more).is_ok() && st.left.try_reserve(more).is_ok();
+                if ok && st.left.len() < items {
+                    st.left.resize_with(items, || AtomicUsize::new(0));
+                }
+                ok && grow(&mut st.tiles, STREAM_CAP)
+            });
+        packed && streamed
     }
 
     /// The instruction set the blocked kernels use, or `None` for the portable path.
@@ -384,6 +405,96 @@ fn grow_row_buffer(floats: usize) -> bool {
     ROW_PACK.try_lock().ok().is_some_and(|mut b| grow(&mut b, floats))
 }
 
+/// The few-rows items of a GEMM batch whose work the compute-bound items take on (see
+/// [`Tuning::overlap_rows`]): their (group, row block, column block), the steps each has left,
+/// and their result tiles (at most [`STREAM_CAP`] floats). Shared by the forwards of the
+/// process, grown once and reused (no allocation in a steady state); a forward that finds it in
+/// use runs its few-rows items as items.
+struct Stream {
+    items: Vec<[usize; 3]>,
+    left: Vec<AtomicUsize>,
+    tiles: Vec<gemm::Aligned<16>>,
+}
+
+static STREAM: std::sync::Mutex<Stream> =
+    std::sync::Mutex::new(Stream { items: Vec::new(), left: Vec::new(), tiles: Vec::new() });
+
+/// Floats of [`Stream`]'s result tiles (8 MiB; 2 × 7 × [`NB`] floats per item of 7 rows): a
+/// batch's few-rows items past them run as items.
+const STREAM_CAP: usize = 2 << 20;
+/// Steps per few-rows item: one per B and group of [`gemm::NR`] columns (those past the item's
+/// columns or of an absent B do nothing).
+const STREAM_STEPS: usize = 2 * NB.div_ceil(gemm::NR);
+
+/// A compute-bound item's share of the few-rows items' steps ([`gemm::Assist`]): it claims one
+/// step at a time, has its weight lines fetched into L2 during the item's microkernel calls,
+/// and runs it between two chunks once they were all fetched (one chunk later, so that the
+/// last of them have arrived).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+struct Helper<'h> {
+    next: &'h AtomicUsize,
+    total: usize,
+    span: &'h (dyn Fn(usize) -> Option<(*const u8, usize)> + Sync),
+    run: &'h (dyn Fn(usize) + Sync),
+    /// The claimed step: (index, first byte, lines, lines fetched).
+    cur: Option<(usize, *const u8, usize, usize)>,
+    ready: bool,
+    done: bool,
+}
+
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+impl Helper<'_> {
+    fn claim(&mut self) {
+        while !self.done {
+            let s = self.next.fetch_add(1, Ordering::Relaxed);
+            if s >= self.total {
+                self.done = true;
+            } else if let Some((p, n)) = (self.span)(s) {
+                self.cur = Some((s, p, n, 0));
+                self.ready = false;
+                return;
+            }
+        }
+    }
+
+    /// Run the claimed step, if any (at the end of the helping item).
+    fn finish(&mut self) {
+        if let Some((s, ..)) = self.cur.take() {
+            (self.run)(s);
+        }
+    }
+}
+
+impl gemm::Assist for Helper<'_> {
+    fn lines(&mut self, max: usize) -> (*const u8, usize) {
+        if self.cur.is_none() {
+            self.claim();
+        }
+        match &mut self.cur {
+            Some((_, p, n, f)) => {
+                let c = max.min(*n - *f);
+                let at = p.wrapping_add(*f * 64);
+                *f += c;
+                (at, c)
+            }
+            None => (core::ptr::null(), 0),
+        }
+    }
+
+    fn between(&mut self) {
+        if let Some((s, _, n, f)) = self.cur
+            && f == n
+        {
+            if self.ready {
+                self.cur = None;
+                (self.run)(s);
+            } else {
+                self.ready = true;
+            }
+        }
+    }
+}
+
 impl<T: Element> Grouped<'_, T> {
     fn run<R, M, E>(&self, isa: Isa, tuning: Tuning, threads: Threads, rows: R, a_row: M, epi: E)
     where
@@ -444,6 +555,12 @@ impl<T: Element> Grouped<'_, T> {
         let buf = guard.as_mut().map_or(Shared(core::ptr::null_mut(), 0), |b| {
             Shared(b.as_mut_ptr() as *mut f32, b.len() * 16)
         });
+        // The few-rows items' steps go to the compute-bound items (see `Tuning::overlap_rows`).
+        let mut stream = if matches!(threads, Threads::Rayon) && tuning.overlap_rows > 0 {
+            STREAM.try_lock().ok()
+        } else {
+            None
+        };
         let mut g0 = 0;
         while g0 < self.groups {
             // A batch of groups g0..g1 whose reservations fit the buffer (all of them when
@@ -512,6 +629,127 @@ impl<T: Element> Grouped<'_, T> {
                     Threads::Rayon => (0..jobs).into_par_iter().with_max_len(1).for_each(job),
                 }
             }
+            // This batch's few-rows items, when there are compute-bound items to take them on.
+            // Its few-rows items of groups below `end_g` run as steps (`run_step`), their tiles
+            // `tile` floats apart (2 × `rows` × NB: the most rows of any of them).
+            let (mut streamed, mut end_g, mut rows_max) = (0usize, g0, 0usize);
+            if let Some(st) = stream.as_mut() {
+                st.items.clear();
+                let mut helped = false;
+                let (mut a_rows, mut o_rows) = ([0usize; MB], [0usize; MB]);
+                // The groups' few-rows items in order, while their tiles fit STREAM_CAP.
+                for g in g0..g1 {
+                    let (len, mut most) = (st.items.len(), rows_max);
+                    for rb in 0..blocks(g) {
+                        let m = gather(g, rb, &mut a_rows, &mut o_rows);
+                        if gemm::direct_item(isa, tuning, T::DTYPE, m, k) {
+                            st.items.extend((0..ncb).map(|cb| [g, rb, cb]));
+                            most = most.max(m);
+                        } else if m >= tuning.overlap_rows {
+                            helped = true;
+                        }
+                    }
+                    if st.items.len() * 2 * most * NB > STREAM_CAP {
+                        st.items.truncate(len);
+                        break;
+                    }
+                    (end_g, rows_max) = (g + 1, most);
+                }
+                let count = st.items.len();
+                if st.left.len() < count {
+                    st.left.resize_with(count, || AtomicUsize::new(0));
+                }
+                let floats = count * 2 * rows_max * NB;
+                if helped
+                    && count > 0
+                    && grow(&mut st.tiles, floats)
+                    && st.tiles.len() * 16 >= floats
+                {
+                    let bs = self.b.iter().filter(|b| b.is_some()).count();
+                    for (i, it) in st.items.iter().enumerate() {
+                        let nb = NB.min(n - it[2] * NB);
+                        st.left[i].store(bs * nb.div_ceil(gemm::NR), Ordering::Relaxed);
+                    }
+                    streamed = count;
+                }
+            }
+            if streamed == 0 {
+                end_g = g0;
+            }
+            let tile = 2 * rows_max * NB;
+            let next = AtomicUsize::new(0);
+            let total = streamed * STREAM_STEPS;
+            let (st_items, st_left, st_tiles) = match stream.as_mut() {
+                Some(st) if streamed > 0 => {
+                    let Stream { items, left, tiles } = &mut **st;
+                    (
+                        &items[..streamed],
+                        &left[..streamed],
+                        Shared(tiles.as_mut_ptr() as *mut f32, tiles.len() * 16),
+                    )
+                }
+                _ => (&[][..], &[][..], Shared(core::ptr::null_mut(), 0)),
+            };
+            let cols = NB.div_ceil(gemm::NR);
+            // Step s: few-rows item s / STREAM_STEPS, B bi, columns j..j + NR (none past its
+            // columns or for an absent B).
+            let step_of = |s: usize| {
+                let (it, r) = (s / STREAM_STEPS, s % STREAM_STEPS);
+                let (bi, j) = (r / cols, (r % cols) * gemm::NR);
+                let nb = NB.min(n - st_items[it][2] * NB);
+                (self.b[bi].is_some() && j < nb).then_some((it, bi, j))
+            };
+            // The step's weight rows (contiguous: NR rows of k) as 64-byte lines.
+            let span = |s: usize| {
+                let (it, bi, j) = step_of(s)?;
+                let [g, _, cb] = st_items[it];
+                let nr = gemm::NR.min(NB.min(n - cb * NB) - j);
+                let b = self.b[bi]?;
+                let at = g * n * k + (cb * NB + j) * k;
+                let w = &b[at..at + nr * k];
+                Some((w.as_ptr() as *const u8, core::mem::size_of_val(w).div_ceil(64)))
+            };
+            let run_step = |s: usize| {
+                let Some((it, bi, j)) = step_of(s) else { return };
+                #[cfg(all(test, target_arch = "x86_64"))]
+                tests::STEPS.fetch_add(1, Ordering::Relaxed);
+                let [g, rb, cb] = st_items[it];
+                let (n0, nb) = (cb * NB, NB.min(n - cb * NB));
+                let (mut a_rows, mut o_rows) = ([0usize; MB], [0usize; MB]);
+                let m = gather(g, rb, &mut a_rows, &mut o_rows);
+                let per = n * k;
+                let b0 = self.b[0].map(|b| &b[g * per..(g + 1) * per]);
+                let b1 = self.b[1].map(|b| &b[g * per..(g + 1) * per]);
+                let blk =
+                    Block { a: self.a, a_rows: &a_rows[..m], k, b: [b0, b1], n0, nb, packed: None };
+                assert!(m <= rows_max && (it + 1) * tile <= st_tiles.len(), "inside the tiles");
+                let base = st_tiles.ptr().wrapping_add(it * tile);
+                let out = [base, base.wrapping_add(rows_max * NB)];
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `direct_item` held for this item (so an available AVX-512 instruction
+                // set); its two tiles hold rows_max >= m rows of NB floats (asserted above);
+                // this step alone writes columns j..j + NR of tile bi; the rows and weights
+                // were checked by the caller.
+                unsafe {
+                    gemm::run_direct_cols(&blk, out, bi, j)
+                };
+                #[cfg(not(target_arch = "x86_64"))]
+                let _ = (&blk, bi, j);
+                // The item's last step runs its epilogue (AcqRel: after every other step's
+                // writes).
+                if st_left[it].fetch_sub(1, Ordering::AcqRel) == 1 {
+                    for (i, &row) in o_rows[..m].iter().enumerate() {
+                        // SAFETY: row i < m of the item's tiles, all its columns written by its
+                        // steps, which have all finished.
+                        let main = unsafe { core::slice::from_raw_parts(out[0].add(i * NB), nb) };
+                        // SAFETY: as above, for the gate B when present.
+                        let gate = self.b[1].map(|_| unsafe {
+                            core::slice::from_raw_parts(out[1].add(i * NB) as *const f32, nb)
+                        });
+                        epi(g, row, n0, main, gate);
+                    }
+                }
+            };
             let items_of = |g: usize| blocks(g) * ncb;
             let item = |it: usize| {
                 let (mut g, mut rem) = (g0, it);
@@ -530,7 +768,8 @@ impl<T: Element> Grouped<'_, T> {
                 let (n0, nb) = (cb * NB, NB.min(n - cb * NB));
                 let (mut a_rows, mut o_rows) = ([0usize; MB], [0usize; MB]);
                 let m = gather(g, rb, &mut a_rows, &mut o_rows);
-                if m == 0 {
+                if m == 0 || (g < end_g && gemm::direct_item(isa, tuning, T::DTYPE, m, k)) {
+                    // Nothing, or run as steps (`run_step`).
                     return;
                 }
                 let per = n * k;
@@ -554,9 +793,25 @@ impl<T: Element> Grouped<'_, T> {
                 let mut tiles = MaybeUninit::<Tiles>::uninit();
                 let base = tiles.as_mut_ptr() as *mut f32;
                 let out = [base, base.wrapping_add(MB * NB)];
-                // SAFETY: each tile holds MB >= m rows of NB floats; `isa` is available (from
-                // `Cpu::isa`) and the row and weight bounds were checked by the caller.
-                unsafe { gemm::run_block(isa, tuning, &blk, out) };
+                if total > 0 && m >= tuning.overlap_rows {
+                    let mut h = Helper {
+                        next: &next,
+                        total,
+                        span: &span,
+                        run: &run_step,
+                        cur: None,
+                        ready: false,
+                        done: false,
+                    };
+                    // SAFETY: as below.
+                    unsafe { gemm::run_block_with(isa, tuning, &blk, out, Some(&mut h)) };
+                    h.finish();
+                } else {
+                    // SAFETY: each tile holds MB >= m rows of NB floats; `isa` is available
+                    // (from `Cpu::isa`) and the row and weight bounds were checked by the
+                    // caller.
+                    unsafe { gemm::run_block(isa, tuning, &blk, out) };
+                }
                 for (i, &row) in o_rows[..m].iter().enumerate() {
                     // SAFETY: row i < m, columns < nb of the tiles of the present B's were
                     // written by `run_block`.
@@ -580,6 +835,19 @@ impl<T: Element> Grouped<'_, T> {
                 // the expert GEMMs 4398 -> 3795 ms f32, 3704 -> 2985 ms bf16 (interleaved, best
                 // of 4).
                 Threads::Rayon => (0..items).into_par_iter().with_max_len(1).for_each(item),
+            }
+            if total > 0 && next.load(Ordering::Relaxed) < total {
+                // The steps no compute-bound item took: one job per thread, each taking the
+                // next step until none is left.
+                (0..rayon::current_num_threads()).into_par_iter().with_max_len(1).for_each(|_| {
+                    loop {
+                        let s = next.fetch_add(1, Ordering::Relaxed);
+                        if s >= total {
+                            break;
+                        }
+                        run_step(s);
+                    }
+                });
             }
             g0 = g1;
         }
@@ -1030,6 +1298,65 @@ mod tests {
             unsafe { dst.slice(row * n + n0, v.len()) }.copy_from_slice(v)
         });
         out.iter().map(|x| x.to_bits()).collect()
+    }
+
+    /// Few-rows steps run (by a compute-bound item or after them).
+    pub(super) static STEPS: AtomicUsize = AtomicUsize::new(0);
+
+    /// Few-rows items whose steps compute-bound items take on ([`Tuning::overlap_rows`]) give
+    /// the bits they give as items (one thread, or no overlap), with and without a gate B,
+    /// over a partial column block and a partial group of columns; a forward that finds the
+    /// steps' buffer in use runs them as items.
+    #[test]
+    fn few_rows_items_taken_on_give_the_same_bits() {
+        if !Isa::Avx512.available() {
+            eprintln!("skipped: no AVX-512, no few-rows items to take on");
+            return;
+        }
+        let sizes = [3usize, 40, 5, 7, 64, 2, 33, 1, 6];
+        let at: Vec<usize> = sizes
+            .iter()
+            .scan(0, |s, &x| {
+                *s += x;
+                Some(*s - x)
+            })
+            .collect();
+        let (groups, rows, k, n) = (sizes.len(), sizes.iter().sum::<usize>(), 300, 200);
+        let v = |i: usize| ((i * 7919) % 29) as f32 * 0.02 - 0.25;
+        let a: Vec<f32> = (0..rows * k).map(v).collect();
+        let b0: Vec<f32> = (0..groups * n * k).map(|i| v(i + 3)).collect();
+        let b1: Vec<f32> = (0..groups * n * k).map(|i| v(i + 7)).collect();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let run = |gate: bool, tuning: Tuning, threads: Threads, held: bool| {
+            let g = Grouped { a: &a, k, b: [Some(&b0), gate.then_some(&b1[..])], n, groups };
+            let mut out = vec![f32::NAN; 2 * rows * n];
+            let dst = Shared::new(&mut out);
+            let _lock = held.then(|| STREAM.lock().unwrap());
+            let range = |e: usize| at[e]..at[e] + sizes[e];
+            pool.install(|| {
+                g.run(Isa::Avx512, tuning, threads, range, Some, |_, row, n0, m, gt| {
+                    // SAFETY: each (row, column block) belongs to one work item.
+                    unsafe { dst.slice(row * n + n0, m.len()) }.copy_from_slice(m);
+                    if let Some(gt) = gt {
+                        // SAFETY: as above, in the second half.
+                        unsafe { dst.slice((rows + row) * n + n0, gt.len()) }.copy_from_slice(gt);
+                    }
+                })
+            });
+            out.iter().map(|x| x.to_bits()).collect::<Vec<u32>>()
+        };
+        let on = Tuning { overlap_rows: 24, ..Tuning::INTEL };
+        let off = Tuning { overlap_rows: 0, ..on };
+        for gate in [false, true] {
+            let before = STEPS.load(Ordering::Relaxed);
+            let taken = run(gate, on, Threads::Rayon, false);
+            assert!(STEPS.load(Ordering::Relaxed) > before, "no step ran");
+            let half = if gate { 2 * rows * n } else { rows * n };
+            assert!(taken[..half].iter().all(|&x| f32::from_bits(x).is_finite()));
+            assert!(taken == run(gate, off, Threads::Rayon, false), "gate {gate}: other bits");
+            assert!(taken == run(gate, on, Threads::Single, false), "gate {gate}: one thread");
+            assert!(taken == run(gate, on, Threads::Rayon, true), "gate {gate}: buffer held");
+        }
     }
 
     /// Rows packed ahead in batches (a GEMM whose packed rows exceed the buffer's 64 MiB) and

@@ -328,7 +328,8 @@ pub(super) unsafe fn store_ct<const NJ: usize, const MV: usize>(
 /// (`ah[k * 8 + l]`, `l < 8`, into `ct[j * MB + 16 * MV + l]`). With `MT > MV` the register
 /// tile also takes the next row tile's `MT - MV` vectors (`at2[k * 16 * (MT - MV) + ..]`, into
 /// lanes `16 * MV..16 * MT` of `ct`, where that tile's results lie), and then `H = 0`: one
-/// pass over the weight rows for both tiles (see [`fuses`]).
+/// pass over the weight rows for both tiles (see [`fuses`]). `more`: (first byte, count) of
+/// another item's lines to fetch into L2 meanwhile, one per 4 steps of k.
 #[inline]
 #[target_feature(enable = "avx512f,avx512vl,fma")]
 #[allow(clippy::too_many_arguments)]
@@ -348,6 +349,7 @@ unsafe fn micro<
     ct: *mut f32,
     first: bool,
     pf: Prefetch,
+    more: (*const u8, usize),
 ) {
     const { assert!(MT >= MV && (MT == MV || H == 0)) };
     // SAFETY: the caller passes a packed row tile of kc × 16·MV floats (64-byte aligned rows)
@@ -363,7 +365,14 @@ unsafe fn micro<
         let mut hk = ah;
         let mut wk = w;
         let mut k = 0;
+        // `more`: another item's lines, one per step of 4 k (see `super::Assist`).
+        let (mp, mn) = more;
+        let mut mi = 0;
         while k < kc {
+            if mi < mn {
+                prefetch_l2(mp.wrapping_add(mi * 64));
+                mi += 1;
+            }
             if PF && k % 16 == 0 {
                 // One line of each of the next chunk's weight rows per 16 steps, into L2.
                 let l = pf.first + k / 16;
@@ -459,6 +468,7 @@ pub(crate) unsafe fn run_block<T: Element, const NJ: usize>(
     blk: &Block<'_, T>,
     out: Out,
     tuning: super::Tuning,
+    mut assist: Option<&mut dyn super::Assist>,
 ) {
     let (half, prefetch) = (tuning.wb_half, tuning.wb_prefetch);
     let fuse = fuses(NJ, tuning);
@@ -601,6 +611,10 @@ pub(crate) unsafe fn run_block<T: Element, const NJ: usize>(
             let span = if two { 2 } else { 1 };
             pf.first = t * lines / tiles;
             pf.end = (t + span) * lines / tiles;
+            let more = match assist.as_deref_mut() {
+                Some(a) => a.lines(kc.div_ceil(4)),
+                None => (core::ptr::null(), 0),
+            };
             // SAFETY: tile t holds k-rows k0 - a0..k0 - a0 + kc of 16 · mv floats and, if h, of
             // 8 floats after them (packed above for this A block, or rows k0..k0 + kc of all of
             // K packed ahead: length checked), and when fused tile t + 1 those rows of 16
@@ -613,21 +627,21 @@ pub(crate) unsafe fn run_block<T: Element, const NJ: usize>(
                 macro_rules! go {
                     ($pf:literal) => {
                         match (mv, h, two) {
-                            (2, _, true) => {
-                                micro::<NJ, 3, 2, 0, $pf>(at, at2, ah, wsrc, ws, kc, ct, first, pf)
-                            }
-                            (2, _, _) => {
-                                micro::<NJ, 2, 2, 0, $pf>(at, at2, ah, wsrc, ws, kc, ct, first, pf)
-                            }
-                            (1, 1, _) => {
-                                micro::<NJ, 1, 1, 1, $pf>(at, at2, ah, wsrc, ws, kc, ct, first, pf)
-                            }
-                            (1, _, _) => {
-                                micro::<NJ, 1, 1, 0, $pf>(at, at2, ah, wsrc, ws, kc, ct, first, pf)
-                            }
-                            _ => {
-                                micro::<NJ, 0, 0, 1, $pf>(at, at2, ah, wsrc, ws, kc, ct, first, pf)
-                            }
+                            (2, _, true) => micro::<NJ, 3, 2, 0, $pf>(
+                                at, at2, ah, wsrc, ws, kc, ct, first, pf, more,
+                            ),
+                            (2, _, _) => micro::<NJ, 2, 2, 0, $pf>(
+                                at, at2, ah, wsrc, ws, kc, ct, first, pf, more,
+                            ),
+                            (1, 1, _) => micro::<NJ, 1, 1, 1, $pf>(
+                                at, at2, ah, wsrc, ws, kc, ct, first, pf, more,
+                            ),
+                            (1, _, _) => micro::<NJ, 1, 1, 0, $pf>(
+                                at, at2, ah, wsrc, ws, kc, ct, first, pf, more,
+                            ),
+                            _ => micro::<NJ, 0, 0, 1, $pf>(
+                                at, at2, ah, wsrc, ws, kc, ct, first, pf, more,
+                            ),
                         }
                     };
                 }
@@ -662,6 +676,9 @@ pub(crate) unsafe fn run_block<T: Element, const NJ: usize>(
                     }
                 }
             }
+        }
+        if let Some(a) = assist.as_deref_mut() {
+            a.between();
         }
     }
     // SAFETY: every stripe (stripes * NJ columns) of the Cᵀ block of each present B was
