@@ -640,8 +640,10 @@ impl Tuning {
     ///   ([`Tuning::wb_fuse`]; the session after, same machine type; against apart, same bits):
     ///   f32 T=128 DeepSeek-V3 (experts of 40-51 and 77 rows) 0.969x (7 rounds), Mixtral 1.004x,
     ///   Qwen3 0.993x, gpt-oss 0.984x; T=1024 Qwen3 0.973x (9 rounds), DeepSeek-V3 0.955x (5),
-    ///   Mixtral 0.995x, gpt-oss 0.999x (9). In cache (one thread, 192 weight rows, K 2048),
-    ///   40 / 48 / 80 rows: 125 / 149 / 147 GFLOP/s against 113-115 / 131-137 / 140.
+    ///   Mixtral 0.995x, gpt-oss 0.999x (9); bf16 (widened) T=128 DeepSeek-V3 0.977x, Mixtral
+    ///   0.956x, Qwen3 0.999x, gpt-oss 1.003x, T=1024 0.978x / 0.955x / 0.991x / 0.995x (5).
+    ///   In cache (one thread, 192 weight rows, K 2048), 40 / 48 / 80 rows: 125 / 149 / 147
+    ///   GFLOP/s against 113-115 / 131-137 / 140.
     /// * the few-rows items' work taken on by the items of at least 24 rows
     ///   ([`Tuning::overlap_rows`]; same session; against none, 5 rounds, same bits): f32 T=128
     ///   DeepSeek-V3 (8 of its 32 experts get 3-7 rows, streamed at 10-14 GB/s per thread, 15 %
