@@ -653,7 +653,7 @@ impl Tuning {
     ///   prefetches (the groups run from memory) 1.061x, no better than none. The points
     ///   without both kinds of items (T=16, Mixtral, Qwen3 T=128) and T=1024: 0.97x-1.03x,
     ///   within the rounds' spread. In the DeepSeek-V3 T=128 GEMMs the few-rows work took 62
-    ///   thread-ms as groups run from L2 against 128 as items.
+    ///   thread-ms as groups run from L2 against 124-127 as items (of 817).
     ///
     /// The `vdpbf16ps` weight-broadcast kernel (`dpwb_rows`) was not measured there: off. Nor
     /// is `wb_half` on (Golden Cove runs a 512-bit FMA at the cost of a 256-bit one): with 8-row
