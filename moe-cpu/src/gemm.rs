@@ -292,9 +292,44 @@ pub(crate) trait Assist {
     fn between(&mut self);
 }
 
-/// Whether [`run_block`] gives an item of `m` rows (`m > 0`) to the AVX-512 few-rows kernel,
-/// which streams each group of [`NR`] weight rows over all of K ([`run_direct_cols`] runs one
-/// such group).
+/// The AVX-512 kernel of an item (see [`avx512_kernel`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(crate) enum Avx512Kernel {
+    /// The weight-broadcast kernel (module `wb`).
+    Wb,
+    /// The broadcast kernel (`avx512::run_block_bc`).
+    Bc,
+    /// The few-rows kernel, each group of [`NR`] weight rows streamed over all of K
+    /// ([`run_direct_cols`] runs one such group).
+    Direct,
+    /// The engine's row blocks, the weight rows read in place (`true`) or widened into a
+    /// buffer.
+    Rows(bool),
+}
+
+/// The kernel `avx512::run_block_any` runs for an item of `m` rows and reduction length `k`:
+/// the one place that decides it (the overlap of few-rows items, [`direct_item`], asks it too).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(crate) fn avx512_kernel(tuning: Tuning, m: usize, k: usize) -> Avx512Kernel {
+    if k > 0 && m >= tuning.wb_rows.0 && m < tuning.wb_rows.1 {
+        return Avx512Kernel::Wb;
+    }
+    if m >= BC_MIN_ROWS {
+        return Avx512Kernel::Bc;
+    }
+    // In place only up to INPLACE_ROWS rows and where K needs no tail step; the few-rows kernel
+    // up to `direct_rows` rows, and up to DIRECT_ROWS where the in-place kernel does not apply.
+    let inplace = m <= INPLACE_ROWS && k.is_multiple_of(16) && m > tuning.direct_rows;
+    if k > 0 && m <= DIRECT_ROWS && !inplace {
+        Avx512Kernel::Direct
+    } else {
+        Avx512Kernel::Rows(inplace)
+    }
+}
+
+/// Whether [`run_block`] gives an item of `m` rows (`m > 0`) to the AVX-512 few-rows kernel
+/// ([`Avx512Kernel::Direct`]).
 #[allow(unused_variables)]
 pub(crate) fn direct_item(isa: Isa, tuning: Tuning, dtype: DType, m: usize, k: usize) -> bool {
     let avx512 = match isa {
@@ -306,10 +341,7 @@ pub(crate) fn direct_item(isa: Isa, tuning: Tuning, dtype: DType, m: usize, k: u
         Isa::Amx => !(dtype == DType::BF16 && k > 0 && m >= AMX_MIN_ROWS),
         _ => false,
     };
-    // As `avx512::run_block_any` and the engine's `run_block_pf` choose.
-    let wb = k > 0 && m >= tuning.wb_rows.0 && m < tuning.wb_rows.1;
-    let inplace = m <= INPLACE_ROWS && k.is_multiple_of(16) && m > tuning.direct_rows;
-    avx512 && k > 0 && m > 0 && !wb && m < BC_MIN_ROWS && m <= DIRECT_ROWS && !inplace
+    avx512 && m > 0 && avx512_kernel(tuning, m, k) == Avx512Kernel::Direct
 }
 
 /// Columns `j..j + NR` of B `bi` of an item that [`direct_item`] gives to the few-rows kernel:
@@ -1072,19 +1104,40 @@ macro_rules! engine {
         $(#[$attr])*
         pub(crate) unsafe fn run_block<T: Element>(blk: &Block<'_, T>, out: Out) {
             // SAFETY: same features; the caller's contract.
-            unsafe { run_block_pf::<T, true>(blk, out, 0) }
+            unsafe { run_block_pf::<T, true>(blk, out) }
         }
 
-        /// One work item (see the module docs), in row blocks of [`MP`]; `PF`: the in-place
-        /// kernel fetches each weight row [`INPLACE_AHEAD`](super::INPLACE_AHEAD) bytes ahead
-        /// into L2; items of at most `direct_rows` rows (and at most [`DIRECT_ROWS`]) take the
-        /// few-rows kernel.
+        /// One work item (see the module docs): items of at most [`DIRECT_ROWS`] rows take the
+        /// few-rows kernel, the rest run in row blocks of [`MP`] (the weight rows read in
+        /// place where the including module allows it, INPLACE_MAX, with PF's L2 prefetch).
         $(#[$attr])*
         #[allow(dead_code)]
-        pub(crate) unsafe fn run_block_pf<T: Element, const PF: bool>(
+        pub(crate) unsafe fn run_block_pf<T: Element, const PF: bool>(blk: &Block<'_, T>, out: Out) {
+            let mb = blk.a_rows.len();
+            // In place only where K needs no tail step.
+            let inplace = mb <= INPLACE_MAX && blk.k % L == 0;
+            // SAFETY: same features; the caller's contract (in place: k is a multiple of L).
+            unsafe {
+                if blk.k > 0 && mb <= DIRECT_ROWS && !inplace {
+                    run_direct(blk, out)
+                } else {
+                    run_row_blocks::<T, PF>(blk, out, inplace)
+                }
+            }
+        }
+
+        /// One work item in row blocks of [`MP`] (see [`run_rows`]); `PF`: the in-place
+        /// kernel fetches each weight row [`INPLACE_AHEAD`](super::INPLACE_AHEAD) bytes ahead
+        /// into L2.
+        ///
+        /// # Safety
+        /// As [`run_block`]; `inplace` only where `blk.k` is a multiple of `L`.
+        $(#[$attr])*
+        #[allow(dead_code)]
+        pub(crate) unsafe fn run_row_blocks<T: Element, const PF: bool>(
             blk: &Block<'_, T>,
             out: Out,
-            direct_rows: usize,
+            inplace: bool,
         ) {
             let mb = blk.a_rows.len();
             if blk.k == 0 {
@@ -1096,14 +1149,7 @@ macro_rules! engine {
                 }
                 return;
             }
-            // In place only where the including module allows it (INPLACE_MAX) and K needs no
-            // tail step.
-            let inplace = mb <= INPLACE_MAX && blk.k % L == 0 && mb > direct_rows;
-            if mb <= DIRECT_ROWS && !inplace {
-                // SAFETY: same features; the caller's contract.
-                unsafe { run_direct(blk, out) };
-                return;
-            }
+            debug_assert!(!inplace || blk.k % L == 0);
             let mut r0 = 0;
             while r0 < mb {
                 let r1 = (r0 + MP).min(mb);
@@ -1550,22 +1596,24 @@ mod avx512 {
         tuning: Tuning,
         assist: Option<&mut dyn super::Assist>,
     ) {
+        use super::Avx512Kernel as K;
         let m = blk.a_rows.len();
-        // SAFETY: same features; the caller's contract (the weight-broadcast kernel needs
-        // K > 0).
+        // SAFETY: same features; the caller's contract (the weight-broadcast and few-rows
+        // kernels are chosen only for K > 0, the in-place one only where K is a multiple of L).
         unsafe {
-            if blk.k > 0 && m >= tuning.wb_rows.0 && m < tuning.wb_rows.1 {
-                if tuning.wb_narrow {
+            match super::avx512_kernel(tuning, m, blk.k) {
+                K::Wb if tuning.wb_narrow => {
                     super::wb::run_block::<T, { super::wb::NJ_NARROW }>(blk, out, tuning, assist)
-                } else {
+                }
+                K::Wb => {
                     super::wb::run_block::<T, { super::wb::NJ_WIDE }>(blk, out, tuning, assist)
                 }
-            } else if m >= super::BC_MIN_ROWS {
-                run_block_bc(blk, out)
-            } else if tuning.inplace_prefetch {
-                run_block_pf::<T, true>(blk, out, tuning.direct_rows)
-            } else {
-                run_block_pf::<T, false>(blk, out, tuning.direct_rows)
+                K::Bc => run_block_bc(blk, out),
+                K::Direct => run_direct(blk, out),
+                K::Rows(inplace) if tuning.inplace_prefetch => {
+                    run_row_blocks::<T, true>(blk, out, inplace)
+                }
+                K::Rows(inplace) => run_row_blocks::<T, false>(blk, out, inplace),
             }
         }
     }
@@ -2124,6 +2172,68 @@ mod tests {
         }
     }
 
+    /// Test inputs: `(m + 3) * k` A elements (the item's `m` rows scattered among them, as the
+    /// expert GEMMs read them) and two `nb * k` weight matrices, none of them zero.
+    fn inputs(m: usize, k: usize, nb: usize) -> (Vec<f32>, Vec<usize>, [Vec<f32>; 2]) {
+        let v = |i: usize| ((i * 7919) % 23) as f32 * 0.03 - 0.3;
+        let a = (0..(m + 3) * k).map(v).collect();
+        let rows = (0..m).map(|i| (i * 5 + 1) % (m + 3)).collect();
+        let b = [5, 11].map(|o| (0..nb * k).map(|i| v(i + o)).collect());
+        (a, rows, b)
+    }
+
+    /// Run the item `a_rows` × `b` (columns `0..nb`) with `isa` and `tuning` into tiles
+    /// poisoned with NaN; `packed` as [`Block::packed`].
+    ///
+    /// # Panics
+    /// If `isa` is not available.
+    fn run_item<T: Element>(
+        isa: Isa,
+        tuning: Tuning,
+        a: &[T],
+        a_rows: &[usize],
+        k: usize,
+        b: [Option<&[T]>; 2],
+        nb: usize,
+        packed: Option<(RowPack, &[f32])>,
+    ) -> Box<Tiles> {
+        assert!(isa.available() && a_rows.len() <= MB && nb <= NB);
+        assert!(a_rows.iter().all(|&r| (r + 1) * k <= a.len()));
+        assert!(b.iter().flatten().all(|b| nb * k <= b.len()));
+        let mut t: Box<Tiles> = Box::new([[f32::NAN; MB * NB]; 2]);
+        let blk = Block { a, a_rows, k, b, n0: 0, nb, packed };
+        let out = [t[0].as_mut_ptr(), t[1].as_mut_ptr()];
+        // SAFETY: MB rows of NB floats per tile; `isa` is available and A and B hold every row
+        // read (asserted above).
+        unsafe { run_block(isa, tuning, &blk, out) };
+        t
+    }
+
+    /// `tile`'s rows (those of `a_rows`) and columns `0..nb` within rounding of f32 sums of
+    /// the item's products, computed in double precision.
+    fn check_double_sums(
+        tile: &[f32],
+        a: &[f32],
+        a_rows: &[usize],
+        k: usize,
+        b: &[f32],
+        nb: usize,
+        what: &str,
+    ) {
+        for (i, &row) in a_rows.iter().enumerate() {
+            for j in 0..nb {
+                let (mut s, mut mag) = (0f64, 0f64);
+                for x in 0..k {
+                    let p = a[row * k + x] as f64 * b[j * k + x] as f64;
+                    s += p;
+                    mag += p.abs();
+                }
+                let got = tile[i * NB + j] as f64;
+                assert!((got - s).abs() <= 1e-6 * mag, "{what} row {i} column {j}: {got} vs {s}");
+            }
+        }
+    }
+
     /// Rows packed ahead give the kernels the same bits as rows they pack themselves, and the
     /// kernels do read them (NaN-poisoned packed rows poison the results) wherever
     /// [`row_pack`] names a layout. Returns how many items took packed rows.
@@ -2132,27 +2242,12 @@ mod tests {
         let nb = 40;
         for k in [2usize, 31, 64, 300, 1030] {
             for m in [1usize, 7, 8, 9, 16, 17, 31, 33, 48, 83, 100, 256] {
-                let v = |i: usize| T::from_f32(((i * 7919) % 23) as f32 * 0.03 - 0.3);
-                let a: Vec<T> = (0..(m + 3) * k).map(v).collect();
-                let b0: Vec<T> = (0..nb * k).map(|i| v(i + 5)).collect();
-                let b1: Vec<T> = (0..nb * k).map(|i| v(i + 11)).collect();
-                // Scattered rows, as the expert GEMMs read them.
-                let rows: Vec<usize> = (0..m).map(|i| (i * 5 + 1) % (m + 3)).collect();
+                let (a, rows, b) = inputs(m, k, nb);
+                let widen = |x: &[f32]| x.iter().map(|&x| T::from_f32(x)).collect::<Vec<T>>();
+                let (a, b) = (widen(&a), b.map(|b| widen(&b)));
                 let run = |packed: Option<(RowPack, &[f32])>| {
-                    let mut t: Box<Tiles> = Box::new([[f32::NAN; MB * NB]; 2]);
-                    let blk = Block {
-                        a: &a,
-                        a_rows: &rows,
-                        k,
-                        b: [Some(&b0), Some(&b1)],
-                        n0: 0,
-                        nb,
-                        packed,
-                    };
-                    let out = [t[0].as_mut_ptr(), t[1].as_mut_ptr()];
-                    // SAFETY: MB rows of NB floats per tile; `isa` is available; A and B hold
-                    // every row read.
-                    unsafe { run_block(isa, tuning, &blk, out) };
+                    let b = [Some(&b[0][..]), Some(&b[1][..])];
+                    let t = run_item(isa, tuning, &a, &rows, k, b, nb, packed);
                     let mut r = vec![];
                     for tile in t.iter() {
                         for i in 0..m {
@@ -2205,43 +2300,15 @@ mod tests {
         let wide = Tuning { wb_narrow: false, wb_half: false, wb_dot_rows: 7, ..Tuning::INTEL };
         let narrow = Tuning { wb_narrow: true, ..wide };
         let nb = 40;
-        let v = |i: usize| ((i * 7919) % 23) as f32 * 0.03 - 0.3;
         for tuning in [wide, narrow] {
             for k in [31usize, 300, 2100] {
                 for m in (17..=23).chain(33..=39) {
                     assert!(tiled_rows(m, false, 7) < m);
-                    let a: Vec<f32> = (0..(m + 3) * k).map(v).collect();
-                    let b0: Vec<f32> = (0..nb * k).map(|i| v(i + 5)).collect();
-                    let rows: Vec<usize> = (0..m).map(|i| (i * 5 + 1) % (m + 3)).collect();
-                    let mut t: Box<Tiles> = Box::new([[f32::NAN; MB * NB]; 2]);
-                    let blk = Block {
-                        a: &a,
-                        a_rows: &rows,
-                        k,
-                        b: [Some(&b0), None],
-                        n0: 0,
-                        nb,
-                        packed: None,
-                    };
-                    let out = [t[0].as_mut_ptr(), t[1].as_mut_ptr()];
-                    // SAFETY: MB rows of NB floats per tile; AVX-512 is available; A and B hold
-                    // every row read.
-                    unsafe { run_block(Isa::Avx512, tuning, &blk, out) };
-                    for (i, &row) in rows.iter().enumerate() {
-                        for j in 0..nb {
-                            let (mut s, mut mag) = (0f64, 0f64);
-                            for x in 0..k {
-                                let p = a[row * k + x] as f64 * b0[j * k + x] as f64;
-                                s += p;
-                                mag += p.abs();
-                            }
-                            let got = t[0][i * NB + j] as f64;
-                            assert!(
-                                (got - s).abs() <= 1e-6 * mag,
-                                "{tuning:?} m={m} k={k} row {i} column {j}: {got} vs {s}"
-                            );
-                        }
-                    }
+                    let (a, rows, [b0, _]) = inputs(m, k, nb);
+                    let b = [Some(&b0[..]), None];
+                    let t = run_item(Isa::Avx512, tuning, &a, &rows, k, b, nb, None);
+                    let what = format!("{tuning:?} m={m} k={k}");
+                    check_double_sums(&t[0], &a, &rows, k, &b0, nb, &what);
                 }
             }
         }
@@ -2259,47 +2326,24 @@ mod tests {
         }
         let fused = Tuning { wb_narrow: true, wb_half: false, wb_fuse: true, ..Tuning::INTEL };
         let apart = Tuning { wb_fuse: false, ..fused };
-        let v = |i: usize| ((i * 7919) % 23) as f32 * 0.03 - 0.3;
         for nb in [40usize, 48] {
             for k in [31usize, 300, 2100] {
                 for m in [33usize, 40, 47, 48, 51, 55, 80, 90, 112] {
-                    let a: Vec<f32> = (0..(m + 3) * k).map(v).collect();
-                    let b0: Vec<f32> = (0..nb * k).map(|i| v(i + 5)).collect();
-                    let b1: Vec<f32> = (0..nb * k).map(|i| v(i + 9)).collect();
-                    let rows: Vec<usize> = (0..m).map(|i| (i * 5 + 1) % (m + 3)).collect();
-                    let run = |tuning: Tuning| {
-                        let mut t: Box<Tiles> = Box::new([[f32::NAN; MB * NB]; 2]);
-                        let blk = Block {
-                            a: &a,
-                            a_rows: &rows,
-                            k,
-                            b: [Some(&b0), Some(&b1)],
-                            n0: 0,
-                            nb,
-                            packed: None,
-                        };
-                        let out = [t[0].as_mut_ptr(), t[1].as_mut_ptr()];
-                        // SAFETY: MB rows of NB floats per tile; AVX-512 is available; A and B
-                        // hold every row read.
-                        unsafe { run_block(Isa::Avx512, tuning, &blk, out) };
-                        t
+                    let (a, rows, b) = inputs(m, k, nb);
+                    let run = |tuning| {
+                        let bs = [Some(&b[0][..]), Some(&b[1][..])];
+                        run_item(Isa::Avx512, tuning, &a, &rows, k, bs, nb, None)
                     };
                     let (f, p) = (run(fused), run(apart));
-                    for (bi, b) in [&b0, &b1].into_iter().enumerate() {
-                        for (i, &row) in rows.iter().enumerate() {
-                            for j in 0..nb {
-                                let (mut s, mut mag) = (0f64, 0f64);
-                                for x in 0..k {
-                                    let q = a[row * k + x] as f64 * b[j * k + x] as f64;
-                                    s += q;
-                                    mag += q.abs();
-                                }
-                                let (got, other) = (f[bi][i * NB + j], p[bi][i * NB + j]);
-                                let at = format!("m={m} k={k} nb={nb} B{bi} row {i} column {j}");
-                                assert_eq!(got.to_bits(), other.to_bits(), "{at}: other bits");
-                                assert!((got as f64 - s).abs() <= 1e-6 * mag, "{at}: {got} vs {s}");
-                            }
+                    for bi in 0..2 {
+                        let at = format!("m={m} k={k} nb={nb} B{bi}");
+                        for i in 0..m {
+                            let (got, other) = (&f[bi][i * NB..][..nb], &p[bi][i * NB..][..nb]);
+                            let same =
+                                got.iter().zip(other).all(|(x, y)| x.to_bits() == y.to_bits());
+                            assert!(same, "{at} row {i}: other bits");
                         }
+                        check_double_sums(&f[bi], &a, &rows, k, &b[bi], nb, &at);
                     }
                 }
             }
