@@ -3,6 +3,13 @@
 //! `S` (shape index in `canonical()`), `T`, `DT` (`f32`, `bf16`), `TH` (thread counts 1..=TH),
 //! `REP`, `PEAK` (measure the FMA peak for 1..=PEAK threads); `COUNTS=1` only prints the rows
 //! the router gives each expert (the work items' row counts), as routed and sorted.
+//!
+//! With the feature `trace`, `TRACE=PREFIX` also writes, for each thread count and each of `REP`
+//! runs of the two expert GEMMs, the CPU backend's work-item timeline (`moe_cpu::trace`) to
+//! `PREFIX{threads}_{run}.csv`; `python3 benches/trace_summary.py FILE...` says where the
+//! threads' time went, by item size:
+//! `TRACE=/tmp/tr S=3 T=128 TH=2 PEAK=0 cargo run --release -p moe-benches --features trace
+//! --example probe`
 use moe_benches::*;
 use moe_core::{Element, MoeStages};
 use moe_cpu::Cpu;
@@ -71,6 +78,24 @@ where
                     best = best.min(t0.elapsed().as_secs_f64());
                 }
                 println!("{} T={t} th={th} {:>14}: {:.3} ms", sh.name, st.name(), best * 1e3);
+            }
+            #[cfg(feature = "trace")]
+            if let Ok(prefix) = std::env::var("TRACE") {
+                for rep in 0..env("REP", 3) {
+                    moe_cpu::trace::start();
+                    l.stage(&cpu, Stage::ExpertUp).unwrap();
+                    l.stage(&cpu, Stage::ExpertDown).unwrap();
+                    let mut f = String::from("kind,group,rows,cols,k,thread,start,end\n");
+                    for r in moe_cpu::trace::stop() {
+                        f += &format!(
+                            "{:?},{},{},{},{},{},{:.7},{:.7}\n",
+                            r.kind, r.group, r.rows, r.cols, r.k, r.thread, r.start, r.end
+                        );
+                    }
+                    let path = format!("{prefix}{th}_{rep}.csv");
+                    std::fs::write(&path, f).unwrap_or_else(|e| panic!("{path}: {e}"));
+                    println!("timeline: {path}");
+                }
             }
             let mut best = f64::MAX;
             let c0 = cpu_s();

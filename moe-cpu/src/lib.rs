@@ -30,6 +30,8 @@
 mod act;
 mod gemm;
 mod portable;
+#[cfg(feature = "trace")]
+pub mod trace;
 
 pub use gemm::{Isa, Tuning};
 
@@ -713,6 +715,8 @@ impl<T: Element> Grouped<'_, T> {
                 let Some((it, bi, j)) = step_of(s) else { return };
                 #[cfg(all(test, target_arch = "x86_64"))]
                 tests::STEPS.fetch_add(1, Ordering::Relaxed);
+                #[cfg(feature = "trace")]
+                let t0 = trace::now();
                 let [g, rb, cb] = st_items[it];
                 let (n0, nb) = (cb * NB, NB.min(n - cb * NB));
                 let (mut a_rows, mut o_rows) = ([0usize; MB], [0usize; MB]);
@@ -735,6 +739,8 @@ impl<T: Element> Grouped<'_, T> {
                 };
                 #[cfg(not(target_arch = "x86_64"))]
                 let _ = (&blk, bi, j);
+                #[cfg(feature = "trace")]
+                trace::record(trace::Kind::Step, g, m, gemm::NR.min(nb - j), k, t0);
                 // The item's last step runs its epilogue (AcqRel: after every other step's
                 // writes).
                 if st_left[it].fetch_sub(1, Ordering::AcqRel) == 1 {
@@ -793,6 +799,8 @@ impl<T: Element> Grouped<'_, T> {
                 let mut tiles = MaybeUninit::<Tiles>::uninit();
                 let base = tiles.as_mut_ptr() as *mut f32;
                 let out = [base, base.wrapping_add(MB * NB)];
+                #[cfg(feature = "trace")]
+                let t0 = trace::now();
                 if total > 0 && m >= tuning.overlap_rows {
                     let mut h = Helper {
                         next: &next,
@@ -812,6 +820,12 @@ impl<T: Element> Grouped<'_, T> {
                     // caller.
                     unsafe { gemm::run_block(isa, tuning, &blk, out) };
                 }
+                #[cfg(feature = "trace")]
+                let t0 = {
+                    let bs = self.b.iter().flatten().count();
+                    trace::record(trace::Kind::Item, g, m, nb * bs, k, t0);
+                    trace::now()
+                };
                 for (i, &row) in o_rows[..m].iter().enumerate() {
                     // SAFETY: row i < m, columns < nb of the tiles of the present B's were
                     // written by `run_block`.
@@ -821,6 +835,8 @@ impl<T: Element> Grouped<'_, T> {
                         .map(|_| unsafe { core::slice::from_raw_parts(out[1].add(i * NB), nb) });
                     epi(g, row, n0, main, gate);
                 }
+                #[cfg(feature = "trace")]
+                trace::record(trace::Kind::Epilogue, g, m, 0, k, t0);
             };
             let items: usize = (g0..g1).map(items_of).sum();
             match threads {
