@@ -367,13 +367,16 @@ impl<U> Shared<U> {
 /// A grouped `C = A · Bᵀ`: group `g` (an expert) owns the output rows `rows(g)` and the weight
 /// block `g` of each present `b` (`[groups, n, k]`); output row `r` reads A row `a_row(r)`
 /// (skipped when `None`). `epi(g, r, n0, main, gate)` receives the f32 results of row `r`,
-/// columns `n0..n0 + main.len()`, of `b[0]` (and `b[1]`).
+/// columns `n0..n0 + main.len()`, of `b[0]` (and `b[1]`). `fence`: the epilogue writes with
+/// non-temporal stores ([`act::streams`]), so each thread fences them ([`act::fence`]) after
+/// each work item's epilogue, before the item counts as done.
 struct Grouped<'a, T> {
     a: &'a [T],
     k: usize,
     b: [Option<&'a [T]>; 2],
     n: usize,
     groups: usize,
+    fence: bool,
 }
 
 /// Floats of the process-wide buffer of rows packed ahead of the work items
@@ -754,6 +757,9 @@ impl<T: Element> Grouped<'_, T> {
                         });
                         epi(g, row, n0, main, gate);
                     }
+                    if self.fence {
+                        act::fence();
+                    }
                 }
             };
             let items_of = |g: usize| blocks(g) * ncb;
@@ -834,6 +840,9 @@ impl<T: Element> Grouped<'_, T> {
                     let gate = self.b[1]
                         .map(|_| unsafe { core::slice::from_raw_parts(out[1].add(i * NB), nb) });
                     epi(g, row, n0, main, gate);
+                }
+                if self.fence {
+                    act::fence();
                 }
                 #[cfg(feature = "trace")]
                 trace::record(trace::Kind::Epilogue, g, m, 0, k, t0);
@@ -921,7 +930,14 @@ impl<T: Element> MoeStages<T> for Cpu {
             return Err(MoeError::NonFiniteInput { what: "x", index: i });
         }
         let out = Shared::new(&mut logits[..tokens * experts]);
-        let g = Grouped { a: x, k: hidden, b: [Some(weight), None], n: experts, groups: 1 };
+        let g = Grouped {
+            a: x,
+            k: hidden,
+            b: [Some(weight), None],
+            n: experts,
+            groups: 1,
+            fence: false,
+        };
         g.run(
             isa,
             self.tuning,
@@ -1042,9 +1058,10 @@ impl<T: Element> MoeStages<T> for Cpu {
             }
             Ok(())
         })?;
+        let stream = act::streams(isa, T::DTYPE, core::mem::size_of_val(hidden));
         let out = Shared::new(hidden);
         let gate = if mlp.gated { w.gate } else { None };
-        let g = Grouped { a: x, k: d, b: [Some(w.up), gate], n: inter, groups: el };
+        let g = Grouped { a: x, k: d, b: [Some(w.up), gate], n: inter, groups: el, fence: stream };
         let a_row =
             |row: usize| usize::try_from(slots[row]).ok().map(|s| s / k).filter(|&t| t < tokens);
         let range = |e: usize| offsets[e] as usize..offsets[e + 1] as usize;
@@ -1054,7 +1071,7 @@ impl<T: Element> MoeStages<T> for Cpu {
             let dst = unsafe { out.slice(row * inter + n0, up.len()) };
             let (ub, gb) =
                 (w.up_bias.map(|b| &b[e * inter..]), w.gate_bias.map(|b| &b[e * inter..]));
-            act::up_row(isa, mlp, s, n0, up, gate, ub, gb, dst);
+            act::up_row(isa, mlp, s, n0, up, gate, ub, gb, dst, stream);
         });
         Ok(())
     }
@@ -1093,8 +1110,16 @@ impl<T: Element> MoeStages<T> for Cpu {
             let _ = hl;
             Ok(())
         })?;
+        let stream = act::streams(isa, T::DTYPE, core::mem::size_of_val(out));
         let dst_all = Shared::new(out);
-        let g = Grouped { a: hidden, k: inter, b: [Some(w.down), None], n: d, groups: el };
+        let g = Grouped {
+            a: hidden,
+            k: inter,
+            b: [Some(w.down), None],
+            n: d,
+            groups: el,
+            fence: stream,
+        };
         let a_row =
             |row: usize| usize::try_from(slots[row]).ok().filter(|&s| s < tokens * k).map(|_| row);
         let range = |e: usize| offsets[e] as usize..offsets[e + 1] as usize;
@@ -1102,10 +1127,10 @@ impl<T: Element> MoeStages<T> for Cpu {
             let s = rows.weights.map_or(1.0, |wt| wt[slots[row] as usize]);
             // SAFETY: row `row`, columns n0..n0 + len belong to this work item only.
             let dst = unsafe { dst_all.slice(row * d + n0, v.len()) };
-            for (j, (o, &v)) in dst.iter_mut().zip(v).enumerate() {
+            act::fill_row(dst, stream, |j| {
                 let b = w.down_bias.map_or(0.0, |b| b[e * d + n0 + j].to_f32());
-                *o = T::from_f32(s * (v + b));
-            }
+                T::from_f32(s * (v[j] + b))
+            });
         });
         Ok(())
     }
@@ -1179,7 +1204,8 @@ impl<T: Element> MoeStages<T> for Cpu {
         Self::check_mlp(w, mlp.gated, 1, inter, in_dim)?;
         let out = Shared::new(&mut hidden[..tokens * inter]);
         let gate = if mlp.gated { w.gate } else { None };
-        let g = Grouped { a: x, k: in_dim, b: [Some(w.up), gate], n: inter, groups: 1 };
+        let g =
+            Grouped { a: x, k: in_dim, b: [Some(w.up), gate], n: inter, groups: 1, fence: false };
         g.run(
             isa,
             self.tuning,
@@ -1189,7 +1215,7 @@ impl<T: Element> MoeStages<T> for Cpu {
             |_, t, n0, up, gate| {
                 // SAFETY: row t, columns n0..n0 + len belong to this work item only.
                 let dst = unsafe { out.slice(t * inter + n0, up.len()) };
-                act::up_row(isa, mlp, 1.0, n0, up, gate, w.up_bias, w.gate_bias, dst);
+                act::up_row(isa, mlp, 1.0, n0, up, gate, w.up_bias, w.gate_bias, dst, false);
             },
         );
         Ok(())
@@ -1219,7 +1245,14 @@ impl<T: Element> MoeStages<T> for Cpu {
         need_opt("linear.row_scale", row_scale, tokens)?;
         need("linear.out", out, tokens * out_dim)?;
         let dst_all = Shared::new(&mut out[..tokens * out_dim]);
-        let g = Grouped { a: x, k: in_dim, b: [Some(weight), None], n: out_dim, groups: 1 };
+        let g = Grouped {
+            a: x,
+            k: in_dim,
+            b: [Some(weight), None],
+            n: out_dim,
+            groups: 1,
+            fence: false,
+        };
         g.run(
             isa,
             self.tuning,
@@ -1302,7 +1335,7 @@ mod tests {
         let v = |i: usize| ((i * 7919) % 29) as f32 * 0.02 - 0.25;
         let a: Vec<f32> = (0..rows * k).map(v).collect();
         let b: Vec<f32> = (0..groups * n * k).map(|i| v(i + 3)).collect();
-        let g = Grouped { a: &a, k, b: [Some(&b), None], n, groups };
+        let g = Grouped { a: &a, k, b: [Some(&b), None], n, groups, fence: false };
         let per = rows.div_ceil(groups);
         let range = |e: usize| (e * per).min(rows)..((e + 1) * per).min(rows);
         let mut out = vec![f32::NAN; rows * n];
@@ -1344,7 +1377,14 @@ mod tests {
         let b1: Vec<f32> = (0..groups * n * k).map(|i| v(i + 7)).collect();
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         let run = |gate: bool, tuning: Tuning, threads: Threads, held: bool| {
-            let g = Grouped { a: &a, k, b: [Some(&b0), gate.then_some(&b1[..])], n, groups };
+            let g = Grouped {
+                a: &a,
+                k,
+                b: [Some(&b0), gate.then_some(&b1[..])],
+                n,
+                groups,
+                fence: false,
+            };
             let mut out = vec![f32::NAN; 2 * rows * n];
             let dst = Shared::new(&mut out);
             let _lock = held.then(|| STREAM.lock().unwrap());
