@@ -26,7 +26,7 @@ use moe_core::{Element, MlpConfig, math};
 #[cfg_attr(not(all(target_arch = "x86_64", not(miri))), allow(dead_code))]
 pub(crate) const STREAM_MIN_BYTES: usize = 4 << 20;
 
-/// Whether an epilogue writing an output buffer of `bytes` bytes of `dtype` elements with the
+/// Whether an epilogue writing `bytes` bytes of output rows of `dtype` elements with the
 /// kernels of `isa` uses non-temporal stores: f32, an AVX-512 instruction set, at least
 /// [`STREAM_MIN_BYTES`]. Its writer then calls [`fence`] after each work item.
 #[allow(unused_variables)]

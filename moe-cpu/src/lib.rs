@@ -1058,7 +1058,10 @@ impl<T: Element> MoeStages<T> for Cpu {
             }
             Ok(())
         })?;
-        let stream = act::streams(isa, T::DTYPE, core::mem::size_of_val(hidden));
+        // The rows written (those of the experts' row ranges; checked above), not the buffer,
+        // which may be sized for more tokens.
+        let used = usize::try_from(offsets[el]).unwrap_or(0) * inter * size_of::<T>();
+        let stream = act::streams(isa, T::DTYPE, used);
         let out = Shared::new(hidden);
         let gate = if mlp.gated { w.gate } else { None };
         let g = Grouped { a: x, k: d, b: [Some(w.up), gate], n: inter, groups: el, fence: stream };
@@ -1110,7 +1113,9 @@ impl<T: Element> MoeStages<T> for Cpu {
             let _ = hl;
             Ok(())
         })?;
-        let stream = act::streams(isa, T::DTYPE, core::mem::size_of_val(out));
+        // The rows written (as in `expert_up`).
+        let used = usize::try_from(offsets[el]).unwrap_or(0) * d * size_of::<T>();
+        let stream = act::streams(isa, T::DTYPE, used);
         let dst_all = Shared::new(out);
         let g = Grouped {
             a: hidden,

@@ -241,10 +241,11 @@ fn simd_paths_match_the_portable_path() {
         // K a multiple of 16 at one or two rows per expert: the in-place packed kernel (AMD)
         // or the whole-K streaming one (Intel's direct_rows).
         (256, 48, 8, 1, 9, 1, false, false),
-        // f32 outputs of 4 MiB: the up (1024 rows of 1024) and the down projection's (1024
-        // rows of 1024) epilogues write with non-temporal stores (`act::STREAM_MIN_BYTES`).
-        (16, 1024, 4, 1, 1024, 1, true, false),
-        (1024, 16, 4, 1, 1024, 1, true, false),
+        // f32 outputs over 4 MiB: the up (about 1090 routed rows of 1024) and the down
+        // projection's (as many rows of 1024) epilogues write with non-temporal stores
+        // (`act::STREAM_MIN_BYTES`).
+        (16, 1024, 4, 1, 1200, 1, true, false),
+        (1024, 16, 4, 1, 1200, 1, true, false),
     ];
     for (name, cpu) in backends() {
         for (i, &(h, inter, e, k, t, al, bias, oi)) in shapes.iter().enumerate() {
