@@ -13,8 +13,8 @@ use crate::Isa;
 use moe_core::Activation;
 use moe_core::{Element, MlpConfig, math};
 
-/// f32 output buffers of at least this many bytes are written by the expert GEMMs' epilogues
-/// with non-temporal stores ([`streams`]). Their rows are read only after the whole stage (by
+/// f32 output rows of at least this many bytes in all (those a stage writes) are written by
+/// the expert GEMMs' epilogues with non-temporal stores ([`streams`]). Their rows are read only after the whole stage (by
 /// the down projection, by the combine), when the stage's weights have streamed through the
 /// caches; written with ordinary stores, each line is first read from memory (a read for
 /// ownership) in the epilogue's path: the epilogues took 1.6 % of DeepSeek-V3 f32 T=128's
