@@ -1099,20 +1099,12 @@ macro_rules! engine {
             }
         }
 
-        /// One work item (see the module docs), in row blocks of [`MP`], with the in-place
-        /// kernel's software prefetch.
-        $(#[$attr])*
-        pub(crate) unsafe fn run_block<T: Element>(blk: &Block<'_, T>, out: Out) {
-            // SAFETY: same features; the caller's contract.
-            unsafe { run_block_pf::<T, true>(blk, out) }
-        }
-
         /// One work item (see the module docs): items of at most [`DIRECT_ROWS`] rows take the
         /// few-rows kernel, the rest run in row blocks of [`MP`] (the weight rows read in
-        /// place where the including module allows it, INPLACE_MAX, with PF's L2 prefetch).
+        /// place where the including module allows it, INPLACE_MAX, with the in-place kernel's
+        /// L2 prefetch). The AVX-512 dispatch decides in `super::avx512_kernel` instead.
         $(#[$attr])*
-        #[allow(dead_code)]
-        pub(crate) unsafe fn run_block_pf<T: Element, const PF: bool>(blk: &Block<'_, T>, out: Out) {
+        pub(crate) unsafe fn run_block<T: Element>(blk: &Block<'_, T>, out: Out) {
             let mb = blk.a_rows.len();
             // In place only where K needs no tail step.
             let inplace = mb <= INPLACE_MAX && blk.k % L == 0;
@@ -1121,7 +1113,7 @@ macro_rules! engine {
                 if blk.k > 0 && mb <= DIRECT_ROWS && !inplace {
                     run_direct(blk, out)
                 } else {
-                    run_row_blocks::<T, PF>(blk, out, inplace)
+                    run_row_blocks::<T, true>(blk, out, inplace)
                 }
             }
         }
@@ -1133,7 +1125,6 @@ macro_rules! engine {
         /// # Safety
         /// As [`run_block`]; `inplace` only where `blk.k` is a multiple of `L`.
         $(#[$attr])*
-        #[allow(dead_code)]
         pub(crate) unsafe fn run_row_blocks<T: Element, const PF: bool>(
             blk: &Block<'_, T>,
             out: Out,
