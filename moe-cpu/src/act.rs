@@ -28,7 +28,7 @@ pub(crate) const STREAM_MIN_BYTES: usize = 4 << 20;
 
 /// Whether an epilogue writing `bytes` bytes of output rows of `dtype` elements with the
 /// kernels of `isa` uses non-temporal stores: f32, an AVX-512 instruction set, at least
-/// [`STREAM_MIN_BYTES`]. Its writer then calls [`fence`] after each work item.
+/// [`STREAM_MIN_BYTES`]. The grouped GEMM fences ([`fence`]) after every work item's epilogue.
 #[allow(unused_variables)]
 pub(crate) fn streams(isa: Isa, dtype: moe_core::DType, bytes: usize) -> bool {
     #[cfg(all(target_arch = "x86_64", not(miri)))]

@@ -367,16 +367,15 @@ impl<U> Shared<U> {
 /// A grouped `C = A · Bᵀ`: group `g` (an expert) owns the output rows `rows(g)` and the weight
 /// block `g` of each present `b` (`[groups, n, k]`); output row `r` reads A row `a_row(r)`
 /// (skipped when `None`). `epi(g, r, n0, main, gate)` receives the f32 results of row `r`,
-/// columns `n0..n0 + main.len()`, of `b[0]` (and `b[1]`). `fence`: the epilogue writes with
-/// non-temporal stores ([`act::streams`]), so each thread fences them ([`act::fence`]) after
-/// each work item's epilogue, before the item counts as done.
+/// columns `n0..n0 + main.len()`, of `b[0]` (and `b[1]`); it may write with non-temporal
+/// stores ([`act::streams`]): each work item's epilogue is followed by [`act::fence`] on its
+/// thread, before the item counts as done.
 struct Grouped<'a, T> {
     a: &'a [T],
     k: usize,
     b: [Option<&'a [T]>; 2],
     n: usize,
     groups: usize,
-    fence: bool,
 }
 
 /// Floats of the process-wide buffer of rows packed ahead of the work items
@@ -757,9 +756,7 @@ impl<T: Element> Grouped<'_, T> {
                         });
                         epi(g, row, n0, main, gate);
                     }
-                    if self.fence {
-                        act::fence();
-                    }
+                    act::fence();
                 }
             };
             let items_of = |g: usize| blocks(g) * ncb;
@@ -841,9 +838,7 @@ impl<T: Element> Grouped<'_, T> {
                         .map(|_| unsafe { core::slice::from_raw_parts(out[1].add(i * NB), nb) });
                     epi(g, row, n0, main, gate);
                 }
-                if self.fence {
-                    act::fence();
-                }
+                act::fence();
                 #[cfg(feature = "trace")]
                 trace::record(trace::Kind::Epilogue, g, m, 0, k, t0);
             };
@@ -930,14 +925,7 @@ impl<T: Element> MoeStages<T> for Cpu {
             return Err(MoeError::NonFiniteInput { what: "x", index: i });
         }
         let out = Shared::new(&mut logits[..tokens * experts]);
-        let g = Grouped {
-            a: x,
-            k: hidden,
-            b: [Some(weight), None],
-            n: experts,
-            groups: 1,
-            fence: false,
-        };
+        let g = Grouped { a: x, k: hidden, b: [Some(weight), None], n: experts, groups: 1 };
         g.run(
             isa,
             self.tuning,
@@ -1064,7 +1052,7 @@ impl<T: Element> MoeStages<T> for Cpu {
         let stream = act::streams(isa, T::DTYPE, used);
         let out = Shared::new(hidden);
         let gate = if mlp.gated { w.gate } else { None };
-        let g = Grouped { a: x, k: d, b: [Some(w.up), gate], n: inter, groups: el, fence: stream };
+        let g = Grouped { a: x, k: d, b: [Some(w.up), gate], n: inter, groups: el };
         let a_row =
             |row: usize| usize::try_from(slots[row]).ok().map(|s| s / k).filter(|&t| t < tokens);
         let range = |e: usize| offsets[e] as usize..offsets[e + 1] as usize;
@@ -1117,14 +1105,7 @@ impl<T: Element> MoeStages<T> for Cpu {
         let used = usize::try_from(offsets[el]).unwrap_or(0) * d * size_of::<T>();
         let stream = act::streams(isa, T::DTYPE, used);
         let dst_all = Shared::new(out);
-        let g = Grouped {
-            a: hidden,
-            k: inter,
-            b: [Some(w.down), None],
-            n: d,
-            groups: el,
-            fence: stream,
-        };
+        let g = Grouped { a: hidden, k: inter, b: [Some(w.down), None], n: d, groups: el };
         let a_row =
             |row: usize| usize::try_from(slots[row]).ok().filter(|&s| s < tokens * k).map(|_| row);
         let range = |e: usize| offsets[e] as usize..offsets[e + 1] as usize;
@@ -1209,8 +1190,7 @@ impl<T: Element> MoeStages<T> for Cpu {
         Self::check_mlp(w, mlp.gated, 1, inter, in_dim)?;
         let out = Shared::new(&mut hidden[..tokens * inter]);
         let gate = if mlp.gated { w.gate } else { None };
-        let g =
-            Grouped { a: x, k: in_dim, b: [Some(w.up), gate], n: inter, groups: 1, fence: false };
+        let g = Grouped { a: x, k: in_dim, b: [Some(w.up), gate], n: inter, groups: 1 };
         g.run(
             isa,
             self.tuning,
@@ -1250,14 +1230,7 @@ impl<T: Element> MoeStages<T> for Cpu {
         need_opt("linear.row_scale", row_scale, tokens)?;
         need("linear.out", out, tokens * out_dim)?;
         let dst_all = Shared::new(&mut out[..tokens * out_dim]);
-        let g = Grouped {
-            a: x,
-            k: in_dim,
-            b: [Some(weight), None],
-            n: out_dim,
-            groups: 1,
-            fence: false,
-        };
+        let g = Grouped { a: x, k: in_dim, b: [Some(weight), None], n: out_dim, groups: 1 };
         g.run(
             isa,
             self.tuning,
@@ -1340,7 +1313,7 @@ mod tests {
         let v = |i: usize| ((i * 7919) % 29) as f32 * 0.02 - 0.25;
         let a: Vec<f32> = (0..rows * k).map(v).collect();
         let b: Vec<f32> = (0..groups * n * k).map(|i| v(i + 3)).collect();
-        let g = Grouped { a: &a, k, b: [Some(&b), None], n, groups, fence: false };
+        let g = Grouped { a: &a, k, b: [Some(&b), None], n, groups };
         let per = rows.div_ceil(groups);
         let range = |e: usize| (e * per).min(rows)..((e + 1) * per).min(rows);
         let mut out = vec![f32::NAN; rows * n];
@@ -1382,14 +1355,7 @@ mod tests {
         let b1: Vec<f32> = (0..groups * n * k).map(|i| v(i + 7)).collect();
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         let run = |gate: bool, tuning: Tuning, threads: Threads, held: bool| {
-            let g = Grouped {
-                a: &a,
-                k,
-                b: [Some(&b0), gate.then_some(&b1[..])],
-                n,
-                groups,
-                fence: false,
-            };
+            let g = Grouped { a: &a, k, b: [Some(&b0), gate.then_some(&b1[..])], n, groups };
             let mut out = vec![f32::NAN; 2 * rows * n];
             let dst = Shared::new(&mut out);
             let _lock = held.then(|| STREAM.lock().unwrap());
