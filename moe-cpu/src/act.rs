@@ -137,6 +137,7 @@ mod avx512 {
     /// # Safety
     /// The CPU has AVX-512 F.
     #[target_feature(enable = "avx512f")]
+    #[cfg_attr(miri, allow(dead_code))]
     pub(super) unsafe fn stream_copy<T: Element>(dst: &mut [T], src: &[T]) {
         let n = dst.len();
         assert_eq!(n, src.len());
