@@ -2,7 +2,8 @@
 //!
 //! `S` (shape index in `canonical()`), `T`, `DT` (`f32`, `bf16`), `TH` (thread counts 1..=TH),
 //! `REP`, `PEAK` (measure the FMA peak for 1..=PEAK threads); `COUNTS=1` only prints the rows
-//! the router gives each expert (the work items' row counts), as routed and sorted.
+//! the router gives each expert (the work items' row counts), as routed and sorted, and the
+//! weight elements of one expert (what `benches/envelope.py` reads).
 //!
 //! With the feature `trace`, `TRACE=PREFIX` also writes, for each thread count and each of `REP`
 //! runs of the two expert GEMMs, the CPU backend's work-item timeline (`moe_cpu::trace`) to
@@ -60,6 +61,10 @@ where
         let o = &l.ws[base + lay.expert_offsets.offset..][..4 * lay.expert_offsets.len];
         let o: Vec<i32> = o.chunks(4).map(|c| i32::from_le_bytes(c.try_into().unwrap())).collect();
         let mut c: Vec<i32> = o.windows(2).map(|w| w[1] - w[0]).collect();
+        let c0 = &sh.config;
+        let mats = if c0.expert.mlp.gated { 3 } else { 2 };
+        println!("{} T={t}", sh.name);
+        println!("weights per expert: {}", mats * c0.hidden * c0.expert.mlp.intermediate);
         println!("rows per expert: {c:?}");
         c.sort();
         println!("sorted: {c:?}");
