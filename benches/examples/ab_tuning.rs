@@ -5,10 +5,11 @@
 //!
 //! `VARIANTS` (default `intel;amd`): variants separated by `;`, each a `Tuning::from_name` name
 //! (`intel`, `amd`, `allwb`, `detect`) or fields
-//! `wb=LO-HI,dr=ROWS,pf=0|1,dp=ROWS,dw=LO-HI,wn=0|1,wh=0|1,wp=0|1,sp=0|1,wd=ROWS,isa=NAME` over
-//! the detected tuning and instruction set (`Tuning`'s `wb_rows`, `direct_rows`,
+//! `wb=LO-HI,dr=ROWS,pf=0|1,dp=ROWS,dw=LO-HI,wn=0|1,wh=0|1,wp=0|1,sp=0|1,ss=N,wd=ROWS,isa=NAME`
+//! over the detected tuning and instruction set (`Tuning`'s `wb_rows`, `direct_rows`,
 //! `inplace_prefetch`, `dpbf16_rows`, `dpwb_rows`, `wb_narrow`, `wb_half`, `wb_prefetch`,
-//! `seq_prefetch`, `wb_dot_rows`, `wb_fuse`, `overlap_rows`; `isa=avx512`: that instruction set's kernels). `SHAPES` (name
+//! `seq_prefetch`, `seq_streams`, `wb_dot_rows`, `wb_fuse`, `overlap_rows`; `isa=avx512`: that
+//! instruction set's kernels). `SHAPES` (name
 //! prefixes), `TS`, `DTS` (`f32`, `bf16`, `f16`), `NT` (threads, default 2).
 //!
 //! Each line also gives, per variant, the median over the rounds of its rate divided by the

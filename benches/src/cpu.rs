@@ -561,9 +561,9 @@ where
 /// A kernel-selection spec of the bench tools, parsed: a [`Tuning`] name (`intel`, `amd`, `allwb`,
 /// `detect`; see [`Tuning::from_name`]) or comma-separated fields over the detected tuning:
 /// `wb=LO-HI`, `dr=ROWS`, `pf=0|1`, `dp=ROWS`, `dw=LO-HI`, `wn=0|1`, `wh=0|1`, `wp=0|1`, `sp=0|1`,
-/// `wd=ROWS`, `wf=0|1`, `ov=ROWS` ([`Tuning`]'s `wb_rows`, `direct_rows`, `inplace_prefetch`,
-/// `dpbf16_rows`, `dpwb_rows`, `wb_narrow`, `wb_half`, `wb_prefetch`, `seq_prefetch`,
-/// `wb_dot_rows`, `wb_fuse`, `overlap_rows`) and
+/// `ss=STREAMS`, `wd=ROWS`, `wf=0|1`, `ov=ROWS` ([`Tuning`]'s `wb_rows`, `direct_rows`,
+/// `inplace_prefetch`, `dpbf16_rows`, `dpwb_rows`, `wb_narrow`, `wb_half`, `wb_prefetch`,
+/// `seq_prefetch`, `seq_streams`, `wb_dot_rows`, `wb_fuse`, `overlap_rows`) and
 /// `isa=NAME` (that instruction set's kernels). Anything else is an error naming it: a tool never
 /// runs a variant other than the one asked for.
 pub fn parse_variant(spec: &str) -> std::result::Result<(Tuning, Option<Isa>), String> {
@@ -595,6 +595,7 @@ pub fn parse_variant(spec: &str) -> std::result::Result<(Tuning, Option<Isa>), S
             "wh" => t.wb_half = flag(key, v)?,
             "wp" => t.wb_prefetch = flag(key, v)?,
             "sp" => t.seq_prefetch = flag(key, v)?,
+            "ss" => t.seq_streams = num(key, v)?,
             "wd" => t.wb_dot_rows = num(key, v)?,
             "wf" => t.wb_fuse = flag(key, v)?,
             "ov" => t.overlap_rows = num(key, v)?,
@@ -663,9 +664,10 @@ mod tests {
     fn variant_specs() {
         assert_eq!(parse_variant("intel"), Ok((Tuning::INTEL, None)));
         assert_eq!(parse_variant(" AMD "), Ok((Tuning::AMD, None)));
-        let (t, isa) =
-            parse_variant("wb=8-64,dr=3,pf=1,dp=5,dw=4-96,wn=1,wh=0,wp=0,sp=1,wd=3,wf=1,ov=20")
-                .unwrap();
+        let (t, isa) = parse_variant(
+            "wb=8-64,dr=3,pf=1,dp=5,dw=4-96,wn=1,wh=0,wp=0,sp=1,ss=4,wd=3,wf=1,ov=20",
+        )
+        .unwrap();
         assert_eq!(
             t,
             Tuning {
@@ -678,6 +680,7 @@ mod tests {
                 wb_half: false,
                 wb_prefetch: false,
                 seq_prefetch: true,
+                seq_streams: 4,
                 wb_dot_rows: 3,
                 wb_fuse: true,
                 overlap_rows: 20,

@@ -38,7 +38,8 @@
 //!   block of 256 (it fits Zen 3's 512 KiB L2);
 //! * [`Isa::Avx512Bf16`], bf16 operands and at most [`Tuning::dpbf16_rows`] rows (AMD: all;
 //!   Intel: 1-2, where `vdpbf16ps` runs at half the FMA rate): kernels on `vdpbf16ps`, 32 bf16
-//!   products per instruction (module `dpbf16`): one weight row at a time for decode, the packed
+//!   products per instruction (module `dpbf16`): whole weight rows, one or four at a time
+//!   ([`Tuning::seq_streams`]), for decode, the packed
 //!   dot-product kernel with the weight rows in place (few rows) or copied, a broadcast
 //!   kernel on pair-packed weights for many rows, and, for the rows in
 //!   [`Tuning::dpwb_rows`] (AMD: from 8), a weight-broadcast kernel (rows in the vector lanes
@@ -535,6 +536,12 @@ pub struct Tuning {
     /// leaving the one sequential stream to the hardware prefetchers. Either gives the same
     /// bits.
     pub seq_prefetch: bool,
+    /// The `vdpbf16ps` decode kernel reads up to this many weight rows at a time (4, 2 or 1:
+    /// the largest not above it, 0 counting as 1; with two activation rows at most 2), each its
+    /// own sequential stream, instead of one row after another: more lines in flight per core
+    /// where the hardware prefetchers follow several streams better than one. Any value gives
+    /// the same bits (each sum in the same order).
+    pub seq_streams: usize,
     /// The weight-broadcast kernels (f32, and `vdpbf16ps` for bf16) leave an item's last `rows
     /// % u` rows (`u` = 8 with [`Tuning::wb_half`], else 16), when there are at most this many
     /// of them (at most 7 count) and at least `u` other rows, to dot products over the same
@@ -612,7 +619,11 @@ impl Tuning {
     ///   T=16 0.935x).
     ///
     /// [`Tuning::wb_fuse`] (measured on Emerald Rapids) is off until measured on Zen 4; so is
-    /// [`Tuning::overlap_rows`], which needs few-rows items (`direct_rows`, 0 here).
+    /// [`Tuning::overlap_rows`], which needs few-rows items (`direct_rows`, 0 here). The decode
+    /// kernel reads one weight row at a time ([`Tuning::seq_streams`] 1): streaming 2 or 4 rows
+    /// at once took 1.12x-1.46x the time at bf16 T=1 on Zen 4 (2026-12-06, the same sums; that
+    /// version's prefetches ran from each row's end into the next row, which another stream was
+    /// already reading, where the kept one continues each stream 4 rows on); not re-measured.
     pub const AMD: Tuning = Tuning {
         wb_rows: (8, usize::MAX),
         direct_rows: 0,
@@ -623,6 +634,7 @@ impl Tuning {
         wb_half: true,
         wb_prefetch: true,
         seq_prefetch: false,
+        seq_streams: 1,
         wb_dot_rows: 5,
         wb_fuse: false,
         overlap_rows: 0,
@@ -691,7 +703,12 @@ impl Tuning {
     /// is `wb_half` on (Golden Cove runs a 512-bit FMA at the cost of a 256-bit one): with 8-row
     /// units and up to 5 dot-product rows (5 rounds) f32 T=128 Mixtral 0.918x but gpt-oss
     /// 1.053x, Qwen3 1.025x. The `vdpbf16ps` decode kernel keeps the software prefetch measured
-    /// with it there (`seq_prefetch`; without it, 9 rounds: bf16 T=1 1.22x-1.31x the time).
+    /// with it there (`seq_prefetch`; without it, 9 rounds: bf16 T=1 1.22x-1.31x the time), and
+    /// reads 4 weight rows at a time ([`Tuning::seq_streams`]; 2026-12-07, same bits): one row
+    /// at a time took, bf16 T=1, Qwen3 1.089x / 1.095x, gpt-oss 1.078x / 1.074x, Mixtral
+    /// 1.078x / 1.077x, DeepSeek-V3 1.068x / 1.063x (two pairs, 7 rounds each), T=16 0.99x-1.05x.
+    /// A read-only replica (2 threads, rows of 8 KiB, one L2 prefetch per line 4 KiB ahead)
+    /// read 28.7-29.6 GB/s as one stream per thread, 32.0-33.0 as 4, 32.7-33.6 as 8.
     pub const INTEL: Tuning = Tuning {
         wb_rows: (8, usize::MAX),
         direct_rows: 7,
@@ -702,6 +719,7 @@ impl Tuning {
         wb_half: false,
         wb_prefetch: true,
         seq_prefetch: true,
+        seq_streams: 4,
         wb_dot_rows: 7,
         wb_fuse: true,
         overlap_rows: 24,
@@ -721,6 +739,7 @@ impl Tuning {
         wb_half: true,
         wb_prefetch: true,
         seq_prefetch: true,
+        seq_streams: 1,
         wb_dot_rows: 7,
         wb_fuse: true,
         overlap_rows: 0,

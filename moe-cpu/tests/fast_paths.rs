@@ -228,6 +228,10 @@ fn simd_paths_match_the_portable_path() {
         // length class (1100 = 8 * 128 + 76, 200 = 128 + 72).
         (1100, 200, 8, 1, 3, 1, true, false),
         (1100, 200, 8, 2, 7, 1, false, false),
+        // The same with N not a multiple of 4 (203 = 192 + 11, 1101 = 5 * 192 + 141): the
+        // decode kernel's last weight rows of an item one at a time after its groups of 4
+        // (`Tuning::seq_streams`), and K tails of 1101 = 8 * 128 + 77 and 203 = 128 + 75.
+        (1101, 203, 8, 2, 7, 1, true, false),
         // Over 96 rows per expert with odd K (the bf16 broadcast kernel's half pair) and a K
         // block boundary (301 = 256 + 45).
         (301, 97, 2, 2, 110, 1, true, false),
@@ -364,5 +368,50 @@ fn whole_layer_is_bitwise_identical_across_thread_counts() {
         same_bits_for::<f32>(case);
         same_bits_for::<half::bf16>(case);
         same_bits_for::<half::f16>(case);
+    }
+}
+
+/// The bf16 decode kernel reading 1, 2 or 4 weight rows at a time (`Tuning::seq_streams`)
+/// gives the same bits: items of one and two rows, N not a multiple of 4, K tails.
+#[test]
+fn decode_streams_give_the_same_bits() {
+    if !Isa::Avx512Bf16.available() {
+        println!("skipped: no AVX512-BF16 on this CPU");
+        return;
+    }
+    for tokens in [1, 3, 7] {
+        let mut case =
+            random_case(91, Force { tokens: Some(tokens), experts: Some(8), ..Force::default() });
+        case.config = MoeConfig {
+            hidden: 1101,
+            experts: 8,
+            top_k: 2,
+            router: RouterConfig::default(),
+            expert: ExpertConfig {
+                mlp: MlpConfig {
+                    intermediate: 203,
+                    gated: true,
+                    activation: Activation::Silu,
+                    bias: false,
+                },
+                apply_weight_on_input: false,
+            },
+            shared: None,
+            latent: None,
+            parallel: ParallelConfig::default(),
+        };
+        let mut r = Rng::new(9 + tokens as u64);
+        case.weights = moe_core::conformance::random_weights(&case.config, &mut r);
+        case.x = r.tensor(tokens * case.config.hidden, 1.0);
+        let run = |seq_streams: usize| {
+            let tu = Tuning { seq_streams, ..Tuning::INTEL };
+            let cpu = Cpu::new().with_kernels(Kernels::Isa(Isa::Avx512Bf16)).with_tuning(tu);
+            layer_bits::<half::bf16>(&cpu, &case, 1)
+        };
+        let one = run(1);
+        assert!(one.chunks(2).any(|b| b != [0, 0]), "T={tokens}: the layer's output is all zeros");
+        for streams in [2, 4] {
+            assert!(run(streams) == one, "T={tokens}: {streams} streams differ from 1");
+        }
     }
 }

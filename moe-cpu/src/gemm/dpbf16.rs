@@ -13,10 +13,11 @@
 //! Chosen by the item's rows. All but the last are dot-product kernels (16-lane accumulators
 //! along K, reduced horizontally at the end), the shape of the AVX-512 dot-product kernels:
 //!
-//! * up to [`SEQ_ROWS`] rows (decode): one weight row at a time over its whole K, four
-//!   accumulators per activation row, read in place (where [`super::Tuning::seq_prefetch`]
-//!   says so with one L2 prefetch per weight line [`L2_AHEAD`] bytes ahead), the K tail read
-//!   with masked loads (zeros past the end);
+//! * up to [`SEQ_ROWS`] rows (decode): each weight row over its whole K, one or four rows at a
+//!   time ([`super::Tuning::seq_streams`]: so many sequential streams per thread), four
+//!   accumulators per activation row and weight row, read in place (where
+//!   [`super::Tuning::seq_prefetch`] says so with one L2 prefetch per weight line [`L2_AHEAD`]
+//!   bytes ahead on each stream), the K tail read with masked loads (zeros past the end);
 //! * more rows: per K block the item's rows are copied once into an aligned `[MP][KSH]` buffer
 //!   (zero-padded to a multiple of 32), and an `MR × NR` dot tile runs against each micro-panel
 //!   of [`NR`] weight rows, the next micro-panel's weight rows prefetched into L2 meanwhile, a
@@ -191,33 +192,49 @@ unsafe fn micro_pb<const M: usize>(
     }
 }
 
-/// One weight row at a time: `c[i * NB] (+)= sum_{k < kc} A_i[k] B[k]` for `i < M`, four
-/// accumulators per row (four vectors of B per step), masked tail; with `PF` one L2 prefetch
-/// per weight line [`L2_AHEAD`] bytes ahead.
+/// `NS` weight rows at a time (`NS` sequential streams): `c[i * NB + s] = sum_{k < kc} A_i[k]
+/// B_s[k]` for `i < M`, `s < NS`, four accumulators per row pair (four vectors of B per step),
+/// masked tail; each sum in the same order whatever `NS` (the same bits). With `PF`, one L2
+/// prefetch per weight line [`L2_AHEAD`] bytes ahead on each stream; past the end of its row a
+/// stream continues `NS` rows later (`B_s + NS · kc`, the row it reads next), where one row at
+/// a time that is simply the next row.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn micro_seq<const M: usize, const PF: bool>(
+unsafe fn micro_seq<const M: usize, const NS: usize, const PF: bool>(
     arow: [*const bf16; M],
-    brow: *const bf16,
+    brow: [*const bf16; NS],
     kc: usize,
     c: *mut f32,
 ) {
-    // SAFETY: as `micro_direct`, for one weight row (`c` one element of the tile).
+    // SAFETY: as `micro_direct`, for NS weight rows of kc elements (`c` the tile element of
+    // row 0, weight row 0; the tile has NB columns). The prefetches compute addresses with
+    // `wrapping_add` and never fault.
     unsafe {
-        let mut acc = [[_mm512_setzero_ps(); 4]; M];
+        let mut acc = [[[_mm512_setzero_ps(); 4]; NS]; M];
         let full = kc / (4 * L) * (4 * L);
+        let row_bytes = 2 * kc;
         let mut k = 0;
         while k < full {
-            let mut b = [load(brow.add(k)); 4];
-            for (q, v) in b.iter_mut().enumerate() {
-                if PF {
-                    prefetch_l2((brow as *const u8).wrapping_add(2 * (k + q * L) + L2_AHEAD));
+            let mut a = [[load(arow[0].add(k)); 4]; M];
+            for (i, ai) in a.iter_mut().enumerate() {
+                for (q, v) in ai.iter_mut().enumerate() {
+                    *v = load(arow[i].add(k + q * L));
                 }
-                *v = load(brow.add(k + q * L));
             }
-            for (i, row) in acc.iter_mut().enumerate() {
-                for q in 0..4 {
-                    row[q] = _mm512_dpbf16_ps(row[q], load(arow[i].add(k + q * L)), b[q]);
+            for s in 0..NS {
+                let mut b = [load(brow[s].add(k)); 4];
+                for (q, v) in b.iter_mut().enumerate() {
+                    if PF {
+                        let at = 2 * (k + q * L) + L2_AHEAD;
+                        let at = if at < row_bytes { at } else { at + (NS - 1) * row_bytes };
+                        prefetch_l2((brow[s] as *const u8).wrapping_add(at));
+                    }
+                    *v = load(brow[s].add(k + q * L));
+                }
+                for (row, ai) in acc.iter_mut().zip(a.iter()) {
+                    for q in 0..4 {
+                        row[s][q] = _mm512_dpbf16_ps(row[s][q], ai[q], b[q]);
+                    }
                 }
             }
             k += 4 * L;
@@ -225,52 +242,70 @@ unsafe fn micro_seq<const M: usize, const PF: bool>(
         let mut q = 0;
         while k < kc {
             let n = (kc - k).min(L);
-            let b = load_tail(brow.add(k), n);
-            for (i, row) in acc.iter_mut().enumerate() {
-                row[q] = _mm512_dpbf16_ps(row[q], load_tail(arow[i].add(k), n), b);
+            for s in 0..NS {
+                let b = load_tail(brow[s].add(k), n);
+                for (i, row) in acc.iter_mut().enumerate() {
+                    row[s][q] = _mm512_dpbf16_ps(row[s][q], load_tail(arow[i].add(k), n), b);
+                }
             }
             k += n;
             q += 1;
         }
         for (i, row) in acc.iter().enumerate() {
-            let s = hsum4(row[0], row[1], row[2], row[3]);
-            *c.add(i * NB) = (s[0] + s[1]) + (s[2] + s[3]);
+            for (s, r) in row.iter().enumerate() {
+                let h = hsum4(r[0], r[1], r[2], r[3]);
+                *c.add(i * NB + s) = (h[0] + h[1]) + (h[2] + h[3]);
+            }
         }
     }
 }
 
-/// A work item of at most [`SEQ_ROWS`] rows: weight rows one at a time over their whole K,
-/// so that a thread reads its item's weights as one sequential stream (`PF`: see
-/// [`super::Tuning::seq_prefetch`]).
+/// A work item of at most [`SEQ_ROWS`] rows: weight rows over their whole K, `streams` of
+/// them at a time (4, 2 or 1, the largest of those not above it; with two activation rows at
+/// most 2: 32 accumulators would not fit the registers), so that a thread reads its item's
+/// weights as that many sequential streams (`PF`: see [`super::Tuning::seq_prefetch`]; see
+/// [`super::Tuning::seq_streams`]); an item's last weight rows short of a group one at a time.
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")]
-unsafe fn run_seq<const PF: bool>(blk: &Block<'_, bf16>, out: Out) {
+unsafe fn run_seq<const PF: bool>(blk: &Block<'_, bf16>, out: Out, streams: usize) {
     let (k, mb, nb) = (blk.k, blk.a_rows.len(), blk.nb);
     for (bi, b) in blk.b.iter().enumerate() {
         let Some(b) = b else { continue };
-        for j in 0..nb {
-            let at = (blk.n0 + j) * k;
-            let brow = b[at..at + k].as_ptr();
-            let mut i = 0;
-            while i < mb {
-                let m = (mb - i).min(MR);
-                let mut arow = [blk.a.as_ptr(); MR];
-                for (ii, p) in arow.iter_mut().enumerate().take(m) {
-                    let at = blk.a_rows[i + ii] * k;
-                    *p = blk.a[at..at + k].as_ptr();
-                }
-                // SAFETY: m rows and one weight row of k elements; the tile has room.
+        let mut i = 0;
+        while i < mb {
+            let m = (mb - i).min(2);
+            let mut arow = [blk.a.as_ptr(); 2];
+            for (ii, p) in arow.iter_mut().enumerate().take(m) {
+                let at = blk.a_rows[i + ii] * k;
+                *p = blk.a[at..at + k].as_ptr();
+            }
+            // 4, 2 or 1 rows at a time; at most 2 with two activation rows (16 accumulators).
+            let ns = match streams {
+                4.. => 4 / m,
+                2 | 3 => 2,
+                _ => 1,
+            };
+            let mut j = 0;
+            while j < nb {
+                let g = if j + ns <= nb { ns } else { 1 };
+                let at = (blk.n0 + j) * k;
+                let brow = b[at..at + g * k].as_ptr();
+                let br = |s: usize| brow.wrapping_add(s * k);
+                // SAFETY: m <= 2 rows and g weight rows of k elements (checked by the slices
+                // above); the tile has room for row i + m - 1, column j + g - 1 < nb <= NB.
                 unsafe {
                     let c = out[bi].add(i * NB + j);
-                    let [a0, a1, a2, a3] = arow;
-                    match m {
-                        4 => micro_seq::<4, PF>([a0, a1, a2, a3], brow, k, c),
-                        3 => micro_seq::<3, PF>([a0, a1, a2], brow, k, c),
-                        2 => micro_seq::<2, PF>([a0, a1], brow, k, c),
-                        _ => micro_seq::<1, PF>([a0], brow, k, c),
+                    let [a0, a1] = arow;
+                    match (m, g) {
+                        (1, 4) => micro_seq::<1, 4, PF>([a0], [br(0), br(1), br(2), br(3)], k, c),
+                        (1, 2) => micro_seq::<1, 2, PF>([a0], [br(0), br(1)], k, c),
+                        (2, 2) => micro_seq::<2, 2, PF>([a0, a1], [br(0), br(1)], k, c),
+                        (2, _) => micro_seq::<2, 1, PF>([a0, a1], [brow], k, c),
+                        _ => micro_seq::<1, 1, PF>([a0], [brow], k, c),
                     }
                 }
-                i += MR;
+                j += g;
             }
+            i += m;
         }
     }
 }
@@ -1016,7 +1051,12 @@ pub(crate) unsafe fn run_block<T: moe_core::Element>(
     if mb <= SEQ_ROWS {
         // SAFETY: same features; the caller's contract.
         unsafe {
-            if tuning.seq_prefetch { run_seq::<true>(blk, out) } else { run_seq::<false>(blk, out) }
+            let ss = tuning.seq_streams;
+            if tuning.seq_prefetch {
+                run_seq::<true>(blk, out, ss)
+            } else {
+                run_seq::<false>(blk, out, ss)
+            }
         };
         return;
     }
