@@ -382,24 +382,7 @@ fn decode_streams_give_the_same_bits() {
     for tokens in [1, 3, 7] {
         let mut case =
             random_case(91, Force { tokens: Some(tokens), experts: Some(8), ..Force::default() });
-        case.config = MoeConfig {
-            hidden: 1101,
-            experts: 8,
-            top_k: 2,
-            router: RouterConfig::default(),
-            expert: ExpertConfig {
-                mlp: MlpConfig {
-                    intermediate: 203,
-                    gated: true,
-                    activation: Activation::Silu,
-                    bias: false,
-                },
-                apply_weight_on_input: false,
-            },
-            shared: None,
-            latent: None,
-            parallel: ParallelConfig::default(),
-        };
+        case.config = moe_core::conformance::edge_config(1101, 8, 2, 203);
         let mut r = Rng::new(9 + tokens as u64);
         case.weights = moe_core::conformance::random_weights(&case.config, &mut r);
         case.x = r.tensor(tokens * case.config.hidden, 1.0);
