@@ -621,9 +621,9 @@ impl Tuning {
     /// [`Tuning::wb_fuse`] (measured on Emerald Rapids) is off until measured on Zen 4; so is
     /// [`Tuning::overlap_rows`], which needs few-rows items (`direct_rows`, 0 here). The decode
     /// kernel reads one weight row at a time ([`Tuning::seq_streams`] 1): streaming 2 or 4 rows
-    /// at once took 1.12x-1.46x the time at bf16 T=1 on Zen 4 (2026-12-06, the same sums; that
-    /// version's prefetches ran from each row's end into the next row, which another stream was
-    /// already reading, where the kept one continues each stream 4 rows on); not re-measured.
+    /// at once took 1.12x-1.46x the time at bf16 T=1 on Zen 4 (2026-12-06, the same sums; how
+    /// that version prefetched is not recorded, the kept one continues each stream's prefetch 4
+    /// rows on); not re-measured.
     pub const AMD: Tuning = Tuning {
         wb_rows: (8, usize::MAX),
         direct_rows: 0,
