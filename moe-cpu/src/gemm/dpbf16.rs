@@ -242,10 +242,14 @@ unsafe fn micro_seq<const M: usize, const NS: usize, const PF: bool>(
         let mut q = 0;
         while k < kc {
             let n = (kc - k).min(L);
+            let mut a = [load_tail(arow[0].add(k), n); M];
+            for (i, ai) in a.iter_mut().enumerate() {
+                *ai = load_tail(arow[i].add(k), n);
+            }
             for s in 0..NS {
                 let b = load_tail(brow[s].add(k), n);
-                for (i, row) in acc.iter_mut().enumerate() {
-                    row[s][q] = _mm512_dpbf16_ps(row[s][q], load_tail(arow[i].add(k), n), b);
+                for (row, &ai) in acc.iter_mut().zip(a.iter()) {
+                    row[s][q] = _mm512_dpbf16_ps(row[s][q], ai, b);
                 }
             }
             k += n;
