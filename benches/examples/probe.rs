@@ -61,10 +61,8 @@ where
         let o = &l.ws[base + lay.expert_offsets.offset..][..4 * lay.expert_offsets.len];
         let o: Vec<i32> = o.chunks(4).map(|c| i32::from_le_bytes(c.try_into().unwrap())).collect();
         let mut c: Vec<i32> = o.windows(2).map(|w| w[1] - w[0]).collect();
-        let c0 = &sh.config;
-        let mats = if c0.expert.mlp.gated { 3 } else { 2 };
         println!("{} T={t}", sh.name);
-        println!("weights per expert: {}", mats * c0.hidden * c0.expert.mlp.intermediate);
+        println!("weights per expert: {}", expert_weights(&sh.config));
         println!("rows per expert: {c:?}");
         c.sort();
         println!("sorted: {c:?}");

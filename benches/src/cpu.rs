@@ -260,20 +260,23 @@ impl<T: Element> Weights<T> {
     }
 }
 
+/// Weight elements of one routed expert's matrices (gate/up and down, not biases).
+pub fn expert_weights(c: &MoeConfig) -> usize {
+    let mats = if c.expert.mlp.gated { 3 } else { 2 };
+    mats * c.hidden * c.expert.mlp.intermediate
+}
+
 /// FLOPs of the routed expert GEMMs for `tokens` tokens (every slot routed): GEMM1 (gate and
-/// up) plus GEMM2.
+/// up) plus GEMM2: two per weight element and routed row.
 pub fn expert_flops(c: &MoeConfig, tokens: usize) -> f64 {
-    let rows = (tokens * c.top_k) as f64;
-    let mats = if c.expert.mlp.gated { 3.0 } else { 2.0 };
-    2.0 * rows * mats * (c.hidden * c.expert.mlp.intermediate) as f64
+    2.0 * (tokens * c.top_k) as f64 * expert_weights(c) as f64
 }
 
 /// Bytes of routed expert weights (gate/up and down matrices, not biases) that `active` experts
 /// hold in element type `T`: what the expert GEMMs must read from memory at least once per
 /// forward when the weights do not fit in cache.
 pub fn expert_weight_bytes<T: Element>(c: &MoeConfig, active: usize) -> f64 {
-    let mats = if c.expert.mlp.gated { 3.0 } else { 2.0 };
-    active as f64 * mats * (c.hidden * c.expert.mlp.intermediate * size_of::<T>()) as f64
+    active as f64 * (expert_weights(c) * size_of::<T>()) as f64
 }
 
 /// The CSV columns of the CPU reports (the criterion bench and the `report` example), which
